@@ -1,0 +1,463 @@
+"""The public API (layer 3): ``Pool``, and ``map``/``run`` on a lazily created default pool.
+
+Pickling happens here, in the caller's thread, before any worker is involved: an
+unpicklable function, global or ``run`` argument raises at once, naming the culprit.
+Everything else is handed to the pool's supervisor on the I/O thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from . import _protocol as proto
+from ._bus import EventBus, Subscription
+from ._events import Event
+from ._exceptions import PoolClosedError, SerializationError
+from ._handles import MapHandle, TaskHandle
+from ._ioloop import io_thread
+from ._jobs import Job
+from ._policy import MemoryPolicy, RetryPolicy
+from ._pool import PoolCore, PoolOptions, PoolState, next_job_id
+from ._serialize import dumps, dumps_callable
+
+__all__ = [
+    "Pool",
+    "configure",
+    "default_pool",
+    "map",
+    "run",
+    "run_on_all",
+    "shutdown",
+    "status",
+]
+
+T = TypeVar("T")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CallOptions:
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    name: str | None = None
+
+
+class Pool:
+    """A pool of worker processes.
+
+    ``Pool(workers=4)`` starts its workers at once, in the background; calls made before
+    they are ready wait in the queue. Use it as ``async with`` / ``with``, or call
+    :meth:`aclose` / :meth:`shutdown`.
+
+    Options (all keyword-only): ``start_timeout`` for each worker's ready handshake;
+    ``max_worker_crashes``, how many workers a single task may kill before it fails with
+    ``WorkerCrashedError``; ``cancel_grace`` and ``timeout_grace``, how long an interrupted
+    task may take to stop before its worker is killed; ``memory_limit`` (kill above it) and
+    ``memory_soft_limit`` (recycle after the current task), as bytes or strings like
+    ``"2GB"``; ``max_tasks_per_worker``; ``max_result_bytes``; ``heartbeat`` and
+    ``stall_timeout`` for stall detection (``replace_stalled=True`` kills stalled workers);
+    ``env`` for extra environment variables of the workers.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        start_timeout: float = 30.0,
+        max_worker_crashes: int = 2,
+        cancel_grace: float = 1.0,
+        timeout_grace: float = 1.0,
+        memory_limit: int | str | None = None,
+        memory_soft_limit: int | str | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_result_bytes: int | None = None,
+        heartbeat: float = 0.5,
+        stall_timeout: float | None = 10.0,
+        replace_stalled: bool = False,
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+    ) -> None:
+        n = available_cpus() if workers is None else workers
+        if n < 1:
+            raise ValueError(f"a pool needs at least 1 worker, got {workers}")
+        total_memory = _total_memory() if memory_limit or memory_soft_limit else None
+        options = PoolOptions(
+            workers=n,
+            start_timeout=start_timeout,
+            heartbeat=heartbeat,
+            stall_timeout=stall_timeout,
+            replace_stalled=replace_stalled,
+            max_worker_crashes=max_worker_crashes,
+            cancel_grace=cancel_grace,
+            timeout_grace=timeout_grace,
+            max_result_bytes=max_result_bytes,
+            memory=MemoryPolicy.parse(memory_soft_limit, memory_limit, total_memory=total_memory),
+            max_tasks_per_worker=max_tasks_per_worker,
+            env=tuple((env or {}).items()),
+            **({"python": python} if python else {}),
+        )
+        self._io = io_thread()
+        self.events = EventBus()
+        self._core = PoolCore(options, self.events, self._io.loop)
+
+        async def start() -> None:
+            self._core.start()
+
+        self._io.run_sync(start())
+        self._io.on_exit(self._close_at_exit)
+
+    # --- submitting work --------------------------------------------------------------
+
+    def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
+        """Run ``fn(*args, **kwargs)`` in a worker; returns an awaitable :class:`TaskHandle`."""
+        return self._run(fn, args, kwargs, _CallOptions())
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        /,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+        retries: int | RetryPolicy | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        name: str | None = None,
+    ) -> MapHandle[T]:
+        """Apply ``fn`` to every item (``fn(*items)`` with several iterables, like ``map``).
+
+        Starts at once and returns a :class:`MapHandle`: ``await`` it for the results in
+        input order (completion order with ``ordered=False``), or iterate it to stream
+        them. Input is read lazily with a bounded number of tasks in flight.
+        ``chunksize`` defaults to adaptive chunks of tens of milliseconds; each item is
+        still accounted for on its own. ``timeout`` (seconds per task) interrupts a task
+        that runs too long, then kills its worker if it does not stop; ``retries`` with
+        ``retry_on`` re-runs failed tasks with exponential backoff.
+        """
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+        star = len(iterables) > 1
+        source = zip(*iterables, strict=False) if star else iter(iterables[0])
+        total = _length(iterables)
+        payload, digest = dumps_callable(fn)
+        job = Job(
+            next_job_id(),
+            name or _name(fn),
+            digest,
+            payload,
+            source,
+            total,
+            star=star,
+            chunksize=chunksize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            timeout=_check_timeout(timeout),
+            retry=_retry(retries, retry_on),
+        )
+        handle: MapHandle[T] = MapHandle(self._io, self._core, job)
+        self._io.call(self._core.submit, job)
+        return handle
+
+    def options(
+        self,
+        *,
+        timeout: float | None = None,
+        retries: int | RetryPolicy | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        name: str | None = None,
+    ) -> _Configured:
+        """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``."""
+        return _Configured(self, _CallOptions(_check_timeout(timeout), _retry(retries, retry_on), name))
+
+    def _run(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], opts: _CallOptions
+    ) -> TaskHandle[Any]:
+        payload, digest = dumps_callable(fn)
+        item = (args, kwargs)
+        _check_arguments(fn, item)
+        job = Job(
+            next_job_id(),
+            opts.name or _name(fn),
+            digest,
+            payload,
+            iter([item]),
+            1,
+            call=True,
+            timeout=opts.timeout,
+            retry=opts.retry,
+        )
+        handle: TaskHandle[Any] = TaskHandle(self._io, self._core, job)
+        self._io.call(self._core.submit, job)
+        return handle
+
+    def run_on_all(
+        self, fn: Callable[..., T], /, *args: Any, replay: bool = False, **kwargs: Any
+    ) -> MapHandle[T]:
+        """Run ``fn(*args, **kwargs)`` once on every worker; the handle gives one result per
+        worker. With ``replay=True`` it also runs on every worker started later (after a
+        crash, a resize or recycling) before that worker takes other work."""
+        payload, digest = dumps_callable(fn)
+        item = (args, kwargs)
+        _check_arguments(fn, item)
+
+        async def submit() -> MapHandle[T]:
+            core = self._core
+            targets = [w.id for w in core.workers.values() if w.state in ("starting", "ready")
+                       and not w.retire]
+            job = Job(next_job_id(), f"on all workers: {_name(fn)}", digest, payload,
+                      iter([item] * len(targets)), len(targets), call=True, targets=targets)
+            handle: MapHandle[T] = MapHandle(self._io, core, job)
+            if replay:
+                core.add_setup(_name(fn), digest, payload, item)
+            core.submit(job)
+            return handle
+
+        return self._io.run_sync(submit())
+
+    # --- the pool ---------------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """The number of workers the pool keeps running."""
+        return self._core.target_workers
+
+    @property
+    def state(self) -> str:
+        return self._core.state
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live workers (for tests and for ``kill -STOP`` style debugging)."""
+
+        async def pids() -> list[int]:
+            return [w.pid for w in self._core.workers.values() if w.state != "dead"]
+
+        return self._io.run_sync(pids())
+
+    def resize(self, workers: int) -> None:
+        """Grow or shrink the pool; busy workers finish their current chunk first."""
+
+        async def resize() -> None:
+            self._core.resize(workers)
+
+        self._io.run_sync(resize())
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot: workers (id, pid, state, current task), jobs and their counts."""
+
+        async def status() -> dict[str, Any]:
+            return self._core.status()
+
+        return self._io.run_sync(status())
+
+    def subscribe(self, callback: Callable[[Event], object], **filters: Any) -> Subscription:
+        """Call ``callback(event)`` (on a delivery thread) for every event of this pool."""
+        return self.events.subscribe(callback, **filters)
+
+    async def started(self) -> None:
+        """Wait until every worker has completed its ready handshake."""
+        fut = asyncio.run_coroutine_threadsafe(self._wait_ready(), self._io.loop)
+        await asyncio.wrap_future(fut)
+
+    def wait_started(self, timeout: float | None = None) -> None:
+        self._io.run_sync(self._wait_ready(), timeout)
+
+    async def _wait_ready(self) -> None:
+        await self._core.all_ready.wait()
+        if self._core.broken is not None:
+            raise self._core.broken
+        if self._core.state != PoolState.RUNNING:
+            raise PoolClosedError("the pool is shut down")
+
+    async def aclose(self, *, cancel_pending: bool = False) -> None:
+        """Shut down: finish all work first (or cancel it with ``cancel_pending=True``)."""
+        mode = "cancel" if cancel_pending else "graceful"
+        await asyncio.wrap_future(self._io.submit(self._core.close(mode)))
+        self._io.forget(self._close_at_exit)
+
+    def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
+        """Synchronous :meth:`aclose`; ``wait=False`` returns while the workers stop."""
+        mode = "cancel" if cancel_pending else "graceful"
+        fut = self._io.submit(self._core.close(mode))
+        self._io.forget(self._close_at_exit)
+        if wait:
+            fut.result()
+
+    def kill(self) -> None:
+        """SIGKILL every worker now; unfinished work fails with ``PoolClosedError``."""
+        self._io.run_sync(self._core.close("kill"))
+        self._io.forget(self._close_at_exit)
+
+    def _close_at_exit(self) -> Any:
+        return self._core.close("cancel", timeout=3.0)
+
+    async def __aenter__(self) -> Pool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose(cancel_pending=exc[0] is not None)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(cancel_pending=exc[0] is not None)
+
+    def __repr__(self) -> str:
+        return f"<orchestra_nb.Pool workers={self.workers} state={self.state}>"
+
+
+class _Configured:
+    """A pool with per-call options applied to ``run`` (and ``map``)."""
+
+    def __init__(self, pool: Pool, opts: _CallOptions) -> None:
+        self._pool = pool
+        self._opts = opts
+
+    def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
+        return self._pool._run(fn, args, kwargs, self._opts)
+
+    def map(self, fn: Callable[..., T], /, *iterables: Iterable[Any], **kw: Any) -> MapHandle[T]:
+        kw.setdefault("timeout", self._opts.timeout)
+        kw.setdefault("retries", self._opts.retry)
+        kw.setdefault("name", self._opts.name)
+        return self._pool.map(fn, *iterables, **kw)
+
+
+def _check_arguments(fn: Callable[..., Any], item: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
+    """Pickle ``run``'s arguments now, so an unpicklable one raises here, named."""
+    args, kwargs = item
+    try:
+        proto.pickle_payload(dumps, item, None)
+    except Exception as exc:
+        for i, arg in enumerate(args):
+            try:
+                dumps(arg)
+            except Exception as inner:
+                raise SerializationError(
+                    f"cannot pickle argument {i} of {_name(fn)} (type {type(arg).__qualname__}): "
+                    f"{type(inner).__name__}: {inner}"
+                ) from inner
+        for key, arg in kwargs.items():
+            try:
+                dumps(arg)
+            except Exception as inner:
+                raise SerializationError(
+                    f"cannot pickle keyword argument {key!r} of {_name(fn)} "
+                    f"(type {type(arg).__qualname__}): {type(inner).__name__}: {inner}"
+                ) from inner
+        raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {exc}") from exc
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return timeout
+
+
+def _retry(retries: int | RetryPolicy | None, retry_on: tuple[type[BaseException], ...] | None) -> RetryPolicy:
+    policy = RetryPolicy.coerce(retries)
+    if retry_on is not None:
+        policy = dataclasses.replace(policy, retry_on=tuple(retry_on))
+    return policy
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    lengths = []
+    for it in iterables:
+        try:
+            lengths.append(len(it))  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return min(lengths)
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _total_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+# --- the default pool -----------------------------------------------------------------------
+
+_default_lock = threading.Lock()
+_default: Pool | None = None
+_default_options: dict[str, Any] = {}
+
+
+def configure(**options: Any) -> None:
+    """Set the default pool's options (``workers=4``, ``memory_limit="2GB"``, ...).
+
+    Takes effect when the default pool is next created; a running default pool with other
+    options is shut down (after its work) so that the next call starts a fresh one.
+    """
+    global _default
+    with _default_lock:
+        _default_options.clear()
+        _default_options.update(options)
+        old, _default = _default, None
+    if old is not None:
+        old.shutdown(wait=False)
+
+
+def default_pool() -> Pool:
+    """The shared default pool, created (and warmed up in the background) on first use."""
+    global _default
+    pool = _default
+    if pool is not None and pool.state == PoolState.RUNNING:
+        return pool
+    with _default_lock:
+        if _default is None or _default.state != PoolState.RUNNING:
+            _default = Pool(**_default_options)
+        return _default
+
+
+def map(fn: Callable[..., T], /, *iterables: Iterable[Any], **options: Any) -> MapHandle[T]:  # noqa: A001
+    """``pool.map`` on the default pool; see :meth:`Pool.map`."""
+    return default_pool().map(fn, *iterables, **options)
+
+
+def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
+    """``pool.run`` on the default pool; see :meth:`Pool.run`."""
+    return default_pool().run(fn, *args, **kwargs)
+
+
+def run_on_all(fn: Callable[..., T], /, *args: Any, replay: bool = False, **kwargs: Any) -> MapHandle[T]:
+    """``pool.run_on_all`` on the default pool; see :meth:`Pool.run_on_all`."""
+    return default_pool().run_on_all(fn, *args, replay=replay, **kwargs)
+
+
+def options(**opts: Any) -> _Configured:
+    """``orchestra.options(timeout=5).run(f, x)`` on the default pool."""
+    return default_pool().options(**opts)
+
+
+def status() -> dict[str, Any]:
+    """The default pool's status (see :meth:`Pool.status`)."""
+    return default_pool().status()
+
+
+def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:
+    """Shut the default pool down, if it exists; the next call starts a new one."""
+    global _default
+    with _default_lock:
+        pool, _default = _default, None
+    if pool is not None:
+        pool.shutdown(wait, cancel_pending=cancel_pending)

@@ -1,0 +1,124 @@
+"""Typed events published on the pool's event bus (layer 0: plain frozen data).
+
+Events describe *ranges* of tasks, not single tasks: a chunk of 5,000 items that finishes
+together is one :class:`TaskStateChanged`, so that accounting every item costs nothing
+measurable at a million items per second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeAlias
+
+from ._state import TaskState
+
+__all__ = [
+    "CircuitChanged",
+    "Event",
+    "JobFinished",
+    "JobProgress",
+    "JobStarted",
+    "TaskOutput",
+    "TaskStateChanged",
+    "WorkerExited",
+    "WorkerStalled",
+    "WorkerStarted",
+]
+
+_frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+
+@_frozen
+class JobStarted:
+    job_id: int
+    name: str
+    total: int | None  # None while the input iterable's length is unknown
+
+
+@_frozen
+class TaskStateChanged:
+    """Tasks ``start .. start+count-1`` of job ``job_id`` entered ``state``."""
+
+    job_id: int
+    start: int
+    count: int
+    state: TaskState
+    worker_id: int | None = None
+
+
+@_frozen
+class JobProgress:
+    """A snapshot of a job's counts, published whenever they change."""
+
+    job_id: int
+    total: int | None
+    counts: tuple[int, ...]  # indexed by TaskState
+    elapsed: float
+
+    @property
+    def done(self) -> int:
+        c = self.counts
+        return c[TaskState.SUCCEEDED] + c[TaskState.FAILED] + c[TaskState.CANCELLED]
+
+
+@_frozen
+class JobFinished:
+    job_id: int
+    counts: tuple[int, ...]
+    elapsed: float
+    cancelled: bool
+
+
+@_frozen
+class TaskOutput:
+    """Text a task wrote to ``stream`` (``'stdout'`` or ``'stderr'``) in its worker."""
+
+    job_id: int
+    index: int
+    worker_id: int
+    stream: str
+    text: str
+
+
+@_frozen
+class WorkerStarted:
+    worker_id: int
+    pid: int
+
+
+@_frozen
+class WorkerExited:
+    worker_id: int
+    pid: int
+    returncode: int | None
+    reason: str  # "shutdown", "crashed", "killed: <why>", "recycled: <why>"
+
+
+@_frozen
+class WorkerStalled:
+    """No heartbeat from a worker for ``silent_for`` seconds (its process is still alive)."""
+
+    worker_id: int
+    pid: int
+    silent_for: float
+
+
+@_frozen
+class CircuitChanged:
+    name: str
+    old: str
+    new: str
+    failures: int
+
+
+Event: TypeAlias = (
+    JobStarted
+    | TaskStateChanged
+    | JobProgress
+    | JobFinished
+    | TaskOutput
+    | WorkerStarted
+    | WorkerExited
+    | WorkerStalled
+    | CircuitChanged
+)

@@ -1,0 +1,297 @@
+"""Handles for running work (layer 3): awaitable, waitable, iterable, cancellable.
+
+A handle is returned at once by ``run``/``map``; the work has already started. The same
+handle serves an ``await`` in a notebook cell, ``result()`` in a plain script, ``async for``
+/ ``for`` to stream results, and ``cancel()`` from anywhere (a widget's button included).
+
+While a coroutine awaits a handle, a timer wakes its loop every 0.1 s: an ipykernel only
+notices "interrupt kernel" when its loop wakes up (``jupyter-runtime.md`` section 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._jobs import _NOT_DONE, Job
+from ._state import TaskState
+
+if TYPE_CHECKING:
+    from ._pool import PoolCore
+    from ._ioloop import IOThread
+
+__all__ = ["MapHandle", "TaskHandle"]
+
+T = TypeVar("T")
+
+_WAKE_INTERVAL = 0.1
+
+# The notebook layer (loaded only by %load_ext) registers how a handle displays itself.
+display_hook: Callable[[Any], None] | None = None
+
+
+class _Waker:
+    """Wakes ``loop`` every ``_WAKE_INTERVAL`` seconds until stopped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle = loop.call_later(_WAKE_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = self._loop.call_later(_WAKE_INTERVAL, self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+class _Handle:
+    def __init__(self, io: IOThread, core: PoolCore, job: Job) -> None:
+        self._io = io
+        self._core = core
+        self._job = job
+        job.future.add_done_callback(self._on_done)
+
+    def _on_done(self, fut: concurrent.futures.Future[Any]) -> None:
+        if fut.cancelled() and not self._job.finished.is_set():
+            self._io.call(self._core.cancel, self._job.id, False)
+
+    # --- inspection -------------------------------------------------------------------
+
+    @property
+    def job_id(self) -> int:
+        return self._job.id
+
+    @property
+    def name(self) -> str:
+        return self._job.name
+
+    def done(self) -> bool:
+        """True once the handle has an outcome (a result, an error, or cancelled)."""
+        return self._job.future.done()
+
+    def cancelled(self) -> bool:
+        return self._job.future.cancelled()
+
+    def finished(self) -> bool:
+        """True once every task reached a final state (after a cancel: once it took effect)."""
+        return self._job.finished.is_set()
+
+    def counts(self) -> dict[TaskState, int]:
+        """How many tasks are in each state right now."""
+        counts = list(self._job.counts)
+        return {state: counts[state] for state in TaskState}
+
+    @property
+    def total(self) -> int | None:
+        """Number of tasks, or None while a lazy input has not been read to its end."""
+        return self._job.total
+
+    def exceptions(self) -> dict[int, BaseException]:
+        """The exceptions of failed tasks so far, by task index."""
+        return dict(self._job.errors)
+
+    @property
+    def elapsed(self) -> float:
+        import time
+
+        end = self._job.ended_at
+        return (end if end is not None else time.monotonic()) - self._job.started_at
+
+    # --- control ----------------------------------------------------------------------
+
+    def cancel(self, kill: bool = False) -> bool:
+        """Drop pending tasks and interrupt running ones (``KeyboardInterrupt`` inside the task).
+
+        A task that ignores the interrupt for the pool's ``cancel_grace`` has its worker
+        killed and replaced; ``kill=True`` does that at once. Returns False if the work had
+        already finished.
+        """
+        if self._job.finished.is_set():
+            return False
+        self._io.call(self._core.cancel, self._job.id, kill)
+        return True
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """Block until every task is final (e.g. after ``cancel()``); False on timeout."""
+        return self._job.finished.wait(timeout)
+
+    # --- waiting ----------------------------------------------------------------------
+
+    async def _wait(self) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = asyncio.wrap_future(self._job.future, loop=loop)
+        waker = _Waker(loop)
+        try:
+            return self._unwrap(await fut)
+        except asyncio.CancelledError:
+            self.cancel()  # the awaiting cell was interrupted: stop the remote work too
+            raise
+        finally:
+            waker.stop()
+
+    def _sync_result(self, timeout: float | None) -> Any:
+        try:
+            return self._unwrap(self._job.future.result(timeout))
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+
+    def _unwrap(self, results: list[Any]) -> Any:
+        return results
+
+    def _ipython_display_(self) -> None:
+        if display_hook is not None:
+            display_hook(self)
+        else:
+            print(repr(self))
+
+    def __repr__(self) -> str:
+        c = self._job.counts
+        done = c[TaskState.SUCCEEDED] + c[TaskState.FAILED] + c[TaskState.CANCELLED]
+        total = "?" if self._job.total is None else self._job.total
+        status = "cancelled" if self.cancelled() else "done" if self.done() else "running"
+        return (f"<{type(self).__name__} job={self._job.id} {self._job.name!r} {status} "
+                f"{done}/{total} failed={c[TaskState.FAILED]}>")
+
+
+class TaskHandle(_Handle, Generic[T]):
+    """One ``run(f, *args)`` call."""
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._wait().__await__()
+
+    def result(self, timeout: float | None = None) -> T:
+        """Block until the task is done; return its value or raise its exception."""
+        return self._sync_result(timeout)  # type: ignore[no-any-return]
+
+    def _unwrap(self, results: list[Any]) -> Any:
+        return results[0]
+
+    @property
+    def state(self) -> TaskState:
+        if self._job.pulled == 0:
+            return TaskState.CANCELLED if self._job.cancelled else TaskState.PENDING
+        return self._job.state_of(0)
+
+
+class MapHandle(_Handle, Generic[T]):
+    """One ``map(f, iterable)``: ``await`` it for the list of results, or iterate it."""
+
+    def __await__(self) -> Generator[Any, None, list[T]]:
+        return self._wait().__await__()
+
+    def result(self, timeout: float | None = None) -> list[T]:
+        """Block until every task is done; return the results (or raise the first error)."""
+        return self._sync_result(timeout)  # type: ignore[no-any-return]
+
+    def _unwrap(self, results: list[Any]) -> Any:
+        if self._job.ordered:
+            return list(results)
+        return [results[i] for i in self._completion_order()]
+
+    def _completion_order(self) -> list[int]:
+        return self._job.completion_order
+
+    def partial_results(self, fill: Any = None) -> list[Any]:
+        """Results so far, in input order; ``fill`` where a task has no value (yet)."""
+        return [fill if r is _NOT_DONE else r for r in list(self._job.results)]
+
+    # --- streaming --------------------------------------------------------------------
+
+    def _ready_value(self, index: int) -> tuple[bool, Any]:
+        """(final?, value) of item ``index``; raises its error unless return_exceptions."""
+        state = self._job.states[index]
+        if state == TaskState.SUCCEEDED:
+            return True, self._job.results[index]
+        if state == TaskState.FAILED:
+            if self._job.return_exceptions:
+                return True, self._job.results[index]
+            raise self._job.errors[index]
+        if state == TaskState.CANCELLED:
+            raise concurrent.futures.CancelledError(f"task {index} was cancelled")
+        return False, None
+
+    def _scan(self, cursor: int, yielded: bytearray) -> tuple[list[Any], int]:
+        """Newly final items: (values, new cursor). Ordered: from ``cursor`` up; unordered:
+        every final item not yielded yet."""
+        job = self._job
+        out: list[Any] = []
+        pulled = job.pulled
+        if job.ordered:
+            while cursor < pulled:
+                final, value = self._ready_value(cursor)
+                if not final:
+                    break
+                out.append(value)
+                cursor += 1
+            return out, cursor
+        if len(yielded) < pulled:
+            yielded.extend(bytes(pulled - len(yielded)))
+        index = yielded.find(0, cursor)
+        while index != -1 and index < pulled:
+            final, value = self._ready_value(index)
+            if final:
+                yielded[index] = 1
+                out.append(value)
+            index = yielded.find(0, index + 1)
+        first = yielded.find(0)
+        return out, (first if first != -1 else len(yielded))
+
+    def _exhausted(self, cursor: int) -> bool:
+        job = self._job
+        return job.source is None and cursor >= job.pulled and job.is_complete()
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[T]:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        self._watch(lambda start, count: loop.call_soon_threadsafe(wake.set))
+        cursor, yielded = 0, bytearray()
+        waker = _Waker(loop)
+        try:
+            while True:
+                wake.clear()
+                values, cursor = self._scan(cursor, yielded)
+                for value in values:
+                    yield value
+                if self._exhausted(cursor):
+                    return
+                if not values:
+                    await wake.wait()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        finally:
+            waker.stop()
+
+    def __iter__(self) -> Iterator[T]:
+        signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._watch(lambda start, count: signals.put(start))
+        cursor, yielded = 0, bytearray()
+        try:
+            while True:
+                values, cursor = self._scan(cursor, yielded)
+                yield from values
+                if self._exhausted(cursor):
+                    return
+                if not values:
+                    signals.get()
+                    while not signals.empty():  # coalesce: one scan serves many signals
+                        signals.get_nowait()
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+
+    def _watch(self, fn: Callable[[int, int], object]) -> None:
+        job = self._job
+
+        def register() -> None:
+            job.watchers.append(fn)
+            fn(-2, 0)  # rescan: items may have finished before the watcher existed
+
+        self._io.call(register)

@@ -1,0 +1,901 @@
+"""The pool supervisor (layer 2): worker processes, the task table, dispatch and recovery.
+
+Everything here runs on the one I/O thread (``_ioloop``); nothing else touches the process
+table, the sockets or a job's tables. Data flow::
+
+    caller thread                 I/O thread (PoolCore)                       worker process
+    ─────────────                 ─────────────────────                       ──────────────
+    pool.map(f, xs) ──Job──> submit ─> jobs ─> _pump ─ Define(f) ─┐
+      (f pickled here:                 │        take chunk        ├─ data ROUTER ═══> main thread
+       errors raise at once)           │        (adaptive size)  ─┘  (ipc, HMAC)        runs items
+                                       │                                                  │
+    handle.future <── set_result ── _on_result <──── Result(values, errors) ─────────────┘
+      await / result()                 │  retries (backoff) ──> requeued
+                                       │  events ──> EventBus ──> widgets, iterators
+    handle.cancel() ─────────────> cancel ─ Cancel ─ ctrl ROUTER ═══> control thread ─SIGINT─┘
+                                       │  after cancel_grace: SIGKILL + respawn
+    pidfd readable (process exit) ─> _on_exit: re-queue the dead worker's chunks, respawn
+
+Crash detection is by process exit (a pidfd in the loop), never by a timeout. A chunk that
+was *running* on a worker that died is split into single items and re-queued; an item that
+dies alone on ``max_worker_crashes`` workers fails with ``WorkerCrashedError``. Chunks that
+were only queued on the dead worker are re-queued as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import zmq
+
+from . import _protocol as proto
+from ._bus import EventBus
+from ._events import (
+    JobFinished,
+    JobProgress,
+    JobStarted,
+    TaskOutput,
+    TaskStateChanged,
+    WorkerExited,
+    WorkerStalled,
+    WorkerStarted,
+)
+from ._exceptions import (
+    BrokenPoolError,
+    MemoryLimitError,
+    PoolClosedError,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    describe_exit,
+)
+from ._jobs import Chunk, Job
+from ._policy import MemoryPolicy
+from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
+from ._state import TaskState
+
+__all__ = ["PoolCore", "PoolOptions", "PoolState"]
+
+TARGET_CHUNK_SECONDS = 0.02  # adaptive chunks aim at tens of ms: cheap dispatch, live progress
+MAX_CHUNK = 16_384
+SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hide latency
+PREFETCH = 4
+FUNCTION_CACHE = 64  # callables cached per worker
+MAX_START_FAILURES = 3  # consecutive workers dying before Ready -> BrokenPoolError
+
+
+class PoolState:
+    UNOPENED = "unopened"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    BROKEN = "broken"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoolOptions:
+    workers: int
+    start_timeout: float = 30.0
+    heartbeat: float = 0.5
+    stall_timeout: float | None = 10.0
+    replace_stalled: bool = False
+    max_worker_crashes: int = 2
+    cancel_grace: float = 1.0
+    timeout_grace: float = 1.0
+    max_result_bytes: int | None = None
+    memory: MemoryPolicy = MemoryPolicy()
+    max_tasks_per_worker: int | None = None
+    python: str = sys.executable
+    env: tuple[tuple[str, str], ...] = ()
+    threads_per_worker: int = 1
+
+
+class WorkerProc:
+    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str) -> None:
+        self.id = worker_id
+        self.ident = f"w{worker_id}".encode()
+        self.proc = proc
+        self.pid = proc.pid
+        self.log_path = log_path
+        self.state = "starting"  # -> ready -> stopping -> dead
+        self.inflight: collections.deque[Chunk] = collections.deque()
+        self.assigned: collections.deque[Chunk] = collections.deque()  # must run here, first
+        self.functions: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.started = time.monotonic()
+        self.last_seen = self.started
+        self.stalled = False
+        self.tasks_done = 0
+        self.kill_kind: str | None = None  # "timeout", "cancel", "memory", "stall", "close"
+        self.kill_reason = ""
+        self.retire = False  # stop once idle (resize, recycling)
+        self.timers: list[asyncio.TimerHandle] = []
+        self.pidfd: int | None = None
+
+    @property
+    def running_chunk(self) -> Chunk | None:
+        return self.inflight[0] if self.inflight else None
+
+
+class PoolCore:
+    def __init__(self, options: PoolOptions, bus: EventBus, loop: asyncio.AbstractEventLoop) -> None:
+        self.options = options
+        self.bus = bus
+        self.loop = loop
+        self.state = PoolState.UNOPENED
+        self.key = proto.new_key()
+        self.target_workers = options.workers
+        self.workers: dict[int, WorkerProc] = {}
+        self.jobs: dict[int, Job] = {}
+        self._worker_ids = 0
+        self._rr = 0  # round-robin cursor over jobs
+        self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
+        self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
+        self.bad_messages = 0
+        self.start_failures = 0
+        self.broken: BrokenPoolError | None = None
+        self.all_ready: asyncio.Event = asyncio.Event()
+        self.closed_event: asyncio.Event = asyncio.Event()
+        self._pump_scheduled = False
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self.run_dir = ""
+        self.shm_dir: str | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.run_dir = tempfile.mkdtemp(prefix="orchestra-", dir=base)
+        os.chmod(self.run_dir, 0o700)
+        self.shm_dir = self.run_dir if base else None
+        self.ctx = zmq.Context(io_threads=1)
+        self.data = self._router(f"ipc://{self.run_dir}/data")
+        self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
+        self.loop.add_reader(self.data.FD, self._drain, self.data)
+        self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
+        self.state = PoolState.RUNNING
+        for _ in range(self.target_workers):
+            self._spawn()
+        self._tick_handle = self.loop.call_later(0.25, self._tick)
+
+    def _router(self, addr: str) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(addr)
+        return sock
+
+    def _spawn(self) -> WorkerProc:
+        self._worker_ids += 1
+        wid = self._worker_ids
+        config = {
+            "worker_id": wid,
+            "key": self.key.hex(),
+            "data_addr": f"ipc://{self.run_dir}/data",
+            "ctrl_addr": f"ipc://{self.run_dir}/ctrl",
+            "parent_pid": os.getpid(),
+            "sys_path": sys.path,
+            "cwd": os.getcwd(),
+            "shm_dir": self.shm_dir,
+            "heartbeat": self.options.heartbeat,
+            "max_result_bytes": self.options.max_result_bytes,
+        }
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p
+        )
+        threads = str(self.options.threads_per_worker)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, threads)  # N workers x N BLAS threads would oversubscribe
+        env.update(self.options.env)
+        log_path = os.path.join(self.run_dir, f"worker-{wid}.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [self.options.python, "-m", "orchestra_nb._worker"],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the kernel's SIGINT to its process group skips us
+                close_fds=True,
+                env=env,
+            )
+        assert proc.stdin is not None
+        # The key travels on stdin, never in argv or the environment. stdin stays open:
+        # its EOF tells the worker that the pool is gone.
+        proc.stdin.write(json.dumps(config).encode() + b"\n")
+        proc.stdin.flush()
+        w = WorkerProc(wid, proc, log_path)
+        self.workers[wid] = w
+        w.pidfd = os.pidfd_open(proc.pid)
+        self.loop.add_reader(w.pidfd, self._on_exit, w)
+        w.timers.append(self.loop.call_later(self.options.start_timeout, self._start_timeout, w))
+        self.all_ready.clear()
+        return w
+
+    def _start_timeout(self, w: WorkerProc) -> None:
+        if w.state == "starting":
+            self._kill(w, "start", f"no ready handshake within {self.options.start_timeout} s")
+
+    async def close(self, mode: str = "graceful", timeout: float = 10.0) -> None:
+        """``graceful``: finish all jobs; ``cancel``: cancel them; ``kill``: SIGKILL now."""
+        if self.state in (PoolState.CLOSED, PoolState.UNOPENED):
+            self.state = PoolState.CLOSED
+            self.closed_event.set()
+            return
+        if self.state == PoolState.CLOSING:
+            await self.closed_event.wait()
+            return
+        self.state = PoolState.CLOSING
+        if mode == "cancel":
+            for job in list(self.jobs.values()):
+                self.cancel(job.id, kill=False)
+        if mode in ("graceful", "cancel"):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if mode == "graceful" else timeout):
+                    while any(not j.internal for j in self.jobs.values()):
+                        await asyncio.sleep(0.01)
+        for w in list(self.workers.values()):
+            if mode == "kill":
+                self._kill(w, "close", "pool killed")
+            elif w.state != "dead":
+                self._stop_worker(w)
+        deadline = self.loop.time() + timeout
+        while self.workers and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for w in list(self.workers.values()):
+            self._kill(w, "close", "did not exit in time")
+        while self.workers and self.loop.time() < deadline + 5:
+            await asyncio.sleep(0.01)
+        for job in list(self.jobs.values()):
+            self._fail_job(job, PoolClosedError("the pool was shut down"))
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        for sock in (self.data, self.ctrl):
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(sock.FD)
+            sock.close(linger=0)
+        self.ctx.term()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.state = PoolState.CLOSED
+        self.closed_event.set()
+
+    def resize(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"a pool needs at least 1 worker, got {workers}")
+        self.target_workers = workers
+        alive = [w for w in self.workers.values() if w.state in ("starting", "ready") and not w.retire]
+        for _ in range(workers - len(alive)):
+            self._spawn()
+        # Shrink: idle workers first, busy ones once their chunk is done.
+        for w in sorted(alive, key=lambda w: len(w.inflight))[: max(0, len(alive) - workers)]:
+            w.retire = True
+            if not w.inflight:
+                self._stop_worker(w)
+        self._pump()
+
+    def _stop_worker(self, w: WorkerProc) -> None:
+        if w.state in ("stopping", "dead"):
+            return
+        w.state = "stopping"
+        self._send(self.data, w, proto.Shutdown())
+        if w.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                w.proc.stdin.close()
+
+    def _kill(self, w: WorkerProc, kind: str, reason: str) -> None:
+        if w.state == "dead":
+            return
+        if w.kill_kind is None:
+            w.kill_kind, w.kill_reason = kind, reason
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGKILL)
+
+    # --- messages in ------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket[Any]) -> None:
+        # A ZeroMQ FD is edge-triggered: read until EVENTS says there is nothing left.
+        try:
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                ident = frames[0].bytes
+                try:
+                    msg, payload = proto.decode(self.key, frames[1:])
+                except proto.BadSignature:
+                    self.bad_messages += 1
+                    continue
+                w = self.workers.get(_worker_id(ident))
+                if w is None:
+                    if isinstance(msg, proto.Result):
+                        proto.discard_buffers(msg.buffers, self.shm_dir)
+                    continue
+                w.last_seen = time.monotonic()
+                if w.stalled:
+                    w.stalled = False
+                self._handle(w, msg, payload)
+        except zmq.ZMQError:
+            if self.state not in (PoolState.CLOSED,):
+                raise
+        self._pump()
+
+    def _handle(self, w: WorkerProc, msg: proto.Message, payload: list[Any]) -> None:
+        if isinstance(msg, proto.Result):
+            self._on_result(w, msg, payload)
+        elif isinstance(msg, proto.Output):
+            if self.bus.active:
+                self.bus.publish(TaskOutput(msg.job, msg.index, w.id, msg.stream, msg.text))
+        elif isinstance(msg, proto.Started):
+            job = self.jobs.get(msg.job)
+            if job is not None and job.timeout is not None:
+                deadline = job.timeout + self.options.timeout_grace
+                w.timers.append(
+                    self.loop.call_later(deadline, self._hard_timeout, w, job, msg.index)
+                )
+        elif isinstance(msg, proto.Ready):
+            if msg.worker_id != w.id or w.state != "starting":
+                self.bad_messages += 1
+                return
+            w.state = "ready"
+            self.start_failures = 0
+            for timer in w.timers:
+                timer.cancel()
+            w.timers.clear()
+            self.bus.publish(WorkerStarted(w.id, w.pid))
+            for name, digest, payload_bytes, item in self.setups:
+                self._assign_setup(w, name, digest, payload_bytes, item)
+            if all(x.state != "starting" for x in self.workers.values()):
+                self.all_ready.set()
+
+    def _on_result(self, w: WorkerProc, msg: proto.Result, payload: list[Any]) -> None:
+        chunk = _pop_chunk(w, msg.job, msg.start)
+        if chunk is None:
+            proto.discard_buffers(msg.buffers, self.shm_dir)
+            self.bad_messages += 1
+            return
+        for timer in w.timers:
+            timer.cancel()
+        w.timers.clear()
+        job = chunk.job
+        job.inflight.pop(chunk.start, None)
+        w.tasks_done += chunk.count
+        try:
+            values, errors = pickle.loads(
+                payload[0], buffers=proto.read_buffers(payload, msg.buffers, self.shm_dir)
+            )
+        except Exception as exc:
+            err = SerializationError(
+                f"cannot unpickle the results of tasks {chunk.start}.."
+                f"{chunk.start + chunk.count - 1} in the pool: {type(exc).__name__}: {exc}"
+            )
+            self._fail_range(job, chunk, err)
+            self._progress(job)
+            return
+        if msg.count and msg.elapsed >= 0:
+            per_item = msg.elapsed / msg.count
+            old = self.fn_time.get(job.digest)
+            self.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
+        start, count = chunk.start, chunk.count
+        job.results[start : start + count] = values
+        if not errors:
+            job.set_state(start, count, TaskState.SUCCEEDED)
+            if self.bus.active:
+                self.bus.publish(TaskStateChanged(job.id, start, count, TaskState.SUCCEEDED, w.id))
+        else:
+            for offset in range(count):
+                if offset not in errors:
+                    job.set_state(start + offset, 1, TaskState.SUCCEEDED)
+            for offset, record in errors.items():
+                self._on_error(job, chunk, offset, record, w)
+        self._progress(job)
+        if w.retire and not w.inflight:
+            self._stop_worker(w)
+        elif self.options.max_tasks_per_worker and w.tasks_done >= self.options.max_tasks_per_worker:
+            w.retire = True
+            if not w.inflight:
+                self._recycle(w, "max_tasks_per_worker reached")
+
+    def _on_error(self, job: Job, chunk: Chunk, offset: int, record: ErrorRecord, w: WorkerProc) -> None:
+        index = chunk.start + offset
+        if record.kind == "cancelled":
+            job.results[index] = None
+            job.set_state(index, 1, TaskState.CANCELLED)
+            return
+        note = f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job {job.id}"
+        exc = rebuild_exception(record, note)
+        self._fail_item(job, chunk, offset, exc, w)
+
+    def _fail_item(
+        self, job: Job, chunk: Chunk, offset: int, exc: BaseException, w: WorkerProc | None
+    ) -> None:
+        """A task failed: retry it if its policy says so, else record the failure."""
+        index = chunk.start + offset
+        attempt = job.attempts.get(index, 0) + 1
+        job.attempts[index] = attempt
+        if not job.cancelled and job.retry.should_retry(exc, attempt):
+            job.set_state(index, 1, TaskState.RETRYING)
+            if self.bus.active:
+                worker_id = w.id if w is not None else None
+                self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.RETRYING, worker_id))
+            delay = job.retry.delay(attempt, random.random)
+            item = chunk.items[offset]
+            self.loop.call_later(delay, self._requeue_one, job, index, item)
+            return
+        job.record_failure(index, exc)
+        if self.bus.active:
+            self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.FAILED))
+
+    def _requeue_one(self, job: Job, index: int, item: Any) -> None:
+        if job.cancelled or job.state_of(index) != TaskState.RETRYING:
+            return
+        job.set_state(index, 1, TaskState.PENDING)
+        if self.bus.active:
+            self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.PENDING))
+        job.requeued.append(Chunk(job, index, [item]))
+        self._pump()
+
+    # --- worker exits -----------------------------------------------------------------
+
+    def _on_exit(self, w: WorkerProc) -> None:
+        if w.pidfd is not None:
+            self.loop.remove_reader(w.pidfd)
+            os.close(w.pidfd)
+            w.pidfd = None
+        returncode = w.proc.wait()
+        for timer in w.timers:
+            timer.cancel()
+        if w.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                w.proc.stdin.close()
+        was_ready = w.state != "starting"
+        expected = w.state == "stopping" and w.kill_kind is None
+        w.state = "dead"
+        self.workers.pop(w.id, None)
+        if expected:
+            reason = "recycled" if w.retire and self.state == PoolState.RUNNING else "shutdown"
+        elif w.kill_kind is not None:
+            reason = f"killed: {w.kill_reason}"
+        else:
+            reason = "crashed"
+        self.bus.publish(WorkerExited(w.id, w.pid, returncode, reason))
+        if not was_ready and w.kill_kind != "close" and self.state == PoolState.RUNNING:
+            self.start_failures += 1
+            if self.start_failures >= MAX_START_FAILURES:
+                self._break(w, returncode)
+                return
+        self._recover_chunks(w, returncode)
+        if self.state == PoolState.RUNNING:
+            alive = sum(1 for x in self.workers.values() if not x.retire)
+            for _ in range(self.target_workers - alive):
+                self._spawn()
+        self._pump()
+
+    def _recover_chunks(self, w: WorkerProc, returncode: int) -> None:
+        running = True
+        for chunk in list(w.inflight) + list(w.assigned):
+            job = chunk.job
+            job.inflight.pop(chunk.start, None)
+            if job.cancelled or self.state != PoolState.RUNNING and job.id not in self.jobs:
+                self._cancel_range(job, chunk.start, chunk.count)
+            elif chunk.target is not None:
+                self._fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
+                                                                self._crash_cause(w, returncode)))
+            elif running and w.kill_kind == "timeout":
+                exc = TaskTimeoutError(w.kill_reason)
+                self._fail_range(job, chunk, exc)
+            elif running and w.kill_kind == "memory":
+                exc = MemoryLimitError(w.id, w.pid, returncode, chunk.start, w.kill_reason)
+                self._fail_range(job, chunk, exc)
+            elif running and chunk.count > 1:
+                # Which item killed it is unknown: retry them one by one, blaming none yet.
+                job.set_state(chunk.start, chunk.count, TaskState.PENDING)
+                for offset in reversed(range(chunk.count)):
+                    job.requeued.appendleft(Chunk(job, chunk.start + offset, [chunk.items[offset]]))
+            elif running:
+                crashes = job.crashes.get(chunk.start, 0) + 1
+                job.crashes[chunk.start] = crashes
+                if crashes >= self.options.max_worker_crashes:
+                    cause = self._crash_cause(w, returncode)
+                    exc = WorkerCrashedError(w.id, w.pid, returncode, chunk.start, cause)
+                    self._fail_range(job, chunk, exc)
+                else:
+                    job.set_state(chunk.start, 1, TaskState.PENDING)
+                    job.requeued.appendleft(chunk)
+            else:
+                job.set_state(chunk.start, chunk.count, TaskState.PENDING)
+                job.requeued.appendleft(chunk)
+            running = False
+            self._progress(job)
+        w.inflight.clear()
+        w.assigned.clear()
+
+    def _crash_cause(self, w: WorkerProc, returncode: int) -> str:
+        if w.kill_reason:
+            return w.kill_reason
+        if returncode == -signal.SIGKILL:
+            return "killed by SIGKILL from outside the pool: the OOM killer, or a kill -9"
+        if returncode == -signal.SIGSEGV:
+            return "a segmentation fault, usually in native code"
+        if returncode == -signal.SIGABRT:
+            return "aborted, usually a failed assertion in native code"
+        return "the worker process exited during the task"
+
+    def _fail_range(self, job: Job, chunk: Chunk, exc: BaseException) -> None:
+        for offset in range(chunk.count):
+            self._fail_item(job, chunk, offset, exc, None)
+
+    def _cancel_range(self, job: Job, start: int, count: int) -> None:
+        for index in range(start, start + count):
+            if not job.state_of(index).is_final:
+                job.set_state(index, 1, TaskState.CANCELLED)
+
+    def _break(self, w: WorkerProc, returncode: int) -> None:
+        try:
+            with open(w.log_path, "rb") as f:
+                stderr = f.read()[-20_000:].decode(errors="replace")
+        except OSError:
+            stderr = ""
+        self.broken = BrokenPoolError(
+            f"{MAX_START_FAILURES} workers in a row died before their ready handshake "
+            f"(last: worker {w.id}, pid {w.pid}, {describe_exit(returncode)}); the worker "
+            "environment is broken, so the pool stopped respawning",
+            stderr,
+        )
+        self.state = PoolState.BROKEN
+        for job in list(self.jobs.values()):
+            self._fail_job(job, self.broken)
+        for other in list(self.workers.values()):
+            self._kill(other, "close", "pool broken")
+        self.all_ready.set()
+
+    def _fail_job(self, job: Job, exc: BaseException) -> None:
+        for index in range(job.pulled):
+            if not job.state_of(index).is_final:
+                job.record_failure(index, exc)
+        job.source = None
+        job.total = job.pulled
+        job.requeued.clear()
+        self._finish(job, exc)
+
+    # --- dispatch ---------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        if self.state != PoolState.RUNNING:
+            exc: BaseException = self.broken or PoolClosedError("the pool is shut down")
+            self._fail_job(job, exc)
+            return
+        self.jobs[job.id] = job
+        self.bus.publish(JobStarted(job.id, job.name, job.total))
+        if job.targets is not None:
+            for wid in job.targets:
+                w = self.workers.get(wid)
+                chunk = job.take(1)
+                if chunk is None:
+                    break
+                if w is None:
+                    self._fail_range(job, chunk, WorkerCrashedError(wid, None, None, chunk.start))
+                else:
+                    chunk.target = wid
+                    w.assigned.append(chunk)
+        self._pump()
+        self._check_done(job)
+
+    def add_setup(self, name: str, digest: bytes, payload: bytes, item: Any) -> None:
+        """Replay ``fn(*args)`` on every worker that starts from now on, before other work."""
+        self.setups.append((name, digest, payload, item))
+
+    def _assign_setup(self, w: WorkerProc, name: str, digest: bytes, payload: bytes, item: Any) -> None:
+        job = Job(next_job_id(), f"setup replay: {name}", digest, payload, iter([item]), 1, call=True)
+        job.internal = True
+        self.jobs[job.id] = job
+        chunk = job.take(1)
+        assert chunk is not None
+        chunk.target = w.id
+        w.assigned.append(chunk)
+
+    def _pump(self) -> None:
+        if self.state != PoolState.RUNNING and self.state != PoolState.CLOSING:
+            return
+        for w in list(self.workers.values()):
+            if w.state != "ready":
+                continue
+            while w.assigned and len(w.inflight) < PREFETCH:
+                self._send_chunk(w, w.assigned.popleft())
+            if w.retire:
+                continue
+            while self._has_room(w):
+                chunk = self._next_chunk()
+                if chunk is None:
+                    return
+                self._send_chunk(w, chunk)
+
+    def _has_room(self, w: WorkerProc) -> bool:
+        if not w.inflight:
+            return True
+        if len(w.inflight) >= PREFETCH:
+            return False
+        # Queue more behind a chunk only when chunks are short; long ones would imbalance.
+        for chunk in w.inflight:
+            est = self.fn_time.get(chunk.job.digest)
+            if est is None or est * chunk.count > SHORT_CHUNK_SECONDS:
+                return False
+        return True
+
+    def _next_chunk(self) -> Chunk | None:
+        jobs = [j for j in self.jobs.values() if j.has_work() and j.targets is None]
+        if not jobs:
+            return None
+        self._rr = (self._rr + 1) % len(jobs)
+        for job in jobs[self._rr :] + jobs[: self._rr]:
+            chunk = job.take(self._chunk_size(job))
+            if chunk is not None:
+                return chunk
+            self._check_done(job)
+        return None
+
+    def _chunk_size(self, job: Job) -> int:
+        if job.call or job.timeout is not None:
+            return 1
+        if job.chunksize is not None:
+            return job.chunksize
+        est = self.fn_time.get(job.digest)
+        if est is None:
+            return 1
+        size = int(TARGET_CHUNK_SECONDS / max(est, 1e-7))
+        remaining = job.remaining()
+        if remaining is not None:
+            # Several chunks per worker to the end, so the last ones balance the load.
+            size = min(size, math.ceil(remaining / (2 * max(1, len(self.workers)))))
+        return max(1, min(size, MAX_CHUNK))
+
+    def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> None:
+        job = chunk.job
+        try:
+            frames, names = proto.pickle_payload(dumps, chunk.items, self.shm_dir)
+        except Exception as exc:
+            self._unpicklable_chunk(job, chunk, exc)
+            return
+        if job.digest in w.functions:
+            w.functions.move_to_end(job.digest)
+        else:
+            forget: list[bytes] = []
+            while len(w.functions) >= FUNCTION_CACHE:
+                forget.append(w.functions.popitem(last=False)[0])
+            self._send(self.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+            w.functions[job.digest] = None
+        run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
+                        job.timeout, names)
+        if not self._send(self.data, w, run, frames):
+            proto.discard_buffers(names, self.shm_dir)
+            job.requeued.appendleft(chunk)
+            return
+        chunk.worker = w.id
+        chunk.started_at = time.monotonic()
+        w.inflight.append(chunk)
+        job.inflight[chunk.start] = chunk
+        job.set_state(chunk.start, chunk.count, TaskState.RUNNING)
+        if self.bus.active:
+            self.bus.publish(TaskStateChanged(job.id, chunk.start, chunk.count, TaskState.RUNNING, w.id))
+
+    def _unpicklable_chunk(self, job: Job, chunk: Chunk, exc: Exception) -> None:
+        culprits = describe_unpicklable_argument(chunk.items, chunk.start, exc)
+        for offset, item in enumerate(chunk.items):
+            index = chunk.start + offset
+            if index in culprits:
+                job.record_failure(index, SerializationError(culprits[index]))
+            else:
+                job.requeued.append(Chunk(job, index, [item]))
+        self._progress(job)
+
+    def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
+              payload: list[Any] | None = None) -> bool:
+        try:
+            sock.send_multipart([w.ident, *proto.encode(self.key, msg, payload or ())], copy=False)
+        except zmq.ZMQError:  # EHOSTUNREACH: gone; its exit will be seen through its pidfd
+            return False
+        if not self._pump_scheduled:
+            # Sending can leave inbound messages unsignalled on the edge-triggered FD.
+            self._pump_scheduled = True
+            self.loop.call_soon(self._after_send)
+        return True
+
+    def _after_send(self) -> None:
+        self._pump_scheduled = False
+        self._drain(self.data)
+        self._drain(self.ctrl)
+
+    # --- cancellation, deadlines, health ---------------------------------------------
+
+    def cancel(self, job_id: int, kill: bool = False) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        for index in job.cancel_pending():
+            job.results[index] = None
+        if self.bus.active:
+            self.bus.publish(TaskStateChanged(job.id, 0, 0, TaskState.CANCELLED))
+        job.future.cancel()
+        touched: set[int] = set()
+        for chunk in list(job.inflight.values()):
+            w = self.workers.get(chunk.worker) if chunk.worker is not None else None
+            if w is None or w.id in touched:
+                continue
+            touched.add(w.id)
+            if kill:
+                self._kill(w, "cancel", f"job {job.id} was cancelled with kill=True")
+                continue
+            self._send(self.ctrl, w, proto.Cancel(job.id, -1))
+            w.timers.append(self.loop.call_later(self.options.cancel_grace, self._escalate, w, job))
+        self._progress(job)
+        self._check_done(job)
+
+    def kill_busy(self, job_id: int) -> None:
+        """Hard-kill (and so respawn) the workers running tasks of ``job_id``."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        for chunk in list(job.inflight.values()):
+            w = self.workers.get(chunk.worker) if chunk.worker is not None else None
+            if w is not None:
+                self._kill(w, "cancel", f"job {job.id} was interrupted twice")
+
+    def _escalate(self, w: WorkerProc, job: Job) -> None:
+        running = w.running_chunk
+        if w.state != "dead" and running is not None and running.job is job:
+            self._kill(w, "cancel", f"a task of cancelled job {job.id} ignored the interrupt "
+                                    f"for {self.options.cancel_grace} s")
+
+    def _hard_timeout(self, w: WorkerProc, job: Job, index: int) -> None:
+        running = w.running_chunk
+        if w.state != "dead" and running is not None and running.job is job and running.start == index:
+            self._kill(w, "timeout",
+                       f"task {index} exceeded its timeout of {job.timeout} s and did not respond "
+                       f"to the interrupt within {self.options.timeout_grace} s; its worker was "
+                       "killed and replaced")
+
+    def _recycle(self, w: WorkerProc, why: str) -> None:
+        w.retire = True
+        self._stop_worker(w)
+        if self.state == PoolState.RUNNING:
+            self._spawn()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        stall = self.options.stall_timeout
+        for w in list(self.workers.values()):
+            if w.state != "ready":
+                continue
+            silent = now - w.last_seen
+            if stall is not None and silent > stall and not w.stalled:
+                w.stalled = True
+                self.bus.publish(WorkerStalled(w.id, w.pid, silent))
+                if self.options.replace_stalled:
+                    self._kill(w, "stall", f"no heartbeat for {silent:.1f} s")
+        self._check_memory()
+        if self.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self._tick_handle = self.loop.call_later(0.25, self._tick)
+
+    def _check_memory(self) -> None:
+        policy = self.options.memory
+        if policy.soft_limit is None and policy.hard_limit is None:
+            return
+        import psutil  # only pools with a memory limit pay for it
+
+        for w in list(self.workers.values()):
+            if w.state != "ready":
+                continue
+            try:
+                rss = psutil.Process(w.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            verdict = policy.verdict(rss)
+            if verdict == "kill":
+                self._kill(w, "memory", f"memory use {rss / 2**20:.0f} MiB passed the hard limit "
+                                        f"of {policy.hard_limit / 2**20:.0f} MiB")  # type: ignore[operator]
+            elif verdict == "recycle" and not w.retire:
+                w.retire = True
+                if not w.inflight:
+                    self._recycle(w, "soft memory limit")
+                elif self.state == PoolState.RUNNING:
+                    self._spawn()
+
+    # --- completion -------------------------------------------------------------------
+
+    def _progress(self, job: Job) -> None:
+        job.notify(0, 0)
+        if self.bus.active:
+            self.bus.publish(JobProgress(job.id, job.total, tuple(job.counts),
+                                         time.monotonic() - job.started_at))
+        self._check_done(job)
+
+    def _check_done(self, job: Job) -> None:
+        if job.is_complete() and not job.inflight and not job.finished.is_set():
+            self._finish(job, None)
+
+    def _finish(self, job: Job, exc: BaseException | None) -> None:
+        if job.finished.is_set():
+            return
+        job.ended_at = time.monotonic()
+        self.jobs.pop(job.id, None)
+        fut = job.future
+        try:
+            if exc is not None:
+                fut.set_exception(exc)
+            elif job.cancelled:
+                fut.cancel()
+            elif job.errors and not job.return_exceptions:
+                assert job.first_error is not None
+                first = job.errors[job.first_error]
+                others = len(job.errors) - 1
+                if others:
+                    first.add_note(f"{others} other task(s) of this job failed too; "
+                                   "handle.exceptions() lists them all")
+                fut.set_exception(first)
+            else:
+                fut.set_result(job.results)
+        except concurrent.futures.InvalidStateError:
+            pass  # the caller cancelled the handle first
+        job.finished.set()
+        elapsed = job.ended_at - job.started_at
+        self.bus.publish(JobFinished(job.id, tuple(job.counts), elapsed, job.cancelled))
+        job.notify(-1, 0)
+
+    # --- introspection ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        workers = []
+        for w in self.workers.values():
+            running = w.running_chunk
+            workers.append({
+                "id": w.id, "pid": w.pid, "state": w.state, "stalled": w.stalled,
+                "tasks_done": w.tasks_done,
+                "current": None if running is None else (running.job.id, running.start, running.count),
+                "queued_chunks": max(0, len(w.inflight) - 1),
+            })
+        jobs = [{
+            "id": j.id, "name": j.name, "total": j.total, "pulled": j.pulled,
+            "counts": {s.name: j.counts[s] for s in TaskState},
+        } for j in self.jobs.values() if not j.internal]
+        return {"state": self.state, "target_workers": self.target_workers, "workers": workers,
+                "jobs": jobs, "bad_messages": self.bad_messages}
+
+
+_job_ids = iter(range(1, sys.maxsize))
+
+
+def next_job_id() -> int:
+    return next(_job_ids)
+
+
+def _worker_id(ident: bytes) -> int:
+    try:
+        return int(ident[1:])
+    except ValueError:
+        return -1
+
+
+def _pop_chunk(w: WorkerProc, job_id: int, start: int) -> Chunk | None:
+    for i, chunk in enumerate(w.inflight):
+        if chunk.job.id == job_id and chunk.start == start:
+            del w.inflight[i]
+            return chunk
+    return None

@@ -1,0 +1,291 @@
+"""Wire protocol between a pool and its workers (layer 0: no sockets, no loop).
+
+Every message is one ZeroMQ multipart message::
+
+    [signature, header, payload frames...]
+
+* ``header`` is one tag byte followed by the pickled tuple of the message's fields. The tag
+  selects one of the closed set of :data:`MESSAGE_TYPES`; an unknown tag is rejected.
+* ``signature`` is HMAC-SHA256, under a per-pool random key, over the header and the
+  length-prefixed payload frames. :func:`decode` checks it *before* unpickling anything, so
+  a forged or corrupted message is dropped and never executed.
+* Payloads are pickle protocol 5 streams. Large out-of-band buffers (numpy arrays) do not go
+  through the pickle stream: medium ones travel as separate frames, large ones
+  (>= :data:`SHM_THRESHOLD`) as files in the pool's private shared-memory directory (mode
+  0700), whose names sit in the signed header. The receiver maps such a file and unlinks it,
+  so the data is copied once, by the sender.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import mmap
+import os
+import pickle
+import secrets
+import struct
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeAlias
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "SHM_THRESHOLD",
+    "BadSignature",
+    "Cancel",
+    "Define",
+    "Heartbeat",
+    "Message",
+    "Output",
+    "Ready",
+    "Result",
+    "Run",
+    "Shutdown",
+    "Started",
+    "decode",
+    "encode",
+    "read_buffers",
+    "sign",
+]
+
+# Buffers below this go in-band in the pickle stream; between this and SHM_THRESHOLD they
+# travel as their own ZeroMQ frame; above, through a shared-memory file.
+INBAND_LIMIT = 64 * 1024
+SHM_THRESHOLD = 2 * 1024 * 1024
+
+
+# --- messages: pool -> worker -------------------------------------------------------------
+
+
+class Define(NamedTuple):
+    """Cache a callable under ``digest`` (payload: its cloudpickle); forget older ones."""
+
+    digest: bytes
+    forget: tuple[bytes, ...]
+
+
+class Run(NamedTuple):
+    """Run ``count`` items of job ``job`` starting at item ``start`` (payload: the items).
+
+    ``star``: call ``fn(*item)``; ``call``: the single item is ``(args, kwargs)``.
+    ``timeout``: per-item soft deadline in seconds, enforced by the worker.
+    """
+
+    job: int
+    start: int
+    count: int
+    digest: bytes
+    star: bool
+    call: bool
+    timeout: float | None
+    buffers: tuple[str | None, ...]
+
+
+class Cancel(NamedTuple):
+    """Interrupt job ``job`` on this worker (``start == -1``: every chunk of it)."""
+
+    job: int
+    start: int
+
+
+class Shutdown(NamedTuple):
+    """Finish the current chunk, then exit."""
+
+
+# --- messages: worker -> pool -------------------------------------------------------------
+
+
+class Ready(NamedTuple):
+    worker_id: int
+    pid: int
+    python: str
+
+
+class Started(NamedTuple):
+    """Sent only for jobs with a timeout: the item the pool must now watch the clock for."""
+
+    job: int
+    index: int
+
+
+class Result(NamedTuple):
+    """The outcome of a ``Run`` (payload: ``(values, errors)``, see ``_serialize``)."""
+
+    job: int
+    start: int
+    count: int
+    elapsed: float
+    buffers: tuple[str | None, ...]
+
+
+class Output(NamedTuple):
+    job: int
+    index: int
+    stream: str
+    text: str
+
+
+class Heartbeat(NamedTuple):
+    worker_id: int
+    busy: bool
+
+
+Message: TypeAlias = (
+    Define | Run | Cancel | Shutdown | Ready | Started | Result | Output | Heartbeat
+)
+
+MESSAGE_TYPES: tuple[type[Any], ...] = (
+    Define,
+    Run,
+    Cancel,
+    Shutdown,
+    Ready,
+    Started,
+    Result,
+    Output,
+    Heartbeat,
+)
+_TAG_OF: dict[type[Any], bytes] = {cls: bytes([i + 1]) for i, cls in enumerate(MESSAGE_TYPES)}
+_TYPE_OF: dict[int, type[Any]] = {i + 1: cls for i, cls in enumerate(MESSAGE_TYPES)}
+
+Frame: TypeAlias = bytes | memoryview | Any  # zmq.Frame is buffer-like
+
+
+class BadSignature(Exception):
+    """A message failed the HMAC check (or was malformed) and was dropped unread."""
+
+
+def new_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+_LEN = struct.Struct("!Q")
+
+
+def sign(key: bytes, header: bytes, payload: Sequence[Frame]) -> bytes:
+    if not payload:
+        return hmac.digest(key, header, "sha256")
+    mac = hmac.new(key, header, hashlib.sha256)
+    for frame in payload:
+        view = memoryview(frame)
+        mac.update(_LEN.pack(view.nbytes))
+        mac.update(view)
+    return mac.digest()
+
+
+def encode(key: bytes, msg: Message, payload: Sequence[Frame] = ()) -> list[Frame]:
+    header = _TAG_OF[type(msg)] + pickle.dumps(tuple(msg), protocol=5)
+    return [sign(key, header, payload), header, *payload]
+
+
+def decode(key: bytes, frames: Sequence[Frame]) -> tuple[Message, list[Frame]]:
+    """Check the signature, then rebuild the message. Raises :class:`BadSignature`."""
+    if len(frames) < 2:
+        raise BadSignature("truncated message")
+    header = bytes(frames[1])
+    payload = list(frames[2:])
+    if not hmac.compare_digest(bytes(frames[0]), sign(key, header, payload)):
+        raise BadSignature("bad signature")
+    cls = _TYPE_OF.get(header[0]) if header else None
+    if cls is None:
+        raise BadSignature(f"unknown message tag {header[:1]!r}")
+    try:
+        fields = pickle.loads(header[1:])
+        msg: Message = cls(*fields)
+    except Exception as exc:
+        raise BadSignature(f"malformed {cls.__name__} header: {exc}") from None
+    return msg, payload
+
+
+# --- out-of-band buffers --------------------------------------------------------------------
+
+
+def pickle_payload(
+    dumps: Any, obj: object, shm_dir: str | None
+) -> tuple[list[Frame], tuple[str | None, ...]]:
+    """Pickle ``obj`` with ``dumps`` (pickle or cloudpickle ``dumps``) into payload frames.
+
+    Returns the frames (stream first, then one frame per out-of-band buffer) and, for each
+    buffer, the name of its shared-memory file or None when it travels as a frame.
+    """
+    oob: list[pickle.PickleBuffer] = []
+
+    def keep_small_inband(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes < INBAND_LIMIT:
+            return True
+        oob.append(buf)
+        return False
+
+    stream = dumps(obj, protocol=5, buffer_callback=keep_small_inband)
+    frames: list[Frame] = [stream]
+    names: list[str | None] = []
+    for buf in oob:
+        raw = buf.raw()
+        if shm_dir is not None and raw.nbytes >= SHM_THRESHOLD:
+            names.append(_write_shm(shm_dir, raw))
+            frames.append(b"")
+        else:
+            # A copy: the caller may mutate its array while the frame waits in a queue.
+            frames.append(bytes(raw))
+            names.append(None)
+    return frames, tuple(names)
+
+
+def read_buffers(
+    payload: Sequence[Frame], names: Sequence[str | None], shm_dir: str | None
+) -> list[Any]:
+    """The out-of-band buffers for ``pickle.loads(payload[0], buffers=...)``, writable."""
+    out: list[Any] = []
+    for frame, name in zip(payload[1:], names, strict=True):
+        if name is None:
+            out.append(bytearray(memoryview(frame)))
+        else:
+            if shm_dir is None:
+                raise BadSignature("shared-memory buffer without a shared-memory directory")
+            out.append(_map_shm(shm_dir, name))
+    return out
+
+
+def discard_buffers(names: Sequence[str | None], shm_dir: str | None) -> None:
+    """Delete the shared-memory files of a message that will not be read."""
+    for name in names:
+        if name is not None and shm_dir is not None:
+            try:
+                os.unlink(os.path.join(shm_dir, _safe_name(name)))
+            except (OSError, BadSignature):
+                pass
+
+
+def _safe_name(name: str) -> str:
+    if not name.startswith("buf-") or "/" in name or "\0" in name:
+        raise BadSignature(f"bad buffer name {name!r}")
+    return name
+
+
+def _write_shm(shm_dir: str, raw: memoryview) -> str:
+    name = f"buf-{secrets.token_hex(12)}"
+    fd = os.open(os.path.join(shm_dir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        size = raw.nbytes
+        os.posix_fallocate(fd, 0, size)  # allocate every page at once: no fault per page
+        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) as mm:
+            mm[:] = raw.cast("B")
+    finally:
+        os.close(fd)
+    return name
+
+
+def _map_shm(shm_dir: str, name: str) -> mmap.mmap:
+    path = os.path.join(shm_dir, _safe_name(name))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        # Mapped, then unlinked: the memory lives exactly as long as the arrays that use it.
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return mm
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)

@@ -1,0 +1,216 @@
+"""What crosses the process boundary, and the errors when it cannot (layer 0).
+
+Callables and data go through cloudpickle, so functions, lambdas, closures and classes
+defined in notebook cells (``__main__``) travel by value. A callable is pickled once per
+job and cached in each worker by the digest of its bytes.
+
+When something cannot be pickled, :class:`SerializationError` names the culprit: the
+function itself, the global or closure variable it references (found by walking its code
+objects), the argument's position, or a task's result.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pickle
+import traceback
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from ._exceptions import RemoteError, RemoteTraceback, SerializationError
+
+__all__ = [
+    "ErrorRecord",
+    "capture_exception",
+    "describe_unpicklable_argument",
+    "dumps",
+    "dumps_callable",
+    "rebuild_exception",
+]
+
+
+def dumps(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
+    return cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+
+
+def _name_of(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+    """Pickle ``fn`` for shipping; returns ``(payload, digest)``.
+
+    Raises :class:`SerializationError` naming the unpicklable part, or explaining why a
+    ``__main__`` callable pickled *by reference* could not be loaded by a worker.
+    """
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}: {fn!r}")
+    _reject_by_reference(fn)
+    try:
+        payload = cloudpickle.dumps(fn, protocol=5)
+    except Exception as exc:
+        raise SerializationError(_explain_callable_failure(fn, exc)) from exc
+    return payload, hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def _reject_by_reference(fn: object) -> None:
+    """cloudpickle ships ``__main__`` functions and classes by value, but other callables
+    from ``__main__`` (``functools.lru_cache`` wrappers, C-level wrappers) are pickled by
+    reference to ``__main__.name``, which a worker's ``__main__`` does not have."""
+    if isinstance(fn, types.FunctionType | types.MethodType | type | functools.partial):
+        return
+    if getattr(fn, "__module__", None) != "__main__":
+        return
+    name = _name_of(fn)
+    if hasattr(fn, "cache_info") and hasattr(fn, "__wrapped__"):
+        raise SerializationError(
+            f"{name!r} is wrapped by functools.lru_cache/cache in __main__; such wrappers are "
+            "pickled by reference and a worker has no __main__.{name}. Pass "
+            f"{name}.__wrapped__ (each worker then computes without the parent's cache), or "
+            "move the cached function into an importable module."
+        )
+    raise SerializationError(
+        f"{name!r} ({type(fn).__name__}) from __main__ is pickled by reference, and a worker "
+        "cannot import it from its own __main__; wrap it in a plain def or lambda, or move it "
+        "into an importable module."
+    )
+
+
+def _explain_callable_failure(fn: Callable[..., Any], exc: Exception) -> str:
+    name = _name_of(fn)
+    for kind, var, value in _captured_values(fn):
+        try:
+            cloudpickle.dumps(value, protocol=5)
+        except Exception as inner:
+            return (
+                f"cannot pickle {kind} {var!r} referenced by {name} "
+                f"(type {_type_name(value)}): {type(inner).__name__}: {inner}"
+            )
+    return f"cannot pickle function {name}: {type(exc).__name__}: {exc}"
+
+
+def _captured_values(fn: object) -> Iterator[tuple[str, str, object]]:
+    """The globals and closure variables ``fn`` uses, walking nested code objects and the
+    ``__main__`` functions it calls (cloudpickle captures all of those by value)."""
+    seen: set[int] = set()
+    stack: list[object] = [fn]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.MethodType):
+            yield "bound instance", _name_of(obj), obj.__self__
+            stack.append(obj.__func__)
+            continue
+        if isinstance(obj, functools.partial):
+            for i, arg in enumerate(obj.args):
+                yield "partial argument", str(i), arg
+            for key, arg in obj.keywords.items():
+                yield "partial argument", key, arg
+            stack.append(obj.func)
+            continue
+        if not isinstance(obj, types.FunctionType):
+            continue
+        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell: nothing to pickle
+                continue
+            yield "closure variable", var, value
+            stack.append(value)
+        fn_globals = obj.__globals__
+        for var in _global_names(obj.__code__):
+            if var in fn_globals:
+                value = fn_globals[var]
+                if isinstance(value, types.ModuleType):
+                    continue  # modules are pickled by reference, always fine
+                yield "global", var, value
+                stack.append(value)
+        for default in obj.__defaults__ or ():
+            yield "default argument", _name_of(obj), default
+
+
+def _global_names(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _global_names(const)
+
+
+def _type_name(value: object) -> str:
+    t = type(value)
+    return t.__qualname__ if t.__module__ in ("builtins", "__main__") else (
+        f"{t.__module__}.{t.__qualname__}"
+    )
+
+
+def describe_unpicklable_argument(items: list[Any], start: int, exc: Exception) -> dict[int, str]:
+    """After a chunk of arguments failed to pickle: which items, and why (index -> message)."""
+    culprits: dict[int, str] = {}
+    for offset, item in enumerate(items):
+        try:
+            cloudpickle.dumps(item, protocol=5)
+        except Exception as inner:
+            culprits[start + offset] = (
+                f"cannot pickle the argument of task {start + offset} "
+                f"(type {_type_name(item)}): {type(inner).__name__}: {inner}"
+            )
+    if not culprits:  # the list pickles item by item but not as a whole: blame them all
+        for offset in range(len(items)):
+            culprits[start + offset] = f"cannot pickle the arguments: {type(exc).__name__}: {exc}"
+    return culprits
+
+
+# --- remote exceptions ------------------------------------------------------------------
+
+
+class ErrorRecord(NamedTuple):
+    """A task's exception as it travels back: the pickled exception when it survives a
+    round trip (tier 1), and always its type name, message and formatted traceback."""
+
+    pickled: bytes | None
+    ename: str
+    evalue: str
+    traceback: str
+    kind: str  # "error", "cancelled", "timeout", "serialization"
+
+
+def capture_exception(exc: BaseException, kind: str = "error", skip_frames: int = 0) -> ErrorRecord:
+    tb = exc.__traceback__
+    for _ in range(skip_frames):  # drop the worker's own frames above the user function
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    ename = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+    try:
+        evalue = str(exc)
+    except Exception:
+        evalue = f"<unprintable {ename}>"
+    pickled: bytes | None
+    try:
+        pickled = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(pickled)  # the round trip must work here, or the parent gets tier 2
+    except Exception:
+        pickled = None
+    return ErrorRecord(pickled, ename, evalue, text, kind)
+
+
+def rebuild_exception(record: ErrorRecord, note: str) -> BaseException:
+    """The original exception with the remote traceback as its cause, or a RemoteError."""
+    exc: BaseException
+    if record.pickled is not None:
+        try:
+            exc = pickle.loads(record.pickled)
+        except Exception:
+            exc = RemoteError(record.ename, record.evalue, record.traceback)
+        else:
+            exc.__cause__ = RemoteTraceback(record.traceback)
+    else:
+        exc = RemoteError(record.ename, record.evalue, record.traceback)
+    exc.add_note(note)
+    return exc

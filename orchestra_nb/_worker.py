@@ -1,0 +1,450 @@
+"""The worker process (layer 1): ``python -m orchestra_nb._worker``, one per pool slot.
+
+A worker reads its configuration (with the pool's HMAC key) as one JSON line on stdin,
+connects two DEALER sockets to the pool and says :class:`Ready`:
+
+* the *data* socket, owned by the main thread: ``Define`` / ``Run`` / ``Shutdown`` in,
+  ``Result`` / ``Output`` / ``Started`` out;
+* the *control* socket, owned by the control thread: ``Cancel`` in, ``Heartbeat`` and
+  periodic ``Output`` flushes out. Heartbeats come from this thread so that a task busy in
+  C code that releases the GIL still looks alive, and one that holds it looks stalled.
+
+Interrupting a task: the control thread picks a target (the chunk, or the item whose
+deadline passed) and sends SIGINT to the main thread; the handler raises
+``KeyboardInterrupt`` only if that target is still what the main thread runs, so a late
+signal never hits the next task.
+
+The worker never outlives its pool: PR_SET_PDEATHSIG(SIGKILL) (Linux), a parent-pid check,
+and a thread that exits the process on EOF of stdin (the pool holds the write end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import io
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import _protocol as proto
+from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutError
+from ._serialize import ErrorRecord, capture_exception, dumps
+
+_OUTPUT_CAP = 1024 * 1024  # bytes of output kept per task; the rest is summarised
+_OUTPUT_FLUSH = 0.05  # seconds between output flushes from a running task
+
+
+class _State:
+    """What the main thread is doing, read by the control thread and the SIGINT handler."""
+
+    def __init__(self) -> None:
+        self.chunk: tuple[int, int] | None = None  # (job, start) being run
+        self.item: int | None = None  # index of the item being run (timeout jobs only)
+        self.deadline: float | None = None
+        self.target: tuple[int, int] | None = None  # chunk to interrupt
+        self.reason = "cancel"
+        self.cancelled_jobs: set[int] = set()
+
+
+class _TaskStream(io.TextIOBase):
+    """sys.stdout / sys.stderr of the worker: text written during a task becomes Output
+    messages for that task; outside tasks it goes to the worker's log file."""
+
+    def __init__(self, name: str, fallback: Any, buffer: _OutputBuffer) -> None:
+        self.name = name
+        self._fallback = fallback
+        self._buffer = buffer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not self._buffer.write(self.name, text):
+            self._fallback.write(text)
+            self._fallback.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _OutputBuffer:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.task: tuple[int, int] | None = None  # (job, index) that output belongs to
+        self.pending: list[proto.Output] = []
+        self.bytes_this_task = 0
+        self.last_flush = time.monotonic()
+
+    def write(self, stream: str, text: str) -> bool:
+        with self.lock:
+            if self.task is None:
+                return False
+            job, index = self.task
+            size = len(text)
+            if self.bytes_this_task >= _OUTPUT_CAP:
+                return True
+            self.bytes_this_task += size
+            if self.bytes_this_task > _OUTPUT_CAP:
+                text = text[: max(0, size - (self.bytes_this_task - _OUTPUT_CAP))]
+                text += f"\n[orchestra: output of task {index} truncated at {_OUTPUT_CAP} bytes]\n"
+            last = self.pending[-1] if self.pending else None
+            if last is not None and last[:3] == (job, index, stream):
+                self.pending[-1] = last._replace(text=last.text + text)
+            else:
+                self.pending.append(proto.Output(job, index, stream, text))
+            return True
+
+    def begin(self, job: int, index: int) -> None:
+        with self.lock:
+            if self.task != (job, index):
+                self.task = (job, index)
+                self.bytes_this_task = 0
+
+    def end(self) -> None:
+        with self.lock:
+            self.task = None
+
+    def take(self) -> list[proto.Output]:
+        with self.lock:
+            out, self.pending = self.pending, []
+            self.last_flush = time.monotonic()
+            return out
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.worker_id: int = config["worker_id"]
+        self.key = bytes.fromhex(config["key"])
+        self.shm_dir: str | None = config.get("shm_dir")
+        self.heartbeat: float = config.get("heartbeat", 1.0)
+        self.max_result_bytes: int | None = config.get("max_result_bytes")
+        self.ctx = zmq.Context(io_threads=1)
+        ident = f"w{self.worker_id}".encode()
+        self.data = self.ctx.socket(zmq.DEALER)
+        self.data.setsockopt(zmq.IDENTITY, ident)
+        self.data.setsockopt(zmq.LINGER, 2000)
+        self.data.connect(config["data_addr"])
+        self.ctrl = self.ctx.socket(zmq.DEALER)
+        self.ctrl.setsockopt(zmq.IDENTITY, ident)
+        self.ctrl.setsockopt(zmq.LINGER, 0)
+        self.ctrl.connect(config["ctrl_addr"])
+        self.functions: dict[bytes, Callable[..., Any] | ErrorRecord] = {}
+        self.state = _State()
+        self.output = _OutputBuffer()
+        self.main_ident = threading.get_ident()
+        self.running = True
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+
+    # --- main thread -----------------------------------------------------------------
+
+    def send(self, msg: proto.Message, payload: list[Any] | None = None) -> None:
+        self.data.send_multipart(proto.encode(self.key, msg, payload or ()), copy=False)
+
+    def serve(self) -> None:
+        self.send(proto.Ready(self.worker_id, os.getpid(), sys.version.split()[0]))
+        threading.Thread(target=self._control_loop, name="orchestra-control", daemon=True).start()
+        while self.running:
+            frames = self.data.recv_multipart(copy=False)
+            try:
+                msg, payload = proto.decode(self.key, frames)
+            except proto.BadSignature:
+                continue  # the pool counts drops on its side; a worker just ignores them
+            if isinstance(msg, proto.Run):
+                self._run(msg, payload)
+            elif isinstance(msg, proto.Define):
+                self._define(msg, payload)
+            elif isinstance(msg, proto.Shutdown):
+                self.running = False
+
+    def _define(self, msg: proto.Define, payload: list[Any]) -> None:
+        for digest in msg.forget:
+            self.functions.pop(digest, None)
+        try:
+            fn = pickle.loads(payload[0])
+        except BaseException as exc:  # a crash here is the function's, not the worker's
+            record = capture_exception(exc, "serialization")
+            self.functions[msg.digest] = record._replace(
+                evalue=f"cannot load the function in the worker: {record.evalue}"
+            )
+            return
+        if inspect.iscoroutinefunction(fn):
+            fn = self._sync_wrapper(fn)
+        self.functions[msg.digest] = fn
+
+    def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run_coroutine(*args: Any, **kwargs: Any) -> Any:
+            if self._async_loop is None:
+                self._async_loop = asyncio.new_event_loop()
+            return self._async_loop.run_until_complete(fn(*args, **kwargs))
+
+        return run_coroutine
+
+    def _run(self, msg: proto.Run, payload: list[Any]) -> None:
+        t0 = time.perf_counter()
+        job, start, count = msg.job, msg.start, msg.count
+        errors: dict[int, ErrorRecord] = {}
+        values: list[Any] = []
+        fn = self.functions.get(msg.digest)
+        if job in self.state.cancelled_jobs:
+            errors = {i: _CANCELLED for i in range(count)}
+        elif fn is None or isinstance(fn, ErrorRecord):
+            record = fn or ErrorRecord(None, "KeyError", "function not defined", "", "error")
+            errors = dict.fromkeys(range(count), record)
+        else:
+            try:
+                items = pickle.loads(
+                    payload[0], buffers=proto.read_buffers(payload, msg.buffers, self.shm_dir)
+                )
+            except BaseException as exc:
+                record = capture_exception(exc, "serialization")
+                record = record._replace(
+                    evalue=f"cannot unpickle the arguments in the worker: {record.evalue}"
+                )
+                errors = dict.fromkeys(range(count), record)
+            else:
+                values = self._call_all(fn, items, msg, errors)
+        self._flush_output(self.send)
+        self._send_result(msg, values, errors, time.perf_counter() - t0)
+
+    def _call_all(
+        self,
+        fn: Callable[..., Any],
+        items: list[Any],
+        msg: proto.Run,
+        errors: dict[int, ErrorRecord],
+    ) -> list[Any]:
+        """Call ``fn`` on every item; failures become ``errors[offset]``, values stay aligned."""
+        state = self.state
+        values: list[Any] = []
+        append = values.append
+        n = len(items)
+        watched = msg.timeout is not None
+        while len(values) < n:
+            offset = len(values)
+            self.output.begin(msg.job, msg.start + offset)
+            state.chunk = (msg.job, msg.start)
+            try:
+                if watched:
+                    # One item at a time: the pool and the control thread watch its clock.
+                    assert msg.timeout is not None
+                    index = msg.start + offset
+                    state.item = index
+                    state.deadline = time.monotonic() + msg.timeout
+                    self.send(proto.Started(msg.job, index))
+                    append(self._call_one(fn, items[offset], msg))
+                    state.deadline = None
+                elif msg.call:
+                    args, kwargs = items[0]
+                    append(fn(*args, **kwargs))
+                elif msg.star:
+                    for item in items[offset:]:
+                        append(fn(*item))
+                else:
+                    for item in items[offset:]:
+                        append(fn(item))
+            except KeyboardInterrupt as exc:
+                state.deadline = None
+                failed = len(values)
+                if state.reason == "timeout" and state.target == state.chunk:
+                    state.target = None
+                    timeout_exc = TaskTimeoutError(
+                        f"task {msg.start + failed} exceeded its timeout of {msg.timeout} s "
+                        "and was interrupted"
+                    )
+                    timeout_exc.__cause__ = exc
+                    errors[failed] = capture_exception(timeout_exc, "timeout")
+                    append(None)
+                    continue
+                for rest in range(failed, n):
+                    errors[rest] = _CANCELLED
+                values.extend([None] * (n - failed))
+            except BaseException as exc:
+                state.deadline = None
+                errors[len(values)] = capture_exception(exc, "error", skip_frames=1)
+                append(None)
+            finally:
+                state.chunk = None
+                state.item = None
+                self.output.end()
+            if msg.job in state.cancelled_jobs and len(values) < n:
+                for rest in range(len(values), n):
+                    errors[rest] = _CANCELLED
+                values.extend([None] * (n - len(values)))
+        return values
+
+    def _call_one(self, fn: Callable[..., Any], item: Any, msg: proto.Run) -> Any:
+        if msg.call:
+            args, kwargs = item
+            return fn(*args, **kwargs)
+        return fn(*item) if msg.star else fn(item)
+
+    def _send_result(
+        self, msg: proto.Run, values: list[Any], errors: dict[int, ErrorRecord], elapsed: float
+    ) -> None:
+        for offset in errors:
+            values[offset] = None
+        body = (values, errors or None)
+        try:
+            frames, names = proto.pickle_payload(dumps, body, self.shm_dir)
+        except Exception:
+            frames, names = self._blame_results(msg, values, errors)
+        limit = self.max_result_bytes
+        if limit is not None and _payload_size(frames) > limit and msg.count:
+            frames, names = self._limit_results(msg, values, errors, limit)
+        result = proto.Result(msg.job, msg.start, msg.count, elapsed, names)
+        self.send(result, frames)
+
+    def _blame_results(
+        self, msg: proto.Run, values: list[Any], errors: dict[int, ErrorRecord]
+    ) -> tuple[list[Any], tuple[str | None, ...]]:
+        for offset, value in enumerate(values):
+            if offset in errors:
+                continue
+            try:
+                dumps(value)
+            except Exception as exc:
+                err = SerializationError(
+                    f"cannot pickle the result of task {msg.start + offset} "
+                    f"(type {type(value).__qualname__}): {type(exc).__name__}: {exc}"
+                )
+                errors[offset] = capture_exception(err, "serialization")
+                values[offset] = None
+        return proto.pickle_payload(dumps, (values, errors or None), self.shm_dir)
+
+    def _limit_results(
+        self,
+        msg: proto.Run,
+        values: list[Any],
+        errors: dict[int, ErrorRecord],
+        limit: int,
+    ) -> tuple[list[Any], tuple[str | None, ...]]:
+        for offset, value in enumerate(values):
+            if offset in errors:
+                continue
+            size = _payload_size(proto.pickle_payload(dumps, value, None)[0])
+            if size > limit:
+                err = ResultTooLargeError(
+                    f"the result of task {msg.start + offset} is {size:,} bytes, over the "
+                    f"pool's max_result_bytes={limit:,}"
+                )
+                errors[offset] = capture_exception(err, "serialization")
+                values[offset] = None
+        return proto.pickle_payload(dumps, (values, errors or None), self.shm_dir)
+
+    def _flush_output(self, send: Callable[[proto.Message], None]) -> None:
+        for out in self.output.take():
+            send(out)
+
+    # --- control thread ---------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.ctrl, zmq.POLLIN)
+        next_beat = 0.0
+
+        def send_ctrl(msg: proto.Message) -> None:
+            self.ctrl.send_multipart(proto.encode(self.key, msg))
+
+        while True:
+            now = time.monotonic()
+            state = self.state
+            if state.deadline is not None and now >= state.deadline and state.chunk is not None:
+                state.deadline = None
+                self._interrupt(state.chunk, "timeout")
+            if now >= next_beat:
+                send_ctrl(proto.Heartbeat(self.worker_id, state.chunk is not None))
+                next_beat = now + self.heartbeat
+            if self.output.pending and now - self.output.last_flush >= _OUTPUT_FLUSH:
+                self._flush_output(send_ctrl)
+            wait = min(next_beat - now, _OUTPUT_FLUSH)
+            if state.deadline is not None:
+                wait = min(wait, max(0.0, state.deadline - now))
+            if not poller.poll(max(1, int(wait * 1000))):
+                continue
+            try:
+                msg, _ = proto.decode(self.key, self.ctrl.recv_multipart())
+            except proto.BadSignature:
+                continue
+            if isinstance(msg, proto.Cancel):
+                if msg.start == -1:
+                    state.cancelled_jobs.add(msg.job)
+                    if len(state.cancelled_jobs) > 4096:  # job ids only grow: drop the oldest
+                        state.cancelled_jobs.discard(min(state.cancelled_jobs))
+                chunk = state.chunk
+                if chunk is not None and chunk[0] == msg.job and msg.start in (-1, chunk[1]):
+                    self._interrupt(chunk, "cancel")
+
+    def _interrupt(self, chunk: tuple[int, int], reason: str) -> None:
+        self.state.reason = reason
+        self.state.target = chunk
+        signal.pthread_kill(self.main_ident, signal.SIGINT)
+
+
+_CANCELLED = ErrorRecord(None, "CancelledError", "cancelled", "", "cancelled")
+
+
+def _payload_size(frames: list[Any]) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+    def watch_stdin() -> None:
+        while sys.stdin.buffer.read(1):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch_stdin, name="orchestra-stdin-watch", daemon=True).start()
+
+
+def main() -> None:
+    config = json.loads(sys.stdin.buffer.readline())
+    _die_with_parent(config["parent_pid"])
+    sys.path[:] = config["sys_path"]
+    try:
+        os.chdir(config["cwd"])
+    except OSError:
+        pass
+    worker = Worker(config)
+    state = worker.state
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # Only the chunk the control thread targeted, and only while it still runs.
+        if state.target is not None and state.target == state.chunk:
+            raise KeyboardInterrupt
+        return None
+
+    signal.signal(signal.SIGINT, on_sigint)
+    out_fallback, err_fallback = sys.stdout, sys.stderr
+    sys.stdout = _TaskStream("stdout", out_fallback, worker.output)
+    sys.stderr = _TaskStream("stderr", err_fallback, worker.output)
+    try:
+        worker.serve()
+    finally:
+        worker.data.close(linger=2000)
+        worker.ctrl.close(linger=0)
+        worker.ctx.term()
+
+
+if __name__ == "__main__":
+    main()
