@@ -179,6 +179,14 @@ class Job:
         """
         self.cancelled = True
         self.source = None
+        unread = 0 if self.total is None else max(0, self.total - self.pulled)
+        if unread:  # a sized input: its unread items are tasks too, and now cancelled
+            self.results.extend([None] * unread)
+            self.states.extend(_STATE_BYTES[TaskState.CANCELLED] * unread)
+            self.counts[TaskState.CANCELLED] += unread
+            if not self.ordered:
+                self.completion_order.extend(range(self.pulled, self.pulled + unread))
+            self.pulled += unread
         self.total = self.pulled
         self.requeued.clear()
         out: list[int] = []
