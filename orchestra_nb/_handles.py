@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ._jobs import _NOT_DONE, Job
 from ._state import TaskState
@@ -31,20 +32,44 @@ _WAKE_INTERVAL = 0.1
 
 # The notebook layer (loaded only by %load_ext) registers how a handle displays itself.
 display_hook: Callable[[Any], None] | None = None
+# ... and what happens when a handle is created (it shows the job's live progress widget).
+create_hook: Callable[[Any], None] | None = None
 
 
 class _Waker:
-    """Wakes ``loop`` every ``_WAKE_INTERVAL`` seconds until stopped."""
+    """Wakes ``loop`` every ``_WAKE_INTERVAL`` seconds while anything on it awaits a handle.
+
+    One timer per loop, shared by reference count: 20,000 awaited handles cost one timer,
+    not 20,000.
+    """
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._handle = loop.call_later(_WAKE_INTERVAL, self._tick)
+        self._users = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def acquire(cls, loop: asyncio.AbstractEventLoop) -> _Waker:
+        waker = cls._by_loop.get(loop)
+        if waker is None:
+            waker = cls._by_loop[loop] = cls(loop)
+        waker._users += 1
+        if waker._handle is None:
+            waker._handle = loop.call_later(_WAKE_INTERVAL, waker._tick)
+        return waker
 
     def _tick(self) -> None:
-        self._handle = self._loop.call_later(_WAKE_INTERVAL, self._tick)
+        self._handle = self._loop.call_later(_WAKE_INTERVAL, self._tick) if self._users else None
 
-    def stop(self) -> None:
-        self._handle.cancel()
+    def release(self) -> None:
+        self._users -= 1
+        if not self._users and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class _Handle:
@@ -53,6 +78,9 @@ class _Handle:
         self._core = core
         self._job = job
         job.future.add_done_callback(self._on_done)
+        hook = create_hook
+        if hook is not None:
+            hook(self)
 
     def _on_done(self, fut: concurrent.futures.Future[Any]) -> None:
         if fut.cancelled() and not self._job.finished.is_set():
@@ -123,14 +151,14 @@ class _Handle:
     async def _wait(self) -> Any:
         loop = asyncio.get_running_loop()
         fut = asyncio.wrap_future(self._job.future, loop=loop)
-        waker = _Waker(loop)
+        waker = _Waker.acquire(loop)
         try:
             return self._unwrap(await fut)
         except asyncio.CancelledError:
             self.cancel()  # the awaiting cell was interrupted: stop the remote work too
             raise
         finally:
-            waker.stop()
+            waker.release()
 
     def _sync_result(self, timeout: float | None) -> Any:
         try:
@@ -252,7 +280,7 @@ class MapHandle(_Handle, Generic[T]):
         wake = asyncio.Event()
         self._watch(lambda start, count: loop.call_soon_threadsafe(wake.set))
         cursor, yielded = 0, bytearray()
-        waker = _Waker(loop)
+        waker = _Waker.acquire(loop)
         try:
             while True:
                 wake.clear()
@@ -267,7 +295,7 @@ class MapHandle(_Handle, Generic[T]):
             self.cancel()
             raise
         finally:
-            waker.stop()
+            waker.release()
 
     def __iter__(self) -> Iterator[T]:
         signals: queue.SimpleQueue[int] = queue.SimpleQueue()
