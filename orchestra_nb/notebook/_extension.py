@@ -1,0 +1,136 @@
+"""``%load_ext orchestra_nb`` / ``%unload_ext`` / ``%reload_ext``.
+
+Loading registers the magics and the ``%%orchestra`` input transformer, puts ``orchestra``
+(the ``orchestra_nb`` module) into the notebook's namespace, installs the progress hooks,
+reads the ``Orchestra`` configuration and starts the default pool's workers in the
+background (they start while you write the next cell), then prints one line.
+
+Unloading undoes all of it and shuts the default pool down (cancelling its work); a kernel
+shutdown or restart stops the workers too (the pool's exit hook, and PDEATHSIG in each worker
+for a killed kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from ._config import Orchestra
+from ._interrupt import SecondInterrupt
+
+__all__ = ["apply_pool_options", "load", "unload"]
+
+_state: dict[str, Any] = {}
+
+
+def load(ip: Any) -> None:
+    import orchestra_nb
+
+    from .. import _api, _handles
+    from . import _magics, _progress
+
+    if _state.get("shell") is ip:
+        return
+    config = Orchestra(parent=ip)
+    ip.configurables.append(config)
+    _progress.settings = config
+    ip.register_magics(_magics.OrchestraMagics)
+    ip.input_transformers_cleanup.insert(0, _magics.transform)
+    ip.user_ns["orchestra"] = orchestra_nb
+    ip.user_ns[_magics.CELL_FUNCTION] = _magics.run_cell
+    ip.user_ns_hidden[_magics.CELL_FUNCTION] = _magics.run_cell
+    _handles.create_hook = _progress.on_create
+    _handles.display_hook = _progress.on_display
+    interrupt = SecondInterrupt(ip)
+    interrupt.register()
+    _state.update(shell=ip, config=config, interrupt=interrupt)
+
+    options = config.pool_options()
+    if options and options != _api._default_options:
+        orchestra_nb.configure(**options)
+    if config.warm:
+        pool = (
+            orchestra_nb.default_pool()
+        )  # spawns the workers now; they get ready in the background
+        n = pool.workers
+        how = "configured" if "workers" in _api._default_options else "one per CPU"
+        print(
+            f"orchestra_nb {orchestra_nb.__version__}: {n} worker(s) starting in the background "
+            f"({how}); change with %config Orchestra.workers = N"
+        )
+    else:
+        print(
+            f"orchestra_nb {orchestra_nb.__version__} loaded; the pool starts on first use "
+            "(%config Orchestra.workers = N to size it)"
+        )
+
+
+def unload(ip: Any) -> None:
+    import orchestra_nb
+
+    from .. import _handles
+    from . import _magics, _progress
+
+    if _state.get("shell") is not ip:
+        return
+    config = _state.pop("config", None)
+    interrupt = _state.pop("interrupt", None)
+    _state.clear()
+    if interrupt is not None:
+        interrupt.unregister()
+    _handles.create_hook = None
+    _handles.display_hook = None
+    with contextlib.suppress(ValueError):
+        ip.input_transformers_cleanup.remove(_magics.transform)
+    for kind in ("line", "cell"):
+        table = ip.magics_manager.magics[kind]
+        if getattr(table.get("orchestra"), "__self__", None).__class__ is _magics.OrchestraMagics:
+            del table["orchestra"]
+    if ip.user_ns.get("orchestra") is orchestra_nb:
+        del ip.user_ns["orchestra"]
+    ip.user_ns.pop(_magics.CELL_FUNCTION, None)
+    ip.user_ns_hidden.pop(_magics.CELL_FUNCTION, None)
+    if config is not None:
+        with contextlib.suppress(ValueError):
+            ip.configurables.remove(config)
+    _progress.settings = None
+    _progress.close_all()
+    _magics._pinned.clear()
+    orchestra_nb.shutdown(cancel_pending=True)
+
+
+def apply_pool_options(config: Orchestra, changed: str) -> None:
+    """A pool option changed (``%config Orchestra.workers = 4``): resize or restart the pool."""
+    import orchestra_nb
+
+    from .. import _api
+
+    if _state.get("config") is not config:
+        return  # not the loaded extension's (e.g. a profile being read)
+    options = config.pool_options()
+    with _api._default_lock:
+        current = dict(_api._default_options)
+        pool = _api._default
+    if options == current:
+        return
+
+    def without_workers(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k != "workers"}
+
+    if (
+        changed == "workers"
+        and pool is not None
+        and pool.state == "running"
+        and without_workers(options) == without_workers(current)
+    ):
+        with _api._default_lock:
+            _api._default_options.clear()
+            _api._default_options.update(options)
+        n = options.get("workers") or _api.available_cpus()
+        pool.resize(n)
+        print(f"orchestra: the default pool now has {n} worker(s)")
+        return
+    orchestra_nb.configure(**options)
+    if config.warm:
+        pool = orchestra_nb.default_pool()
+        print(f"orchestra: the default pool restarts with {options} ({pool.workers} worker(s))")
