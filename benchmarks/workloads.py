@@ -1,0 +1,394 @@
+"""The nine workloads of performance.md, each written once against the System interface.
+
+A workload function runs inside the group subprocess of one system (see runner.py), starts
+and closes the system itself and records raw numbers per repetition in a Recorder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import psutil
+
+from benchmarks import tasks
+from benchmarks.config import HEAVY, Sizes
+from benchmarks.record import Recorder
+from benchmarks.systems.base import System, _count_sum
+
+MB = 2**20
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+Workload = Callable[[type[System], Recorder, Sizes, int], None]
+
+
+# -- helpers ---------------------------------------------------------------------------
+@contextmanager
+def opened(cls: type[System]) -> Iterator[System]:
+    system = cls()
+    try:
+        system.start()
+        yield system
+    finally:
+        system.dispose()
+
+
+def do_call(s: System, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """One call through the system's measured path (await for orchestra, sync for peers)."""
+    if s.prefer_async:
+        return s.aio(asyncio.wait_for(s.acall(fn, *args), timeout))
+    return s.call(fn, *args, timeout=timeout)
+
+
+def do_map(
+    s: System, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None
+) -> list[Any]:
+    if s.prefer_async:
+        return s.aio(s.amap(fn, items, chunksize))
+    return s.map(fn, items, chunksize)
+
+
+def do_submit(s: System, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    if s.prefer_async:
+        return s.aio(s.asubmit_many(fn, items))
+    return s.submit_many(fn, items)
+
+
+def reps_for(cls: type[System], workload: str, repeat: int, rec: Recorder) -> int:
+    if cls.slow and workload in HEAVY and repeat > 1:
+        rec.note("slow system: 1 repetition of this workload (tens of seconds each)")
+        return 1
+    return repeat
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        raise AssertionError(f"wrong result: {what}")
+
+
+def subprocess_env() -> dict[str, str]:
+    """Children must import benchmarks.* (task functions) from the repository root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# -- 1 cold start ----------------------------------------------------------------------
+def run_cold_once(cls: type[System], timeout: float) -> float:
+    code = (
+        cls.cold_preamble
+        + "import time\n_t0 = time.perf_counter()\n"
+        + cls.cold_code()
+        + "_dt = time.perf_counter() - _t0\n"
+        + "print('COLD_S', _dt, first, flush=True)\n"
+        + "cleanup()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO_ROOT,
+        start_new_session=True,  # its own process group, so a hang can be killed whole
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
+        raise TimeoutError(f"cold start did not finish in {timeout:.0f} s") from None
+    for line in out.splitlines():
+        if line.startswith("COLD_S "):
+            _, dt, first = line.split()
+            check(first == "1", f"abs(-1) gave {first}")
+            return float(dt)
+    last = (err.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"exit {proc.returncode}: {last}")
+
+
+def kill_tree(pid: int) -> None:
+    """Kill a process we started and all its descendants, by pid."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=5)
+
+
+def wl_cold(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    for _ in range(repeat):
+        rec.measure(("cold_s",), lambda: {"cold_s": run_cold_once(cls, sizes.group_timeout_s / 2)})
+    if cls.key != "orchestra":
+        return
+    # The pool warmed in the background (as after %load_ext), then one call is timed.
+    for _ in range(repeat):
+
+        def first_call() -> dict[str, float]:
+            with opened(cls) as s:
+                t0 = time.perf_counter()
+                value = s.aio(s.acall(abs, -1))
+                dt = time.perf_counter() - t0
+            check(value == 1, f"abs(-1) gave {value!r}")
+            return {"warm_first_call_s": dt}
+
+        rec.measure(("warm_first_call_s",), first_call)
+
+
+# -- 2 round trip ----------------------------------------------------------------------
+def wl_rtt(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    n = sizes.rtt_calls
+
+    async def await_loop(s: System, count: int) -> list[float]:
+        out = []
+        for i in range(count):
+            t0 = time.perf_counter_ns()
+            v = await s.acall(tasks.inc, i)
+            out.append((time.perf_counter_ns() - t0) / 1000)
+            if v != i + 1:
+                check(False, f"inc({i}) gave {v!r}")
+        return out
+
+    def sync_loop(s: System, count: int) -> list[float]:
+        out = []
+        for i in range(count):
+            t0 = time.perf_counter_ns()
+            v = s.call(tasks.inc, i)
+            out.append((time.perf_counter_ns() - t0) / 1000)
+            if v != i + 1:
+                check(False, f"inc({i}) gave {v!r}")
+        return out
+
+    with opened(cls) as s:
+        s.aio(await_loop(s, 50))  # warm-up: code paths, caches, connections
+        sync_loop(s, 50)
+        for _ in range(repeat):
+
+            def measure_await() -> dict[str, float]:
+                us = s.aio(await_loop(s, n))
+                return {"await_med_us": statistics.median(us), "await_p99_us": percentile(us, 99)}
+
+            def measure_sync() -> dict[str, float]:
+                us = sync_loop(s, n)
+                return {"sync_med_us": statistics.median(us), "sync_p99_us": percentile(us, 99)}
+
+            rec.measure(("await_med_us", "await_p99_us"), measure_await)
+            rec.measure(("sync_med_us", "sync_p99_us"), measure_sync)
+
+
+# -- 3 tiny-task map -------------------------------------------------------------------
+def wl_map(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    items = list(range(sizes.map_items))
+    expected = [x + 1 for x in items]
+
+    def timed(chunksize: int | None) -> float:
+        t0 = time.perf_counter()
+        out = do_map(s, tasks.inc, items, chunksize)
+        dt = time.perf_counter() - t0
+        check(out == expected, "map results differ from [x + 1 for x in items]")
+        return len(items) / dt
+
+    with opened(cls) as s:
+        for _ in range(reps_for(cls, "map", repeat, rec)):
+            rec.measure(("default_items_s",), lambda: {"default_items_s": timed(None)})
+        for _ in range(repeat):
+            rec.measure(("chunk_items_s",), lambda: {"chunk_items_s": timed(sizes.map_chunksize)})
+
+
+# -- 4 per-task submissions ------------------------------------------------------------
+def wl_submit(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    items = list(range(sizes.submit_items))
+
+    def timed() -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = do_submit(s, tasks.inc, items)
+        dt = time.perf_counter() - t0
+        check(out == [x + 1 for x in items], "results differ")
+        return {"tasks_s": len(items) / dt}
+
+    with opened(cls) as s:
+        do_submit(s, tasks.inc, items[:200])  # warm-up
+        for _ in range(reps_for(cls, "submit", repeat, rec)):
+            rec.measure(("tasks_s",), timed)
+
+
+# -- 5 CPU scaling ---------------------------------------------------------------------
+def wl_scaling(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    n = tasks.calibrate_burn(sizes.scaling_task_s)
+    # Serial reference in this process: median of single tasks, times the task count, so
+    # that one noisy task does not skew every ratio.
+    singles = []
+    for _ in range(sizes.scaling_tasks):
+        t0 = time.perf_counter()
+        tasks.burn(n)
+        singles.append(time.perf_counter() - t0)
+    serial = statistics.median(singles) * sizes.scaling_tasks
+
+    def timed() -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = do_map(s, tasks.burn, [n] * sizes.scaling_tasks, 1)
+        dt = time.perf_counter() - t0
+        check(len(out) == sizes.scaling_tasks, "missing results")
+        return {"speedup": serial / dt, "parallel_s": dt, "serial_s": serial}
+
+    with opened(cls) as s:
+        do_map(s, tasks.burn, [1000, 1000], 1)
+        for _ in range(repeat):
+            rec.measure(("speedup", "parallel_s", "serial_s"), timed)
+
+
+# -- 6 data transfer -------------------------------------------------------------------
+def wl_transfer(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    import numpy as np
+
+    n = sizes.transfer_mb * MB // 8
+    arr = np.ones(n, dtype=np.float64)
+
+    def send() -> dict[str, float]:
+        t0 = time.perf_counter()
+        total = do_call(s, tasks.array_sum, arr)
+        dt = time.perf_counter() - t0
+        check(total == float(n), f"sum {total!r} != {n}")
+        return {"send_mb_s": sizes.transfer_mb / dt}
+
+    def receive() -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = do_call(s, tasks.make_array, n)
+        dt = time.perf_counter() - t0
+        check(getattr(out, "shape", None) == (n,), "wrong array returned")
+        return {"return_mb_s": sizes.transfer_mb / dt}
+
+    with opened(cls) as s:
+        small = np.ones(1024)
+        do_call(s, tasks.array_sum, small)  # warm-up: numpy imported in the worker
+        do_call(s, tasks.make_array, 1024)
+        for _ in range(repeat):
+            rec.measure(("send_mb_s",), send)
+            rec.measure(("return_mb_s",), receive)
+
+
+# -- 7 event-loop lag ------------------------------------------------------------------
+def wl_lag(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    items = list(range(sizes.lag_items))
+    tick = sizes.lag_tick_s
+
+    async def during_map(s: System) -> dict[str, float]:
+        lags: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await asyncio.sleep(tick)
+                lags.append((time.perf_counter() - t0 - tick) * 1000)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)  # the ticker is sleeping before the map starts
+        t0 = time.perf_counter()
+        try:
+            out = await s.amap(tasks.inc, items)
+        finally:
+            wall = time.perf_counter() - t0
+            done.set()
+            await task
+        check(out == [x + 1 for x in items], "map results differ")
+        check(bool(lags), "ticker never ran")
+        return {"lag_p99_ms": percentile(lags, 99), "lag_max_ms": max(lags), "map_s": wall}
+
+    with opened(cls) as s:
+        for _ in range(reps_for(cls, "lag", repeat, rec)):
+            rec.measure(("lag_p99_ms", "lag_max_ms", "map_s"), lambda: s.aio(during_map(s)))
+
+
+# -- 9 scale ---------------------------------------------------------------------------
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``growth`` is peak minus the start, bytes."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.proc = psutil.Process()
+        self.stop = threading.Event()
+        self.base = self.peak = 0
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def wl_scale(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    n = sizes.scale_items
+    chunksize = cls.scale_chunksize
+    if chunksize is None:
+        rec.set_status("skipped: cannot map a generator of this size")
+        return
+    if not cls.prefer_async:
+        rec.note(f"peer: its own map over the generator with chunksize={chunksize}")
+
+    def timed() -> dict[str, float]:
+        gen = (i for i in range(n))
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            if s.prefer_async:
+                count, total = s.aio(s.astream_sum(tasks.inc, gen, chunksize))
+            else:
+                count, total = _count_sum(s.stream(tasks.inc, gen, chunksize))
+            dt = time.perf_counter() - t0
+        check(count == n and total == n * (n + 1) // 2, f"{count} results, sum {total}")
+        return {"wall_s": dt, "items_s": n / dt, "rss_growth_mb": rss.growth / MB}
+
+    with opened(cls) as s:
+        for _ in range(repeat):
+            rec.measure(("wall_s", "items_s", "rss_growth_mb"), timed)
+
+
+def wl_main(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    from benchmarks.mainfuncs import run_main_cases
+
+    run_main_cases(cls, rec, sizes)
+
+
+WORKLOAD_FUNCS: dict[str, Workload] = {
+    "cold": wl_cold,
+    "rtt": wl_rtt,
+    "map": wl_map,
+    "submit": wl_submit,
+    "scaling": wl_scaling,
+    "transfer": wl_transfer,
+    "lag": wl_lag,
+    "main": wl_main,
+    "scale": wl_scale,
+}
