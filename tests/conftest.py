@@ -1,0 +1,74 @@
+"""Shared fixtures: every test must leave no process behind.
+
+The leak check compares this process's children before and after each test; a test that
+leaves a worker (or any child) alive fails, and the stray processes are killed by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import psutil
+import pytest
+
+import orchestra_nb as orchestra
+
+
+def _children() -> dict[int, psutil.Process]:
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Pids still alive (and not zombies) after waiting up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _alive(pid)]
+        if alive:
+            time.sleep(0.01)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    before = set(_children())
+    yield
+    orchestra.shutdown()  # the default pool, if a test used it
+    new = [pid for pid in _children() if pid not in before]
+    leaked = wait_gone(new, timeout=5.0)
+    for pid in leaked:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"test left processes alive: {leaked}"
+
+
+@pytest.fixture
+def pool() -> Iterator[orchestra.Pool]:
+    p = orchestra.Pool(workers=2)
+    p.wait_started(timeout=30)
+    try:
+        yield p
+    finally:
+        p.shutdown(cancel_pending=True)
+
+
+@pytest.fixture
+async def apool() -> AsyncIterator[orchestra.Pool]:
+    p = orchestra.Pool(workers=2)
+    await asyncio.wait_for(p.started(), 30)
+    try:
+        yield p
+    finally:
+        await p.aclose(cancel_pending=True)
