@@ -11,16 +11,19 @@ import asyncio
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from . import _handles
 from . import _protocol as proto
 from ._bus import EventBus, Subscription
-from ._events import Event
+from ._circuit import CircuitBreaker, CircuitChange
+from ._events import CircuitChanged, Event
 from ._exceptions import PoolClosedError, SerializationError
 from ._handles import MapHandle, TaskHandle
 from ._ioloop import io_thread
-from ._jobs import Job
+from ._jobs import DEFAULT_RETRY, Job, JobFuture
 from ._policy import MemoryPolicy, RetryPolicy
 from ._pool import PoolCore, PoolOptions, PoolState, next_job_id
 from ._serialize import dumps, dumps_callable
@@ -51,6 +54,7 @@ class _CallOptions:
     timeout: float | None = None
     retry: RetryPolicy | None = None
     name: str | None = None
+    circuit: CircuitBreaker | None = None
 
 
 class Pool:
@@ -67,7 +71,19 @@ class Pool:
     ``memory_soft_limit`` (recycle after the current task), as bytes or strings like
     ``"2GB"``; ``max_tasks_per_worker``; ``max_result_bytes``; ``heartbeat`` and
     ``stall_timeout`` for stall detection (``replace_stalled=True`` kills stalled workers);
-    ``env`` for extra environment variables of the workers.
+    ``env`` for extra environment variables of the workers; ``retry_random``, the jitter
+    source of retry backoffs (a callable returning floats in ``[0, 1)``; for exact tests).
+
+    Circuit breakers: ``breaker = pool.circuit("db", fail_max=5, window=60, reset_timeout=30)``
+    returns a :class:`CircuitBreaker` (the same one for the same name) whose state changes are
+    published on ``pool.events`` as :class:`CircuitChanged` events. Route calls through it with
+    ``pool.options(circuit=breaker).run(f, x)`` or ``pool.map(f, xs, circuit=breaker)``: every
+    task is admitted by the breaker when it is dispatched and its outcome (success, exception,
+    crash of its worker) is reported back; once the breaker is open, tasks fail fast with
+    :class:`CircuitOpenError` without reaching a worker (an open breaker fails ``run`` at
+    once), until ``reset_timeout`` has passed and one trial task is let through. The pool
+    drives such a breaker on its I/O thread; to guard code in a task instead, create a
+    ``CircuitBreaker`` inside the worker (each process then has its own).
     """
 
     def __init__(
@@ -87,6 +103,7 @@ class Pool:
         replace_stalled: bool = False,
         env: dict[str, str] | None = None,
         python: str | None = None,
+        retry_random: Callable[[], float] | None = None,
     ) -> None:
         n = available_cpus() if workers is None else workers
         if n < 1:
@@ -106,10 +123,14 @@ class Pool:
             max_tasks_per_worker=max_tasks_per_worker,
             env=tuple((env or {}).items()),
             **({"python": python} if python else {}),
+            **({"retry_random": retry_random} if retry_random is not None else {}),
         )
         self._io = io_thread()
         self.events = EventBus()
         self._core = PoolCore(options, self.events, self._io.loop)
+        self._batch_lock = threading.Lock()
+        self._open_batches: dict[bytes, _CallBatch] = {}
+        self._circuits: dict[str, CircuitBreaker] = {}
 
         async def start() -> None:
             self._core.start()
@@ -135,6 +156,7 @@ class Pool:
         retries: int | RetryPolicy | None = None,
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
+        circuit: CircuitBreaker | None = None,
     ) -> MapHandle[T]:
         """Apply ``fn`` to every item (``fn(*items)`` with several iterables, like ``map``).
 
@@ -144,7 +166,8 @@ class Pool:
         ``chunksize`` defaults to adaptive chunks of tens of milliseconds; each item is
         still accounted for on its own. ``timeout`` (seconds per task) interrupts a task
         that runs too long, then kills its worker if it does not stop; ``retries`` with
-        ``retry_on`` re-runs failed tasks with exponential backoff.
+        ``retry_on`` re-runs failed tasks with exponential backoff; ``circuit`` (from
+        :meth:`circuit`) admits every task through a circuit breaker (tasks run one per chunk).
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
@@ -168,6 +191,7 @@ class Pool:
             timeout=_check_timeout(timeout),
             retry=_retry(retries, retry_on),
         )
+        job.circuit = _check_circuit(circuit)
         handle: MapHandle[T] = MapHandle(self._io, self._core, job)
         self._io.call(self._core.submit, job)
         return handle
@@ -179,16 +203,49 @@ class Pool:
         retries: int | RetryPolicy | None = None,
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
+        circuit: CircuitBreaker | None = None,
     ) -> _Configured:
         """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``."""
-        return _Configured(self, _CallOptions(_check_timeout(timeout), _retry(retries, retry_on), name))
+        return _Configured(self, _CallOptions(_check_timeout(timeout), _retry(retries, retry_on),
+                                              name, _check_circuit(circuit)))
+
+    def circuit(
+        self,
+        name: str,
+        *,
+        fail_max: int = 5,
+        window: float = 60.0,
+        reset_timeout: float = 30.0,
+        exclude: tuple[type[BaseException], ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> CircuitBreaker:
+        """The pool's circuit breaker called ``name`` (created on first use with these
+        settings; later calls return it unchanged). Its state changes are published on
+        :attr:`events` as :class:`CircuitChanged`; pass it as ``circuit=`` to ``map`` or
+        ``options`` so that tasks go through it (see the class docstring)."""
+        found = self._circuits.get(name)
+        if found is None:
+            found = self._circuits[name] = CircuitBreaker(
+                name, fail_max=fail_max, window=window, reset_timeout=reset_timeout,
+                clock=clock, on_change=self._publish_circuit, exclude=exclude,
+            )
+        return found
+
+    def _publish_circuit(self, change: CircuitChange) -> None:
+        event = CircuitChanged(change.name, change.old.value, change.new.value, change.failures)
+        if self._io.in_thread():
+            self.events.publish(event)
+        else:
+            self._io.call(self.events.publish, event)
 
     def _run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], opts: _CallOptions
     ) -> TaskHandle[Any]:
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
-        _check_arguments(fn, item)
+        frames = _check_arguments(fn, item, self._core.shm_dir)
+        if opts == _PLAIN_CALL and len(frames[0]) == 1 and len(frames[0][0]) <= _BATCH_ARG_BYTES:
+            return self._batched_call(fn, digest, payload, item)
         job = Job(
             next_job_id(),
             opts.name or _name(fn),
@@ -200,9 +257,49 @@ class Pool:
             timeout=opts.timeout,
             retry=opts.retry,
         )
+        job.circuit = opts.circuit
+        job.first_payload = frames
         handle: TaskHandle[Any] = TaskHandle(self._io, self._core, job)
         self._io.call(self._core.submit, job)
         return handle
+
+    def _batched_call(
+        self, fn: Callable[..., Any], digest: bytes, payload: bytes, item: Any
+    ) -> TaskHandle[Any]:
+        """Add a call to the open batch of calls to the same function (or open one).
+
+        Calls made in a burst then travel many per message and cost the I/O thread a slice
+        assignment each instead of a job each; every call keeps its own handle and future.
+        """
+        future = JobFuture()
+        with self._batch_lock:
+            batch = self._open_batches.get(digest)
+            new = batch is None or batch.sealed or len(batch.items) >= _BATCH_MAX
+            if new:
+                items: list[Any] = []
+                job = Job(next_job_id(), _name(fn), digest, payload, iter(items), None,
+                          call=True, return_exceptions=True)
+                job.item_futures = []
+                batch = self._open_batches[digest] = _CallBatch(job, items)
+            assert batch is not None
+            index = len(batch.items)
+            batch.items.append(item)
+            assert batch.job.item_futures is not None
+            batch.job.item_futures.append(future)
+        if new:
+            if _handles.create_hook is not None:
+                MapHandle(self._io, self._core, batch.job)  # one progress view per batch
+            self._io.call(self._submit_batch, batch)
+        return TaskHandle(self._io, self._core, batch.job, index, future)
+
+    def _submit_batch(self, batch: _CallBatch) -> None:
+        """On the I/O thread: close the batch to new calls, then run it."""
+        with self._batch_lock:
+            batch.sealed = True
+            if self._open_batches.get(batch.job.digest) is batch:
+                del self._open_batches[batch.job.digest]
+        batch.job.total = len(batch.items)
+        self._core.submit(batch.job)
 
     def run_on_all(
         self, fn: Callable[..., T], /, *args: Any, replay: bool = False, **kwargs: Any
@@ -212,7 +309,7 @@ class Pool:
         crash, a resize or recycling) before that worker takes other work."""
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
-        _check_arguments(fn, item)
+        _check_arguments(fn, item, None)
 
         async def submit() -> MapHandle[T]:
             core = self._core
@@ -320,6 +417,22 @@ class Pool:
         return f"<orchestra_nb.Pool workers={self.workers} state={self.state}>"
 
 
+class _CallBatch:
+    """``run`` calls of one function gathered into one job until the I/O thread takes it."""
+
+    __slots__ = ("items", "job", "sealed")
+
+    def __init__(self, job: Job, items: list[Any]) -> None:
+        self.job = job
+        self.items = items
+        self.sealed = False
+
+
+_PLAIN_CALL = _CallOptions()
+_BATCH_MAX = 4096  # calls per batch: bounds the work behind one progress view
+_BATCH_ARG_BYTES = 16 * 1024  # larger arguments travel alone, pickled once by the caller
+
+
 class _Configured:
     """A pool with per-call options applied to ``run`` (and ``map``)."""
 
@@ -334,14 +447,18 @@ class _Configured:
         kw.setdefault("timeout", self._opts.timeout)
         kw.setdefault("retries", self._opts.retry)
         kw.setdefault("name", self._opts.name)
+        kw.setdefault("circuit", self._opts.circuit)
         return self._pool.map(fn, *iterables, **kw)
 
 
-def _check_arguments(fn: Callable[..., Any], item: tuple[tuple[Any, ...], dict[str, Any]]) -> None:
-    """Pickle ``run``'s arguments now, so an unpicklable one raises here, named."""
+def _check_arguments(
+    fn: Callable[..., Any], item: tuple[tuple[Any, ...], dict[str, Any]], shm_dir: str | None
+) -> tuple[list[Any], tuple[str | None, ...]]:
+    """Pickle ``run``'s arguments now, so an unpicklable one raises here, named. The frames
+    are what the first dispatch sends: the arguments are pickled (and copied) once."""
     args, kwargs = item
     try:
-        proto.pickle_payload(dumps, item, None)
+        return proto.pickle_payload(dumps, [item], shm_dir)
     except Exception as exc:
         for i, arg in enumerate(args):
             try:
@@ -362,6 +479,12 @@ def _check_arguments(fn: Callable[..., Any], item: tuple[tuple[Any, ...], dict[s
         raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {exc}") from exc
 
 
+def _check_circuit(circuit: CircuitBreaker | None) -> CircuitBreaker | None:
+    if circuit is not None and not isinstance(circuit, CircuitBreaker):
+        raise TypeError(f"circuit must be a CircuitBreaker (see Pool.circuit), got {circuit!r}")
+    return circuit
+
+
 def _check_timeout(timeout: float | None) -> float | None:
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -369,6 +492,8 @@ def _check_timeout(timeout: float | None) -> float | None:
 
 
 def _retry(retries: int | RetryPolicy | None, retry_on: tuple[type[BaseException], ...] | None) -> RetryPolicy:
+    if retries is None and retry_on is None:
+        return DEFAULT_RETRY  # validated once, not on every call
     policy = RetryPolicy.coerce(retries)
     if retry_on is not None:
         policy = dataclasses.replace(policy, retry_on=tuple(retry_on))

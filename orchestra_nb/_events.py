@@ -37,13 +37,19 @@ class JobStarted:
 
 @_frozen
 class TaskStateChanged:
-    """Tasks ``start .. start+count-1`` of job ``job_id`` entered ``state``."""
+    """Tasks ``start .. start+count-1`` of job ``job_id`` entered ``state``.
+
+    For ``RETRYING`` (always one task), ``attempt`` is the number of failures so far and
+    ``delay`` the backoff in seconds before the task goes back to ``PENDING``.
+    """
 
     job_id: int
     start: int
     count: int
     state: TaskState
     worker_id: int | None = None
+    attempt: int | None = None
+    delay: float | None = None
 
 
 @_frozen

@@ -11,13 +11,14 @@ notices "interrupt kernel" when its loop wakes up (``jupyter-runtime.md`` sectio
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import queue
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from ._jobs import _NOT_DONE, Job
+from ._jobs import _NOT_DONE, Job, JobFuture
 from ._state import TaskState
 
 if TYPE_CHECKING:
@@ -72,17 +73,66 @@ class _Waker:
             self._handle = None
 
 
+class _Completions:
+    """Finished jobs handed to one caller loop in batches (``asyncio.wrap_future`` would
+    wake the loop once per future: a syscall and a GIL hand-over each)."""
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Completions]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ready: collections.deque[
+            tuple[asyncio.Future[Any], JobFuture]
+        ] = collections.deque()
+        self._scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Completions:
+        inbox = cls._by_loop.get(loop)
+        if inbox is None:
+            inbox = cls._by_loop[loop] = cls(loop)
+        return inbox
+
+    def watch(self, cf: JobFuture) -> asyncio.Future[Any]:
+        fut = self._loop.create_future()
+        cf.add_done_callback(lambda done: self._post(fut, done))
+        return fut
+
+    def _post(self, fut: asyncio.Future[Any], cf: JobFuture) -> None:
+        self._ready.append((fut, cf))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self._scheduled = False
+        ready = self._ready
+        while ready:
+            fut, cf = ready.popleft()
+            if fut.done():
+                continue
+            if cf.cancelled():
+                fut.cancel()
+            elif (exc := cf.exception()) is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(cf.result())
+
+
 class _Handle:
-    def __init__(self, io: IOThread, core: PoolCore, job: Job) -> None:
+    def __init__(self, io: IOThread, core: PoolCore, job: Job, *, show: bool = True) -> None:
         self._io = io
         self._core = core
         self._job = job
+        self._future: JobFuture = job.future
         job.future.add_done_callback(self._on_done)
         hook = create_hook
-        if hook is not None:
+        if hook is not None and show:
             hook(self)
 
-    def _on_done(self, fut: concurrent.futures.Future[Any]) -> None:
+    def _on_done(self, fut: JobFuture) -> None:
         if fut.cancelled() and not self._job.finished.is_set():
             self._io.call(self._core.cancel, self._job.id, False)
 
@@ -98,10 +148,10 @@ class _Handle:
 
     def done(self) -> bool:
         """True once the handle has an outcome (a result, an error, or cancelled)."""
-        return self._job.future.done()
+        return self._future.done()
 
     def cancelled(self) -> bool:
-        return self._job.future.cancelled()
+        return self._future.cancelled()
 
     def finished(self) -> bool:
         """True once every task reached a final state (after a cancel: once it took effect)."""
@@ -150,7 +200,7 @@ class _Handle:
 
     async def _wait(self) -> Any:
         loop = asyncio.get_running_loop()
-        fut = asyncio.wrap_future(self._job.future, loop=loop)
+        fut = _Completions.of(loop).watch(self._future)
         waker = _Waker.acquire(loop)
         try:
             return self._unwrap(await fut)
@@ -162,7 +212,7 @@ class _Handle:
 
     def _sync_result(self, timeout: float | None) -> Any:
         try:
-            return self._unwrap(self._job.future.result(timeout))
+            return self._unwrap(self._future.result(timeout))
         except KeyboardInterrupt:
             self.cancel()
             raise
@@ -186,7 +236,26 @@ class _Handle:
 
 
 class TaskHandle(_Handle, Generic[T]):
-    """One ``run(f, *args)`` call."""
+    """One ``run(f, *args)`` call.
+
+    Calls of the same function made in a burst share one job (a *call batch*) so that they
+    travel many per message; each still has its own handle, future, state and cancel.
+    """
+
+    def __init__(
+        self, io: IOThread, core: PoolCore, job: Job, index: int | None = None,
+        future: JobFuture | None = None,
+    ) -> None:
+        if index is None:
+            super().__init__(io, core, job)
+            self._index = 0
+            self._batched = False
+            return
+        assert future is not None
+        self._io, self._core, self._job = io, core, job
+        self._future = future
+        self._index = index
+        self._batched = True
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
@@ -195,14 +264,51 @@ class TaskHandle(_Handle, Generic[T]):
         """Block until the task is done; return its value or raise its exception."""
         return self._sync_result(timeout)  # type: ignore[no-any-return]
 
-    def _unwrap(self, results: list[Any]) -> Any:
-        return results[0]
+    def _unwrap(self, results: Any) -> Any:
+        return results if self._batched else results[0]
 
     @property
     def state(self) -> TaskState:
-        if self._job.pulled == 0:
-            return TaskState.CANCELLED if self._job.cancelled else TaskState.PENDING
-        return self._job.state_of(0)
+        job = self._job
+        if self._index >= job.pulled:
+            if self._future.cancelled() or (job.cancelled and not self._batched):
+                return TaskState.CANCELLED
+            return TaskState.PENDING
+        return job.state_of(self._index)
+
+    def finished(self) -> bool:
+        if not self._batched:
+            return super().finished()
+        return self._future.done()
+
+    def counts(self) -> dict[TaskState, int]:
+        if not self._batched:
+            return super().counts()
+        mine = self.state
+        return {state: int(state == mine) for state in TaskState}
+
+    @property
+    def total(self) -> int | None:
+        return 1
+
+    def exceptions(self) -> dict[int, BaseException]:
+        if not self._batched:
+            return super().exceptions()
+        exc = self._job.errors.get(self._index)
+        return {} if exc is None else {0: exc}
+
+    def cancel(self, kill: bool = False) -> bool:
+        if not self._batched:
+            return super().cancel(kill)
+        if self._future.done():
+            return False
+        self._io.call(self._core.cancel_item, self._job, self._index)
+        return True
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        if not self._batched:
+            return super().wait_finished(timeout)
+        return self._future._done.wait(timeout)
 
 
 class MapHandle(_Handle, Generic[T]):
@@ -250,7 +356,12 @@ class MapHandle(_Handle, Generic[T]):
         pulled = job.pulled
         if job.ordered:
             while cursor < pulled:
-                final, value = self._ready_value(cursor)
+                try:
+                    final, value = self._ready_value(cursor)
+                except BaseException:
+                    if out:  # yield the values before the failed item first
+                        return out, cursor
+                    raise
                 if not final:
                     break
                 out.append(value)
@@ -260,7 +371,12 @@ class MapHandle(_Handle, Generic[T]):
             yielded.extend(bytes(pulled - len(yielded)))
         index = yielded.find(0, cursor)
         while index != -1 and index < pulled:
-            final, value = self._ready_value(index)
+            try:
+                final, value = self._ready_value(index)
+            except BaseException:
+                if out:  # yield the values found so far first; the next scan raises
+                    break
+                raise
             if final:
                 yielded[index] = 1
                 out.append(value)

@@ -22,7 +22,9 @@ from typing import Any
 from ._policy import RetryPolicy
 from ._state import TaskState
 
-__all__ = ["Chunk", "Job"]
+__all__ = ["DEFAULT_RETRY", "Chunk", "Job", "JobFuture", "LazyEvent"]
+
+DEFAULT_RETRY = RetryPolicy()
 
 _NOT_DONE: Any = object()  # placeholder in ``results`` for items without an outcome yet
 
@@ -30,10 +32,115 @@ _STATE_BYTES = {s: bytes([s]) for s in TaskState}
 _FINAL = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
 
 
+class LazyEvent:
+    """``threading.Event`` that builds its Condition only if somebody blocks on it: jobs are
+    created at up to tens of thousands per second, and a Condition costs ~8 us."""
+
+    __slots__ = ("_event", "_flag", "_lock")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: threading.Event | None = None
+        self._lock = threading.Lock()  # a plain Lock is cheap; a Condition is not
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        self._flag = True
+        with self._lock:
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        with self._lock:
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        # set() stores the flag before it reads _event: either it sees our event, or we see
+        # the flag here.
+        return self._flag or event.wait(timeout)
+
+
+
+class JobFuture:
+    """The outcome of a job, with the parts of ``concurrent.futures.Future`` handles use.
+
+    Cheap to create (no Condition until someone blocks in ``result``); callbacks run in the
+    thread that sets the outcome, like ``concurrent.futures``.
+    """
+
+    __slots__ = ("_callbacks", "_done", "_exception", "_lock", "_result", "_state")
+
+    def __init__(self) -> None:
+        self._state = "pending"  # -> "finished" | "cancelled"
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._callbacks: list[Callable[[JobFuture], object]] = []
+        self._done = LazyEvent()
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._state != "pending"
+
+    def cancelled(self) -> bool:
+        return self._state == "cancelled"
+
+    def cancel(self) -> bool:
+        return self._settle("cancelled", None, None, strict=False)
+
+    def set_result(self, result: Any) -> None:
+        self._settle("finished", result, None, strict=True)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._settle("finished", None, exception, strict=True)
+
+    def _settle(self, state: str, result: Any, exc: BaseException | None, strict: bool) -> bool:
+        with self._lock:
+            if self._state != "pending":
+                if strict:
+                    raise concurrent.futures.InvalidStateError(f"job future already {self._state}")
+                return self._state == "cancelled"
+            self._state, self._result, self._exception = state, result, exc
+            callbacks, self._callbacks = self._callbacks, []
+        self._done.set()
+        for callback in callbacks:
+            callback(self)
+        return True
+
+    def add_done_callback(self, fn: Callable[[JobFuture], object]) -> None:
+        with self._lock:
+            if self._state == "pending":
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the job did not finish within {timeout} s")
+        if self._state == "cancelled":
+            raise concurrent.futures.CancelledError()
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the job did not finish within {timeout} s")
+        if self._state == "cancelled":
+            raise concurrent.futures.CancelledError()
+        return self._exception
+
+
 class Chunk:
     """Consecutive items of one job sent to one worker in one ``Run`` message."""
 
-    __slots__ = ("attempt", "count", "job", "start", "started_at", "target", "items", "worker")
+    __slots__ = (
+        "attempt", "count", "items", "job", "payload", "start", "started_at", "target", "worker",
+    )
 
     def __init__(self, job: Job, start: int, items: list[Any], target: int | None = None) -> None:
         self.job = job
@@ -42,6 +149,7 @@ class Chunk:
         self.count = len(items)
         self.target = target  # a worker id this chunk must run on (setup broadcasts)
         self.worker: int | None = None
+        self.payload: tuple[list[Any], tuple[str | None, ...]] | None = None  # pre-pickled
         self.started_at = 0.0
         self.attempt = 0
 
@@ -77,7 +185,7 @@ class Job:
         self.ordered = ordered
         self.return_exceptions = return_exceptions
         self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DEFAULT_RETRY
         self.targets = targets
         self.pulled = 0
         self.results: list[Any] = []
@@ -89,15 +197,23 @@ class Job:
         self.requeued: collections.deque[Chunk] = collections.deque()
         self.inflight: dict[int, Chunk] = {}  # start -> chunk
         self.cancelled = False
-        self.finished = threading.Event()
-        self.future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+        self.finished = LazyEvent()
+        self.future = JobFuture()
         self.started_at = time.monotonic()
         self.ended_at: float | None = None
         # Streaming consumers: called on the I/O thread with (start, count) of finished items.
         self.watchers: list[Callable[[int, int], None]] = []
         self.first_error: int | None = None
         self.internal = False  # setup replays: no handle, not waited for by close()
+        # A batch of run() calls: one future per item, and items cancelled one by one.
+        self.item_futures: list[JobFuture] | None = None
+        self.cancelled_items: set[int] = set()
+        # run(): the arguments as pickled by the caller, used by the first dispatch only.
+        self.first_payload: tuple[list[Any], tuple[str | None, ...]] | None = None
+        self.queued = False  # in the pool's ready_jobs deque
         self.completion_order: list[int] = []  # only kept for ordered=False
+        # A CircuitBreaker every task goes through (the pool admits each one at dispatch).
+        self.circuit: Any = None
 
     # --- pulling work -----------------------------------------------------------------
 
@@ -125,7 +241,12 @@ class Job:
         self.results.extend([_NOT_DONE] * len(items))
         self.states.extend(_STATE_BYTES[TaskState.PENDING] * len(items))
         self.counts[TaskState.PENDING] += len(items)
-        return Chunk(self, start, items, target)
+        if self.total is not None and self.pulled >= self.total:
+            self.source = None  # a sized input read to its end: no extra take() needed
+        chunk = Chunk(self, start, items, target)
+        if start == 0 and self.first_payload is not None:
+            chunk.payload, self.first_payload = self.first_payload, None
+        return chunk
 
     def remaining(self) -> int | None:
         if self.total is None:
@@ -151,8 +272,26 @@ class Job:
                     self.counts[old] -= 1
             states[start : start + count] = _STATE_BYTES[new] * count
         self.counts[new] += count
-        if not self.ordered and new in _FINAL:
-            self.completion_order.extend(range(start, start + count))
+        if new in _FINAL:
+            if not self.ordered:
+                self.completion_order.extend(range(start, start + count))
+            if self.item_futures is not None:
+                self._resolve_items(start, count, new)
+
+    def _resolve_items(self, start: int, count: int, new: TaskState) -> None:
+        """A call batch: each item is a ``run`` call with a handle (and future) of its own."""
+        futures = self.item_futures
+        assert futures is not None
+        for index in range(start, start + count):
+            fut = futures[index]
+            if fut.done():
+                continue
+            if new == TaskState.SUCCEEDED:
+                fut.set_result(self.results[index])
+            elif new == TaskState.FAILED:
+                fut.set_exception(self.errors[index])
+            else:
+                fut.cancel()
 
     def state_of(self, index: int) -> TaskState:
         return TaskState(self.states[index])

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -56,8 +57,10 @@ from ._events import (
     WorkerStalled,
     WorkerStarted,
 )
+from ._circuit import CircuitState
 from ._exceptions import (
     BrokenPoolError,
+    CircuitOpenError,
     MemoryLimitError,
     PoolClosedError,
     SerializationError,
@@ -104,6 +107,8 @@ class PoolOptions:
     python: str = sys.executable
     env: tuple[tuple[str, str], ...] = ()
     threads_per_worker: int = 1
+    # The jitter source of retry backoffs, in [0, 1): injectable so a schedule is exact in tests.
+    retry_random: Callable[[], float] = random.random
 
 
 class WorkerProc:
@@ -126,6 +131,7 @@ class WorkerProc:
         self.retire = False  # stop once idle (resize, recycling)
         self.timers: list[asyncio.TimerHandle] = []
         self.pidfd: int | None = None
+        self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
 
     @property
     def running_chunk(self) -> Chunk | None:
@@ -143,7 +149,7 @@ class PoolCore:
         self.workers: dict[int, WorkerProc] = {}
         self.jobs: dict[int, Job] = {}
         self._worker_ids = 0
-        self._rr = 0  # round-robin cursor over jobs
+        self.ready_jobs: collections.deque[Job] = collections.deque()  # may have work
         self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
@@ -314,11 +320,14 @@ class PoolCore:
     # --- messages in ------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
-        # A ZeroMQ FD is edge-triggered: read until EVENTS says there is nothing left.
+        # A ZeroMQ FD is edge-triggered: read until the socket says EAGAIN.
         try:
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                ident = frames[0].bytes
+            while True:
+                try:
+                    frames = sock.recv_multipart(_NOBLOCK)
+                except zmq.Again:
+                    break
+                ident = frames[0]
                 try:
                     msg, payload = proto.decode(self.key, frames[1:])
                 except proto.BadSignature:
@@ -396,16 +405,28 @@ class PoolCore:
             self.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
         start, count = chunk.start, chunk.count
         job.results[start : start + count] = values
-        if not errors:
+        if job.circuit is not None:
+            self._circuit_outcome(job, errors, count)
+        if not errors and not job.cancelled_items:
             job.set_state(start, count, TaskState.SUCCEEDED)
             if self.bus.active:
                 self.bus.publish(TaskStateChanged(job.id, start, count, TaskState.SUCCEEDED, w.id))
+        elif count > 1 and len(errors) == count and all(
+            r.kind == "arguments" for r in errors.values()
+        ):
+            # The worker could not load the chunk's arguments: one item is to blame, unknown
+            # which. Re-run them one by one so that only the culprit fails.
+            job.set_state(start, count, TaskState.PENDING)
+            for offset in reversed(range(count)):
+                self._requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
         else:
+            errors = errors or {}
             for offset in range(count):
-                if offset not in errors:
+                if offset not in errors and job.states[start + offset] not in _FINAL_BYTES:
                     job.set_state(start + offset, 1, TaskState.SUCCEEDED)
             for offset, record in errors.items():
-                self._on_error(job, chunk, offset, record, w)
+                if job.states[start + offset] not in _FINAL_BYTES:
+                    self._on_error(job, chunk, offset, record, w)
         self._progress(job)
         if w.retire and not w.inflight:
             self._stop_worker(w)
@@ -413,6 +434,17 @@ class PoolCore:
             w.retire = True
             if not w.inflight:
                 self._recycle(w, "max_tasks_per_worker reached")
+
+    def _circuit_outcome(self, job: Job, errors: dict[int, ErrorRecord] | None, count: int) -> None:
+        breaker = job.circuit
+        for offset in range(count):
+            record = errors.get(offset) if errors else None
+            if record is None:
+                breaker.record_success()
+            elif record.kind == "cancelled":
+                breaker.record_failure(_NOT_RUN)
+            else:
+                breaker.record_failure(rebuild_exception(record, ""))
 
     def _on_error(self, job: Job, chunk: Chunk, offset: int, record: ErrorRecord, w: WorkerProc) -> None:
         index = chunk.start + offset
@@ -433,10 +465,11 @@ class PoolCore:
         job.attempts[index] = attempt
         if not job.cancelled and job.retry.should_retry(exc, attempt):
             job.set_state(index, 1, TaskState.RETRYING)
+            delay = job.retry.delay(attempt, self.options.retry_random)
             if self.bus.active:
                 worker_id = w.id if w is not None else None
-                self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.RETRYING, worker_id))
-            delay = job.retry.delay(attempt, random.random)
+                self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.RETRYING, worker_id,
+                                                  attempt, delay))
             item = chunk.items[offset]
             self.loop.call_later(delay, self._requeue_one, job, index, item)
             return
@@ -450,7 +483,7 @@ class PoolCore:
         job.set_state(index, 1, TaskState.PENDING)
         if self.bus.active:
             self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.PENDING))
-        job.requeued.append(Chunk(job, index, [item]))
+        self._requeue(job, Chunk(job, index, [item]))
         self._pump()
 
     # --- worker exits -----------------------------------------------------------------
@@ -491,11 +524,19 @@ class PoolCore:
 
     def _recover_chunks(self, w: WorkerProc, returncode: int) -> None:
         running = True
-        for chunk in list(w.inflight) + list(w.assigned):
+        sent = len(w.inflight)
+        for i, chunk in enumerate(list(w.inflight) + list(w.assigned)):
             job = chunk.job
             job.inflight.pop(chunk.start, None)
+            if job.circuit is not None and i < sent:  # admitted: report how the call ended
+                job.circuit.record_failure(
+                    WorkerCrashedError(w.id, w.pid, returncode, chunk.start) if running else _NOT_RUN
+                )
             if job.cancelled or self.state != PoolState.RUNNING and job.id not in self.jobs:
                 self._cancel_range(job, chunk.start, chunk.count)
+            elif w.kill_kind == "close":  # the pool killed it: not the task's fault, no crash
+                job.set_state(chunk.start, chunk.count, TaskState.PENDING)
+                self._requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
             elif chunk.target is not None:
                 self._fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
                                                                 self._crash_cause(w, returncode)))
@@ -509,7 +550,7 @@ class PoolCore:
                 # Which item killed it is unknown: retry them one by one, blaming none yet.
                 job.set_state(chunk.start, chunk.count, TaskState.PENDING)
                 for offset in reversed(range(chunk.count)):
-                    job.requeued.appendleft(Chunk(job, chunk.start + offset, [chunk.items[offset]]))
+                    self._requeue(job, Chunk(job, chunk.start + offset, [chunk.items[offset]]), front=True)
             elif running:
                 crashes = job.crashes.get(chunk.start, 0) + 1
                 job.crashes[chunk.start] = crashes
@@ -519,10 +560,10 @@ class PoolCore:
                     self._fail_range(job, chunk, exc)
                 else:
                     job.set_state(chunk.start, 1, TaskState.PENDING)
-                    job.requeued.appendleft(chunk)
+                    self._requeue(job, chunk, front=True)
             else:
                 job.set_state(chunk.start, chunk.count, TaskState.PENDING)
-                job.requeued.appendleft(chunk)
+                self._requeue(job, chunk, front=True)
             running = False
             self._progress(job)
         w.inflight.clear()
@@ -532,7 +573,10 @@ class PoolCore:
         if w.kill_reason:
             return w.kill_reason
         if returncode == -signal.SIGKILL:
-            return "killed by SIGKILL from outside the pool: the OOM killer, or a kill -9"
+            if oom_kill_count() > w.oom_kills:
+                return ("killed by the kernel's OOM killer: the machine ran out of memory; "
+                        "memory_limit= lets the pool stop a worker before that happens")
+            return "killed by SIGKILL from outside the pool (a kill -9, or the OOM killer)"
         if returncode == -signal.SIGSEGV:
             return "a segmentation fault, usually in native code"
         if returncode == -signal.SIGABRT:
@@ -574,6 +618,9 @@ class PoolCore:
         job.source = None
         job.total = job.pulled
         job.requeued.clear()
+        for fut in (job.item_futures or [])[job.pulled :]:  # calls of a batch never read
+            if not fut.done():
+                fut.set_exception(exc)
         self._finish(job, exc)
 
     # --- dispatch ---------------------------------------------------------------------
@@ -585,6 +632,14 @@ class PoolCore:
             return
         self.jobs[job.id] = job
         self.bus.publish(JobStarted(job.id, job.name, job.total))
+        if job.circuit is not None and job.call:
+            stats = job.circuit.statistics()
+            if stats.state is CircuitState.OPEN and stats.retry_in:
+                chunk = job.take(1)  # open: fail now, without waiting for a free worker
+                if chunk is not None:
+                    self._admit(job, chunk)
+                return
+        self._mark_ready(job)
         if job.targets is not None:
             for wid in job.targets:
                 w = self.workers.get(wid)
@@ -619,14 +674,16 @@ class PoolCore:
             if w.state != "ready":
                 continue
             while w.assigned and len(w.inflight) < PREFETCH:
-                self._send_chunk(w, w.assigned.popleft())
+                if not self._send_chunk(w, w.assigned.popleft()):
+                    break
             if w.retire:
                 continue
             while self._has_room(w):
                 chunk = self._next_chunk()
                 if chunk is None:
-                    return
-                self._send_chunk(w, chunk)
+                    break  # not return: later workers may still have assigned chunks
+                if not self._send_chunk(w, chunk):
+                    break  # unreachable (exiting): retrying it here would spin forever
 
     def _has_room(self, w: WorkerProc) -> bool:
         if not w.inflight:
@@ -641,19 +698,37 @@ class PoolCore:
         return True
 
     def _next_chunk(self) -> Chunk | None:
-        jobs = [j for j in self.jobs.values() if j.has_work() and j.targets is None]
-        if not jobs:
-            return None
-        self._rr = (self._rr + 1) % len(jobs)
-        for job in jobs[self._rr :] + jobs[: self._rr]:
-            chunk = job.take(self._chunk_size(job))
-            if chunk is not None:
-                return chunk
-            self._check_done(job)
+        """Round-robin over jobs with work: one chunk from the first, which goes to the back."""
+        ready = self.ready_jobs
+        while ready:
+            job = ready.popleft()
+            chunk = job.take(self._chunk_size(job)) if job.id in self.jobs else None
+            if chunk is None:
+                job.queued = False
+                self._check_done(job)
+                continue
+            if job.has_work():
+                ready.append(job)
+            else:
+                job.queued = False
+            return chunk
         return None
 
+    def _requeue(self, job: Job, chunk: Chunk, front: bool = False) -> None:
+        """Put a chunk back in its job's queue (after a crash, a retry backoff...)."""
+        if front:
+            job.requeued.appendleft(chunk)
+        else:
+            job.requeued.append(chunk)
+        self._mark_ready(job)
+
+    def _mark_ready(self, job: Job) -> None:
+        if not job.queued and job.targets is None:
+            job.queued = True
+            self.ready_jobs.append(job)
+
     def _chunk_size(self, job: Job) -> int:
-        if job.call or job.timeout is not None:
+        if job.timeout is not None or job.circuit is not None:
             return 1
         if job.chunksize is not None:
             return job.chunksize
@@ -667,13 +742,17 @@ class PoolCore:
             size = min(size, math.ceil(remaining / (2 * max(1, len(self.workers)))))
         return max(1, min(size, MAX_CHUNK))
 
-    def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> None:
+    def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> bool:
+        """Send ``chunk`` to ``w``; False if ``w`` could not be reached (chunk re-queued)."""
         job = chunk.job
         try:
-            frames, names = proto.pickle_payload(dumps, chunk.items, self.shm_dir)
+            if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
+                (frames, names), chunk.payload = chunk.payload, None
+            else:
+                frames, names = proto.pickle_payload(dumps, chunk.items, self.shm_dir)
         except Exception as exc:
             self._unpicklable_chunk(job, chunk, exc)
-            return
+            return True
         if job.digest in w.functions:
             w.functions.move_to_end(job.digest)
         else:
@@ -684,17 +763,38 @@ class PoolCore:
             w.functions[job.digest] = None
         run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
                         job.timeout, names)
+        if job.circuit is not None and not self._admit(job, chunk):
+            proto.discard_buffers(names, self.shm_dir)
+            return True
         if not self._send(self.data, w, run, frames):
             proto.discard_buffers(names, self.shm_dir)
-            job.requeued.appendleft(chunk)
-            return
+            self._requeue(job, chunk, front=True)
+            if job.circuit is not None:
+                job.circuit.record_failure(_NOT_RUN)
+            return False
         chunk.worker = w.id
         chunk.started_at = time.monotonic()
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
         job.set_state(chunk.start, chunk.count, TaskState.RUNNING)
+        if job.cancelled_items:  # calls of a batch cancelled before they were sent
+            for index in range(chunk.start, chunk.start + chunk.count):
+                if index in job.cancelled_items:
+                    job.set_state(index, 1, TaskState.CANCELLED)
+                    self._send(self.ctrl, w, proto.Cancel(job.id, index))
         if self.bus.active:
             self.bus.publish(TaskStateChanged(job.id, chunk.start, chunk.count, TaskState.RUNNING, w.id))
+        return True
+
+    def _admit(self, job: Job, chunk: Chunk) -> bool:
+        """Ask the job's circuit breaker; a rejected task fails fast, never reaching a worker."""
+        try:
+            job.circuit.before_call()
+        except CircuitOpenError as exc:
+            self._fail_item(job, chunk, 0, exc, None)
+            self._progress(job)
+            return False
+        return True
 
     def _unpicklable_chunk(self, job: Job, chunk: Chunk, exc: Exception) -> None:
         culprits = describe_unpicklable_argument(chunk.items, chunk.start, exc)
@@ -703,7 +803,7 @@ class PoolCore:
             if index in culprits:
                 job.record_failure(index, SerializationError(culprits[index]))
             else:
-                job.requeued.append(Chunk(job, index, [item]))
+                self._requeue(job, Chunk(job, index, [item]))
         self._progress(job)
 
     def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
@@ -729,6 +829,8 @@ class PoolCore:
         job = self.jobs.get(job_id)
         if job is None:
             return
+        if job.cancelled and not kill:
+            return  # already done (e.g. again from the future's callback): no second SIGINT
         for index in job.cancel_pending():
             job.results[index] = None
         if self.bus.active:
@@ -747,6 +849,34 @@ class PoolCore:
             w.timers.append(self.loop.call_later(self.options.cancel_grace, self._escalate, w, job))
         self._progress(job)
         self._check_done(job)
+
+    def cancel_item(self, job: Job, index: int) -> None:
+        """Cancel one call of a batch of ``run`` calls, leaving the others alone."""
+        if job.id not in self.jobs or index in job.cancelled_items:
+            return
+        job.cancelled_items.add(index)
+        if index >= job.pulled:
+            return  # not read from the batch yet: _send_chunk cancels it when it is
+        state = job.states[index]
+        if state in (TaskState.PENDING, TaskState.RETRYING):
+            job.set_state(index, 1, TaskState.CANCELLED)
+        elif state == TaskState.RUNNING:
+            for chunk in job.inflight.values():
+                if chunk.start <= index < chunk.start + chunk.count and chunk.worker is not None:
+                    w = self.workers.get(chunk.worker)
+                    if w is not None:
+                        self._send(self.ctrl, w, proto.Cancel(job.id, index))
+                        w.timers.append(self.loop.call_later(
+                            self.options.cancel_grace, self._escalate_item, w, job, index))
+        self._progress(job)
+
+    def _escalate_item(self, w: WorkerProc, job: Job, index: int) -> None:
+        running = w.running_chunk
+        if (w.state != "dead" and running is not None and running.job is job
+                and running.start <= index < running.start + running.count
+                and job.states[index] == TaskState.RUNNING):
+            self._kill(w, "cancel", f"cancelled task {index} of job {job.id} ignored the "
+                                    f"interrupt for {self.options.cancel_grace} s")
 
     def kill_busy(self, job_id: int) -> None:
         """Hard-kill (and so respawn) the workers running tasks of ``job_id``."""
@@ -881,9 +1011,28 @@ class PoolCore:
 
 _job_ids = iter(range(1, sys.maxsize))
 
+# Reported to a circuit breaker for an admitted call that never ran: neutral, not a failure.
+_NOT_RUN = asyncio.CancelledError("the task did not run")
+
+
+def oom_kill_count() -> int:
+    """The kernel's count of OOM kills (``oom_kill`` in /proc/vmstat, Linux 4.13+), or -1."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
 
 def next_job_id() -> int:
     return next(_job_ids)
+
+
+_FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum arithmetic on the hot path is not free
 
 
 def _worker_id(ident: bytes) -> int:

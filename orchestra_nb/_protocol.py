@@ -82,7 +82,8 @@ class Run(NamedTuple):
 
 
 class Cancel(NamedTuple):
-    """Interrupt job ``job`` on this worker (``start == -1``: every chunk of it)."""
+    """Interrupt job ``job`` on this worker: all of it (``start == -1``), or only its item
+    ``start`` (a call in a batch of ``run`` calls), which is skipped if not started yet."""
 
     job: int
     start: int
@@ -160,14 +161,22 @@ def new_key() -> bytes:
 
 
 _LEN = struct.Struct("!Q")
+_ONE_SHOT_LIMIT = 64 * 1024  # join and sign in one call below this many payload bytes
 
 
 def sign(key: bytes, header: bytes, payload: Sequence[Frame]) -> bytes:
     if not payload:
         return hmac.digest(key, header, "sha256")
+    views = [memoryview(frame) for frame in payload]
+    if sum(v.nbytes for v in views) <= _ONE_SHOT_LIMIT:
+        # hmac.digest is one C call; hmac.new builds a Python object per message.
+        parts = [header]
+        for view in views:
+            parts.append(_LEN.pack(view.nbytes))
+            parts.append(view)
+        return hmac.digest(key, b"".join(parts), "sha256")
     mac = hmac.new(key, header, hashlib.sha256)
-    for frame in payload:
-        view = memoryview(frame)
+    for view in views:
         mac.update(_LEN.pack(view.nbytes))
         mac.update(view)
     return mac.digest()

@@ -80,7 +80,11 @@ _IMMUTABLE_ATOMS = (int, float, complex, str, bytes, bool, type(None), range)
 def _cache_key(fn: object) -> tuple[int, ...] | None:
     if not isinstance(fn, types.FunctionType):
         return None
-    key = [id(fn), id(fn.__code__)]
+    code = fn.__code__
+    if not (code.co_names or fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__):
+        if not any(isinstance(c, types.CodeType) for c in code.co_consts):
+            return (id(fn), id(code))  # captures nothing: the common fast path
+    key = [id(fn), id(code)]
     for _kind, _name, value in _captured_values(fn):
         if not _frozen_value(value):
             return None

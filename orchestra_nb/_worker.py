@@ -52,6 +52,9 @@ class _State:
         self.item: int | None = None  # index of the item being run (timeout jobs only)
         self.deadline: float | None = None
         self.target: tuple[int, int] | None = None  # chunk to interrupt
+        self.target_item: int | None = None  # ... and only this item of it (None: any)
+        self.values: list[Any] = []  # results so far of the chunk being run
+        self.cancelled_items: set[tuple[int, int]] = set()  # (job, index) not to run
         self.reason = "cancel"
         self.cancelled_jobs: set[int] = set()
 
@@ -210,7 +213,7 @@ class Worker:
                     payload[0], buffers=proto.read_buffers(payload, msg.buffers, self.shm_dir)
                 )
             except BaseException as exc:
-                record = capture_exception(exc, "serialization")
+                record = capture_exception(exc, "arguments")  # the pool isolates the culprit
                 record = record._replace(
                     evalue=f"cannot unpickle the arguments in the worker: {record.evalue}"
                 )
@@ -233,6 +236,7 @@ class Worker:
         append = values.append
         n = len(items)
         watched = msg.timeout is not None
+        state.values = values
         while len(values) < n:
             offset = len(values)
             self.output.begin(msg.job, msg.start + offset)
@@ -248,8 +252,14 @@ class Worker:
                     append(self._call_one(fn, items[offset], msg))
                     state.deadline = None
                 elif msg.call:
-                    args, kwargs = items[0]
-                    append(fn(*args, **kwargs))
+                    # A batch of independent calls, each of which may be cancelled alone.
+                    cancelled = state.cancelled_items
+                    for args, kwargs in items[len(values) :]:
+                        if cancelled and (msg.job, msg.start + len(values)) in cancelled:
+                            errors[len(values)] = _CANCELLED
+                            append(None)
+                            continue
+                        append(fn(*args, **kwargs))
                 elif msg.star:
                     for item in items[offset:]:
                         append(fn(*item))
@@ -259,6 +269,11 @@ class Worker:
             except KeyboardInterrupt as exc:
                 state.deadline = None
                 failed = len(values)
+                if state.reason == "item" and state.target == state.chunk:
+                    state.target = state.target_item = None
+                    errors[failed] = _CANCELLED  # only this call was cancelled
+                    append(None)
+                    continue
                 if state.reason == "timeout" and state.target == state.chunk:
                     state.target = None
                     timeout_exc = TaskTimeoutError(
@@ -295,6 +310,8 @@ class Worker:
     def _send_result(
         self, msg: proto.Run, values: list[Any], errors: dict[int, ErrorRecord], elapsed: float
     ) -> None:
+        if len(values) < msg.count:  # nothing ran (arguments, function or job failed)
+            values.extend([None] * (msg.count - len(values)))
         for offset in errors:
             values[offset] = None
         body = (values, errors or None)
@@ -379,7 +396,16 @@ class Worker:
                 msg, _ = proto.decode(self.key, self.ctrl.recv_multipart())
             except proto.BadSignature:
                 continue
-            if isinstance(msg, proto.Cancel):
+            if isinstance(msg, proto.Cancel) and msg.start >= 0:
+                # One call of a batch: interrupt it if it runs now, else skip it later.
+                state.cancelled_items.add((msg.job, msg.start))
+                if len(state.cancelled_items) > 4096:
+                    state.cancelled_items.discard(min(state.cancelled_items))
+                chunk = state.chunk
+                if chunk is not None and chunk[0] == msg.job:
+                    if chunk[1] + len(state.values) == msg.start:
+                        self._interrupt(chunk, "item", msg.start)
+            elif isinstance(msg, proto.Cancel):
                 if msg.start == -1:
                     state.cancelled_jobs.add(msg.job)
                     if len(state.cancelled_jobs) > 4096:  # job ids only grow: drop the oldest
@@ -388,8 +414,9 @@ class Worker:
                 if chunk is not None and chunk[0] == msg.job and msg.start in (-1, chunk[1]):
                     self._interrupt(chunk, "cancel")
 
-    def _interrupt(self, chunk: tuple[int, int], reason: str) -> None:
+    def _interrupt(self, chunk: tuple[int, int], reason: str, item: int | None = None) -> None:
         self.state.reason = reason
+        self.state.target_item = item
         self.state.target = chunk
         signal.pthread_kill(self.main_ident, signal.SIGINT)
 
@@ -431,7 +458,9 @@ def main() -> None:
     def on_sigint(signum: int, frame: Any) -> None:
         # Only the chunk the control thread targeted, and only while it still runs.
         if state.target is not None and state.target == state.chunk:
-            raise KeyboardInterrupt
+            item = state.target_item
+            if item is None or item == state.target[1] + len(state.values):
+                raise KeyboardInterrupt
         return None
 
     signal.signal(signal.SIGINT, on_sigint)

@@ -54,6 +54,22 @@ class JupyterLab:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
+    def stray_processes(self) -> list[psutil.Process]:
+        """Live processes other than the server that inherited its environment (kernels, and the
+        workers those start): each carries the server's throwaway JUPYTER_RUNTIME_DIR. The node
+        processes JupyterLab itself starts now and then (build and version checks) do not count."""
+        runtime_dir = str(self.log_path.parent / "runtime")
+        stray = []
+        for proc in psutil.process_iter(["pid", "name"]):
+            if proc.pid == self.proc.pid or proc.info["name"] in ("node", "npm"):
+                continue
+            try:
+                if proc.environ().get("JUPYTER_RUNTIME_DIR") == runtime_dir:
+                    stray.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return stray
+
 
 def missing_browser_env() -> str | None:
     missing = [
@@ -79,6 +95,20 @@ def require_browser_env() -> None:
     if os.environ.get("CI"):
         pytest.fail(problem, pytrace=False)
     pytest.skip(problem)
+
+
+def _write_kernelspec(data_dir: Path) -> None:
+    """A `python3` kernel that runs this interpreter (the one with orchestra_nb installed), first on
+    JUPYTER_PATH: a user- or system-wide `python3` pointing at another Python cannot shadow it."""
+    kernel_dir = data_dir / "kernels" / "python3"
+    kernel_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+        "metadata": {"debugger": True},
+    }
+    (kernel_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
 
 
 def _free_port() -> int:
@@ -170,7 +200,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterLab]:
     base = tmp_path_factory.mktemp("jupyterlab")
     dirs = {
         name: base / name
-        for name in ("root", "settings", "workspaces", "config", "runtime", "ipython")
+        for name in ("root", "settings", "workspaces", "config", "runtime", "ipython", "data")
     }
     for d in dirs.values():
         d.mkdir()
@@ -180,6 +210,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterLab]:
     )
     notif.parent.mkdir(parents=True)
     notif.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    _write_kernelspec(dirs["data"])
 
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(
@@ -189,6 +220,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterLab]:
         JUPYTER_CONFIG_DIR=str(dirs["config"]),
         JUPYTER_RUNTIME_DIR=str(dirs["runtime"]),
         IPYTHONDIR=str(dirs["ipython"]),
+        JUPYTER_PATH=os.pathsep.join(
+            p for p in (str(dirs["data"]), os.environ.get("JUPYTER_PATH", "")) if p
+        ),
     )
     cmd = [
         sys.executable,
@@ -248,9 +282,14 @@ def run_notebook_in_browser(
     timeout: float = 60.0,
     screenshot: Path | None = None,
     fail_on_traceback: bool = True,
+    settle: float = 5.0,
+    scroll_to: str | None = None,
 ) -> dict[str, Any]:
     """Open `notebook_path` in chromium, Run All Cells, wait until every `wait_selector` element has
-    style.width == `expect_width` and some `text_selector` element contains `expect_text`.
+    style.width == `expect_width` and some `text_selector` element contains `expect_text`, then
+    wait up to `settle` seconds (non-fatal: result["settled"]) for the remaining cells to finish;
+    `errors` (stderr outputs, tracebacks included) is read after that wait. `scroll_to` (a selector
+    inside the notebook) is scrolled into view before the screenshot; otherwise it shows the end.
 
     The notebook is copied into `lab.root_dir` with its outputs cleared; the screenshot and the
     result (.json) default to files beside that copy. Returns run_notebook.js's JSON result
@@ -272,6 +311,8 @@ def run_notebook_in_browser(
         "kernel_timeout_ms": int(timeout * 1000),
         "run_timeout_ms": int(timeout * 1000),
         "screenshot": str(screenshot),
+        "settle_ms": int(settle * 1000),
+        "scroll_to": scroll_to,
     }
     # Own session so that a hung driver can be killed together with its chromium.
     proc = subprocess.Popen(

@@ -5,7 +5,7 @@
 // Usage: node run_notebook.js CONFIG   (CONFIG: a JSON string or the path of a JSON file)
 // Config keys (defaults in DEFAULTS): url, token, notebook (path relative to the server root),
 // wait_selector + expect_width, text_selector + expect_text, error_selector, fail_on_traceback,
-// kernel_timeout_ms, run_timeout_ms, start_ms, sample_ms, settle_ms, screenshot, chromium, viewport.
+// kernel_timeout_ms, run_timeout_ms, start_ms, sample_ms, settle_ms, screenshot, scroll_to, chromium, viewport.
 // Exit codes: 0 condition met, 1 timeout / traceback / driver error, 2 bad config.
 'use strict';
 const fs = require('fs');
@@ -27,6 +27,7 @@ const DEFAULTS = {
   start_ms: 5000, // Run All is retried if no cell shows [*] or [n] within this
   settle_ms: 5000, // after success, wait this long at most for every cell to finish ([*] gone)
   screenshot: null,
+  scroll_to: null, // selector (in the notebook) scrolled into view before the screenshot; Run All ends at the last cell
   chromium: '/usr/bin/chromium',
   viewport: { width: 1200, height: 800 },
 };
@@ -71,7 +72,8 @@ function snapshot([panel, waitSel, textSel, errSel]) {
   return {
     widths: q(waitSel).map((e) => e.style.width),
     present: q(waitSel).length,
-    texts: q(textSel).map((e) => e.innerText.trim()),
+    // innerText is '' in cells that content-visibility:auto skips (scrolled away): fall back to textContent.
+    texts: q(textSel).map((e) => (e.innerText || e.textContent).trim()),
     errors: q(errSel).map((e) => e.innerText),
     kernel: (document.querySelector(`${panel} .jp-Notebook-ExecutionIndicator`) || {}).dataset?.status ?? null,
   };
@@ -163,6 +165,13 @@ async function main() {
     result.label_texts = snap.texts;
     result.errors = snap.errors;
     result.phase = 'screenshot';
+    if (cfg.scroll_to) {
+      result.phase = 'scroll';
+      await page.locator(`${PANEL} ${cfg.scroll_to}`).first().scrollIntoViewIfNeeded({ timeout: 5000 })
+        .catch((e) => { result.message = `scroll_to: ${e.message.split('\n')[0]}`; });
+      await page.waitForTimeout(300); // let the windowed notebook render what scrolled in
+      result.phase = 'screenshot';
+    }
     if (cfg.screenshot) await page.screenshot({ path: cfg.screenshot });
     result.phase = 'done';
   } catch (e) {
