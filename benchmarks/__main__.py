@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks import machine, report
+from benchmarks import machine, report, workloads
 from benchmarks.config import FULL, QUICK, QUICK_SYSTEMS, WORKLOADS
 from benchmarks.systems import SYSTEMS
 from benchmarks.workloads import REPO_ROOT, kill_tree, subprocess_env
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     meta = machine.describe()
+    workloads.precompile()
     results: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="orchestra-bench-") as tmp_name:

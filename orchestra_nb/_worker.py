@@ -20,9 +20,7 @@ and a thread that exits the process on EOF of stdin (the pool holds the write en
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import inspect
 import io
 import json
 import os
@@ -150,7 +148,7 @@ class Worker:
         self.output = _OutputBuffer()
         self.main_ident = threading.get_ident()
         self.running = True
-        self._async_loop: asyncio.AbstractEventLoop | None = None
+        self._async_loop: Any = None  # an asyncio loop, made for the first async def task
 
     # --- main thread -----------------------------------------------------------------
 
@@ -184,13 +182,15 @@ class Worker:
                 evalue=f"cannot load the function in the worker: {record.evalue}"
             )
             return
-        if inspect.iscoroutinefunction(fn):
+        if _is_coroutine_function(fn):
             fn = self._sync_wrapper(fn)
         self.functions[msg.digest] = fn
 
     def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run_coroutine(*args: Any, **kwargs: Any) -> Any:
             if self._async_loop is None:
+                import asyncio  # only for async def tasks: it costs ~25 ms of start-up
+
                 self._async_loop = asyncio.new_event_loop()
             return self._async_loop.run_until_complete(fn(*args, **kwargs))
 
@@ -419,6 +419,14 @@ class Worker:
         self.state.target_item = item
         self.state.target = chunk
         signal.pthread_kill(self.main_ident, signal.SIGINT)
+
+
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect at start-up
+
+
+def _is_coroutine_function(fn: Any) -> bool:
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code is not None and bool(code.co_flags & _CO_COROUTINE)
 
 
 _CANCELLED = ErrorRecord(None, "CancelledError", "cancelled", "", "cancelled")
