@@ -33,6 +33,7 @@ __all__ = [
     "configure",
     "default_pool",
     "map",
+    "options",
     "run",
     "run_on_all",
     "shutdown",
@@ -122,8 +123,7 @@ class Pool:
             memory=MemoryPolicy.parse(memory_soft_limit, memory_limit, total_memory=total_memory),
             max_tasks_per_worker=max_tasks_per_worker,
             env=tuple((env or {}).items()),
-            **({"python": python} if python else {}),
-            **({"retry_random": retry_random} if retry_random is not None else {}),
+            **_extra_options(python=python, retry_random=retry_random),
         )
         self._io = io_thread()
         self.events = EventBus()
@@ -243,7 +243,7 @@ class Pool:
     ) -> TaskHandle[Any]:
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
-        frames = _check_arguments(fn, item, self._core.shm_dir)
+        frames = _check_arguments(fn, item, self._core.segments or self._core.shm_dir)
         if opts == _PLAIN_CALL and len(frames[0]) == 1 and len(frames[0][0]) <= _BATCH_ARG_BYTES:
             return self._batched_call(fn, digest, payload, item)
         job = Job(
@@ -452,13 +452,13 @@ class _Configured:
 
 
 def _check_arguments(
-    fn: Callable[..., Any], item: tuple[tuple[Any, ...], dict[str, Any]], shm_dir: str | None
+    fn: Callable[..., Any], item: tuple[tuple[Any, ...], dict[str, Any]], shm: proto.Segments | str | None
 ) -> tuple[list[Any], tuple[str | None, ...]]:
     """Pickle ``run``'s arguments now, so an unpicklable one raises here, named. The frames
     are what the first dispatch sends: the arguments are pickled (and copied) once."""
     args, kwargs = item
     try:
-        return proto.pickle_payload(dumps, [item], shm_dir)
+        return proto.pickle_payload(dumps, [item], shm)
     except Exception as exc:
         for i, arg in enumerate(args):
             try:
@@ -477,6 +477,11 @@ def _check_arguments(
                     f"(type {type(arg).__qualname__}): {type(inner).__name__}: {inner}"
                 ) from inner
         raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {exc}") from exc
+
+
+def _extra_options(**options: Any) -> dict[str, Any]:
+    """Options left to PoolOptions' defaults unless given."""
+    return {key: value for key, value in options.items() if value}
 
 
 def _check_circuit(circuit: CircuitBreaker | None) -> CircuitBreaker | None:

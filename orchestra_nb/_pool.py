@@ -79,6 +79,7 @@ TARGET_CHUNK_SECONDS = 0.02  # adaptive chunks aim at tens of ms: cheap dispatch
 MAX_CHUNK = 16_384
 SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hide latency
 PREFETCH = 4
+DRAIN_BUDGET = 64  # messages handled per I/O callback before other callbacks get a turn
 FUNCTION_CACHE = 64  # callables cached per worker
 MAX_START_FAILURES = 3  # consecutive workers dying before Ready -> BrokenPoolError
 
@@ -131,6 +132,7 @@ class WorkerProc:
         self.retire = False  # stop once idle (resize, recycling)
         self.timers: list[asyncio.TimerHandle] = []
         self.pidfd: int | None = None
+        self.held: set[str] = set()  # the pool's argument segments this worker may map
         self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
 
     @property
@@ -158,6 +160,9 @@ class PoolCore:
         self.all_ready: asyncio.Event = asyncio.Event()
         self.closed_event: asyncio.Event = asyncio.Event()
         self._pump_scheduled = False
+        self._released: collections.deque[tuple[int, str]] = collections.deque()
+        self._release_scheduled = False
+        self.segments: proto.Segments | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self.run_dir = ""
         self.shm_dir: str | None = None
@@ -166,9 +171,11 @@ class PoolCore:
 
     def start(self) -> None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.run_dir = tempfile.mkdtemp(prefix="orchestra-", dir=base)
+        _sweep_stale_run_dirs(base or tempfile.gettempdir())
+        self.run_dir = tempfile.mkdtemp(prefix=f"orchestra-{os.getpid()}-", dir=base)
         os.chmod(self.run_dir, 0o700)
         self.shm_dir = self.run_dir if base else None
+        self.segments = proto.Segments(self.run_dir, "p") if base else None
         self.ctx = zmq.Context(io_threads=1)
         self.data = self._router(f"ipc://{self.run_dir}/data")
         self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
@@ -226,8 +233,9 @@ class PoolCore:
         assert proc.stdin is not None
         # The key travels on stdin, never in argv or the environment. stdin stays open:
         # its EOF tells the worker that the pool is gone.
-        proc.stdin.write(json.dumps(config).encode() + b"\n")
-        proc.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):  # died at once: its pidfd will tell
+            proc.stdin.write(json.dumps(config).encode() + b"\n")
+            proc.stdin.flush()
         w = WorkerProc(wid, proc, log_path)
         self.workers[wid] = w
         w.pidfd = os.pidfd_open(proc.pid)
@@ -282,6 +290,8 @@ class PoolCore:
                 self.loop.remove_reader(sock.FD)
             sock.close(linger=0)
         self.ctx.term()
+        if self.segments is not None:
+            self.segments.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.state = PoolState.CLOSED
         self.closed_event.set()
@@ -320,9 +330,12 @@ class PoolCore:
     # --- messages in ------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
-        # A ZeroMQ FD is edge-triggered: read until the socket says EAGAIN.
+        # A ZeroMQ FD is edge-triggered: read until the socket says EAGAIN, but at most
+        # DRAIN_BUDGET messages per call, then let the loop run other callbacks (a cancel,
+        # a timer, a streaming consumer registering) and come back: a fast map would
+        # otherwise keep the I/O thread in here until it ends.
         try:
-            while True:
+            for _ in range(DRAIN_BUDGET):
                 try:
                     frames = sock.recv_multipart(_NOBLOCK)
                 except zmq.Again:
@@ -342,6 +355,8 @@ class PoolCore:
                 if w.stalled:
                     w.stalled = False
                 self._handle(w, msg, payload)
+            else:
+                self.loop.call_soon(self._drain, sock)  # budget spent: more may be waiting
         except zmq.ZMQError:
             if self.state not in (PoolState.CLOSED,):
                 raise
@@ -350,6 +365,10 @@ class PoolCore:
     def _handle(self, w: WorkerProc, msg: proto.Message, payload: list[Any]) -> None:
         if isinstance(msg, proto.Result):
             self._on_result(w, msg, payload)
+        elif isinstance(msg, proto.Release):
+            if self.segments is not None:
+                self.segments.release(msg.names)
+            w.held.difference_update(msg.names)
         elif isinstance(msg, proto.Output):
             if self.bus.active:
                 self.bus.publish(TaskOutput(msg.job, msg.index, w.id, msg.stream, msg.text))
@@ -378,7 +397,9 @@ class PoolCore:
     def _on_result(self, w: WorkerProc, msg: proto.Result, payload: list[Any]) -> None:
         chunk = _pop_chunk(w, msg.job, msg.start)
         if chunk is None:
-            proto.discard_buffers(msg.buffers, self.shm_dir)
+            names = tuple(n for n in msg.buffers if n is not None)
+            if names:
+                self._send(self.data, w, proto.Release(names))
             self.bad_messages += 1
             return
         for timer in w.timers:
@@ -389,7 +410,10 @@ class PoolCore:
         w.tasks_done += chunk.count
         try:
             values, errors = pickle.loads(
-                payload[0], buffers=proto.read_buffers(payload, msg.buffers, self.shm_dir)
+                payload[0],
+                buffers=proto.read_buffers(
+                    payload, msg.buffers, self.shm_dir, self._result_releaser(w.id)
+                ),
             )
         except Exception as exc:
             err = SerializationError(
@@ -488,7 +512,45 @@ class PoolCore:
 
     # --- worker exits -----------------------------------------------------------------
 
+    def _result_releaser(self, worker_id: int) -> Any:
+        """A callback for result segments of ``worker_id``: called in whatever thread drops
+        the last array using one, it hands the name to the I/O thread."""
+
+        def release(name: str) -> None:
+            self._released.append((worker_id, name))
+            if not self._release_scheduled:
+                self._release_scheduled = True
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
+                    self.loop.call_soon_threadsafe(self._send_releases)
+
+        return release
+
+    def _send_releases(self) -> None:
+        self._release_scheduled = False
+        by_worker: dict[int, list[str]] = {}
+        while self._released:
+            worker_id, name = self._released.popleft()
+            by_worker.setdefault(worker_id, []).append(name)
+        for worker_id, names in by_worker.items():
+            w = self.workers.get(worker_id)
+            if w is not None and w.state in ("ready", "stopping"):
+                self._send(self.data, w, proto.Release(tuple(names)))
+
+    def _forget_segments(self, w: WorkerProc) -> None:
+        """A worker is gone: the pool's segments it held are free, and its own are deleted
+        (arrays still using one keep their mapping)."""
+        if self.segments is not None:
+            self.segments.release(list(w.held))
+        w.held.clear()
+        prefix = f"buf-w{w.id}-"
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.run_dir):
+                if entry.name.startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
     def _on_exit(self, w: WorkerProc) -> None:
+        self._forget_segments(w)
         if w.pidfd is not None:
             self.loop.remove_reader(w.pidfd)
             os.close(w.pidfd)
@@ -534,6 +596,8 @@ class PoolCore:
                 )
             if job.cancelled or self.state != PoolState.RUNNING and job.id not in self.jobs:
                 self._cancel_range(job, chunk.start, chunk.count)
+            elif chunk.count == 1 and chunk.start in job.cancelled_items:
+                self._cancel_range(job, chunk.start, 1)  # a cancelled call: never re-run it
             elif w.kill_kind == "close":  # the pool killed it: not the task's fault, no crash
                 job.set_state(chunk.start, chunk.count, TaskState.PENDING)
                 self._requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
@@ -550,6 +614,9 @@ class PoolCore:
                 # Which item killed it is unknown: retry them one by one, blaming none yet.
                 job.set_state(chunk.start, chunk.count, TaskState.PENDING)
                 for offset in reversed(range(chunk.count)):
+                    if chunk.start + offset in job.cancelled_items:  # cancelled: not re-run
+                        job.set_state(chunk.start + offset, 1, TaskState.CANCELLED)
+                        continue
                     self._requeue(job, Chunk(job, chunk.start + offset, [chunk.items[offset]]), front=True)
             elif running:
                 crashes = job.crashes.get(chunk.start, 0) + 1
@@ -749,7 +816,9 @@ class PoolCore:
             if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
                 (frames, names), chunk.payload = chunk.payload, None
             else:
-                frames, names = proto.pickle_payload(dumps, chunk.items, self.shm_dir)
+                frames, names = proto.pickle_payload(
+                    dumps, chunk.items, self.segments or self.shm_dir
+                )
         except Exception as exc:
             self._unpicklable_chunk(job, chunk, exc)
             return True
@@ -764,15 +833,16 @@ class PoolCore:
         run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
                         job.timeout, names)
         if job.circuit is not None and not self._admit(job, chunk):
-            proto.discard_buffers(names, self.shm_dir)
+            self._discard(names)
             return True
         if not self._send(self.data, w, run, frames):
-            proto.discard_buffers(names, self.shm_dir)
+            self._discard(names)
             self._requeue(job, chunk, front=True)
             if job.circuit is not None:
                 job.circuit.record_failure(_NOT_RUN)
             return False
         chunk.worker = w.id
+        w.held.update(n for n in names if n is not None)
         chunk.started_at = time.monotonic()
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
@@ -795,6 +865,11 @@ class PoolCore:
             self._progress(job)
             return False
         return True
+
+    def _discard(self, names: tuple[str | None, ...]) -> None:
+        """Segments of a message that was not sent: back to the pool's free segments."""
+        if self.segments is not None:
+            self.segments.release([n for n in names if n is not None])
 
     def _unpicklable_chunk(self, job: Job, chunk: Chunk, exc: Exception) -> None:
         culprits = describe_unpicklable_argument(chunk.items, chunk.start, exc)
@@ -939,8 +1014,8 @@ class PoolCore:
                 continue
             verdict = policy.verdict(rss)
             if verdict == "kill":
-                self._kill(w, "memory", f"memory use {rss / 2**20:.0f} MiB passed the hard limit "
-                                        f"of {policy.hard_limit / 2**20:.0f} MiB")  # type: ignore[operator]
+                self._kill(w, "memory", f"memory use {rss / 2**20:.0f} MiB passed the pool's "
+                                        f"memory_limit of {policy.hard_limit / 2**20:.0f} MiB")  # type: ignore[operator]
             elif verdict == "recycle" and not w.retire:
                 w.retire = True
                 if not w.inflight:
@@ -964,6 +1039,9 @@ class PoolCore:
     def _finish(self, job: Job, exc: BaseException | None) -> None:
         if job.finished.is_set():
             return
+        if job.first_payload is not None and self.segments is not None:  # never sent
+            self.segments.release([n for n in job.first_payload[1] if n is not None])
+            job.first_payload = None
         job.ended_at = time.monotonic()
         self.jobs.pop(job.id, None)
         fut = job.future
@@ -1033,6 +1111,37 @@ def next_job_id() -> int:
 
 _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum arithmetic on the hot path is not free
+
+
+def _sweep_stale_run_dirs(base: str) -> None:
+    """Remove run directories whose pool process is dead.
+
+    A pool killed with SIGKILL cannot clean up, and its directory (sockets, and
+    shared-memory segments that still hold memory) would outlive it. Its workers are gone
+    (they die with their parent), so nothing uses it any more.
+    """
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        parts = entry.name.split("-")
+        if len(parts) < 3 or parts[0] != "orchestra" or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _worker_id(ident: bytes) -> int:

@@ -25,7 +25,9 @@ import os
 import pickle
 import secrets
 import struct
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 __all__ = [
@@ -38,8 +40,10 @@ __all__ = [
     "Message",
     "Output",
     "Ready",
+    "Release",
     "Result",
     "Run",
+    "Segments",
     "Shutdown",
     "Started",
     "decode",
@@ -131,8 +135,17 @@ class Heartbeat(NamedTuple):
     busy: bool
 
 
+# --- messages: both ways -------------------------------------------------------------------
+
+
+class Release(NamedTuple):
+    """The receiver no longer maps these shared-memory segments: the writer may reuse them."""
+
+    names: tuple[str, ...]
+
+
 Message: TypeAlias = (
-    Define | Run | Cancel | Shutdown | Ready | Started | Result | Output | Heartbeat
+    Define | Run | Cancel | Shutdown | Ready | Started | Result | Output | Heartbeat | Release
 )
 
 MESSAGE_TYPES: tuple[type[Any], ...] = (
@@ -145,6 +158,7 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     Result,
     Output,
     Heartbeat,
+    Release,  # tags are positions: new kinds go at the end
 )
 _TAG_OF: dict[type[Any], bytes] = {cls: bytes([i + 1]) for i, cls in enumerate(MESSAGE_TYPES)}
 _TYPE_OF: dict[int, type[Any]] = {i + 1: cls for i, cls in enumerate(MESSAGE_TYPES)}
@@ -210,7 +224,7 @@ def decode(key: bytes, frames: Sequence[Frame]) -> tuple[Message, list[Frame]]:
 
 
 def pickle_payload(
-    dumps: Any, obj: object, shm_dir: str | None
+    dumps: Any, obj: object, shm: Segments | str | None
 ) -> tuple[list[Frame], tuple[str | None, ...]]:
     """Pickle ``obj`` with ``dumps`` (pickle or cloudpickle ``dumps``) into payload frames.
 
@@ -230,8 +244,8 @@ def pickle_payload(
     names: list[str | None] = []
     for buf in oob:
         raw = buf.raw()
-        if shm_dir is not None and raw.nbytes >= SHM_THRESHOLD:
-            names.append(_write_shm(shm_dir, raw))
+        if shm is not None and raw.nbytes >= SHM_THRESHOLD:
+            names.append(shm.write(raw) if isinstance(shm, Segments) else _write_shm(shm, raw))
             frames.append(b"")
         else:
             # A copy: the caller may mutate its array while the frame waits in a queue.
@@ -241,9 +255,17 @@ def pickle_payload(
 
 
 def read_buffers(
-    payload: Sequence[Frame], names: Sequence[str | None], shm_dir: str | None
+    payload: Sequence[Frame],
+    names: Sequence[str | None],
+    shm_dir: str | None,
+    on_release: Callable[[str], object] | None = None,
 ) -> list[Any]:
-    """The out-of-band buffers for ``pickle.loads(payload[0], buffers=...)``, writable."""
+    """The out-of-band buffers for ``pickle.loads(payload[0], buffers=...)``, writable.
+
+    With ``on_release``, a shared-memory segment stays on disk for its writer to reuse, and
+    ``on_release(name)`` is called once the last array using it is gone; without, it is
+    unlinked at once.
+    """
     out: list[Any] = []
     for frame, name in zip(payload[1:], names, strict=True):
         if name is None:
@@ -251,7 +273,7 @@ def read_buffers(
         else:
             if shm_dir is None:
                 raise BadSignature("shared-memory buffer without a shared-memory directory")
-            out.append(_map_shm(shm_dir, name))
+            out.append(_map_shm(shm_dir, name, on_release))
     return out
 
 
@@ -284,17 +306,94 @@ def _write_shm(shm_dir: str, raw: memoryview) -> str:
     return name
 
 
-def _map_shm(shm_dir: str, name: str) -> mmap.mmap:
+def _map_shm(
+    shm_dir: str, name: str, on_release: Callable[[str], object] | None = None
+) -> mmap.mmap:
     path = os.path.join(shm_dir, _safe_name(name))
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        # Mapped, then unlinked: the memory lives exactly as long as the arrays that use it.
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
     finally:
         os.close(fd)
-        os.unlink(path)
+        if on_release is None:
+            os.unlink(path)  # the memory lives exactly as long as the arrays that use it
+    if on_release is not None:
+        weakref.finalize(mm, on_release, name)
     return mm
+
+
+class Segments:
+    """A writer's shared-memory segments for large buffers, reused once released.
+
+    Memory freshly mapped costs a page fault per 4 KiB page, which makes writing 64 MB into a
+    new segment several times slower than into one written before. So a segment is kept,
+    mapped, after its receiver says (with :class:`Release`) that no array uses it any more,
+    and the next buffer of the same size is written into it. At most ``keep_bytes`` wait for
+    reuse; the rest are unlinked.
+    """
+
+    def __init__(self, directory: str, owner: str, keep_bytes: int = 512 * 2**20) -> None:
+        self.directory = directory
+        self.owner = owner
+        self.keep_bytes = keep_bytes
+        self._free: dict[int, list[tuple[str, mmap.mmap]]] = {}
+        self._free_bytes = 0
+        self._busy: dict[str, tuple[int, mmap.mmap]] = {}
+        self._lock = threading.Lock()
+
+    def write(self, raw: memoryview) -> str:
+        size = raw.nbytes
+        with self._lock:
+            stack = self._free.get(size)
+            segment = stack.pop() if stack else None
+            if segment is not None:
+                self._free_bytes -= size
+        if segment is None:
+            name = f"buf-{self.owner}-{secrets.token_hex(10)}"
+            fd = os.open(os.path.join(self.directory, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+            finally:
+                os.close(fd)
+        else:
+            name, mm = segment
+        mm[:] = raw.cast("B")
+        with self._lock:
+            self._busy[name] = (size, mm)
+        return name
+
+    def release(self, names: Sequence[str]) -> None:
+        """The receiver is done with these (or they were never sent): reuse or delete them."""
+        with self._lock:
+            for name in names:
+                segment = self._busy.pop(name, None)
+                if segment is None:
+                    continue
+                size, mm = segment
+                if self._free_bytes + size <= self.keep_bytes:
+                    self._free.setdefault(size, []).append((name, mm))
+                    self._free_bytes += size
+                else:
+                    self._delete(name, mm)
+
+    def close(self) -> None:
+        with self._lock:
+            segments = [(n, mm) for stack in self._free.values() for n, mm in stack]
+            segments += [(n, mm) for n, (_, mm) in self._busy.items()]
+            self._free.clear()
+            self._busy.clear()
+            self._free_bytes = 0
+        for name, mm in segments:
+            self._delete(name, mm)
+
+    def _delete(self, name: str, mm: mmap.mmap) -> None:
+        mm.close()
+        try:
+            os.unlink(os.path.join(self.directory, name))
+        except OSError:
+            pass
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)

@@ -130,15 +130,20 @@ def _reject_by_reference(fn: object) -> None:
 
 def _explain_callable_failure(fn: Callable[..., Any], exc: Exception) -> str:
     name = _name_of(fn)
+    fallback = None
     for kind, var, value in _captured_values(fn):
         try:
             cloudpickle.dumps(value, protocol=5)
         except Exception as inner:
-            return (
+            message = (
                 f"cannot pickle {kind} {var!r} referenced by {name} "
                 f"(type {_type_name(value)}): {type(inner).__name__}: {inner}"
             )
-    return f"cannot pickle function {name}: {type(exc).__name__}: {exc}"
+            if isinstance(value, types.FunctionType | types.MethodType | functools.partial):
+                fallback = fallback or message  # walked further: name what it holds instead
+                continue
+            return message
+    return fallback or f"cannot pickle function {name}: {type(exc).__name__}: {exc}"
 
 
 def _captured_values(fn: object) -> Iterator[tuple[str, str, object]]:

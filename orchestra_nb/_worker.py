@@ -133,6 +133,11 @@ class Worker:
         self.shm_dir: str | None = config.get("shm_dir")
         self.heartbeat: float = config.get("heartbeat", 1.0)
         self.max_result_bytes: int | None = config.get("max_result_bytes")
+        # Results' large buffers go through warm, reused segments (see proto.Segments).
+        self.segments = (
+            proto.Segments(self.shm_dir, f"w{self.worker_id}") if self.shm_dir else None
+        )
+        self.released: list[str] = []  # argument segments the pool may reuse now
         self.ctx = zmq.Context(io_threads=1)
         ident = f"w{self.worker_id}".encode()
         self.data = self.ctx.socket(zmq.DEALER)
@@ -166,6 +171,11 @@ class Worker:
                 continue  # the pool counts drops on its side; a worker just ignores them
             if isinstance(msg, proto.Run):
                 self._run(msg, payload)
+                del payload
+                self._send_releases()  # arguments that a result referenced, now dropped
+            elif isinstance(msg, proto.Release):
+                if self.segments is not None:
+                    self.segments.release(msg.names)
             elif isinstance(msg, proto.Define):
                 self._define(msg, payload)
             elif isinstance(msg, proto.Shutdown):
@@ -210,7 +220,10 @@ class Worker:
         else:
             try:
                 items = pickle.loads(
-                    payload[0], buffers=proto.read_buffers(payload, msg.buffers, self.shm_dir)
+                    payload[0],
+                    buffers=proto.read_buffers(
+                        payload, msg.buffers, self.shm_dir, self.released.append
+                    ),
                 )
             except BaseException as exc:
                 record = capture_exception(exc, "arguments")  # the pool isolates the culprit
@@ -220,8 +233,15 @@ class Worker:
                 errors = dict.fromkeys(range(count), record)
             else:
                 values = self._call_all(fn, items, msg, errors)
+                del items  # the arguments: their segments are released before the result
         self._flush_output(self.send)
+        self._send_releases()
         self._send_result(msg, values, errors, time.perf_counter() - t0)
+
+    def _send_releases(self) -> None:
+        if self.released:
+            names, self.released = tuple(self.released), []
+            self.send(proto.Release(names))
 
     def _call_all(
         self,
@@ -316,7 +336,7 @@ class Worker:
             values[offset] = None
         body = (values, errors or None)
         try:
-            frames, names = proto.pickle_payload(dumps, body, self.shm_dir)
+            frames, names = proto.pickle_payload(dumps, body, self.segments or self.shm_dir)
         except Exception:
             frames, names = self._blame_results(msg, values, errors)
         limit = self.max_result_bytes
@@ -340,7 +360,7 @@ class Worker:
                 )
                 errors[offset] = capture_exception(err, "serialization")
                 values[offset] = None
-        return proto.pickle_payload(dumps, (values, errors or None), self.shm_dir)
+        return proto.pickle_payload(dumps, (values, errors or None), self.segments or self.shm_dir)
 
     def _limit_results(
         self,
@@ -360,7 +380,7 @@ class Worker:
                 )
                 errors[offset] = capture_exception(err, "serialization")
                 values[offset] = None
-        return proto.pickle_payload(dumps, (values, errors or None), self.shm_dir)
+        return proto.pickle_payload(dumps, (values, errors or None), self.segments or self.shm_dir)
 
     def _flush_output(self, send: Callable[[proto.Message], None]) -> None:
         for out in self.output.take():
