@@ -104,7 +104,10 @@ class _Completions:
         self._ready.append((fut, cf))
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon_threadsafe(self._deliver)
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                self._ready.clear()
 
     def _deliver(self) -> None:
         self._scheduled = False

@@ -108,15 +108,25 @@ class JobFuture:
             callbacks, self._callbacks = self._callbacks, []
         self._done.set()
         for callback in callbacks:
-            callback(self)
+            self._call(callback)
         return True
+
+    def _call(self, callback: Callable[[JobFuture], object]) -> None:
+        # Callbacks run in the thread that settles, usually the pool's I/O thread: one that
+        # fails (e.g. it posts to a caller loop that was closed since) must not break it.
+        try:
+            callback(self)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
 
     def add_done_callback(self, fn: Callable[[JobFuture], object]) -> None:
         with self._lock:
             if self._state == "pending":
                 self._callbacks.append(fn)
                 return
-        fn(self)
+        self._call(fn)
 
     def result(self, timeout: float | None = None) -> Any:
         if not self._done.wait(timeout):
