@@ -164,7 +164,7 @@ class Worker:
         self.send(proto.Ready(self.worker_id, os.getpid(), sys.version.split()[0]))
         threading.Thread(target=self._control_loop, name="orchestra-control", daemon=True).start()
         while self.running:
-            frames = self.data.recv_multipart(copy=False)
+            frames = self.data.recv_multipart()  # bytes: cheaper than Frame objects for small messages
             try:
                 msg, payload = proto.decode(self.key, frames)
             except proto.BadSignature:
