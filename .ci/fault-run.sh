@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The bounded randomised fault run of issue 4 (a minute): random SIGKILLs, timeouts, exceptions
+# and retries over many maps; exits 1 if any task is lost, wrong, or a process leaks.
+set -euo pipefail
+python -m orchestra_nb.testing.fault_run --seconds "${FAULT_RUN_SECONDS:-60}" --seed "${FAULT_RUN_SEED:-$RANDOM}"
