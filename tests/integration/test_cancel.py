@@ -21,10 +21,17 @@ from orchestra_nb import TaskState, WorkerExited
 HANG_GUARD = 30.0
 
 
+def mark(d: str, name: str, text: str = "") -> None:
+    """Create ``d/name`` atomically: a test that sees it exist sees its content too."""
+    tmp = Path(d, f".tmp-{name}")
+    tmp.write_text(text)
+    os.replace(tmp, Path(d, name))
+
+
 def blocking(i: int, d: str, block_below: int = 2) -> int:
     """Items below ``block_below`` block until interrupted; the others return at once."""
     try:  # the marker is written inside the try: an interrupt may come right after it
-        Path(d, f"started-{i}").write_text(str(os.getpid()))
+        mark(d, f"started-{i}", str(os.getpid()))
         if i < block_below:
             time.sleep(600)  # ends only by an interrupt
         return i
@@ -39,11 +46,11 @@ def stubborn(d: str) -> None:
     while True:
         try:
             if not started:
-                Path(d, "started").write_text(str(os.getpid()))
+                mark(d, "started", str(os.getpid()))
                 started = True
             time.sleep(600)
         except KeyboardInterrupt:
-            Path(d, "ignored").touch()
+            mark(d, "ignored")
 
 
 def getpid(_: object = None) -> int:

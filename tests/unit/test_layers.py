@@ -1,0 +1,149 @@
+"""The layer rule: a module imports only from its own layer or below, and importing the
+package (or the worker) loads no IPython, ipywidgets or dask.
+
+    L0  pure: exceptions, states, events, wire protocol, pickling, policies
+    L1  the worker process
+    L2  the pool: I/O thread, event bus, task tables, supervisor
+    L3  the public API and handles
+    L4  the notebook layer (magics, widgets); ``testing`` (fault-injection tools) sits on
+        top of the public API too
+
+Imports under ``if TYPE_CHECKING:`` do not count (they never run).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import orchestra_nb
+
+PACKAGE = Path(orchestra_nb.__file__).resolve().parent
+
+LAYERS = {
+    "_exceptions": 0, "_state": 0, "_events": 0, "_protocol": 0, "_serialize": 0,
+    "_policy": 0, "_circuit": 0,
+    "_worker": 1,
+    "_ioloop": 2, "_bus": 2, "_jobs": 2, "_pool": 2,
+    "_api": 3, "_handles": 3,
+}
+NOTEBOOK_LAYER = 4
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(parts)
+
+
+def layer_of(name: str) -> int | None:
+    if name.split(".")[0] in ("notebook", "testing"):
+        return NOTEBOOK_LAYER
+    return LAYERS.get(name)
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def runtime_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported orchestra_nb module) for every import that can run."""
+    tree = ast.parse(path.read_text(), str(path))
+    here = module_name(path).split(".")
+    package_parts = here[:-1] if path.name != "__init__.py" else here
+    out: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[: len(package_parts) - (node.level - 1)]
+                target = [*base, *(node.module.split(".") if node.module else [])]
+                if node.module:
+                    out.append((node.lineno, ".".join(target)))
+                else:  # from . import _protocol
+                    out.extend((node.lineno, ".".join([*target, a.name])) for a in node.names)
+            elif node.module and node.module.split(".")[0] == "orchestra_nb":
+                rest = node.module.split(".")[1:]
+                if rest:
+                    out.append((node.lineno, ".".join(rest)))
+                else:
+                    out.extend((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "orchestra_nb" and len(parts) > 1:
+                    out.append((node.lineno, ".".join(parts[1:])))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return out
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = [module_name(p) for p in modules() if layer_of(module_name(p)) is None]
+    assert not unplaced, f"modules without a layer (add them to the map): {unplaced}"
+
+
+@pytest.mark.parametrize("path", modules(), ids=module_name)
+def test_no_upward_imports(path: Path) -> None:
+    me = module_name(path)
+    mine = layer_of(me)
+    if mine is None:
+        pytest.skip(f"{me} has no layer (see test_every_module_has_a_layer)")
+    bad = []
+    for line, target in runtime_imports(path):
+        theirs = layer_of(target.split(".")[0]) if target.split(".")[0] in LAYERS else layer_of(target)
+        if theirs is not None and theirs > mine:
+            bad.append(f"line {line}: {me} (L{mine}) imports {target} (L{theirs})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_imports() -> None:
+    """Guard against a checker that silently finds nothing."""
+    found = dict(runtime_imports(PACKAGE / "_pool.py"))
+    assert "_protocol" in found.values() and "_jobs" in found.values()
+    assert "_pool" not in dict(runtime_imports(PACKAGE / "_handles.py")).values()  # TYPE_CHECKING
+
+
+def test_import_loads_no_notebook_stack() -> None:
+    code = (
+        "import json, sys\n"
+        "import orchestra_nb\n"
+        "orchestra_nb.Pool, orchestra_nb.map, orchestra_nb.TaskState, orchestra_nb.RetryPolicy\n"
+        "import orchestra_nb._worker\n"
+        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_using_a_pool_loads_no_notebook_stack() -> None:
+    code = (
+        "import json, sys\n"
+        "import orchestra_nb as orchestra\n"
+        "with orchestra.Pool(workers=1) as p:\n"
+        "    assert p.map(abs, [-1, -2]).result(60) == [1, 2]\n"
+        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
