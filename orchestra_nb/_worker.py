@@ -162,7 +162,10 @@ class Worker:
 
     def serve(self) -> None:
         self.send(proto.Ready(self.worker_id, os.getpid(), sys.version.split()[0]))
-        threading.Thread(target=self._control_loop, name="orchestra-control", daemon=True).start()
+        self.control = threading.Thread(
+            target=self._control_loop, name="orchestra-control", daemon=True
+        )
+        self.control.start()
         while self.running:
             frames = self.data.recv_multipart()  # bytes: cheaper than Frame objects for small messages
             try:
@@ -396,7 +399,7 @@ class Worker:
         def send_ctrl(msg: proto.Message) -> None:
             self.ctrl.send_multipart(proto.encode(self.key, msg))
 
-        while True:
+        while self.running:
             now = time.monotonic()
             state = self.state
             if state.deadline is not None and now >= state.deadline and state.chunk is not None:
@@ -498,9 +501,20 @@ def main() -> None:
     try:
         worker.serve()
     finally:
-        worker.data.close(linger=2000)
-        worker.ctrl.close(linger=0)
-        worker.ctx.term()
+        # The control thread owns its socket: it stops within one poll, then closes it.
+        worker.running = False
+        control = getattr(worker, "control", None)
+        if control is not None:
+            control.join(timeout=1.0)
+        if control is None or not control.is_alive():
+            worker.ctrl.close(linger=0)
+            worker.data.close(linger=2000)
+            worker.ctx.term()  # sends what is still queued (the last results), within linger
+        # No interpreter finalization: the stdin watchdog thread is still blocked in a read
+        # of stdin, and finalizing under it aborts the process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
