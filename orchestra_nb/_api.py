@@ -15,8 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from . import _handles
-from . import _protocol as proto
+from . import _handles, _protocol as proto
 from ._bus import EventBus, Subscription
 from ._circuit import CircuitBreaker, CircuitChange
 from ._events import CircuitChanged, Event
@@ -559,7 +558,7 @@ def default_pool() -> Pool:
         return _default
 
 
-def map(fn: Callable[..., T], /, *iterables: Iterable[Any], **options: Any) -> MapHandle[T]:  # noqa: A001
+def map(fn: Callable[..., T], /, *iterables: Iterable[Any], **options: Any) -> MapHandle[T]:
     """``pool.map`` on the default pool; see :meth:`Pool.map`."""
     return default_pool().map(fn, *iterables, **options)
 

@@ -25,17 +25,14 @@ __all__ = [
     "WorkerStarted",
 ]
 
-_frozen = dataclasses.dataclass(frozen=True, slots=True)
-
-
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class JobStarted:
     job_id: int
     name: str
     total: int | None  # None while the input iterable's length is unknown
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class TaskStateChanged:
     """Tasks ``start .. start+count-1`` of job ``job_id`` entered ``state``.
 
@@ -52,7 +49,7 @@ class TaskStateChanged:
     delay: float | None = None
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class JobProgress:
     """A snapshot of a job's counts, published whenever they change."""
 
@@ -67,7 +64,7 @@ class JobProgress:
         return c[TaskState.SUCCEEDED] + c[TaskState.FAILED] + c[TaskState.CANCELLED]
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class JobFinished:
     job_id: int
     counts: tuple[int, ...]
@@ -75,7 +72,7 @@ class JobFinished:
     cancelled: bool
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class TaskOutput:
     """Text a task wrote to ``stream`` (``'stdout'`` or ``'stderr'``) in its worker."""
 
@@ -86,13 +83,13 @@ class TaskOutput:
     text: str
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerStarted:
     worker_id: int
     pid: int
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerExited:
     worker_id: int
     pid: int
@@ -100,7 +97,7 @@ class WorkerExited:
     reason: str  # "shutdown", "crashed", "killed: <why>", "recycled: <why>"
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerStalled:
     """No heartbeat from a worker for ``silent_for`` seconds (its process is still alive)."""
 
@@ -109,7 +106,7 @@ class WorkerStalled:
     silent_for: float
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True, slots=True)
 class CircuitChanged:
     name: str
     old: str

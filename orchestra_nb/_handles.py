@@ -22,8 +22,8 @@ from ._jobs import _NOT_DONE, Job, JobFuture
 from ._state import TaskState
 
 if TYPE_CHECKING:
-    from ._pool import PoolCore
     from ._ioloop import IOThread
+    from ._pool import PoolCore
 
 __all__ = ["MapHandle", "TaskHandle"]
 
@@ -333,8 +333,27 @@ class MapHandle(_Handle, Generic[T]):
         return self._job.completion_order
 
     def partial_results(self, fill: Any = None) -> list[Any]:
-        """Results so far, in input order; ``fill`` where a task has no value (yet)."""
-        return [fill if r is _NOT_DONE else r for r in list(self._job.results)]
+        """Results so far, in input order; ``fill`` where a task has no value: not finished
+        yet, failed or cancelled. With ``return_exceptions=True`` a failed task gives its
+        exception and a cancelled one a ``CancelledError``, as ``result()`` would."""
+        job = self._job
+        states = bytes(job.states)  # before the results: a value is stored before its state
+        out: list[Any] = []
+        for index, value in enumerate(list(job.results)):
+            state = states[index] if index < len(states) else None
+            if value is _NOT_DONE or state is None:
+                out.append(fill)
+            elif state == TaskState.SUCCEEDED:
+                out.append(value)
+            elif not job.return_exceptions:
+                out.append(fill)
+            elif state == TaskState.FAILED:
+                out.append(job.errors.get(index, value))
+            elif state == TaskState.CANCELLED:
+                out.append(concurrent.futures.CancelledError(f"task {index} was cancelled"))
+            else:
+                out.append(fill)
+        return out
 
     # --- streaming --------------------------------------------------------------------
 

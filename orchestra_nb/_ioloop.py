@@ -16,6 +16,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -84,10 +85,8 @@ class IOThread:
         self._closers.append(closer)
 
     def forget(self, closer: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._closers.remove(closer)
-        except ValueError:
-            pass
 
     def _close_all(self) -> None:
         closers, self._closers = self._closers, []
@@ -97,10 +96,9 @@ class IOThread:
         async def close_all() -> None:
             await asyncio.gather(*(c() for c in closers), return_exceptions=True)
 
-        try:
+        # At exit, best effort: PDEATHSIG and the stdin watchdog finish the job.
+        with contextlib.suppress(Exception):
             self.submit(close_all()).result(timeout=10)
-        except Exception:
-            pass  # at exit, best effort: PDEATHSIG and the stdin watchdog finish the job
 
 
 _lock = threading.Lock()

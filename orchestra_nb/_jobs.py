@@ -212,7 +212,7 @@ class Job:
         self.started_at = time.monotonic()
         self.ended_at: float | None = None
         # Streaming consumers: called on the I/O thread with (start, count) of finished items.
-        self.watchers: list[Callable[[int, int], None]] = []
+        self.watchers: list[Callable[[int, int], object]] = []
         self.first_error: int | None = None
         self.internal = False  # setup replays: no handle, not waited for by close()
         # A batch of run() calls: one future per item, and items cancelled one by one.

@@ -29,16 +29,12 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import pickle
 import random
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +43,7 @@ import zmq
 
 from . import _protocol as proto
 from ._bus import EventBus
+from ._circuit import CircuitState
 from ._events import (
     JobFinished,
     JobProgress,
@@ -57,7 +54,6 @@ from ._events import (
     WorkerStalled,
     WorkerStarted,
 )
-from ._circuit import CircuitState
 from ._exceptions import (
     BrokenPoolError,
     CircuitOpenError,
@@ -70,6 +66,7 @@ from ._exceptions import (
 )
 from ._jobs import Chunk, Job
 from ._policy import MemoryPolicy
+from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._state import TaskState
 
@@ -103,41 +100,13 @@ class PoolOptions:
     cancel_grace: float = 1.0
     timeout_grace: float = 1.0
     max_result_bytes: int | None = None
-    memory: MemoryPolicy = MemoryPolicy()
+    memory: MemoryPolicy = MemoryPolicy()  # noqa: RUF009  # frozen, so sharing one is safe
     max_tasks_per_worker: int | None = None
     python: str = sys.executable
     env: tuple[tuple[str, str], ...] = ()
     threads_per_worker: int = 1
     # The jitter source of retry backoffs, in [0, 1): injectable so a schedule is exact in tests.
     retry_random: Callable[[], float] = random.random
-
-
-class WorkerProc:
-    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str) -> None:
-        self.id = worker_id
-        self.ident = f"w{worker_id}".encode()
-        self.proc = proc
-        self.pid = proc.pid
-        self.log_path = log_path
-        self.state = "starting"  # -> ready -> stopping -> dead
-        self.inflight: collections.deque[Chunk] = collections.deque()
-        self.assigned: collections.deque[Chunk] = collections.deque()  # must run here, first
-        self.functions: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self.started = time.monotonic()
-        self.last_seen = self.started
-        self.stalled = False
-        self.tasks_done = 0
-        self.kill_kind: str | None = None  # "timeout", "cancel", "memory", "stall", "close"
-        self.kill_reason = ""
-        self.retire = False  # stop once idle (resize, recycling)
-        self.timers: list[asyncio.TimerHandle] = []
-        self.pidfd: int | None = None
-        self.held: set[str] = set()  # the pool's argument segments this worker may map
-        self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
-
-    @property
-    def running_chunk(self) -> Chunk | None:
-        return self.inflight[0] if self.inflight else None
 
 
 class PoolCore:
@@ -170,12 +139,8 @@ class PoolCore:
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        _sweep_stale_run_dirs(base or tempfile.gettempdir())
-        self.run_dir = tempfile.mkdtemp(prefix=f"orchestra-{os.getpid()}-", dir=base)
-        os.chmod(self.run_dir, 0o700)
-        self.shm_dir = self.run_dir if base else None
-        self.segments = proto.Segments(self.run_dir, "p") if base else None
+        self.run_dir, self.shm_dir = make_run_dir()
+        self.segments = proto.Segments(self.run_dir, "p") if self.shm_dir else None
         self.ctx = zmq.Context(io_threads=1)
         self.data = self._router(f"ipc://{self.run_dir}/data")
         self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
@@ -197,48 +162,14 @@ class PoolCore:
 
     def _spawn(self) -> WorkerProc:
         self._worker_ids += 1
-        wid = self._worker_ids
-        config = {
-            "worker_id": wid,
-            "key": self.key.hex(),
-            "data_addr": f"ipc://{self.run_dir}/data",
-            "ctrl_addr": f"ipc://{self.run_dir}/ctrl",
-            "parent_pid": os.getpid(),
-            "sys_path": sys.path,
-            "cwd": os.getcwd(),
-            "shm_dir": self.shm_dir,
-            "heartbeat": self.options.heartbeat,
-            "max_result_bytes": self.options.max_result_bytes,
-        }
-        env = dict(os.environ)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
+        w = spawn_worker(
+            self._worker_ids, self.run_dir, self.key, self.shm_dir,
+            python=self.options.python, env=self.options.env,
+            threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
+            max_result_bytes=self.options.max_result_bytes,
         )
-        threads = str(self.options.threads_per_worker)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, threads)  # N workers x N BLAS threads would oversubscribe
-        env.update(self.options.env)
-        log_path = os.path.join(self.run_dir, f"worker-{wid}.log")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [self.options.python, "-m", "orchestra_nb._worker"],
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # the kernel's SIGINT to its process group skips us
-                close_fds=True,
-                env=env,
-            )
-        assert proc.stdin is not None
-        # The key travels on stdin, never in argv or the environment. stdin stays open:
-        # its EOF tells the worker that the pool is gone.
-        with contextlib.suppress(BrokenPipeError):  # died at once: its pidfd will tell
-            proc.stdin.write(json.dumps(config).encode() + b"\n")
-            proc.stdin.flush()
-        w = WorkerProc(wid, proc, log_path)
-        self.workers[wid] = w
-        w.pidfd = os.pidfd_open(proc.pid)
+        self.workers[w.id] = w
+        w.pidfd = os.pidfd_open(w.pid)
         self.loop.add_reader(w.pidfd, self._on_exit, w)
         w.timers.append(self.loop.call_later(self.options.start_timeout, self._start_timeout, w))
         self.all_ready.clear()
@@ -246,9 +177,9 @@ class PoolCore:
 
     def _start_timeout(self, w: WorkerProc) -> None:
         if w.state == "starting":
-            self._kill(w, "start", f"no ready handshake within {self.options.start_timeout} s")
+            w.kill("start", f"no ready handshake within {self.options.start_timeout} s")
 
-    async def close(self, mode: str = "graceful", timeout: float = 10.0) -> None:
+    async def close(self, mode: str = "graceful", timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """``graceful``: finish all jobs; ``cancel``: cancel them; ``kill``: SIGKILL now."""
         if self.state in (PoolState.CLOSED, PoolState.UNOPENED):
             self.state = PoolState.CLOSED
@@ -261,22 +192,24 @@ class PoolCore:
         if mode == "cancel":
             for job in list(self.jobs.values()):
                 self.cancel(job.id, kill=False)
+        # Shutdown polls the tables (ASYNC110): they change in many places, and an Event for
+        # each condition would cost every hot path something to serve this one-off wait.
         if mode in ("graceful", "cancel"):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if mode == "graceful" else timeout):
-                    while any(not j.internal for j in self.jobs.values()):
+                    while any(not j.internal for j in self.jobs.values()):  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
         for w in list(self.workers.values()):
             if mode == "kill":
-                self._kill(w, "close", "pool killed")
+                w.kill("close", "pool killed")
             elif w.state != "dead":
                 self._stop_worker(w)
         deadline = self.loop.time() + timeout
-        while self.workers and self.loop.time() < deadline:
+        while self.workers and self.loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         for w in list(self.workers.values()):
-            self._kill(w, "close", "did not exit in time")
-        while self.workers and self.loop.time() < deadline + 5:
+            w.kill("close", "did not exit in time")
+        while self.workers and self.loop.time() < deadline + 5:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         for job in list(self.jobs.values()):
             self._fail_job(job, PoolClosedError("the pool was shut down"))
@@ -315,17 +248,7 @@ class PoolCore:
             return
         w.state = "stopping"
         self._send(self.data, w, proto.Shutdown())
-        if w.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                w.proc.stdin.close()
-
-    def _kill(self, w: WorkerProc, kind: str, reason: str) -> None:
-        if w.state == "dead":
-            return
-        if w.kill_kind is None:
-            w.kill_kind, w.kill_reason = kind, reason
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(w.pid, signal.SIGKILL)
+        w.close_stdin()
 
     # --- messages in ------------------------------------------------------------------
 
@@ -542,12 +465,7 @@ class PoolCore:
         if self.segments is not None:
             self.segments.release(list(w.held))
         w.held.clear()
-        prefix = f"buf-w{w.id}-"
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(self.run_dir):
-                if entry.name.startswith(prefix):
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
+        delete_worker_buffers(self.run_dir, w.id)
 
     def _on_exit(self, w: WorkerProc) -> None:
         self._forget_segments(w)
@@ -594,7 +512,7 @@ class PoolCore:
                 job.circuit.record_failure(
                     WorkerCrashedError(w.id, w.pid, returncode, chunk.start) if running else _NOT_RUN
                 )
-            if job.cancelled or self.state != PoolState.RUNNING and job.id not in self.jobs:
+            if job.cancelled or (self.state != PoolState.RUNNING and job.id not in self.jobs):
                 self._cancel_range(job, chunk.start, chunk.count)
             elif chunk.count == 1 and chunk.start in job.cancelled_items:
                 self._cancel_range(job, chunk.start, 1)  # a cancelled call: never re-run it
@@ -603,9 +521,9 @@ class PoolCore:
                 self._requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
             elif chunk.target is not None:
                 self._fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
-                                                                self._crash_cause(w, returncode)))
+                                                                crash_cause(w, returncode)))
             elif running and w.kill_kind == "timeout":
-                exc = TaskTimeoutError(w.kill_reason)
+                exc: Exception = TaskTimeoutError(w.kill_reason)
                 self._fail_range(job, chunk, exc)
             elif running and w.kill_kind == "memory":
                 exc = MemoryLimitError(w.id, w.pid, returncode, chunk.start, w.kill_reason)
@@ -622,7 +540,7 @@ class PoolCore:
                 crashes = job.crashes.get(chunk.start, 0) + 1
                 job.crashes[chunk.start] = crashes
                 if crashes >= self.options.max_worker_crashes:
-                    cause = self._crash_cause(w, returncode)
+                    cause = crash_cause(w, returncode)
                     exc = WorkerCrashedError(w.id, w.pid, returncode, chunk.start, cause)
                     self._fail_range(job, chunk, exc)
                 else:
@@ -635,20 +553,6 @@ class PoolCore:
             self._progress(job)
         w.inflight.clear()
         w.assigned.clear()
-
-    def _crash_cause(self, w: WorkerProc, returncode: int) -> str:
-        if w.kill_reason:
-            return w.kill_reason
-        if returncode == -signal.SIGKILL:
-            if oom_kill_count() > w.oom_kills:
-                return ("killed by the kernel's OOM killer: the machine ran out of memory; "
-                        "memory_limit= lets the pool stop a worker before that happens")
-            return "killed by SIGKILL from outside the pool (a kill -9, or the OOM killer)"
-        if returncode == -signal.SIGSEGV:
-            return "a segmentation fault, usually in native code"
-        if returncode == -signal.SIGABRT:
-            return "aborted, usually a failed assertion in native code"
-        return "the worker process exited during the task"
 
     def _fail_range(self, job: Job, chunk: Chunk, exc: BaseException) -> None:
         for offset in range(chunk.count):
@@ -675,7 +579,7 @@ class PoolCore:
         for job in list(self.jobs.values()):
             self._fail_job(job, self.broken)
         for other in list(self.workers.values()):
-            self._kill(other, "close", "pool broken")
+            other.kill("close", "pool broken")
         self.all_ready.set()
 
     def _fail_job(self, job: Job, exc: BaseException) -> None:
@@ -918,7 +822,7 @@ class PoolCore:
                 continue
             touched.add(w.id)
             if kill:
-                self._kill(w, "cancel", f"job {job.id} was cancelled with kill=True")
+                w.kill("cancel", f"job {job.id} was cancelled with kill=True")
                 continue
             self._send(self.ctrl, w, proto.Cancel(job.id, -1))
             w.timers.append(self.loop.call_later(self.options.cancel_grace, self._escalate, w, job))
@@ -950,8 +854,8 @@ class PoolCore:
         if (w.state != "dead" and running is not None and running.job is job
                 and running.start <= index < running.start + running.count
                 and job.states[index] == TaskState.RUNNING):
-            self._kill(w, "cancel", f"cancelled task {index} of job {job.id} ignored the "
-                                    f"interrupt for {self.options.cancel_grace} s")
+            w.kill("cancel", f"cancelled task {index} of job {job.id} ignored the "
+                             f"interrupt for {self.options.cancel_grace} s")
 
     def kill_busy(self, job_id: int) -> None:
         """Hard-kill (and so respawn) the workers running tasks of ``job_id``."""
@@ -961,21 +865,21 @@ class PoolCore:
         for chunk in list(job.inflight.values()):
             w = self.workers.get(chunk.worker) if chunk.worker is not None else None
             if w is not None:
-                self._kill(w, "cancel", f"job {job.id} was interrupted twice")
+                w.kill("cancel", f"job {job.id} was interrupted twice")
 
     def _escalate(self, w: WorkerProc, job: Job) -> None:
         running = w.running_chunk
         if w.state != "dead" and running is not None and running.job is job:
-            self._kill(w, "cancel", f"a task of cancelled job {job.id} ignored the interrupt "
-                                    f"for {self.options.cancel_grace} s")
+            w.kill("cancel", f"a task of cancelled job {job.id} ignored the interrupt "
+                             f"for {self.options.cancel_grace} s")
 
     def _hard_timeout(self, w: WorkerProc, job: Job, index: int) -> None:
         running = w.running_chunk
         if w.state != "dead" and running is not None and running.job is job and running.start == index:
-            self._kill(w, "timeout",
-                       f"task {index} exceeded its timeout of {job.timeout} s and did not respond "
-                       f"to the interrupt within {self.options.timeout_grace} s; its worker was "
-                       "killed and replaced")
+            w.kill("timeout",
+                   f"task {index} exceeded its timeout of {job.timeout} s and did not respond "
+                   f"to the interrupt within {self.options.timeout_grace} s; its worker was "
+                   "killed and replaced")
 
     def _recycle(self, w: WorkerProc, why: str) -> None:
         w.retire = True
@@ -994,7 +898,7 @@ class PoolCore:
                 w.stalled = True
                 self.bus.publish(WorkerStalled(w.id, w.pid, silent))
                 if self.options.replace_stalled:
-                    self._kill(w, "stall", f"no heartbeat for {silent:.1f} s")
+                    w.kill("stall", f"no heartbeat for {silent:.1f} s")
         self._check_memory()
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._tick_handle = self.loop.call_later(0.25, self._tick)
@@ -1014,8 +918,9 @@ class PoolCore:
                 continue
             verdict = policy.verdict(rss)
             if verdict == "kill":
-                self._kill(w, "memory", f"memory use {rss / 2**20:.0f} MiB passed the pool's "
-                                        f"memory_limit of {policy.hard_limit / 2**20:.0f} MiB")  # type: ignore[operator]
+                limit = policy.hard_limit or 0  # a "kill" verdict implies a hard limit
+                w.kill("memory", f"memory use {rss / 2**20:.0f} MiB passed the pool's "
+                                 f"memory_limit of {limit / 2**20:.0f} MiB")
             elif verdict == "recycle" and not w.retire:
                 w.retire = True
                 if not w.inflight:
@@ -1093,55 +998,12 @@ _job_ids = iter(range(1, sys.maxsize))
 _NOT_RUN = asyncio.CancelledError("the task did not run")
 
 
-def oom_kill_count() -> int:
-    """The kernel's count of OOM kills (``oom_kill`` in /proc/vmstat, Linux 4.13+), or -1."""
-    try:
-        with open("/proc/vmstat", "rb") as f:
-            for line in f:
-                if line.startswith(b"oom_kill "):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return -1
-
-
 def next_job_id() -> int:
     return next(_job_ids)
 
 
 _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum arithmetic on the hot path is not free
-
-
-def _sweep_stale_run_dirs(base: str) -> None:
-    """Remove run directories whose pool process is dead.
-
-    A pool killed with SIGKILL cannot clean up, and its directory (sockets, and
-    shared-memory segments that still hold memory) would outlive it. Its workers are gone
-    (they die with their parent), so nothing uses it any more.
-    """
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return
-    for entry in entries:
-        parts = entry.name.split("-")
-        if len(parts) < 3 or parts[0] != "orchestra" or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _worker_id(ident: bytes) -> int:

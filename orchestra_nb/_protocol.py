@@ -18,6 +18,7 @@ Every message is one ZeroMQ multipart message::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import mmap
@@ -58,6 +59,10 @@ INBAND_LIMIT = 64 * 1024
 SHM_THRESHOLD = 2 * 1024 * 1024
 
 
+# _FIELD_SHADOWS: a NamedTuple field named ``count`` or ``index`` shadows the tuple method of
+# that name. That is harmless here (nobody calls ``msg.count(x)`` on a message) and the names
+# match the rest of the engine, so mypy's complaint about the override is silenced per field.
+
 # --- messages: pool -> worker -------------------------------------------------------------
 
 
@@ -77,7 +82,7 @@ class Run(NamedTuple):
 
     job: int
     start: int
-    count: int
+    count: int  # type: ignore[assignment]  # see _FIELD_SHADOWS
     digest: bytes
     star: bool
     call: bool
@@ -110,7 +115,7 @@ class Started(NamedTuple):
     """Sent only for jobs with a timeout: the item the pool must now watch the clock for."""
 
     job: int
-    index: int
+    index: int  # type: ignore[assignment]  # see _FIELD_SHADOWS
 
 
 class Result(NamedTuple):
@@ -118,14 +123,14 @@ class Result(NamedTuple):
 
     job: int
     start: int
-    count: int
+    count: int  # type: ignore[assignment]  # see _FIELD_SHADOWS
     elapsed: float
     buffers: tuple[str | None, ...]
 
 
 class Output(NamedTuple):
     job: int
-    index: int
+    index: int  # type: ignore[assignment]  # see _FIELD_SHADOWS
     stream: str
     text: str
 
@@ -184,7 +189,7 @@ def sign(key: bytes, header: bytes, payload: Sequence[Frame]) -> bytes:
     views = [memoryview(frame) for frame in payload]
     if sum(v.nbytes for v in views) <= _ONE_SHOT_LIMIT:
         # hmac.digest is one C call; hmac.new builds a Python object per message.
-        parts = [header]
+        parts: list[bytes | memoryview] = [header]
         for view in views:
             parts.append(_LEN.pack(view.nbytes))
             parts.append(view)
@@ -281,10 +286,8 @@ def discard_buffers(names: Sequence[str | None], shm_dir: str | None) -> None:
     """Delete the shared-memory files of a message that will not be read."""
     for name in names:
         if name is not None and shm_dir is not None:
-            try:
+            with contextlib.suppress(OSError, BadSignature):
                 os.unlink(os.path.join(shm_dir, _safe_name(name)))
-            except (OSError, BadSignature):
-                pass
 
 
 def _safe_name(name: str) -> str:
@@ -390,10 +393,8 @@ class Segments:
 
     def _delete(self, name: str, mm: mmap.mmap) -> None:
         mm.close()
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.directory, name))
-        except OSError:
-            pass
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)

@@ -35,7 +35,8 @@ __all__ = [
 
 
 def dumps(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
-    return cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+    data: bytes = cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+    return data
 
 
 def _name_of(fn: object) -> str:
@@ -81,9 +82,10 @@ def _cache_key(fn: object) -> tuple[int, ...] | None:
     if not isinstance(fn, types.FunctionType):
         return None
     code = fn.__code__
-    if not (code.co_names or fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__):
-        if not any(isinstance(c, types.CodeType) for c in code.co_consts):
-            return (id(fn), id(code))  # captures nothing: the common fast path
+    if not (
+        code.co_names or fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__
+    ) and not any(isinstance(c, types.CodeType) for c in code.co_consts):
+        return (id(fn), id(code))  # captures nothing: the common fast path
     key = [id(fn), id(code)]
     for _kind, _name, value in _captured_values(fn):
         if not _frozen_value(value):

@@ -20,6 +20,7 @@ and a thread that exits the process on EOF of stdin (the pool holds the write en
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
@@ -211,12 +212,12 @@ class Worker:
 
     def _run(self, msg: proto.Run, payload: list[Any]) -> None:
         t0 = time.perf_counter()
-        job, start, count = msg.job, msg.start, msg.count
+        job, count = msg.job, msg.count
         errors: dict[int, ErrorRecord] = {}
         values: list[Any] = []
         fn = self.functions.get(msg.digest)
         if job in self.state.cancelled_jobs:
-            errors = {i: _CANCELLED for i in range(count)}
+            errors = dict.fromkeys(range(count), _CANCELLED)
         elif fn is None or isinstance(fn, ErrorRecord):
             record = fn or ErrorRecord(None, "KeyError", "function not defined", "", "error")
             errors = dict.fromkeys(range(count), record)
@@ -425,9 +426,9 @@ class Worker:
                 if len(state.cancelled_items) > 4096:
                     state.cancelled_items.discard(min(state.cancelled_items))
                 chunk = state.chunk
-                if chunk is not None and chunk[0] == msg.job:
-                    if chunk[1] + len(state.values) == msg.start:
-                        self._interrupt(chunk, "item", msg.start)
+                if (chunk is not None and chunk[0] == msg.job
+                        and chunk[1] + len(state.values) == msg.start):
+                    self._interrupt(chunk, "item", msg.start)
             elif isinstance(msg, proto.Cancel):
                 if msg.start == -1:
                     state.cancelled_jobs.add(msg.job)
@@ -479,10 +480,8 @@ def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
     _die_with_parent(config["parent_pid"])
     sys.path[:] = config["sys_path"]
-    try:
+    with contextlib.suppress(OSError):
         os.chdir(config["cwd"])
-    except OSError:
-        pass
     worker = Worker(config)
     state = worker.state
 

@@ -71,7 +71,7 @@ def unload(ip: Any) -> None:
     from .. import _handles
     from . import _magics, _progress
 
-    if _state.get("shell") is not ip:
+    if "shell" not in _state or _state["shell"] is not ip:
         return
     config = _state.pop("config", None)
     interrupt = _state.pop("interrupt", None)

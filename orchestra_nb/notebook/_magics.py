@@ -28,7 +28,7 @@ import argparse
 import asyncio
 import re
 import shlex
-from typing import Any
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -54,7 +54,7 @@ def transform(lines: list[str]) -> list[str]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"%%orchestra: {message}\n{self.format_usage()}")
 
 
@@ -112,7 +112,7 @@ def _run_pinned(pool: Any, *args: Any) -> Any:
     from .._serialize import dumps_callable
 
     payload, digest = dumps_callable(orchestra_cell)
-    item = (args, {})
+    item: tuple[tuple[Any, ...], dict[str, Any]] = (args, {})
 
     async def submit() -> Any:
         core = pool._core
@@ -122,7 +122,7 @@ def _run_pinned(pool: Any, *args: Any) -> Any:
             if w.state in ("starting", "ready") and not getattr(w, "retire", False)
         }
         wid = _pinned.get(id(core))
-        if wid not in usable:
+        if wid is None or wid not in usable:
             ready = [i for i, w in usable.items() if w.state == "ready"]
             candidates = ready or list(usable)
             if not candidates:
@@ -132,7 +132,7 @@ def _run_pinned(pool: Any, *args: Any) -> Any:
         job = Job(
             next_job_id(), "%%orchestra", digest, payload, iter([item]), 1, call=True, targets=[wid]
         )
-        handle = TaskHandle(pool._io, core, job)
+        handle: TaskHandle[Any] = TaskHandle(pool._io, core, job)
         core.submit(job)
         return handle
 
@@ -152,9 +152,9 @@ async def run_cell(args: str, body: str) -> Any:
     pool = orchestra_nb.default_pool()
     user_ns = shell.user_ns if shell is not None else {}
     if opts.all:
-        handle = pool.run_on_all(orchestra_cell, body, filename, opts.names, replay=True)
-        _show(handle, mark="worker")
-        results = await handle
+        on_all = pool.run_on_all(orchestra_cell, body, filename, opts.names, replay=True)
+        _show(on_all, mark="worker")
+        results = await on_all
         for name in opts.names:
             user_ns[name] = [out[name] for _, out in results]
         return None

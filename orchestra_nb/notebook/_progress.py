@@ -130,9 +130,9 @@ class _Snapshot:
         self.failed = c[TaskState.FAILED]
         self.retrying = c[TaskState.RETRYING]
         self.cancelled = c[TaskState.CANCELLED]
-        self.done = c[TaskState.SUCCEEDED] + self.failed + self.cancelled
-        self.total = job.total
-        self.elapsed = handle.elapsed
+        self.done: int = c[TaskState.SUCCEEDED] + self.failed + self.cancelled
+        self.total: int | None = job.total
+        self.elapsed: float = handle.elapsed
         self.name = job.name
 
     def fraction_text(self) -> str:
@@ -564,7 +564,8 @@ def unfinished_handles() -> list[Any]:
 def _display(obj: Any) -> None:
     from IPython.display import display
 
-    display(obj)
+    show: Callable[[Any], object] = display  # IPython's display() is unannotated
+    show(obj)
 
 
 def start_view(handle: Any, **kw: Any) -> JobView:
@@ -666,7 +667,7 @@ class StatusView:
         pool = self.pool_getter()
         if pool is None:
             return {"state": "no pool", "workers": [], "jobs": []}
-        status = pool.status()
+        status: dict[str, Any] = pool.status()
         for w in status["workers"]:
             proc = self._procs.get(w["pid"])
             try:

@@ -45,8 +45,9 @@ def orchestra_cell(
     linecache.cache[filename] = (len(code), None, lines, filename)
     tree = ast.parse(code, filename, "exec")
     last: ast.expr | None = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body.pop().value
+    if tree.body and isinstance(final := tree.body[-1], ast.Expr):
+        tree.body.pop()
+        last = final.value
     exec(compile(tree, filename, "exec"), ns)
     value = None
     if last is not None:

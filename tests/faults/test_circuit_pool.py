@@ -4,7 +4,7 @@ tasks through an open circuit fail fast with CircuitOpenError without reaching a
 from __future__ import annotations
 
 import pytest
-from conftest import assert_serves
+from faultkit import assert_serves
 
 from orchestra_nb import (
     CircuitBreaker,

@@ -12,11 +12,17 @@ import signal
 import time
 
 import pytest
-from conftest import assert_all_final, assert_serves, square
+from faultkit import assert_all_final, assert_serves, square
 
 import orchestra_nb as orchestra
-from orchestra_nb import JobProgress, TaskState, WorkerCrashedError, WorkerExited, WorkerStarted
-from orchestra_nb import _pool as pool_module
+from orchestra_nb import (
+    JobProgress,
+    TaskState,
+    WorkerCrashedError,
+    WorkerExited,
+    WorkerStarted,
+    _procs as procs_module,
+)
 from orchestra_nb.testing import (
     CrashAtPickle,
     CrashAtUnpickle,
@@ -245,7 +251,7 @@ def test_oom_killer_is_named_as_the_likely_cause(make_pool, monkeypatch) -> None
     real."""
     pool = make_pool(workers=1, max_worker_crashes=1)
     counter = [1000]
-    monkeypatch.setattr(pool_module, "oom_kill_count", lambda: counter[0])
+    monkeypatch.setattr(procs_module, "oom_kill_count", lambda: counter[0])
     pool.resize(1)  # no-op, but the next worker spawned reads the faked counter
     with EventRecorder(pool) as rec:
         handle = pool.run(sleep_then, 30)

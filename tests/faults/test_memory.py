@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from conftest import assert_all_final, assert_serves
+from faultkit import assert_all_final, assert_serves
 
 from orchestra_nb import (
     MemoryLimitError,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_all_final, assert_serves
+from faultkit import assert_all_final, assert_serves
 
 from orchestra_nb import RetryPolicy, TaskState, TaskStateChanged
 from orchestra_nb.testing import EventRecorder

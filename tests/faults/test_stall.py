@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from conftest import assert_serves
+from faultkit import assert_serves
 
 from orchestra_nb import TaskState, WorkerExited, WorkerStalled, WorkerStarted
 from orchestra_nb.testing import EventRecorder, cont_pid, hold_gil_sleep, stop_pid, wait_for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import assert_all_final, assert_serves
+from faultkit import assert_all_final, assert_serves
 
 from orchestra_nb import TaskState, TaskTimeoutError, WorkerExited, WorkerStarted
 from orchestra_nb.testing import EventRecorder, hold_gil_sleep

@@ -283,6 +283,38 @@ def test_map_return_exceptions(pool: orchestra.Pool) -> None:
     assert partial[:2] == [0, 1] and partial[3:] == [3, 4]
 
 
+def test_partial_results_fill_failed_and_cancelled(pool: orchestra.Pool, tmp_path: Path) -> None:
+    """``fill`` stands in for every task without a value: failed and cancelled ones too,
+    unless ``return_exceptions=True``, which gives their exceptions instead."""
+    h = pool.map(fail_on, range(4))
+    with pytest.raises(ValueError, match="bad item 2"):
+        h.result(HANG_GUARD)
+    assert h.partial_results(fill="-") == [0, 1, "-", 3]
+    assert h.partial_results() == [0, 1, None, 3]
+
+    h = pool.map(fail_on, range(4), return_exceptions=True)
+    h.result(HANG_GUARD)
+    partial = h.partial_results(fill="-")
+    assert partial[:2] == [0, 1] and partial[3] == 3
+    assert isinstance(partial[2], ValueError)
+
+    for return_exceptions in (False, True):
+        d = tmp_path / str(return_exceptions)
+        d.mkdir()
+        # Every item waits for a release that never comes: all end cancelled.
+        h = pool.map(gated, range(4), [str(d)] * 4, [(0, 1, 2, 3)] * 4, chunksize=1,
+                     return_exceptions=return_exceptions)
+        wait_until(lambda d=d: any(d.glob("started-*")), what="a started item")
+        h.cancel()
+        wait_until(h.done, what="the cancelled map")
+        partial = h.partial_results(fill="-")
+        assert counts(h).get("SUCCEEDED", 0) == 0
+        if return_exceptions:
+            assert all(isinstance(p, BaseException) for p in partial), partial
+        else:
+            assert partial == ["-"] * 4
+
+
 def test_map_chunksize(pool: orchestra.Pool) -> None:
     from orchestra_nb import TaskStateChanged
 

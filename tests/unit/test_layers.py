@@ -29,7 +29,7 @@ LAYERS = {
     "_exceptions": 0, "_state": 0, "_events": 0, "_protocol": 0, "_serialize": 0,
     "_policy": 0, "_circuit": 0,
     "_worker": 1,
-    "_ioloop": 2, "_bus": 2, "_jobs": 2, "_pool": 2,
+    "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_pool": 2,
     "_api": 3, "_handles": 3,
 }
 NOTEBOOK_LAYER = 4

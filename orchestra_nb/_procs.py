@@ -1,0 +1,211 @@
+"""Worker processes as the pool sees them (layer 2): spawning, the run directory, exits.
+
+:class:`WorkerProc` is the pool's record of one worker process. :func:`spawn_worker` starts
+one (its configuration, with the pool's key, goes on stdin), :func:`make_run_dir` creates the
+pool's private run directory (after sweeping those of dead pools), and :func:`crash_cause`
+explains an exit. Nothing here touches a job's task tables: that stays with ``_pool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from ._jobs import Chunk
+
+__all__ = [
+    "WorkerProc",
+    "crash_cause",
+    "delete_worker_buffers",
+    "make_run_dir",
+    "oom_kill_count",
+    "spawn_worker",
+]
+
+
+class WorkerProc:
+    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str) -> None:
+        self.id = worker_id
+        self.ident = f"w{worker_id}".encode()
+        self.proc = proc
+        self.pid = proc.pid
+        self.log_path = log_path
+        self.state = "starting"  # -> ready -> stopping -> dead
+        self.inflight: collections.deque[Chunk] = collections.deque()
+        self.assigned: collections.deque[Chunk] = collections.deque()  # must run here, first
+        self.functions: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self.started = time.monotonic()
+        self.last_seen = self.started
+        self.stalled = False
+        self.tasks_done = 0
+        self.kill_kind: str | None = None  # "timeout", "cancel", "memory", "stall", "close"
+        self.kill_reason = ""
+        self.retire = False  # stop once idle (resize, recycling)
+        self.timers: list[asyncio.TimerHandle] = []
+        self.pidfd: int | None = None
+        self.held: set[str] = set()  # the pool's argument segments this worker may map
+        self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
+
+    @property
+    def running_chunk(self) -> Chunk | None:
+        return self.inflight[0] if self.inflight else None
+
+    def kill(self, kind: str, reason: str) -> None:
+        """SIGKILL the process; the first ``kind`` and ``reason`` given are the ones kept."""
+        if self.state == "dead":
+            return
+        if self.kill_kind is None:
+            self.kill_kind, self.kill_reason = kind, reason
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def close_stdin(self) -> None:
+        """Its EOF tells the worker that the pool is done with it."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+
+def spawn_worker(
+    worker_id: int,
+    run_dir: str,
+    key: bytes,
+    shm_dir: str | None,
+    *,
+    python: str,
+    env: tuple[tuple[str, str], ...],
+    threads: int,
+    heartbeat: float,
+    max_result_bytes: int | None,
+) -> WorkerProc:
+    """Start worker ``worker_id`` (``python -m orchestra_nb._worker``) in its own session."""
+    config = {
+        "worker_id": worker_id,
+        "key": key.hex(),
+        "data_addr": f"ipc://{run_dir}/data",
+        "ctrl_addr": f"ipc://{run_dir}/ctrl",
+        "parent_pid": os.getpid(),
+        "sys_path": sys.path,
+        "cwd": os.getcwd(),
+        "shm_dir": shm_dir,
+        "heartbeat": heartbeat,
+        "max_result_bytes": max_result_bytes,
+    }
+    environ = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, environ.get("PYTHONPATH", "")) if p
+    )
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        environ.setdefault(var, str(threads))  # N workers x N BLAS threads would oversubscribe
+    environ.update(env)
+    log_path = os.path.join(run_dir, f"worker-{worker_id}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [python, "-m", "orchestra_nb._worker"],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the kernel's SIGINT to its process group skips us
+            close_fds=True,
+            env=environ,
+        )
+    assert proc.stdin is not None
+    # The key travels on stdin, never in argv or the environment. stdin stays open:
+    # its EOF tells the worker that the pool is gone.
+    with contextlib.suppress(BrokenPipeError):  # died at once: its pidfd will tell
+        proc.stdin.write(json.dumps(config).encode() + b"\n")
+        proc.stdin.flush()
+    return WorkerProc(worker_id, proc, log_path)
+
+
+def crash_cause(w: WorkerProc, returncode: int) -> str:
+    """Why ``w`` most likely died with ``returncode`` (for ``WorkerCrashedError``)."""
+    if w.kill_reason:
+        return w.kill_reason
+    if returncode == -signal.SIGKILL:
+        if oom_kill_count() > w.oom_kills:
+            return ("killed by the kernel's OOM killer: the machine ran out of memory; "
+                    "memory_limit= lets the pool stop a worker before that happens")
+        return "killed by SIGKILL from outside the pool (a kill -9, or the OOM killer)"
+    if returncode == -signal.SIGSEGV:
+        return "a segmentation fault, usually in native code"
+    if returncode == -signal.SIGABRT:
+        return "aborted, usually a failed assertion in native code"
+    return "the worker process exited during the task"
+
+
+def oom_kill_count() -> int:
+    """The kernel's count of OOM kills (``oom_kill`` in /proc/vmstat, Linux 4.13+), or -1."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def make_run_dir() -> tuple[str, str | None]:
+    """Create this pool's private run directory (mode 0700) for sockets, logs and buffers.
+
+    Returns ``(run_dir, shm_dir)``: in /dev/shm when it is writable, and then ``shm_dir`` is
+    the same directory (shared-memory segments live there too); else in the temp directory,
+    and ``shm_dir`` is None. Run directories of dead pools are swept first.
+    """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    _sweep_stale_run_dirs(base or tempfile.gettempdir())
+    run_dir = tempfile.mkdtemp(prefix=f"orchestra-{os.getpid()}-", dir=base)
+    os.chmod(run_dir, 0o700)
+    return run_dir, (run_dir if base else None)
+
+
+def delete_worker_buffers(run_dir: str, worker_id: int) -> None:
+    """Delete the shared-memory files a dead worker created (arrays using one keep it mapped)."""
+    prefix = f"buf-w{worker_id}-"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(run_dir):
+            if entry.name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _sweep_stale_run_dirs(base: str) -> None:
+    """Remove run directories whose pool process is dead.
+
+    A pool killed with SIGKILL cannot clean up, and its directory (sockets, and
+    shared-memory segments that still hold memory) would outlive it. Its workers are gone
+    (they die with their parent), so nothing uses it any more.
+    """
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        parts = entry.name.split("-")
+        if len(parts) < 3 or parts[0] != "orchestra" or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
