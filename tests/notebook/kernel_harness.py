@@ -195,14 +195,23 @@ class Kernel:
         )
         self.kc.shell_channel.send(msg)
 
-    def job_widgets(self, mid: str, index: int = 0) -> dict[str, str]:
-        """The comm ids of the index-th progress widget opened by cell ``mid``."""
-        return {
-            "bar": self.comms(mid, "IntProgressModel")[index],
-            "label": self.comms(mid, "HTMLModel")[index],
-            "button": self.comms(mid, "ButtonModel")[index],
-            "output": self.comms(mid, "OutputModel")[index],
+    def job_widgets(self, mid: str, index: int = 0, timeout: float = 30) -> dict[str, str]:
+        """The comm ids of the index-th progress widget opened by cell ``mid``, once all of
+        its parts are open (their comm_open messages arrive one by one)."""
+        models = {
+            "bar": "IntProgressModel",
+            "label": "HTMLModel",
+            "button": "ButtonModel",
+            "output": "OutputModel",
         }
+        deadline = time.monotonic() + timeout
+        while True:
+            found = {part: self.comms(mid, model) for part, model in models.items()}
+            if all(len(ids) > index for ids in found.values()):
+                return {part: ids[index] for part, ids in found.items()}
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"widget {index} of cell {mid} not open: {found}")
+            time.sleep(0.005)
 
     # --- processes ----------------------------------------------------------------------
 
