@@ -157,3 +157,27 @@ def await_callback(
 
     register(_set, _err)
     return out
+
+
+class FuturesExecutorSystem(System):
+    """A peer that is a ``concurrent.futures`` executor, kept in ``self.ex`` by ``start``."""
+
+    ex: Any
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+        return self.ex.submit(fn, *args).result(timeout)
+
+    def map(
+        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
+    ) -> list[T]:
+        return list(self.ex.map(fn, items, chunksize=chunksize or 1))
+
+    def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+        futs = [self.ex.submit(fn, x) for x in items]
+        return [f.result() for f in futs]
+
+    def stream(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int) -> Iterator[T]:
+        return self.ex.map(fn, items, chunksize=chunksize)
+
+    async def acall(self, fn: Callable[..., T], *args: Any) -> T:
+        return await await_cf(self.ex.submit(fn, *args))

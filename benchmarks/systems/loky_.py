@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from benchmarks.systems.base import WORKERS, System, await_cf
+from benchmarks.systems.base import WORKERS, FuturesExecutorSystem
 
 T = TypeVar("T")
 
 
-class Loky(System):
+class Loky(FuturesExecutorSystem):
     key = "loky"
     label = "loky"
     requires = ("loky",)
@@ -34,21 +33,3 @@ class Loky(System):
             "first = ex.submit(abs, -1).result()\n"
             "def cleanup(): ex.shutdown(wait=True, kill_workers=True)\n"
         )
-
-    def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
-        return self.ex.submit(fn, *args).result(timeout)
-
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]:
-        return list(self.ex.map(fn, items, chunksize=chunksize or 1))
-
-    def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-        futs = [self.ex.submit(fn, x) for x in items]
-        return [f.result() for f in futs]
-
-    def stream(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int) -> Iterator[T]:
-        return self.ex.map(fn, items, chunksize=chunksize)
-
-    async def acall(self, fn: Callable[..., T], *args: Any) -> T:
-        return await await_cf(self.ex.submit(fn, *args))

@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
-from benchmarks.systems.base import WORKERS, System, await_callback, await_cf
+from benchmarks.systems.base import WORKERS, FuturesExecutorSystem, System, await_callback
 
 T = TypeVar("T")
 
 
-class _PPE(System):
+class _PPE(FuturesExecutorSystem):
     method: ClassVar[str]
 
     def start(self) -> None:
@@ -43,24 +43,6 @@ class _PPE(System):
             "first = ex.submit(abs, -1).result()\n"
             "def cleanup(): ex.shutdown()\n"
         )
-
-    def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
-        return self.ex.submit(fn, *args).result(timeout)
-
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]:
-        return list(self.ex.map(fn, items, chunksize=chunksize or 1))
-
-    def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-        futs = [self.ex.submit(fn, x) for x in items]
-        return [f.result() for f in futs]
-
-    def stream(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int) -> Iterator[T]:
-        return self.ex.map(fn, items, chunksize=chunksize)
-
-    async def acall(self, fn: Callable[..., T], *args: Any) -> T:
-        return await await_cf(self.ex.submit(fn, *args))
 
 
 class PPEForkserver(_PPE):

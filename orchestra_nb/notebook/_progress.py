@@ -148,18 +148,23 @@ class _Snapshot:
             return None
         return max(0.0, (self.total - self.done) / rate)
 
+    def _timing(self, cancelled: bool) -> list[str]:
+        """The end of the summary: the verdict once finished, else rate, elapsed and ETA."""
+        if self.finished:
+            verdict = "cancelled" if cancelled else ("done with errors" if self.failed else "done")
+            return [f"{verdict} in {format_duration(self.elapsed)} ({_rate(self.rate())})"]
+        return [
+            _rate(self.rate()),
+            f"elapsed {format_duration(self.elapsed)}",
+            f"ETA {format_duration(self.eta())}",
+        ]
+
     def text(self, cancelled: bool) -> str:
         parts = [f"{self.name}: {self.fraction_text()}"]
         parts.append(f"failed {self.failed}")
         parts.append(f"retrying {self.retrying}")
         parts.append(f"cancelled {self.cancelled}")
-        if self.finished:
-            verdict = "cancelled" if cancelled else ("done with errors" if self.failed else "done")
-            parts.append(f"{verdict} in {format_duration(self.elapsed)} ({_rate(self.rate())})")
-        else:
-            parts.append(_rate(self.rate()))
-            parts.append(f"elapsed {format_duration(self.elapsed)}")
-            parts.append(f"ETA {format_duration(self.eta())}")
+        parts.extend(self._timing(cancelled))
         return " · ".join(parts)
 
     def html(self, cancelled: bool) -> str:
@@ -173,13 +178,7 @@ class _Snapshot:
             count("retrying", self.retrying, "#ef6c00"),
             count("cancelled", self.cancelled, "#6d4c41"),
         ]
-        if self.finished:
-            verdict = "cancelled" if cancelled else ("done with errors" if self.failed else "done")
-            parts.append(f"{verdict} in {format_duration(self.elapsed)} ({_rate(self.rate())})")
-        else:
-            parts.append(_rate(self.rate()))
-            parts.append(f"elapsed {format_duration(self.elapsed)}")
-            parts.append(f"ETA {format_duration(self.eta())}")
+        parts.extend(self._timing(cancelled))
         return " · ".join(parts)
 
     def bar_text(self, width: int = 24) -> str:
