@@ -35,8 +35,31 @@ __all__ = [
 
 
 def dumps(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
+    if _plain_call(obj):
+        # [((1, 2.0, "x"), {})]: atoms cannot reference __main__, so plain pickle is exact,
+        # and it skips cloudpickle's Pickler set-up (most of the cost for small calls).
+        return pickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
     data: bytes = cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
     return data
+
+
+_ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _plain_call(obj: object) -> bool:
+    """``[(args, kwargs)]`` of one ``run`` call whose arguments are all atoms."""
+    if type(obj) is not list or len(obj) != 1:
+        return False
+    item = obj[0]
+    if type(item) is not tuple or len(item) != 2:
+        return False
+    args, kwargs = item
+    return (
+        type(args) is tuple
+        and type(kwargs) is dict
+        and all(type(a) in _ATOMS for a in args)
+        and all(type(v) in _ATOMS for v in kwargs.values())
+    )
 
 
 def _name_of(fn: object) -> str:
@@ -82,9 +105,7 @@ def _cache_key(fn: object) -> tuple[int, ...] | None:
     if not isinstance(fn, types.FunctionType):
         return None
     code = fn.__code__
-    if not (
-        code.co_names or fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__
-    ) and not any(isinstance(c, types.CodeType) for c in code.co_consts):
+    if not (fn.__closure__ or fn.__defaults__ or fn.__kwdefaults__) and _code_is_closed(code):
         return (id(fn), id(code))  # captures nothing: the common fast path
     key = [id(fn), id(code)]
     for _kind, _name, value in _captured_values(fn):
@@ -92,6 +113,20 @@ def _cache_key(fn: object) -> tuple[int, ...] | None:
             return None
         key.append(id(value))
     return tuple(key)
+
+
+_closed_codes: weakref.WeakKeyDictionary[types.CodeType, bool] = weakref.WeakKeyDictionary()
+
+
+def _code_is_closed(code: types.CodeType) -> bool:
+    """No global names and no nested code: decided once per code object (it is immutable)."""
+    closed = _closed_codes.get(code)
+    if closed is None:
+        closed = not code.co_names and not any(
+            isinstance(c, types.CodeType) for c in code.co_consts
+        )
+        _closed_codes[code] = closed
+    return closed
 
 
 def _frozen_value(value: object) -> bool:
