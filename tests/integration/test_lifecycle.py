@@ -3,6 +3,7 @@ without a good signature is ever unpickled or executed."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -78,6 +79,15 @@ def start_parent(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], list
     return proc, pids
 
 
+def assert_run_dirs_swept(parent_pid: int) -> None:
+    """A dead pool's run directory (sockets, shared memory) goes at the next pool start."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    pattern = os.path.join(base, f"orchestra-{parent_pid}-*")
+    with orchestra.Pool(workers=1) as pool:
+        pool.wait_started(HANG_GUARD)
+    assert glob.glob(pattern) == [], f"run dirs of dead pool {parent_pid} left behind"
+
+
 @pytest.mark.timeout(60)
 def test_workers_die_with_sigkilled_parent(tmp_path: Path) -> None:
     proc, pids = start_parent(tmp_path, "wait")
@@ -90,6 +100,7 @@ def test_workers_die_with_sigkilled_parent(tmp_path: Path) -> None:
     proc.stdout.close()  # type: ignore[union-attr]
     proc.stderr.close()  # type: ignore[union-attr]
     assert still_alive_after(pids, 2.0) == []
+    assert_run_dirs_swept(proc.pid)
 
 
 @pytest.mark.timeout(60)
@@ -99,6 +110,7 @@ def test_workers_die_when_parent_exits_without_shutdown(tmp_path: Path, mode: st
     _, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 0, err
     assert still_alive_after(pids, 2.0) == []
+    assert_run_dirs_swept(proc.pid)
 
 
 # --- signatures -----------------------------------------------------------------------------------
