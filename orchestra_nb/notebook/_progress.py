@@ -691,6 +691,13 @@ class StatusView:
                 )
             else:
                 w["current_text"] = ""
+        for w in status["workers"]:  # formatted once here, for both views
+            w["cpu_text"] = "" if w.get("cpu") is None else f"{w['cpu']:.0f}%"
+            w["rss_text"] = "" if w.get("rss") is None else f"{w['rss'] / 2**20:.0f} MiB"
+        for j in status["jobs"]:
+            c = j["counts"]
+            done = c.get("SUCCEEDED", 0) + c.get("FAILED", 0) + c.get("CANCELLED", 0)
+            j["done_text"] = f"{done}/{'?' if j['total'] is None else j['total']}"
         status["queued"] = sum(
             j["counts"].get("PENDING", 0) + j["counts"].get("RETRYING", 0) for j in status["jobs"]
         )
@@ -700,8 +707,7 @@ class StatusView:
         s = self.snapshot()
         rows = []
         for w in s["workers"]:
-            cpu = "" if w.get("cpu") is None else f"{w['cpu']:.0f}%"
-            rss = "" if w.get("rss") is None else f"{w['rss'] / 2**20:.0f} MiB"
+            cpu, rss = w["cpu_text"], w["rss_text"]
             state = w["state"] + (" (stalled)" if w.get("stalled") else "")
             rows.append(
                 f"<tr><td>{w['id']}</td><td>{w['pid']}</td><td>{html.escape(state)}</td>"
@@ -711,10 +717,8 @@ class StatusView:
         jobs = []
         for j in s["jobs"]:
             c = j["counts"]
-            done = c.get("SUCCEEDED", 0) + c.get("FAILED", 0) + c.get("CANCELLED", 0)
-            total = "?" if j["total"] is None else j["total"]
             jobs.append(
-                f"<tr><td>{j['id']}</td><td>{html.escape(str(j['name']))}</td><td>{done}/{total}</td>"
+                f"<tr><td>{j['id']}</td><td>{html.escape(str(j['name']))}</td><td>{j['done_text']}</td>"
                 f"<td>{c.get('RUNNING', 0)}</td><td>{c.get('PENDING', 0)}</td>"
                 f"<td>{c.get('FAILED', 0)}</td></tr>"
             )
@@ -744,17 +748,13 @@ class StatusView:
             f"  {'worker':>6} {'pid':>7} {'state':<9} {'cpu':>5} {'memory':>9}  current task"
         )
         for w in s["workers"]:
-            cpu = "" if w.get("cpu") is None else f"{w['cpu']:.0f}%"
-            rss = "" if w.get("rss") is None else f"{w['rss'] / 2**20:.0f} MiB"
-            current = w["current_text"]
+            cpu, rss, current = w["cpu_text"], w["rss_text"], w["current_text"]
             wid, pid, state = w["id"], w["pid"], w["state"]
             lines.append(f"  {wid:>6} {pid:>7} {state:<9} {cpu:>5} {rss:>9}  {current}")
         for j in s["jobs"]:
             c = j["counts"]
-            done = c.get("SUCCEEDED", 0) + c.get("FAILED", 0) + c.get("CANCELLED", 0)
-            total = "?" if j["total"] is None else j["total"]
             lines.append(
-                f"  job {j['id']} {j['name']}: {done}/{total} running {c.get('RUNNING', 0)}"
+                f"  job {j['id']} {j['name']}: {j['done_text']} running {c.get('RUNNING', 0)}"
                 f" pending {c.get('PENDING', 0)} failed {c.get('FAILED', 0)}"
             )
         return "\n".join(lines)

@@ -17,6 +17,7 @@ import pytest
 
 import orchestra_nb as orchestra
 from orchestra_nb import MapHandle, PoolClosedError, TaskHandle, TaskState, TaskTimeoutError
+from orchestra_nb.testing import wait_for
 
 HANG_GUARD = 30.0
 
@@ -81,11 +82,7 @@ def wait_forever(d: str) -> None:
 
 def wait_until(cond, timeout: float = HANG_GUARD, what: str = "condition") -> None:
     """Poll ``cond`` (a hang guard, not a synchronisation by time)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    wait_for(cond, timeout, what=what)
 
 
 async def await_until(cond, timeout: float = HANG_GUARD, what: str = "condition") -> None:

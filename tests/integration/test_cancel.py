@@ -17,6 +17,7 @@ import pytest
 
 import orchestra_nb as orchestra
 from orchestra_nb import TaskState, WorkerExited
+from orchestra_nb.testing import wait_for
 
 HANG_GUARD = 30.0
 
@@ -62,11 +63,7 @@ def square(x: int) -> int:
 
 
 def wait_until(cond, timeout: float = HANG_GUARD, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    wait_for(cond, timeout, what=what)
 
 
 def markers(d: Path, prefix: str) -> set[int]:
