@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import queue
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -75,7 +76,8 @@ class _Waker:
 
 class _Completions:
     """Finished jobs handed to one caller loop in batches (``asyncio.wrap_future`` would
-    wake the loop once per future: a syscall and a GIL hand-over each)."""
+    wake the loop once per future: a syscall and a GIL hand-over each). A job finished on
+    the loop's own thread (which drove the engine) is handed over at once."""
 
     _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Completions]] = (
         weakref.WeakKeyDictionary()
@@ -83,6 +85,7 @@ class _Completions:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._thread = threading.get_ident()  # made by the first coroutine awaiting on it
         self._ready: collections.deque[
             tuple[asyncio.Future[Any], JobFuture]
         ] = collections.deque()
@@ -101,6 +104,9 @@ class _Completions:
         return fut
 
     def _post(self, fut: asyncio.Future[Any], cf: JobFuture) -> None:
+        if threading.get_ident() == self._thread:
+            _settle(fut, cf)
+            return
         self._ready.append((fut, cf))
         if not self._scheduled:
             self._scheduled = True
@@ -113,18 +119,83 @@ class _Completions:
         self._scheduled = False
         ready = self._ready
         while ready:
-            fut, cf = ready.popleft()
-            if fut.done():
-                continue
-            if cf.cancelled():
-                fut.cancel()
-            elif (exc := cf.exception()) is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(cf.result())
+            _settle(*ready.popleft())
+
+
+def _settle(fut: asyncio.Future[Any], cf: JobFuture) -> None:
+    if fut.done():
+        return
+    if cf.cancelled():
+        fut.cancel()
+    elif (exc := cf.exception()) is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(cf.result())
+
+
+class _CallerDrain:
+    """While a coroutine on ``loop`` awaits a ``run()``, that loop reads the results itself.
+
+    The loop watches the pool's data socket; when a result arrives it takes the engine and
+    reads it on its own thread, so the awaiting coroutine resumes without a hand-over from
+    the I/O thread. It lets go on its next turn with nothing awaited, so back-to-back
+    awaits keep it; the I/O thread's hot checks cover a loop that stops turning meanwhile.
+    """
+
+    _by_key: ClassVar[dict[tuple[int, int], _CallerDrain]] = {}
+
+    def __init__(self, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop) -> None:
+        self._io = io
+        self._core = core
+        self._loop = loop
+        self._fd = core.data_fd
+        self._users = 0
+        self._attached = False
+        self._detach_scheduled = False
+
+    @classmethod
+    def acquire(cls, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop) -> _CallerDrain | None:
+        if core.data_fd < 0:
+            return None
+        key = (id(core), id(loop))
+        drain = cls._by_key.get(key)
+        if drain is None or drain._core is not core or drain._loop is not loop:
+            drain = cls._by_key[key] = cls(io, core, loop)
+        if not drain._attached:
+            try:
+                loop.add_reader(drain._fd, drain._on_readable)
+            except (NotImplementedError, ValueError, OSError):
+                return None  # a loop without add_reader (Windows proactor): the I/O thread reads
+            drain._attached = True
+            io.run_now(core.attach_caller)
+        else:
+            io.flush()
+        drain._users += 1
+        return drain
+
+    def _on_readable(self) -> None:
+        self._io.run_now(self._core.drain_results)
+
+    def release(self) -> None:
+        self._users -= 1
+        if not self._users and not self._detach_scheduled:
+            self._detach_scheduled = True
+            self._loop.call_soon(self._detach)
+
+    def _detach(self) -> None:
+        self._detach_scheduled = False
+        if self._users or not self._attached:
+            return
+        self._attached = False
+        self._loop.remove_reader(self._fd)
+        self._io.run_now(self._core.detach_caller)
+        if self._by_key.get((id(self._core), id(self._loop))) is self:
+            del self._by_key[(id(self._core), id(self._loop))]
 
 
 class _Handle:
+    _drive = False  # read results on the awaiting loop's thread (see _CallerDrain)
+
     def __init__(self, io: IOThread, core: PoolCore, job: Job, *, show: bool = True) -> None:
         self._io = io
         self._core = core
@@ -204,6 +275,10 @@ class _Handle:
     async def _wait(self) -> Any:
         loop = asyncio.get_running_loop()
         fut = _Completions.of(loop).watch(self._future)
+        # Send pending calls from this thread (no hand-over to wait for), and read results.
+        drain = _CallerDrain.acquire(self._io, self._core, loop) if self._drive else None
+        if drain is None:
+            self._io.flush()
         waker = _Waker.acquire(loop)
         try:
             return self._unwrap(await fut)
@@ -212,8 +287,11 @@ class _Handle:
             raise
         finally:
             waker.release()
+            if drain is not None:
+                drain.release()
 
     def _sync_result(self, timeout: float | None) -> Any:
+        self._io.flush()
         try:
             return self._unwrap(self._future.result(timeout))
         except KeyboardInterrupt:
@@ -244,6 +322,8 @@ class TaskHandle(_Handle, Generic[T]):
     Calls of the same function made in a burst share one job (a *call batch*) so that they
     travel many per message; each still has its own handle, future, state and cancel.
     """
+
+    _drive = True
 
     def __init__(
         self, io: IOThread, core: PoolCore, job: Job, index: int | None = None,

@@ -33,6 +33,7 @@ import math
 import os
 import pickle
 import random
+import select
 import shutil
 import sys
 import time
@@ -133,8 +134,18 @@ class PoolCore:
         self._release_scheduled = False
         self.segments: proto.Segments | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
+        # On the I/O thread's loop, after the current callback on whichever thread drives it.
+        self._defer: Callable[..., object] = getattr(loop, "defer", loop.call_soon)
         self.run_dir = ""
         self.shm_dir: str | None = None
+        self.data_fd = -1
+        self.caller_drains = 0  # loops reading the data socket themselves (under the engine)
+        self._unread_seen = False
+        self._data_poll = select.poll()
+        self._hot_check: Callable[[Callable[[], object]], object] = getattr(
+            loop, "add_hot_check", lambda check: None)
+        self._unhot_check: Callable[[Callable[[], object]], object] = getattr(
+            loop, "remove_hot_check", lambda check: None)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -144,7 +155,8 @@ class PoolCore:
         self.ctx = zmq.Context(io_threads=1)
         self.data = self._router(f"ipc://{self.run_dir}/data")
         self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
-        self.loop.add_reader(self.data.FD, self._drain, self.data)
+        self.data_fd = self.data.FD
+        self.loop.add_reader(self.data_fd, self._drain, self.data)
         self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
         self.state = PoolState.RUNNING
         for _ in range(self.target_workers):
@@ -218,9 +230,10 @@ class PoolCore:
     def _teardown(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        for sock in (self.data, self.ctrl):
+        self._unhot_check(self._check_unread)
+        for fd, sock in ((self.data_fd, self.data), (self.ctrl.FD, self.ctrl)):
             with contextlib.suppress(Exception):
-                self.loop.remove_reader(sock.FD)
+                self.loop.remove_reader(fd)
             sock.close(linger=0)
         self.ctx.term()
         if self.segments is not None:
@@ -253,16 +266,16 @@ class PoolCore:
     # --- messages in ------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
-        # A ZeroMQ FD is edge-triggered: read until the socket says EAGAIN, but at most
+        # A ZeroMQ FD is edge-triggered: read while the socket reports input, but at most
         # DRAIN_BUDGET messages per call, then let the loop run other callbacks (a cancel,
         # a timer, a streaming consumer registering) and come back: a fast map would
         # otherwise keep the I/O thread in here until it ends.
+        events: Callable[[int], Any] = sock.get
         try:
             for _ in range(DRAIN_BUDGET):
-                try:
-                    frames = sock.recv_multipart(_NOBLOCK)
-                except zmq.Again:
+                if not events(_EVENTS) & _POLLIN:  # cheaper than a recv raising zmq.Again
                     break
+                frames = sock.recv_multipart(_NOBLOCK)
                 ident = frames[0]
                 try:
                     msg, payload = proto.decode(self.key, frames[1:])
@@ -284,6 +297,43 @@ class PoolCore:
             if self.state not in (PoolState.CLOSED,):
                 raise
         self._pump()
+
+    def drain_results(self) -> None:
+        """Read what the workers sent, on the thread that drives the engine."""
+        if self.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self._drain(self.data)
+
+    def attach_caller(self) -> None:
+        """A loop awaiting a ``run()`` reads the data socket itself from now on (under the
+        engine; see ``_handles._CallerDrain``): this thread stops watching it, rather than
+        race that loop for each result and hand it over, and only looks for results left
+        unread for a whole hot interval (that loop is stuck in synchronous code)."""
+        self.caller_drains += 1
+        if self.caller_drains == 1 and self.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self.loop.remove_reader(self.data_fd)
+            self._unread_seen = False
+            self._data_poll.register(self.data_fd, select.POLLIN)
+            self._hot_check(self._check_unread)
+
+    def detach_caller(self) -> None:
+        self.caller_drains -= 1
+        if self.caller_drains:
+            return
+        self._unhot_check(self._check_unread)
+        with contextlib.suppress(KeyError, ValueError):
+            self._data_poll.unregister(self.data_fd)
+        if self.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self.loop.add_reader(self.data_fd, self._drain, self.data)
+            self._drain(self.data)
+
+    def _check_unread(self) -> None:
+        # The FD stays readable until someone reads the socket: readable at two hot ticks
+        # in a row means the caller loop did not get to it.
+        unread = bool(self._data_poll.poll(0))
+        if unread and self._unread_seen:
+            self._drain(self.data)
+            unread = False
+        self._unread_seen = unread
 
     def _handle(self, w: WorkerProc, msg: proto.Message, payload: list[Any]) -> None:
         if isinstance(msg, proto.Result):
@@ -794,7 +844,7 @@ class PoolCore:
         if not self._pump_scheduled:
             # Sending can leave inbound messages unsignalled on the edge-triggered FD.
             self._pump_scheduled = True
-            self.loop.call_soon(self._after_send)
+            self._defer(self._after_send)
         return True
 
     def _after_send(self) -> None:
@@ -1003,7 +1053,9 @@ def next_job_id() -> int:
 
 
 _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: enum arithmetic on the hot path is not free
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def _worker_id(ident: bytes) -> int:

@@ -1,0 +1,82 @@
+"""A loop awaiting ``run()`` drives the engine itself, and nothing waits on that loop.
+
+The awaiting loop sends the call and reads the result on its own thread (no hand-over to
+the I/O thread and back). If that loop then stops turning (a long synchronous cell), the
+I/O thread's hot checks send what it queued and read what it left unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import orchestra_nb as orchestra
+from orchestra_nb.testing import wait_for
+
+HANG_GUARD = 20.0
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+async def test_results_of_an_awaited_run_are_read_on_the_awaiting_thread(
+    apool: orchestra.Pool,
+) -> None:
+    me = threading.get_ident()
+    for i in range(3):  # the first attaches the loop; the next ones find it attached
+        handle = apool.run(inc, i)
+        settled_on: list[int] = []
+        handle._future.add_done_callback(lambda _, seen=settled_on: seen.append(threading.get_ident()))
+        assert await handle == i + 1
+        assert settled_on == [me]
+
+
+async def test_a_result_left_unread_by_a_stuck_loop_is_read_by_the_io_thread(
+    apool: orchestra.Pool,
+) -> None:
+    await apool.run(inc, 0)  # warm: the function is defined on the workers
+    handle = apool.run(inc, 41)
+    waiter = asyncio.ensure_future(handle._wait())
+    await asyncio.sleep(0)  # the waiter attaches this loop to the data socket, and sends
+    assert apool._core.caller_drains == 1
+    # Now this loop is stuck: it cannot read the result it is waiting for.
+    wait_for(handle.done, timeout=HANG_GUARD, what="the result read while the loop was stuck")
+    assert handle.result() == 42
+    assert await waiter == 42
+
+
+async def test_a_run_from_a_stuck_loop_starts_at_once(apool: orchestra.Pool) -> None:
+    await apool.run(inc, 0)  # the engine was just used here: the I/O loop is hot
+    handle = apool.run(inc, 1)  # queued for this loop's next turn, which does not come...
+    wait_for(handle.done, timeout=HANG_GUARD, what="the call sent and answered")  # ...meanwhile
+    assert handle.result() == 2
+
+
+async def test_the_io_thread_watches_the_socket_again_when_nothing_is_awaited(
+    apool: orchestra.Pool,
+) -> None:
+    assert await apool.run(inc, 1) == 2
+    await asyncio.sleep(0)  # the loop's next turn with nothing awaited: it lets go
+    assert apool._core.caller_drains == 0
+    # Results now reach a synchronous waiter through the I/O thread alone.
+    handle = apool.run(inc, 2)
+    wait_for(handle.done, timeout=HANG_GUARD, what="the result read by the I/O thread")
+    assert handle.result() == 3
+
+
+def test_a_sync_caller_and_an_async_caller_share_the_pool(pool: orchestra.Pool) -> None:
+    results: list[int] = []
+
+    def sync_side() -> None:
+        results.extend(pool.run(inc, i).result(timeout=HANG_GUARD) for i in range(50))
+
+    async def async_side() -> list[int]:
+        return [await pool.run(inc, i) for i in range(50)]
+
+    thread = threading.Thread(target=sync_side)
+    thread.start()
+    got = asyncio.run(async_side())
+    thread.join(HANG_GUARD)
+    assert got == list(range(1, 51))
+    assert results == list(range(1, 51))

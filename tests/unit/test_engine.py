@@ -1,0 +1,91 @@
+"""The engine lock of the I/O thread: other threads may drive the engine, one at a time,
+in call order, and work a busy caller loop left for later is picked up by the hot tick."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from orchestra_nb._ioloop import HOT_WINDOW, IOThread
+from orchestra_nb.testing import wait_for
+
+
+@pytest.fixture
+def io() -> Iterator[IOThread]:
+    thread = IOThread()
+    try:
+        yield thread
+    finally:
+        thread.loop.call_soon_threadsafe(thread.loop.stop)
+        thread.thread.join(5)
+        thread.loop.close()
+
+
+def test_run_now_runs_on_the_calling_thread_while_the_io_thread_waits(io: IOThread) -> None:
+    ran_on: list[int] = []
+    io_callbacks: list[str] = []
+
+    def inside() -> None:
+        ran_on.append(threading.get_ident())
+        # A callback scheduled now may not run until the engine is given back.
+        io.loop.call_soon(io_callbacks.append, "ran")
+        assert io.loop.engine._is_owned()  # type: ignore[attr-defined]
+        assert not io_callbacks
+
+    io.run_now(inside)
+    assert ran_on == [threading.get_ident()]
+    wait_for(lambda: io_callbacks == ["ran"], timeout=5, what="the I/O thread woken for the callback")
+
+
+def test_pending_calls_run_before_the_borrowers_own_work(io: IOThread) -> None:
+    order: list[str] = []
+    gate = threading.Event()
+    io.run_now(lambda: None)  # hot now; keep the I/O thread busy so the calls stay queued
+    io.loop.call_soon_threadsafe(gate.wait, 5)
+    io.call(order.append, "first")
+    io.call(order.append, "second")
+    gate.set()
+    io.run_now(order.append, "third")
+    wait_for(lambda: len(order) == 3, timeout=5, what="all three calls")
+    assert order == ["first", "second", "third"]
+
+
+def test_deferred_callbacks_run_on_the_borrower_when_it_lets_go(io: IOThread) -> None:
+    where: list[tuple[str, int]] = []
+
+    def inside() -> None:
+        io.loop.defer(lambda: where.append(("deferred", threading.get_ident())))
+        where.append(("body", threading.get_ident()))
+
+    io.run_now(inside)
+    me = threading.get_ident()
+    assert where == [("body", me), ("deferred", me)]
+
+
+def test_a_call_from_a_busy_loop_is_run_by_the_hot_tick(io: IOThread) -> None:
+    """From a running loop, a call does not wake the I/O thread: the loop would run it on
+    its next turn. Here that turn never comes while we wait, so the hot tick must."""
+    done = threading.Event()
+
+    async def caller() -> None:
+        io.run_now(lambda: None)  # the engine was just used: the I/O loop is hot
+        io.call(done.set)
+        # Block this loop synchronously: only the I/O thread can run the call now.
+        assert done.wait(timeout=5), "the queued call was stranded behind a busy loop"
+
+    asyncio.run(caller())
+
+
+def test_the_loop_cools_down_and_calls_then_wake_it(io: IOThread) -> None:
+    io.run_now(lambda: None)
+    wait_for(lambda: not io.loop.hot, timeout=5 + 10 * HOT_WINDOW, what="the I/O loop cooling down")
+    done = threading.Event()
+
+    async def caller() -> None:
+        io.call(done.set)
+        assert done.wait(timeout=5), "a call made while the I/O loop was cold was not run"
+
+    asyncio.run(caller())
