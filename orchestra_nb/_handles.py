@@ -68,10 +68,8 @@ class _Waker:
         self._handle = self._loop.call_later(_WAKE_INTERVAL, self._tick) if self._users else None
 
     def release(self) -> None:
+        # The timer stops at its next tick with no users: back-to-back awaits share one.
         self._users -= 1
-        if not self._users and self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 class _Completions:

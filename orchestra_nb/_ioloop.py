@@ -214,9 +214,8 @@ class IOThread:
 
         Calls are batched: a burst of 20,000 submissions wakes the loop once, not 20,000
         times (each wake-up is a syscall that also hands the GIL over). From a thread
-        running an asyncio loop while the I/O loop is hot, nothing is woken: that loop runs
-        the calls itself on its next turn (or sooner, when a handle is awaited), and the
-        hot tick runs them if that loop stays busy.
+        running an asyncio loop while the I/O loop is hot, nothing is woken: the calls run
+        when that loop awaits a handle (:meth:`flush`), or at the next hot tick.
         """
         self._inbox.append((fn, args))
         if self._inbox_scheduled:
@@ -226,7 +225,6 @@ class IOThread:
         caller = asyncio._get_running_loop()
         if engine.hot and caller is not None and caller is not engine:
             engine.hot_until = time.monotonic() + HOT_WINDOW
-            caller.call_soon(self.flush)
         else:
             engine.call_soon_threadsafe(self._drain_inbox)
 

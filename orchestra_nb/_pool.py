@@ -129,7 +129,8 @@ class PoolCore:
         self.broken: BrokenPoolError | None = None
         self.all_ready: asyncio.Event = asyncio.Event()
         self.closed_event: asyncio.Event = asyncio.Event()
-        self._pump_scheduled = False
+        self._data_sent = False  # a drain of that socket is due after the current callback
+        self._ctrl_sent = False
         self._released: collections.deque[tuple[int, str]] = collections.deque()
         self._release_scheduled = False
         self.segments: proto.Segments | None = None
@@ -270,12 +271,12 @@ class PoolCore:
         # DRAIN_BUDGET messages per call, then let the loop run other callbacks (a cancel,
         # a timer, a streaming consumer registering) and come back: a fast map would
         # otherwise keep the I/O thread in here until it ends.
-        events: Callable[[int], Any] = sock.get
+        handled = False
         try:
             for _ in range(DRAIN_BUDGET):
-                if not events(_EVENTS) & _POLLIN:  # cheaper than a recv raising zmq.Again
+                if not _get(sock, _EVENTS) & _POLLIN:  # cheaper than a recv raising zmq.Again
                     break
-                frames = sock.recv_multipart(_NOBLOCK)
+                frames = _recv_frames(sock)
                 ident = frames[0]
                 try:
                     msg, payload = proto.decode(self.key, frames[1:])
@@ -291,12 +292,14 @@ class PoolCore:
                 if w.stalled:
                     w.stalled = False
                 self._handle(w, msg, payload)
+                handled = True
             else:
                 self.loop.call_soon(self._drain, sock)  # budget spent: more may be waiting
         except zmq.ZMQError:
             if self.state not in (PoolState.CLOSED,):
                 raise
-        self._pump()
+        if handled:
+            self._pump()
 
     def drain_results(self) -> None:
         """Read what the workers sent, on the thread that drives the engine."""
@@ -838,19 +841,27 @@ class PoolCore:
     def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
               payload: list[Any] | None = None) -> bool:
         try:
-            sock.send_multipart([w.ident, *proto.encode(self.key, msg, payload or ())], copy=False)
+            _send_frames(sock, [w.ident, *proto.encode(self.key, msg, payload or ())])
         except zmq.ZMQError:  # EHOSTUNREACH: gone; its exit will be seen through its pidfd
             return False
-        if not self._pump_scheduled:
-            # Sending can leave inbound messages unsignalled on the edge-triggered FD.
-            self._pump_scheduled = True
+        # Sending can leave inbound messages on the same socket unsignalled on its
+        # edge-triggered FD: read them after the current callback.
+        if sock is self.data:
+            if not self._data_sent:
+                self._data_sent = True
+                self._defer(self._after_send)
+        elif not self._ctrl_sent:
+            self._ctrl_sent = True
             self._defer(self._after_send)
         return True
 
     def _after_send(self) -> None:
-        self._pump_scheduled = False
-        self._drain(self.data)
-        self._drain(self.ctrl)
+        if self._data_sent:
+            self._data_sent = False
+            self._drain(self.data)
+        if self._ctrl_sent:
+            self._ctrl_sent = False
+            self._drain(self.ctrl)
 
     # --- cancellation, deadlines, health ---------------------------------------------
 
@@ -1056,6 +1067,28 @@ _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_COPY_BELOW = 64 * 1024  # smaller frames are copied into the message: cheaper than a Frame
+# pyzmq's socket methods without its Python layer (enum flags and checks per frame), which
+# costs several microseconds per message: most of a send for the small ones.
+_get: Callable[[Any, int], Any] = zmq.backend.Socket.get
+_send_frame: Callable[..., Any] = zmq.backend.Socket.send
+_recv_frame: Callable[..., Any] = zmq.backend.Socket.recv
+
+
+def _send_frames(sock: zmq.Socket[Any], frames: list[Any]) -> None:
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        copy = len(frame) < _COPY_BELOW if isinstance(frame, bytes) else False
+        _send_frame(sock, frame, _SNDMORE if i < last else 0, copy)
+
+
+def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+    frames = [_recv_frame(sock, _NOBLOCK)]
+    while _get(sock, _RCVMORE):
+        frames.append(_recv_frame(sock, _NOBLOCK))
+    return frames
 
 
 def _worker_id(ident: bytes) -> int:
