@@ -36,8 +36,8 @@ __all__ = ["IOThread", "io_thread"]
 T = TypeVar("T")
 _Ts = TypeVarTuple("_Ts")
 
-HOT_INTERVAL = 0.001  # s between hot ticks: the most a stuck caller loop delays its work
-HOT_WINDOW = 0.02  # s a loop stays hot after the engine was last borrowed
+HOT_INTERVAL = 0.005  # s between hot ticks: the most a stuck caller loop delays its work
+HOT_WINDOW = 0.05  # s a loop stays hot after the engine was last borrowed
 
 
 class _EngineSelector(selectors.EpollSelector):
@@ -65,7 +65,7 @@ class EngineLoop(asyncio.SelectorEventLoop):
     *Hot* mode: for a while after other threads used the engine (and for as long as a
     check is registered), the loop runs its checks every ``HOT_INTERVAL``. Work that a
     caller loop left for itself to do later (a call it will send when it next gets to run,
-    a result it will read) is then picked up here within about a millisecond even if that
+    a result it will read) is then picked up here within a few milliseconds even if that
     loop is stuck in a long synchronous cell, and the caller need not wake this thread
     for every call.
     """
