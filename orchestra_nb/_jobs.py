@@ -69,19 +69,25 @@ class LazyEvent:
 class JobFuture:
     """The outcome of a job, with the parts of ``concurrent.futures.Future`` handles use.
 
-    Cheap to create (no Condition until someone blocks in ``result``); callbacks run in the
+    Cheap to create, because tens of thousands may be alive at once (and the GC walks them
+    all): no Condition or Event until someone blocks in ``result``, no callback list until
+    a second callback, and the handle that watches it held directly. Callbacks run in the
     thread that sets the outcome, like ``concurrent.futures``.
     """
 
-    __slots__ = ("_callbacks", "_done", "_exception", "_lock", "_result", "_state")
+    __slots__ = ("_callback", "_callbacks", "_event", "_exception", "_lock", "_result", "_state",
+                 "watcher")
 
     def __init__(self) -> None:
         self._state = "pending"  # -> "finished" | "cancelled"
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._callbacks: list[Callable[[JobFuture], object]] = []
-        self._done = LazyEvent()
-        self._lock = threading.Lock()
+        self._callback: Callable[[JobFuture], object] | None = None
+        self._callbacks: list[Callable[[JobFuture], object]] | None = None
+        self._event: threading.Event | None = None
+        self._lock = threading.Lock()  # a plain Lock is cheap, and not tracked by the GC
+        # Told first when the outcome is set (``watcher.job_done(self)``): the handle.
+        self.watcher: Any = None
 
     def done(self) -> bool:
         return self._state != "pending"
@@ -105,9 +111,17 @@ class JobFuture:
                     raise concurrent.futures.InvalidStateError(f"job future already {self._state}")
                 return self._state == "cancelled"
             self._state, self._result, self._exception = state, result, exc
-            callbacks, self._callbacks = self._callbacks, []
-        self._done.set()
-        for callback in callbacks:
+            event = self._event
+            first, more = self._callback, self._callbacks
+            self._callback = self._callbacks = None
+            watcher, self.watcher = self.watcher, None  # no cycle left with the handle
+        if event is not None:
+            event.set()
+        if watcher is not None:
+            self._call(watcher.job_done)
+        if first is not None:
+            self._call(first)
+        for callback in more or ():
             self._call(callback)
         return True
 
@@ -124,12 +138,36 @@ class JobFuture:
     def add_done_callback(self, fn: Callable[[JobFuture], object]) -> None:
         with self._lock:
             if self._state == "pending":
-                self._callbacks.append(fn)
+                if self._callback is None:
+                    self._callback = fn
+                elif self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
                 return
         self._call(fn)
 
+    def watch(self, watcher: Any) -> None:
+        """Set :attr:`watcher`; told at once if the outcome is already set."""
+        with self._lock:
+            if self._state == "pending":
+                self.watcher = watcher
+                return
+        watcher.job_done(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._state != "pending":
+            return True
+        with self._lock:
+            if self._state != "pending":
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
     def result(self, timeout: float | None = None) -> Any:
-        if not self._done.wait(timeout):
+        if not self.wait(timeout):
             raise TimeoutError(f"the job did not finish within {timeout} s")
         if self._state == "cancelled":
             raise concurrent.futures.CancelledError()
@@ -138,7 +176,7 @@ class JobFuture:
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self._done.wait(timeout):
+        if not self.wait(timeout):
             raise TimeoutError(f"the job did not finish within {timeout} s")
         if self._state == "cancelled":
             raise concurrent.futures.CancelledError()

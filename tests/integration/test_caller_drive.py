@@ -20,6 +20,10 @@ def inc(x: int) -> int:
     return x + 1
 
 
+async def awaited(handle: orchestra.TaskHandle[int]) -> int:
+    return await handle
+
+
 async def test_results_of_an_awaited_run_are_read_on_the_awaiting_thread(
     apool: orchestra.Pool,
 ) -> None:
@@ -37,7 +41,7 @@ async def test_a_result_left_unread_by_a_stuck_loop_is_read_by_the_io_thread(
 ) -> None:
     await apool.run(inc, 0)  # warm: the function is defined on the workers
     handle = apool.run(inc, 41)
-    waiter = asyncio.ensure_future(handle._wait())
+    waiter = asyncio.ensure_future(awaited(handle))
     await asyncio.sleep(0)  # the waiter attaches this loop to the data socket, and sends
     assert apool._core.caller_drains == 1
     # Now this loop is stuck: it cannot read the result it is waiting for.
