@@ -331,9 +331,19 @@ class TaskHandle(_Handle, Generic[T]):
     # ``gather``, ``wait`` and ``wait_for`` use the handle as it is, with no Task or
     # coroutine per handle (20,000 handles gathered are 60,000 fewer objects for the GC to
     # walk). Callbacks and the loop come from an asyncio future made on first use.
-    _asyncio_future_blocking = False
     _cancel_message: str | None = None
     _aio: asyncio.Future[Any] | None = None
+    _blocking = False
+
+    @property
+    def _asyncio_future_blocking(self) -> bool | None:
+        # None (not a future) outside a running loop: loop.run_until_complete(handle) then
+        # wraps the handle in a Task, as for any awaitable.
+        return self._blocking if asyncio._get_running_loop() is not None else None
+
+    @_asyncio_future_blocking.setter
+    def _asyncio_future_blocking(self, value: bool) -> None:
+        self._blocking = value
 
     def __init__(
         self, io: IOThread, core: PoolCore, job: Job, index: int | None = None,
@@ -364,8 +374,10 @@ class TaskHandle(_Handle, Generic[T]):
     def _bind(self) -> asyncio.Future[Any]:
         """The asyncio side of this handle, on the running loop (made on first use)."""
         aio = self._aio
-        if aio is not None:
+        if aio is not None and not (aio.done() and aio.get_loop() is not asyncio._get_running_loop()):
             return aio
+        # First use, or a finished handle awaited again from another loop (a second
+        # asyncio.run in a script): bind to this loop.
         loop = asyncio.get_running_loop()
         hub = self._hub = _LoopHub.of(loop)
         aio = self._aio = loop.create_future()
@@ -400,6 +412,9 @@ class TaskHandle(_Handle, Generic[T]):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The task's exception (None if it returned); blocks like ``result``."""
+        aio = self._aio
+        if aio is not None and aio.cancelled():
+            return aio.exception()  # raises CancelledError
         self._io.flush()
         return self._future.exception(timeout)
 
@@ -408,7 +423,18 @@ class TaskHandle(_Handle, Generic[T]):
 
     def result(self, timeout: float | None = None) -> T:
         """Block until the task is done; return its value or raise its exception."""
+        aio = self._aio
+        if aio is not None and aio.cancelled():  # cancelled from asyncio: settled already
+            return aio.result()  # type: ignore[no-any-return]  # raises CancelledError
         return self._sync_result(timeout)  # type: ignore[no-any-return]
+
+    def done(self) -> bool:
+        aio = self._aio
+        return self._future.done() or (aio is not None and aio.cancelled())
+
+    def cancelled(self) -> bool:
+        aio = self._aio
+        return self._future.cancelled() or (aio is not None and aio.cancelled())
 
     def _unwrap(self, results: Any) -> Any:
         return results if self._batched else results[0]
