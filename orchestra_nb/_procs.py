@@ -75,6 +75,9 @@ class WorkerProc:
                 self.proc.stdin.close()
 
 
+KEEP_FREED_BYTES = 256 * 2**20
+
+
 def spawn_worker(
     worker_id: int,
     run_dir: str,
@@ -107,6 +110,12 @@ def spawn_worker(
     )
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         environ.setdefault(var, str(threads))  # N workers x N BLAS threads would oversubscribe
+    # glibc maps every allocation above its mmap threshold afresh and unmaps it on free, so
+    # a task that builds a 64 MB array page-faults all of it, every time (about half the
+    # cost of returning one). Workers keep up to KEEP_FREED_BYTES of freed memory in their
+    # heap for the next task instead. Pool(env={...}) overrides either setting.
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        environ.setdefault(var, str(KEEP_FREED_BYTES))
     environ.update(env)
     log_path = os.path.join(run_dir, f"worker-{worker_id}.log")
     with open(log_path, "wb") as log:

@@ -554,3 +554,18 @@ def test_resize(pool: orchestra.Pool) -> None:
     assert set(pool.map(getpid, range(20)).result(HANG_GUARD)) == {left}
     with pytest.raises(ValueError):
         pool.resize(0)
+
+
+def _malloc_settings(_: object = None) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+
+
+def test_workers_keep_freed_memory_for_the_next_task_unless_told_otherwise() -> None:
+    """glibc would unmap a large array when it is freed and page-fault the next one afresh:
+    workers keep up to 256 MiB of freed memory instead, and Pool(env=...) overrides it."""
+    kept = str(256 * 2**20)
+    with orchestra.Pool(workers=1) as p:
+        assert p.run(_malloc_settings).result(HANG_GUARD) == {
+            "MALLOC_MMAP_THRESHOLD_": kept, "MALLOC_TRIM_THRESHOLD_": kept}
+    with orchestra.Pool(workers=1, env={"MALLOC_TRIM_THRESHOLD_": "0"}) as p:
+        assert p.run(_malloc_settings).result(HANG_GUARD)["MALLOC_TRIM_THRESHOLD_"] == "0"
