@@ -1,7 +1,9 @@
 """The pool supervisor (layer 2): worker processes, the task table, dispatch and recovery.
 
-Everything here runs on the one I/O thread (``_ioloop``); nothing else touches the process
-table, the sockets or a job's tables. Data flow::
+Everything here runs with the engine lock held (``_ioloop``): on the one I/O thread, or on
+a caller's thread that borrowed the engine while the I/O thread waited for events (a loop
+awaiting ``run()`` sends its calls and reads its results itself). Never two at once, and
+nothing else touches the process table, the sockets or a job's tables. Data flow::
 
     caller thread                 I/O thread (PoolCore)                       worker process
     ─────────────                 ─────────────────────                       ──────────────
