@@ -30,6 +30,7 @@ __all__ = [
     "describe_unpicklable_argument",
     "dumps",
     "dumps_callable",
+    "dumps_result",
     "rebuild_exception",
 ]
 
@@ -42,6 +43,48 @@ def dumps(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
     data: bytes = cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
     return data
 
+
+def dumps_result(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
+    """:func:`dumps` for what a *worker* sends back: plain pickle when it is exact, which it
+    is for nearly every result, else cloudpickle (whose Pickler set-up is most of the cost of
+    pickling a small result).
+
+    In a worker, plain pickle is exact for whatever it can pickle at all. It pickles classes
+    and functions by reference only after looking them up by module and qualified name and
+    finding the very same object; the worker's ``__main__`` is orchestra's worker module, not
+    the notebook's, so the cell-defined classes and lambdas that cloudpickle rebuilt in the
+    worker (still named ``__main__.X``) fail that check, and plain pickle raises. Two more
+    cases go to cloudpickle: a stream that names ``__main__`` at all (an object of the
+    worker's own ``__main__`` would be looked up in the parent's), and any module registered
+    with ``cloudpickle.register_pickle_by_value``. When plain pickle fails, the object's
+    reducers run a second time, under cloudpickle, whose error is the one raised.
+
+    ``buffer_callback`` sees only the pass whose stream is returned: the first pass collects
+    the out-of-band buffers itself, and a result that has any is pickled again for the caller.
+    (That pass copies no buffer data, so a second one costs a walk of the object.)
+    """
+    if not _by_value_modules:
+        found: list[pickle.PickleBuffer] = []
+        try:
+            data = pickle.dumps(
+                obj, protocol=protocol, buffer_callback=found.append if buffer_callback else None
+            )
+        except Exception:
+            pass
+        else:
+            if data.find(b"__main__") < 0:  # (find: ``in`` first tries the needle as an int)
+                if found:
+                    return pickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+                return data
+    out: bytes = cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+    return out
+
+
+# Modules whose objects cloudpickle pickles by value (cloudpickle.register_pickle_by_value);
+# a private set of cloudpickle's, hence the fallback that sends everything to cloudpickle.
+_by_value_modules: set[str] = getattr(
+    cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", {"(unknown: always use cloudpickle)"}
+)
 
 _ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
 

@@ -1,6 +1,6 @@
 """The worker process (layer 1): ``python -m orchestra_nb._worker``, one per pool slot.
 
-A worker reads its configuration (with the pool's HMAC key) as one JSON line on stdin,
+A worker reads its configuration (with the pool's message-signing key) as one JSON line on stdin,
 connects two DEALER sockets to the pool and says :class:`Ready`:
 
 * the *data* socket, owned by the main thread: ``Define`` / ``Run`` / ``Shutdown`` in,
@@ -37,7 +37,7 @@ import zmq
 
 from . import _protocol as proto
 from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutError
-from ._serialize import ErrorRecord, capture_exception, dumps
+from ._serialize import ErrorRecord, capture_exception, dumps_result
 
 _OUTPUT_CAP = 1024 * 1024  # bytes of output kept per task; the rest is summarised
 _OUTPUT_FLUSH = 0.05  # seconds between output flushes from a running task
@@ -159,7 +159,7 @@ class Worker:
     # --- main thread -----------------------------------------------------------------
 
     def send(self, msg: proto.Message, payload: list[Any] | None = None) -> None:
-        self.data.send_multipart(proto.encode(self.key, msg, payload or ()), copy=False)
+        proto.send_message(self.data, self.key, msg, payload or ())
 
     def serve(self) -> None:
         self.send(proto.Ready(self.worker_id, os.getpid(), sys.version.split()[0]))
@@ -168,7 +168,7 @@ class Worker:
         )
         self.control.start()
         while self.running:
-            frames = self.data.recv_multipart()  # bytes: cheaper than Frame objects for small messages
+            frames = proto.recv_frames(self.data)
             try:
                 msg, payload = proto.decode(self.key, frames)
             except proto.BadSignature:
@@ -227,7 +227,7 @@ class Worker:
                     payload[0],
                     buffers=proto.read_buffers(
                         payload, msg.buffers, self.shm_dir, self.released.append
-                    ),
+                    ) if msg.buffers else None,
                 )
             except BaseException as exc:
                 record = capture_exception(exc, "arguments")  # the pool isolates the culprit
@@ -340,7 +340,7 @@ class Worker:
             values[offset] = None
         body = (values, errors or None)
         try:
-            frames, names = proto.pickle_payload(dumps, body, self.segments or self.shm_dir)
+            frames, names = proto.pickle_payload(dumps_result, body, self.segments or self.shm_dir)
         except Exception:
             frames, names = self._blame_results(msg, values, errors)
         limit = self.max_result_bytes
@@ -356,7 +356,7 @@ class Worker:
             if offset in errors:
                 continue
             try:
-                dumps(value)
+                dumps_result(value)
             except Exception as exc:
                 err = SerializationError(
                     f"cannot pickle the result of task {msg.start + offset} "
@@ -364,7 +364,7 @@ class Worker:
                 )
                 errors[offset] = capture_exception(err, "serialization")
                 values[offset] = None
-        return proto.pickle_payload(dumps, (values, errors or None), self.segments or self.shm_dir)
+        return proto.pickle_payload(dumps_result, (values, errors or None), self.segments or self.shm_dir)
 
     def _limit_results(
         self,
@@ -376,7 +376,7 @@ class Worker:
         for offset, value in enumerate(values):
             if offset in errors:
                 continue
-            size = _payload_size(proto.pickle_payload(dumps, value, None)[0])
+            size = _payload_size(proto.pickle_payload(dumps_result, value, None)[0])
             if size > limit:
                 err = ResultTooLargeError(
                     f"the result of task {msg.start + offset} is {size:,} bytes, over the "
@@ -384,10 +384,16 @@ class Worker:
                 )
                 errors[offset] = capture_exception(err, "serialization")
                 values[offset] = None
-        return proto.pickle_payload(dumps, (values, errors or None), self.segments or self.shm_dir)
+        return proto.pickle_payload(dumps_result, (values, errors or None), self.segments or self.shm_dir)
 
     def _flush_output(self, send: Callable[[proto.Message], None]) -> None:
-        for out in self.output.take():
+        output = self.output
+        if not output.pending:
+            # The usual case at the end of a task, after which nothing more can be added
+            # (writes then go to the log): skip the lock, but restart the flush clock.
+            output.last_flush = time.monotonic()
+            return
+        for out in output.take():
             send(out)
 
     # --- control thread ---------------------------------------------------------------
@@ -398,7 +404,7 @@ class Worker:
         next_beat = 0.0
 
         def send_ctrl(msg: proto.Message) -> None:
-            self.ctrl.send_multipart(proto.encode(self.key, msg))
+            proto.send_message(self.ctrl, self.key, msg)
 
         while self.running:
             now = time.monotonic()
@@ -417,7 +423,7 @@ class Worker:
             if not poller.poll(max(1, int(wait * 1000))):
                 continue
             try:
-                msg, _ = proto.decode(self.key, self.ctrl.recv_multipart())
+                msg, _ = proto.decode(self.key, proto.recv_frames(self.ctrl))
             except proto.BadSignature:
                 continue
             if isinstance(msg, proto.Cancel) and msg.start >= 0:

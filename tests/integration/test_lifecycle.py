@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -218,21 +219,36 @@ def test_worker_drops_badly_signed_messages(tmp_path: Path) -> None:
     evil_digest, bomb_digest, good_digest = b"e" * 16, b"b" * 16, b"g" * 16
 
     w = RawWorker(key)
+
+    def forge(frames: list[bytes]) -> None:
+        with pytest.raises(proto.BadSignature):  # (checked here, then sent to the worker)
+            proto.decode(key, frames)
+        w.send(frames)
+
     try:
         ready, _ = w.recv()
         assert isinstance(ready, proto.Ready) and ready.pid == w.proc.pid
         # 1. a Define + Run signed with the wrong key
-        w.send(proto.encode(wrong, proto.Define(evil_digest, ()), [evil_payload]))
-        w.send(_run_msg(1, evil_digest, wrong, [1]))
-        # 2. a payload swapped under a good signature (the payload is signed too)
-        frames = proto.encode(key, proto.Define(bomb_digest, ()), [b"harmless"])
-        w.send([frames[0], frames[1], bomb_payload])
-        # 3. a header whose tag was changed after signing
-        frames = proto.encode(key, proto.Define(bomb_digest, ()), [bomb_payload])
-        w.send([frames[0], bytes([0x7F]) + frames[1][1:], bomb_payload])
-        # 4. garbage and truncated messages
-        w.send([b"not a signature", b"\x01garbage"])
-        w.send([b"x"])
+        forge(proto.encode(wrong, proto.Define(evil_digest, ()), [evil_payload]))
+        forge(_run_msg(1, evil_digest, wrong, [1]))
+        # 2. a payload swapped under a good signature (the payload is signed too): in the
+        # first frame, where a small one rides, or moved out into a frame of its own
+        first = bytes(proto.encode(key, proto.Define(bomb_digest, ()), [b"harmless"])[0])
+        assert first.endswith(b"harmless")
+        forge([first[: -len(b"harmless")] + bomb_payload])
+        untagged = bytes([first[proto.MAC_SIZE] & 0x7F])  # the inline bit cleared
+        forge([first[: proto.MAC_SIZE] + untagged + first[proto.MAC_SIZE + 1 : -len(b"harmless")],
+               bomb_payload])
+        # 3. a header changed after signing: its tag (to an unknown one), or a byte of it
+        first = bytes(proto.encode(key, proto.Define(bomb_digest, ()), [bomb_payload])[0])
+        tag = first[proto.MAC_SIZE]
+        forge([first[: proto.MAC_SIZE] + bytes([0x7F | (tag & 0x80)]) + first[proto.MAC_SIZE + 1 :]])
+        at = proto.MAC_SIZE + 8
+        forge([first[:at] + bytes([first[at] ^ 1]) + first[at + 1 :]])
+        # 4. garbage, truncated messages, and a well-formed one with a blank signature
+        forge([b"not a signature", b"\x01garbage"])
+        forge([b"x"])
+        forge([b"\0" * proto.MAC_SIZE + first[proto.MAC_SIZE :]])
         # 5. then a correctly signed Define + Run of something harmless: it runs
         w.send(proto.encode(key, proto.Define(good_digest, ()), [cloudpickle.dumps(harmless)]))
         w.send(_run_msg(2, good_digest, key, [1, 2, 3]))
@@ -268,7 +284,10 @@ def test_pool_counts_and_drops_forged_messages(pool: orchestra.Pool, tmp_path: P
         bomb = pickle.dumps(_Bomb(str(unpickled)), protocol=5)
         forged = proto.encode(proto.new_key(), proto.Result(1, 0, 1, 0.0, ()), [bomb])
         sock.send_multipart(forged)
-        sock.send_multipart([b"junk", b"\x07" + bomb])
+        # the bomb as the header of a Result, under a blank signature
+        result_tag = bytes(forged[0])[proto.MAC_SIZE] & 0x7F
+        header = struct.pack("<BI", result_tag, len(bomb)) + bomb
+        sock.send_multipart([b"\0" * proto.MAC_SIZE + header])
         deadline = time.monotonic() + HANG_GUARD
         while pool.status()["bad_messages"] < 2:
             assert time.monotonic() < deadline, "the forged messages were not counted"

@@ -3,12 +3,15 @@ message kinds, and shared-memory buffers that never outlive their reading."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 from orchestra_nb import _protocol as proto
 
@@ -40,6 +43,19 @@ def test_samples_cover_every_message_type() -> None:
     assert {type(m) for m in SAMPLES} == set(proto.MESSAGE_TYPES)
 
 
+CANCEL_TAG = proto.MESSAGE_TYPES.index(proto.Cancel) + 1  # tags are positions, from 1
+INLINE_BIT = 0x80  # in the tag byte: the rest of the first frame is the payload stream
+
+
+def _body(tag: int, header: bytes, rest: bytes = b"") -> bytes:
+    """A first frame's body by hand: tag byte, header length, header, inline payload."""
+    return struct.pack("<BI", tag, len(header)) + header + rest
+
+
+def _signed(body: bytes, frames: list[bytes] | None = None, key: bytes = KEY) -> list[bytes]:
+    return [proto.sign(key, body, frames or []) + body, *(frames or [])]
+
+
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: proto.Message) -> None:
     got, payload = proto.decode(KEY, proto.encode(KEY, msg))
@@ -49,6 +65,29 @@ def test_round_trip(msg: proto.Message) -> None:
     assert got == msg and [bytes(p) for p in payload] == [b"one", b"two", b""]
 
 
+@pytest.mark.parametrize(
+    ("payload", "inline"),
+    [
+        ([], False),
+        ([b""], True),  # an empty stream rides in the first frame too
+        ([b"s" * proto.INLINE_LIMIT], True),
+        ([b"s" * (proto.INLINE_LIMIT + 1)], False),  # a large stream travels as its own frame
+        ([b"stream", b"b" * 100_000, b""], True),  # out-of-band buffers always do
+        ([b"s" * (proto.INLINE_LIMIT + 1), b"b" * 10], False),
+    ],
+    ids=["none", "empty", "inline-limit", "large", "buffers", "large-and-buffers"],
+)
+def test_frames(payload: list[bytes], inline: bool) -> None:
+    """Signature, header and a small payload stream share one frame: one send, one receive."""
+    msg = proto.Result(1, 2, 3, 0.5, (None,) * max(0, len(payload) - 1))
+    frames = [bytes(f) for f in proto.encode(KEY, msg, payload)]
+    assert frames[1:] == (payload[1:] if inline else payload)
+    if inline:
+        assert frames[0].endswith(payload[0])
+    got, out = proto.decode(KEY, frames)
+    assert got == msg and [bytes(p) for p in out] == payload
+
+
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_wrong_key(msg: proto.Message) -> None:
     frames = proto.encode(proto.new_key(), msg, [b"payload"])
@@ -56,58 +95,143 @@ def test_wrong_key(msg: proto.Message) -> None:
         proto.decode(KEY, frames)
 
 
-def test_every_part_is_signed() -> None:
-    frames = proto.encode(KEY, SAMPLES[1], [b"payload", b"more"])
-    for i in range(len(frames)):
-        tampered = list(frames)
-        data = bytearray(tampered[i])
-        data[len(data) // 2] ^= 1
-        tampered[i] = bytes(data)
+@pytest.mark.parametrize(
+    "payload",
+    [[b"payload", b"more"], [b"p" * 2000], [b"p" * 100, b"b" * 70_000]],
+    ids=["blake2b", "hmac", "hmac-streamed"],  # the MAC by signed length: see sign()
+)
+def test_every_byte_is_signed(payload: list[bytes]) -> None:
+    frames = [bytes(f) for f in proto.encode(KEY, SAMPLES[1], payload)]
+    for i, frame in enumerate(frames):
+        for pos in range(0, len(frame), max(1, len(frame) // 500)):
+            tampered = list(frames)
+            data = bytearray(frame)
+            data[pos] ^= 1
+            tampered[i] = bytes(data)
+            with pytest.raises(proto.BadSignature):
+                proto.decode(KEY, tampered)
+    with pytest.raises(proto.BadSignature):
+        proto.decode(proto.new_key(), frames)
+    # bytes moved across the frame boundary, frames dropped or added
+    if len(frames) > 1:
         with pytest.raises(proto.BadSignature):
-            proto.decode(KEY, tampered)
-    # frames moved across the header/payload boundary, dropped or added
+            proto.decode(KEY, [frames[0] + frames[1][:1], frames[1][1:], *frames[2:]])
+        with pytest.raises(proto.BadSignature):
+            proto.decode(KEY, frames[:-1])
     with pytest.raises(proto.BadSignature):
-        proto.decode(KEY, [frames[0], frames[1], b"payloadmore"])
-    with pytest.raises(proto.BadSignature):
-        proto.decode(KEY, frames[:-1])
+        proto.decode(KEY, [frames[0][:-1]])
     with pytest.raises(proto.BadSignature):
         proto.decode(KEY, [*frames, b""])
+
+
+def test_inline_stream_cannot_be_moved_out() -> None:
+    """The inline payload, cut from the first frame into a frame of its own (the tag's inline
+    bit cleared), is a different signed text: rejected."""
+    first = bytes(proto.encode(KEY, SAMPLES[1], [b"payload"])[0])
+    body = first[proto.MAC_SIZE :]
+    moved = bytes([body[0] & ~INLINE_BIT]) + body[1 : -len(b"payload")]
+    with pytest.raises(proto.BadSignature, match="bad signature"):
+        proto.decode(KEY, [first[: proto.MAC_SIZE] + moved, b"payload"])
+
+
+@pytest.mark.parametrize("size", [proto.SMALL_MAC_LIMIT - 1, proto.SMALL_MAC_LIMIT,
+                                  proto.SMALL_MAC_LIMIT + 1, 70_000])
+def test_mac_either_side_of_the_limit(size: int) -> None:
+    """Both ends pick the MAC (keyed BLAKE2b, HMAC-SHA256) from the signed length."""
+    header = pickle.dumps((1, 2), protocol=5)
+    stream = b"x" * (size - 5 - len(header))
+    body = _body(CANCEL_TAG | INLINE_BIT, header, stream)
+    assert len(body) == size
+    sig = proto.sign(KEY, body)
+    assert len(sig) == proto.MAC_SIZE and sig != proto.sign(proto.new_key(), body)
+    assert sig != proto.sign(KEY, body[:-1] + b"y")
+    assert (sig == hmac.digest(KEY, body, "sha256")) == (size > proto.SMALL_MAC_LIMIT)
+    msg, payload = proto.decode(KEY, [sig + body])
+    assert msg == proto.Cancel(1, 2) and bytes(payload[0]) == stream
+    # the same bytes split into body + a length-prefixed frame are a different signed text
+    assert sig != proto.sign(KEY, body[:-10], [body[-10:]])
 
 
 def test_truncated() -> None:
     with pytest.raises(proto.BadSignature, match="truncated"):
         proto.decode(KEY, [])
     with pytest.raises(proto.BadSignature, match="truncated"):
-        proto.decode(KEY, [proto.sign(KEY, b"", [])])
-    with pytest.raises(proto.BadSignature):  # empty header, correctly signed
-        proto.decode(KEY, [proto.sign(KEY, b"", []), b""])
+        proto.decode(KEY, [proto.sign(KEY, b"")])
+    with pytest.raises(proto.BadSignature, match="truncated"):  # body shorter than its prefix
+        proto.decode(KEY, _signed(b"\x04\0\0\0"))
+    with pytest.raises(proto.BadSignature, match="truncated"):
+        proto.decode(KEY, [b"x"])
 
 
 def test_unknown_tag() -> None:
-    header = b"\x7f" + pickle.dumps((1, 2), protocol=5)
-    with pytest.raises(proto.BadSignature, match="unknown message tag"):
-        proto.decode(KEY, [proto.sign(KEY, header, []), header])
-    header = b"\x00" + pickle.dumps((), protocol=5)
-    with pytest.raises(proto.BadSignature, match="unknown message tag"):
-        proto.decode(KEY, [proto.sign(KEY, header, []), header])
+    header = pickle.dumps((1, 2), protocol=5)
+    for tag in (0x7F, 0xFF, 0x00, INLINE_BIT, len(proto.MESSAGE_TYPES) + 1):
+        with pytest.raises(proto.BadSignature, match="unknown message tag"):
+            proto.decode(KEY, _signed(_body(tag, header)))
 
 
 def test_malformed_header() -> None:
-    tag = proto.encode(KEY, proto.Cancel(1, 2))[1][:1]
+    tag = CANCEL_TAG
+    assert bytes(proto.encode(KEY, proto.Cancel(1, 2))[0])[proto.MAC_SIZE] == tag
     for body in (b"not a pickle", pickle.dumps((1, 2, 3, 4), protocol=5)):
-        header = tag + body
         with pytest.raises(proto.BadSignature, match="malformed"):
-            proto.decode(KEY, [proto.sign(KEY, header, []), header])
+            proto.decode(KEY, _signed(_body(tag, body)))
+    header = pickle.dumps((1, 2), protocol=5)
+    good = _body(tag, header)
+    with pytest.raises(proto.BadSignature, match="malformed"):  # header length past the end
+        proto.decode(KEY, _signed(struct.pack("<BI", tag, len(header) + 1) + header))
+    with pytest.raises(proto.BadSignature, match="malformed"):  # trailing bytes, no inline bit
+        proto.decode(KEY, _signed(good + b"stream"))
+    assert proto.decode(KEY, _signed(good))[0] == proto.Cancel(1, 2)
+    assert [bytes(p) for p in proto.decode(KEY, _signed(_body(tag | INLINE_BIT, header, b"s")))[1]] == [b"s"]
 
 
 def test_nothing_unpickled_before_the_check(tmp_path: Path) -> None:
     marker = tmp_path / "unpickled"
-    header = proto.encode(KEY, proto.Cancel(1, 2))[1][:1] + pickle.dumps(_Bomb(str(marker)))
-    with pytest.raises(proto.BadSignature):
-        proto.decode(KEY, [b"\0" * 32, header])
-    with pytest.raises(proto.BadSignature):
-        proto.decode(KEY, [proto.sign(proto.new_key(), header, []), header])
+    bomb = pickle.dumps(_Bomb(str(marker)))
+    for body in (_body(CANCEL_TAG, bomb), _body(CANCEL_TAG | INLINE_BIT, pickle.dumps((1, 2)), bomb)):
+        with pytest.raises(proto.BadSignature):
+            proto.decode(KEY, [b"\0" * 32 + body])
+        with pytest.raises(proto.BadSignature):
+            proto.decode(KEY, _signed(body, key=proto.new_key()))
+        with pytest.raises(proto.BadSignature):  # a correct HMAC-SHA256, but not the MAC used
+            proto.decode(KEY, [hmac.digest(KEY, body, "sha256") + body])
     assert not marker.exists()
+
+
+def test_send_message_and_recv_frames() -> None:
+    """The socket helpers: the same frames as send_multipart / recv_multipart, fewer calls."""
+    assert proto._SNDMORE == zmq.SNDMORE
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.bind("inproc://proto-test")
+        dealer.setsockopt(zmq.IDENTITY, b"w1")
+        dealer.connect("inproc://proto-test")
+        big = b"b" * 100_000
+        cases: list[tuple[proto.Message, list[bytes]]] = [
+            (proto.Heartbeat(1, True), []),
+            (SAMPLES[1], [b"stream"]),
+            (proto.Result(1, 0, 1, 0.1, (None, None)), [b"stream", big, b""]),
+            (proto.Result(1, 0, 1, 0.1, ()), [b"s" * (proto.INLINE_LIMIT + 1)]),
+        ]
+        for msg, payload in cases:
+            proto.send_message(dealer, KEY, msg, payload)
+            assert router.poll(5000)
+            frames = proto.recv_frames(router)
+            assert frames[0] == b"w1"
+            assert frames[1:] == [bytes(f) for f in proto.encode(KEY, msg, payload)]
+            assert proto.decode(KEY, frames[1:])[0] == msg
+            proto.send_message(router, KEY, msg, payload, ident=b"w1")
+            assert dealer.poll(5000)
+            got, out = proto.decode(KEY, proto.recv_frames(dealer))
+            assert got == msg and [bytes(p) for p in out] == payload
+            with pytest.raises(zmq.Again):
+                proto.recv_frames(dealer, zmq.NOBLOCK)
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        ctx.term()
 
 
 def test_keys_are_random() -> None:
