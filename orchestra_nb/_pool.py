@@ -278,7 +278,7 @@ class PoolCore:
             for _ in range(DRAIN_BUDGET):
                 if not _get(sock, _EVENTS) & _POLLIN:  # cheaper than a recv raising zmq.Again
                     break
-                frames = _recv_frames(sock)
+                frames = proto.recv_frames(sock, _NOBLOCK)
                 ident = frames[0]
                 try:
                     msg, payload = proto.decode(self.key, frames[1:])
@@ -843,7 +843,7 @@ class PoolCore:
     def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
               payload: list[Any] | None = None) -> bool:
         try:
-            _send_frames(sock, [w.ident, *proto.encode(self.key, msg, payload or ())])
+            proto.send_message(sock, self.key, msg, payload or (), w.ident)
         except zmq.ZMQError:  # EHOSTUNREACH: gone; its exit will be seen through its pidfd
             return False
         # Sending can leave inbound messages on the same socket unsignalled on its
@@ -1069,31 +1069,11 @@ _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
-_COPY_BELOW = 64 * 1024  # smaller frames are copied into the message: cheaper than a Frame
-# pyzmq's socket methods without its Python layer (enum flags and checks per frame), which
-# costs several microseconds per message: most of a send for the small ones.
+# pyzmq's getsockopt without its Python layer: asked at least once per drain.
 _get: Callable[[Any, int], Any] = zmq.backend.Socket.get
-_send_frame: Callable[..., Any] = zmq.backend.Socket.send
-_recv_frame: Callable[..., Any] = zmq.backend.Socket.recv
 
 
-def _send_frames(sock: zmq.Socket[Any], frames: list[Any]) -> None:
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        copy = len(frame) < _COPY_BELOW if isinstance(frame, bytes) else False
-        _send_frame(sock, frame, _SNDMORE if i < last else 0, copy)
-
-
-def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
-    frames = [_recv_frame(sock, _NOBLOCK)]
-    while _get(sock, _RCVMORE):
-        frames.append(_recv_frame(sock, _NOBLOCK))
-    return frames
-
-
-def _worker_id(ident: bytes) -> int:
+def _worker_id(ident: proto.Frame) -> int:
     try:
         return int(ident[1:])
     except ValueError:
