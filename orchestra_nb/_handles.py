@@ -64,6 +64,7 @@ class _LoopHub:
         self._scheduled = False
         self._users = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._on_idle: list[Callable[[], object]] = []
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopHub:
@@ -109,10 +110,22 @@ class _LoopHub:
             self._timer = self.loop.call_later(_WAKE_INTERVAL, self._tick)
 
     def _tick(self) -> None:
-        self._timer = self.loop.call_later(_WAKE_INTERVAL, self._tick) if self._users else None
+        if self._users:
+            self._timer = self.loop.call_later(_WAKE_INTERVAL, self._tick)
+            return
+        self._timer = None
+        idle, self._on_idle = self._on_idle, []
+        for callback in idle:
+            callback()
 
     def release(self) -> None:
         self._users -= 1
+
+    def when_idle(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` at the first tick with nothing awaited (within _WAKE_INTERVAL)."""
+        self._on_idle.append(callback)
+        if self._timer is None:
+            self._timer = self.loop.call_later(_WAKE_INTERVAL, self._tick)
 
 
 class _Deliverable(Protocol):
@@ -148,8 +161,9 @@ class _CallerDrain:
 
     The loop watches the pool's data socket; when a result arrives it takes the engine and
     reads it on its own thread, so the awaiting coroutine resumes without a hand-over from
-    the I/O thread. It lets go on its next turn with nothing awaited, so back-to-back
-    awaits keep it; the I/O thread's hot checks cover a loop that stops turning meanwhile.
+    the I/O thread. It lets go at the loop's first waker tick with nothing awaited (within
+    0.1 s), so back-to-back awaits keep it; the I/O thread's hot checks cover a loop that
+    stops turning meanwhile.
     """
 
     _by_key: ClassVar[dict[tuple[int, int], _CallerDrain]] = {}
@@ -190,7 +204,7 @@ class _CallerDrain:
         self._users -= 1
         if not self._users and not self._detach_scheduled:
             self._detach_scheduled = True
-            self._loop.call_soon(self._detach)
+            _LoopHub.of(self._loop).when_idle(self._detach)
 
     def _detach(self) -> None:
         self._detach_scheduled = False

@@ -657,7 +657,8 @@ class PoolCore:
             self._fail_job(job, exc)
             return
         self.jobs[job.id] = job
-        self.bus.publish(JobStarted(job.id, job.name, job.total))
+        if self.bus.active:
+            self.bus.publish(JobStarted(job.id, job.name, job.total))
         if job.circuit is not None and job.call:
             stats = job.circuit.statistics()
             if stats.state is CircuitState.OPEN and stats.retry_in:
@@ -1032,7 +1033,8 @@ class PoolCore:
             pass  # the caller cancelled the handle first
         job.finished.set()
         elapsed = job.ended_at - job.started_at
-        self.bus.publish(JobFinished(job.id, tuple(job.counts), elapsed, job.cancelled))
+        if self.bus.active:
+            self.bus.publish(JobFinished(job.id, tuple(job.counts), elapsed, job.cancelled))
         job.notify(-1, 0)
 
     # --- introspection ----------------------------------------------------------------
