@@ -176,6 +176,7 @@ class _CallerDrain:
         self._users = 0
         self._attached = False
         self._detach_scheduled = False
+        self._take_backs = 0
 
     @classmethod
     def acquire(cls, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop) -> _CallerDrain | None:
@@ -191,7 +192,11 @@ class _CallerDrain:
             except (NotImplementedError, ValueError, OSError):
                 return None  # a loop without add_reader (Windows proactor): the I/O thread reads
             drain._attached = True
+            drain._take_backs = core.take_backs
             io.run_now(core.attach_caller)
+        elif drain._take_backs != core.take_backs:  # the I/O thread took the socket back
+            drain._take_backs = core.take_backs
+            io.run_now(core.reclaim)
         else:
             io.flush()
         drain._users += 1

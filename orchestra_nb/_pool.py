@@ -144,6 +144,8 @@ class PoolCore:
         self.data_fd = -1
         self.caller_drains = 0  # loops reading the data socket themselves (under the engine)
         self._unread_seen = False
+        self._io_reads_data = True  # this thread watches the data socket (no loop reads it)
+        self.take_backs = 0  # times this thread took the socket back from stopped loops
         self._data_poll = select.poll()
         self._hot_check: Callable[[Callable[[], object]], object] = getattr(
             loop, "add_hot_check", lambda check: None)
@@ -311,10 +313,17 @@ class PoolCore:
     def attach_caller(self) -> None:
         """A loop awaiting a ``run()`` reads the data socket itself from now on (under the
         engine; see ``_handles._CallerDrain``): this thread stops watching it, rather than
-        race that loop for each result and hand it over, and only looks for results left
-        unread for a whole hot interval (that loop is stuck in synchronous code)."""
+        race that loop for each result and hand it over. It only checks, at each hot tick,
+        for results left unread; if a result waits through a whole tick, that loop is not
+        turning (stopped, or stuck in synchronous code), and this thread takes the socket
+        back (``take_backs`` counts it) until a loop awaits again (:meth:`reclaim`)."""
         self.caller_drains += 1
-        if self.caller_drains == 1 and self.state in (PoolState.RUNNING, PoolState.CLOSING):
+        self.reclaim()
+
+    def reclaim(self) -> None:
+        """An attached loop awaits again: leave the socket to the loops once more."""
+        if self._io_reads_data and self.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self._io_reads_data = False
             self.loop.remove_reader(self.data_fd)
             self._unread_seen = False
             self._data_poll.register(self.data_fd, select.POLLIN)
@@ -322,8 +331,13 @@ class PoolCore:
 
     def detach_caller(self) -> None:
         self.caller_drains -= 1
-        if self.caller_drains:
+        if not self.caller_drains:
+            self._read_data_here()
+
+    def _read_data_here(self) -> None:
+        if self._io_reads_data:
             return
+        self._io_reads_data = True
         self._unhot_check(self._check_unread)
         with contextlib.suppress(KeyError, ValueError):
             self._data_poll.unregister(self.data_fd)
@@ -332,11 +346,11 @@ class PoolCore:
             self._drain(self.data)
 
     def _check_unread(self) -> None:
-        # The FD stays readable until someone reads the socket: readable at two hot ticks
-        # in a row means the caller loop did not get to it.
+        # The FD stays readable until someone reads the socket.
         unread = bool(self._data_poll.poll(0))
         if unread and self._unread_seen:
-            self._drain(self.data)
+            self.take_backs += 1
+            self._read_data_here()
             unread = False
         self._unread_seen = unread
 

@@ -86,3 +86,21 @@ def test_a_sync_caller_and_an_async_caller_share_the_pool(pool: orchestra.Pool) 
     thread.join(HANG_GUARD)
     assert got == list(range(1, 51))
     assert results == list(range(1, 51))
+
+
+def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(pool: orchestra.Pool) -> None:
+    """A loop that awaited a run() and then stopped (run_until_complete returned) never gets
+    to let go of the data socket: the first result left unread through a hot tick makes the
+    I/O thread watch the socket again, so later synchronous callers are not held up."""
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(awaited(pool.run(inc, 1))) == 2
+        assert pool._core.caller_drains == 1  # still attached: the loop is not turning
+        assert pool.run(inc, 2).result(HANG_GUARD) == 3  # read by the I/O thread's check
+        assert pool._core.take_backs == 1 and pool._core._io_reads_data
+        assert [pool.run(inc, i).result(HANG_GUARD) for i in range(20)] == list(range(1, 21))
+        # The loop awaits again: it reads its results itself once more.
+        assert loop.run_until_complete(awaited(pool.run(inc, 3))) == 4
+        assert not pool._core._io_reads_data
+    finally:
+        loop.close()
