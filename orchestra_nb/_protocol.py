@@ -420,7 +420,10 @@ def _map_shm(
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        # No MAP_POPULATE here: the pages are resident already, and faulting them in as they
+        # are read (16 at a time) costs about what populating them all does, and nothing for
+        # the parts never read.
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
         if on_release is None:
