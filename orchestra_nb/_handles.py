@@ -65,6 +65,7 @@ class _LoopHub:
         self._users = 0
         self._timer: asyncio.TimerHandle | None = None
         self._on_idle: list[Callable[[], object]] = []
+        self.drains: dict[PoolCore, _CallerDrain] = {}  # pools whose results this loop reads
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopHub:
@@ -166,8 +167,6 @@ class _CallerDrain:
     stops turning meanwhile.
     """
 
-    _by_key: ClassVar[dict[tuple[int, int], _CallerDrain]] = {}
-
     def __init__(self, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop) -> None:
         self._io = io
         self._core = core
@@ -182,10 +181,10 @@ class _CallerDrain:
     def acquire(cls, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop) -> _CallerDrain | None:
         if core.data_fd < 0:
             return None
-        key = (id(core), id(loop))
-        drain = cls._by_key.get(key)
-        if drain is None or drain._core is not core or drain._loop is not loop:
-            drain = cls._by_key[key] = cls(io, core, loop)
+        drains = _LoopHub.of(loop).drains
+        drain = drains.get(core)
+        if drain is None:
+            drain = drains[core] = cls(io, core, loop)
         if not drain._attached:
             try:
                 loop.add_reader(drain._fd, drain._on_readable)
@@ -218,8 +217,9 @@ class _CallerDrain:
         self._attached = False
         self._loop.remove_reader(self._fd)
         self._io.run_now(self._core.detach_caller)
-        if self._by_key.get((id(self._core), id(self._loop))) is self:
-            del self._by_key[(id(self._core), id(self._loop))]
+        drains = _LoopHub.of(self._loop).drains
+        if drains.get(self._core) is self:
+            del drains[self._core]
 
 
 class _Handle:

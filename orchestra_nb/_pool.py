@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -72,6 +72,9 @@ from ._policy import MemoryPolicy
 from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._state import TaskState
+
+if TYPE_CHECKING:
+    from ._ioloop import EngineLoop
 
 __all__ = ["PoolCore", "PoolOptions", "PoolState"]
 
@@ -113,7 +116,7 @@ class PoolOptions:
 
 
 class PoolCore:
-    def __init__(self, options: PoolOptions, bus: EventBus, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, options: PoolOptions, bus: EventBus, loop: EngineLoop) -> None:
         self.options = options
         self.bus = bus
         self.loop = loop
@@ -137,8 +140,6 @@ class PoolCore:
         self._release_scheduled = False
         self.segments: proto.Segments | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
-        # On the I/O thread's loop, after the current callback on whichever thread drives it.
-        self._defer: Callable[..., object] = getattr(loop, "defer", loop.call_soon)
         self.run_dir = ""
         self.shm_dir: str | None = None
         self.data_fd = -1
@@ -147,10 +148,7 @@ class PoolCore:
         self._io_reads_data = True  # this thread watches the data socket (no loop reads it)
         self.take_backs = 0  # times this thread took the socket back from stopped loops
         self._data_poll = select.poll()
-        self._hot_check: Callable[[Callable[[], object]], object] = getattr(
-            loop, "add_hot_check", lambda check: None)
-        self._unhot_check: Callable[[Callable[[], object]], object] = getattr(
-            loop, "remove_hot_check", lambda check: None)
+
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -235,7 +233,7 @@ class PoolCore:
     def _teardown(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        self._unhot_check(self._check_unread)
+        self.loop.remove_hot_check(self._check_unread)
         for fd, sock in ((self.data_fd, self.data), (self.ctrl.FD, self.ctrl)):
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(fd)
@@ -327,7 +325,7 @@ class PoolCore:
             self.loop.remove_reader(self.data_fd)
             self._unread_seen = False
             self._data_poll.register(self.data_fd, select.POLLIN)
-            self._hot_check(self._check_unread)
+            self.loop.add_hot_check(self._check_unread)
 
     def detach_caller(self) -> None:
         self.caller_drains -= 1
@@ -338,7 +336,7 @@ class PoolCore:
         if self._io_reads_data:
             return
         self._io_reads_data = True
-        self._unhot_check(self._check_unread)
+        self.loop.remove_hot_check(self._check_unread)
         with contextlib.suppress(KeyError, ValueError):
             self._data_poll.unregister(self.data_fd)
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
@@ -866,10 +864,10 @@ class PoolCore:
         if sock is self.data:
             if not self._data_sent:
                 self._data_sent = True
-                self._defer(self._after_send)
+                self.loop.defer(self._after_send)  # after the current callback
         elif not self._ctrl_sent:
             self._ctrl_sent = True
-            self._defer(self._after_send)
+            self.loop.defer(self._after_send)  # after the current callback
         return True
 
     def _after_send(self) -> None:
