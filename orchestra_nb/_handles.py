@@ -204,6 +204,11 @@ class _CallerDrain:
     def _on_readable(self) -> None:
         self._io.run_now(self._core.drain_results)
 
+    def busy_poll(self, done: Callable[[], bool]) -> None:
+        """Read results on this thread for a moment before the loop goes to sleep."""
+        if self._core.caller_poll.window:
+            self._io.run_now(self._core.busy_poll_results, done)
+
     def release(self) -> None:
         self._users -= 1
         if not self._users and not self._detach_scheduled:
@@ -316,6 +321,8 @@ class _Handle:
     def _sync_result(self, timeout: float | None) -> Any:
         self._io.flush()
         try:
+            if not self._future.done() and self._core.caller_poll.window:
+                self._io.run_now(self._core.busy_poll_results, self._future.done, timeout)
             return self._unwrap(self._future.result(timeout))
         except KeyboardInterrupt:
             self.cancel()
@@ -381,13 +388,17 @@ class TaskHandle(_Handle, Generic[T]):
 
     def __await__(self) -> Generator[Any, None, T]:
         aio = self._bind()
-        if not aio.done():
-            self._asyncio_future_blocking = True
-            try:
+        try:
+            if not aio.done() and self._drain is not None:
+                # A short call's result comes back in about a hundred µs: wait for it awake
+                # (bounded by the pool's busy_poll) rather than through the loop's selector.
+                self._drain.busy_poll(aio.done)
+            if not aio.done():
+                self._asyncio_future_blocking = True
                 yield self  # the Task waits for our done callbacks
-            except asyncio.CancelledError:
-                self.cancel()
-                raise
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            self.cancel()
+            raise
         return self._unwrap(aio.result())  # type: ignore[no-any-return]
 
     def _bind(self) -> asyncio.Future[Any]:

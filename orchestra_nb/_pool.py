@@ -71,6 +71,7 @@ from ._jobs import Chunk, Job
 from ._policy import MemoryPolicy
 from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
+from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._state import TaskState
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class PoolOptions:
     python: str = sys.executable
     env: tuple[tuple[str, str], ...] = ()
     threads_per_worker: int = 1
+    busy_poll: float = DEFAULT_BUSY_POLL  # seconds: see _spin.BusyPoll
     # The jitter source of retry backoffs, in [0, 1): injectable so a schedule is exact in tests.
     retry_random: Callable[[], float] = random.random
 
@@ -128,6 +130,7 @@ class PoolCore:
         self._worker_ids = 0
         self.ready_jobs: collections.deque[Job] = collections.deque()  # may have work
         self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
+        self.caller_poll = BusyPoll(options.busy_poll)  # shared by callers, under the engine
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
         self.start_failures = 0
@@ -181,7 +184,7 @@ class PoolCore:
             self._worker_ids, self.run_dir, self.key, self.shm_dir,
             python=self.options.python, env=self.options.env,
             threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
-            max_result_bytes=self.options.max_result_bytes,
+            max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
         )
         self.workers[w.id] = w
         w.pidfd = os.pidfd_open(w.pid)
@@ -307,6 +310,23 @@ class PoolCore:
         """Read what the workers sent, on the thread that drives the engine."""
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._drain(self.data)
+
+    def busy_poll_results(self, done: Callable[[], bool], limit: float | None = None) -> None:
+        """Poll the data socket for up to the busy-poll window (or ``limit`` seconds if
+        shorter), reading what arrives, until ``done()``: for a caller that expects its
+        result within microseconds and would otherwise sleep for it (see ``_spin``). Runs
+        under the engine."""
+        if self.state != PoolState.RUNNING:
+            return
+        sock = self.data
+        poll = self.caller_poll
+
+        def has_input() -> int:
+            return _get(sock, _EVENTS) & _POLLIN  # type: ignore[no-any-return]
+
+        end = time.perf_counter() + (poll.window if limit is None else min(poll.window, limit))
+        while not done() and poll.wait(has_input, end):
+            self._drain(sock)
 
     def attach_caller(self) -> None:
         """A loop awaiting a ``run()`` reads the data socket itself from now on (under the

@@ -89,6 +89,7 @@ def spawn_worker(
     threads: int,
     heartbeat: float,
     max_result_bytes: int | None,
+    busy_poll: float = 0.0,
 ) -> WorkerProc:
     """Start worker ``worker_id`` (``python -m orchestra_nb._worker``) in its own session."""
     config = {
@@ -102,6 +103,7 @@ def spawn_worker(
         "shm_dir": shm_dir,
         "heartbeat": heartbeat,
         "max_result_bytes": max_result_bytes,
+        "busy_poll": busy_poll,
     }
     environ = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -38,7 +38,11 @@ import zmq
 from . import _protocol as proto
 from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutError
 from ._serialize import ErrorRecord, capture_exception, dumps_result
+from ._spin import BusyPoll
 
+_get: Callable[[Any, int], Any] = zmq.backend.Socket.get  # skips pyzmq's option sugar
+_EVENTS = int(zmq.EVENTS)  # plain ints: enum arithmetic on the hot path is not free
+_POLLIN = int(zmq.POLLIN)
 _OUTPUT_CAP = 1024 * 1024  # bytes of output kept per task; the rest is summarised
 _OUTPUT_FLUSH = 0.05  # seconds between output flushes from a running task
 
@@ -134,6 +138,7 @@ class Worker:
         self.shm_dir: str | None = config.get("shm_dir")
         self.heartbeat: float = config.get("heartbeat", 1.0)
         self.max_result_bytes: int | None = config.get("max_result_bytes")
+        self.busy_poll = BusyPoll(config.get("busy_poll", 0.0))
         # Results' large buffers go through warm, reused segments (see proto.Segments).
         self.segments = (
             proto.Segments(self.shm_dir, f"w{self.worker_id}") if self.shm_dir else None
@@ -167,8 +172,15 @@ class Worker:
             target=self._control_loop, name="orchestra-control", daemon=True
         )
         self.control.start()
+        data = self.data
+        poll = self.busy_poll
+
+        def has_input() -> int:
+            return _get(data, _EVENTS) & _POLLIN  # type: ignore[no-any-return]
+
         while self.running:
-            frames = proto.recv_frames(self.data)
+            poll.wait(has_input)  # the next task often follows at once: catch it awake
+            frames = proto.recv_frames(data)
             try:
                 msg, payload = proto.decode(self.key, frames)
             except proto.BadSignature:

@@ -3,12 +3,18 @@
 The awaiting loop sends the call and reads the result on its own thread (no hand-over to
 the I/O thread and back). If that loop then stops turning (a long synchronous cell), the
 I/O thread's hot checks send what it queued and read what it left unread.
+
+Tests of that fallback use pools with ``busy_poll=0``: a caller that busy-polls reads its
+own result before it gets stuck, which would leave the fallback untested.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
 
 import orchestra_nb as orchestra
 from orchestra_nb.testing import wait_for
@@ -24,6 +30,27 @@ async def awaited(handle: orchestra.TaskHandle[int]) -> int:
     return await handle
 
 
+@pytest.fixture
+def sleeping_pool() -> Iterator[orchestra.Pool]:
+    """Callers and workers sleep while they wait: no busy polling."""
+    p = orchestra.Pool(workers=2, busy_poll=0)
+    p.wait_started(timeout=30)
+    try:
+        yield p
+    finally:
+        p.shutdown(cancel_pending=True)
+
+
+@pytest.fixture
+async def asleeping_pool() -> AsyncIterator[orchestra.Pool]:
+    p = orchestra.Pool(workers=2, busy_poll=0)
+    await asyncio.wait_for(p.started(), 30)
+    try:
+        yield p
+    finally:
+        await p.aclose(cancel_pending=True)
+
+
 async def test_results_of_an_awaited_run_are_read_on_the_awaiting_thread(
     apool: orchestra.Pool,
 ) -> None:
@@ -37,8 +64,9 @@ async def test_results_of_an_awaited_run_are_read_on_the_awaiting_thread(
 
 
 async def test_a_result_left_unread_by_a_stuck_loop_is_read_by_the_io_thread(
-    apool: orchestra.Pool,
+    asleeping_pool: orchestra.Pool,
 ) -> None:
+    apool = asleeping_pool
     await apool.run(inc, 0)  # warm: the function is defined on the workers
     handle = apool.run(inc, 41)
     waiter = asyncio.ensure_future(awaited(handle))
@@ -58,8 +86,9 @@ async def test_a_run_from_a_stuck_loop_starts_at_once(apool: orchestra.Pool) -> 
 
 
 async def test_the_io_thread_watches_the_socket_again_when_nothing_is_awaited(
-    apool: orchestra.Pool,
+    asleeping_pool: orchestra.Pool,
 ) -> None:
+    apool = asleeping_pool
     assert await apool.run(inc, 1) == 2
     # With nothing awaited, the loop lets go at its next waker tick (0.1 s).
     async with asyncio.timeout(HANG_GUARD):
@@ -88,10 +117,13 @@ def test_a_sync_caller_and_an_async_caller_share_the_pool(pool: orchestra.Pool) 
     assert results == list(range(1, 51))
 
 
-def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(pool: orchestra.Pool) -> None:
+def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(
+    sleeping_pool: orchestra.Pool,
+) -> None:
     """A loop that awaited a run() and then stopped (run_until_complete returned) never gets
     to let go of the data socket: the first result left unread through a hot tick makes the
     I/O thread watch the socket again, so later synchronous callers are not held up."""
+    pool = sleeping_pool
     loop = asyncio.new_event_loop()
     try:
         assert loop.run_until_complete(awaited(pool.run(inc, 1))) == 2
