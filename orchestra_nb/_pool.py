@@ -145,6 +145,7 @@ class PoolCore:
         self._tick_handle: asyncio.TimerHandle | None = None
         self.run_dir = ""
         self.shm_dir: str | None = None
+        self.mappings: proto.Mappings | None = None
         self.data_fd = -1
         self.caller_drains = 0  # loops reading the data socket themselves (under the engine)
         self._unread_seen = False
@@ -158,6 +159,7 @@ class PoolCore:
     def start(self) -> None:
         self.run_dir, self.shm_dir = make_run_dir()
         self.segments = proto.Segments(self.run_dir, "p") if self.shm_dir else None
+        self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None  # results' buffers
         self.ctx = zmq.Context(io_threads=1)
         self.data = self._router(f"ipc://{self.run_dir}/data")
         self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
@@ -244,6 +246,8 @@ class PoolCore:
         self.ctx.term()
         if self.segments is not None:
             self.segments.close()
+        if self.mappings is not None:
+            self.mappings.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.state = PoolState.CLOSED
         self.closed_event.set()
@@ -422,7 +426,7 @@ class PoolCore:
             values, errors = pickle.loads(
                 payload[0],
                 buffers=proto.read_buffers(
-                    payload, msg.buffers, self.shm_dir, self._result_releaser(w.id)
+                    payload, msg.buffers, self.mappings, self._result_releaser(w.id)
                 ),
             )
         except Exception as exc:
@@ -553,6 +557,8 @@ class PoolCore:
             self.segments.release(list(w.held))
         w.held.clear()
         delete_worker_buffers(self.run_dir, w.id)
+        if self.mappings is not None:
+            self.mappings.sweep()  # unmap them: the mappings would keep their memory
 
     def _on_exit(self, w: WorkerProc) -> None:
         self._forget_segments(w)
@@ -996,6 +1002,8 @@ class PoolCore:
                 if self.options.replace_stalled:
                     w.kill("stall", f"no heartbeat for {silent:.1f} s")
         self._check_memory()
+        if self.mappings is not None:
+            self.mappings.sweep()  # segments the workers deleted since the last read
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._tick_handle = self.loop.call_later(0.25, self._tick)
 

@@ -144,6 +144,8 @@ class Worker:
             proto.Segments(self.shm_dir, f"w{self.worker_id}") if self.shm_dir else None
         )
         self.released: list[str] = []  # argument segments the pool may reuse now
+        # ... and the pool's segments, kept mapped for their next use (see proto.Mappings).
+        self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None
         self.ctx = zmq.Context(io_threads=1)
         ident = f"w{self.worker_id}".encode()
         self.data = self.ctx.socket(zmq.DEALER)
@@ -178,8 +180,11 @@ class Worker:
         def has_input() -> int:
             return _get(data, _EVENTS) & _POLLIN  # type: ignore[no-any-return]
 
+        mappings = self.mappings
         while self.running:
-            poll.wait(has_input)  # the next task often follows at once: catch it awake
+            # The next task often follows at once: catch it awake.
+            if not poll.wait(has_input) and mappings is not None:
+                mappings.sweep()  # about to sleep: unmap segments the pool deleted
             frames = proto.recv_frames(data)
             try:
                 msg, payload = proto.decode(self.key, frames)
@@ -238,7 +243,7 @@ class Worker:
                 items = pickle.loads(
                     payload[0],
                     buffers=proto.read_buffers(
-                        payload, msg.buffers, self.shm_dir, self.released.append
+                        payload, msg.buffers, self.mappings, self.released.append
                     ) if msg.buffers else None,
                 )
             except BaseException as exc:

@@ -28,6 +28,26 @@ def double(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def filled(n: int, value: float) -> np.ndarray:
+    return np.full(n, value)
+
+
+@pytest.mark.timeout(120)
+def test_reused_segments_carry_each_messages_own_content(pool: orchestra.Pool) -> None:
+    """Segments are reused by their writer and kept mapped by their reader: each message
+    must still see its own data, and an array kept alive must keep its own."""
+    n = 2**20  # 8 MiB of float64: through shared memory
+    for k in range(1, 5):  # parent -> worker, one segment reused
+        assert pool.run(summarise, np.full(n, k, dtype=np.int64)).result(HANG_GUARD)[0] == k * n
+    kept = [pool.run(filled, n, float(k)).result(HANG_GUARD) for k in range(1, 4)]
+    assert [float(a.min()) for a in kept] == [float(a.max()) for a in kept] == [1.0, 2.0, 3.0]
+    for k in range(4, 8):  # worker -> parent, with older arrays alive
+        got = pool.run(filled, n, float(k)).result(HANG_GUARD)
+        assert float(got.min()) == float(got.max()) == k
+        del got
+    assert [float(a.min()) for a in kept] == [float(a.max()) for a in kept] == [1.0, 2.0, 3.0]
+
+
 def inc(x: int) -> int:
     return x + 1
 

@@ -3,6 +3,7 @@ message kinds, and shared-memory buffers that never outlive their reading."""
 
 from __future__ import annotations
 
+import gc
 import hmac
 import os
 import pickle
@@ -301,3 +302,56 @@ def test_buffer_names_are_confined(tmp_path: Path) -> None:
     assert outside.exists()
     with pytest.raises(proto.BadSignature):
         proto.read_buffers([b"", b""], ["buf-x"], None)  # shm name without a shm directory
+
+
+# --- a reader's kept mappings ---------------------------------------------------------------------
+
+
+def _send_and_read(
+    writer: proto.Segments, reader: proto.Mappings, a: np.ndarray, released: list[str]
+) -> tuple[str, np.ndarray]:
+    frames, names = proto.pickle_payload(_dumps, a, writer)
+    (name,) = names
+    assert name is not None
+    return name, pickle.loads(frames[0], buffers=proto.read_buffers(frames, names, reader, released.append))
+
+
+def test_a_reader_keeps_a_reused_segment_mapped(tmp_path: Path) -> None:
+    writer, reader, released = proto.Segments(str(tmp_path), "p"), proto.Mappings(str(tmp_path)), []
+    name, got = _send_and_read(writer, reader, np.ones(1024 * 1024), released)
+    gc.collect()
+    assert released == []  # the array keeps its view: the segment is not handed back early
+    assert got.sum() == 1024 * 1024
+    mapping = reader._maps[name]
+    del got  # the last array using the segment: released, and still mapped
+    assert released == [name] and reader.names == [name]
+    writer.release(released)
+    again, got = _send_and_read(writer, reader, np.full(1024 * 1024, 2.0), released)
+    assert again == name  # the writer reused its segment ...
+    assert got.sum() == 2 * 1024 * 1024  # ... with new content ...
+    assert reader._maps[name] is mapping and reader.mapped_bytes == 8 * 2**20  # ... not remapped
+    del got
+    writer.close()
+    reader.close()
+
+
+def test_a_mapping_of_a_deleted_segment_is_dropped(tmp_path: Path) -> None:
+    writer, reader, released = proto.Segments(str(tmp_path), "p"), proto.Mappings(str(tmp_path)), []
+    name, got = _send_and_read(writer, reader, np.ones(1024 * 1024), released)
+    writer.close()  # deletes the segment: only the reader's mapping holds its memory now
+    assert reader.names == [name]
+    reader.sweep()
+    assert reader.names == [] and reader.mapped_bytes == 0
+    assert got.sum() == 1024 * 1024  # an array still using it keeps its own mapping alive
+
+
+def test_kept_mappings_are_bounded_oldest_first(tmp_path: Path) -> None:
+    size = 8 * 2**20
+    writer = proto.Segments(str(tmp_path), "p")
+    reader, released = proto.Mappings(str(tmp_path), keep_bytes=2 * size), []
+    names = [_send_and_read(writer, reader, np.ones(size // 8), released)[0] for _ in range(3)]
+    assert len(set(names)) == 3  # each array was still alive: three segments
+    assert reader.names == names[1:] and reader.mapped_bytes == 2 * size
+    writer.close()
+    reader.close()
+    assert reader.names == []
