@@ -15,11 +15,13 @@ import collections
 import concurrent.futures
 import queue
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from ._jobs import _NOT_DONE, Job, JobFuture
+from ._spin import yield_cpu
 from ._state import TaskState
 
 if TYPE_CHECKING:
@@ -31,6 +33,9 @@ __all__ = ["MapHandle", "TaskHandle"]
 T = TypeVar("T")
 
 _WAKE_INTERVAL = 0.1
+# An awaiting coroutine polls for its result for at most this long (or the pool's busy_poll
+# if shorter): its loop runs nothing else meanwhile.
+_LOOP_POLL_LIMIT = 0.002
 
 # The notebook layer (loaded only by %load_ext) registers how a handle displays itself.
 display_hook: Callable[[Any], None] | None = None
@@ -129,6 +134,21 @@ class _LoopHub:
             self._timer = self.loop.call_later(_WAKE_INTERVAL, self._tick)
 
 
+def _busy_poll(io: IOThread, core: PoolCore, done: Callable[[], bool], limit: float | None = None) -> None:
+    """Send what this thread queued, then read results on it until ``done()``, for up to
+    the pool's ``busy_poll`` window (or ``limit`` s). Whenever the I/O thread needs the
+    engine (a worker exited, a cancel, a timer), it gets it before the polling goes on."""
+    window = core.caller_poll.window
+    until = time.perf_counter() + (window if limit is None else min(window, limit))
+    selector = io.loop.engine_selector
+    first = True
+    # Each pass ends with a hit, a miss (past ``until``), or the I/O thread wanting in.
+    while io.run_now(core.busy_poll_results, done, until, first) and not done():
+        first = False
+        while selector.engine_wanted and time.perf_counter() < until:
+            yield_cpu()  # until the I/O thread has the engine; then wait for it
+
+
 class _Deliverable(Protocol):
     def deliver(self) -> None: ...
 
@@ -178,7 +198,9 @@ class _CallerDrain:
         self._take_backs = 0
 
     @classmethod
-    def acquire(cls, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop) -> _CallerDrain | None:
+    def acquire(
+        cls, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop, *, flush: bool = True
+    ) -> _CallerDrain | None:
         if core.data_fd < 0:
             return None
         drains = _LoopHub.of(loop).drains
@@ -196,7 +218,7 @@ class _CallerDrain:
         elif drain._take_backs != core.take_backs:  # the I/O thread took the socket back
             drain._take_backs = core.take_backs
             io.run_now(core.reclaim)
-        else:
+        elif flush:
             io.flush()
         drain._users += 1
         return drain
@@ -205,9 +227,9 @@ class _CallerDrain:
         self._io.run_now(self._core.drain_results)
 
     def busy_poll(self, done: Callable[[], bool]) -> None:
-        """Read results on this thread for a moment before the loop goes to sleep."""
-        if self._core.caller_poll.window:
-            self._io.run_now(self._core.busy_poll_results, done)
+        """Send the calls queued on this thread, then read results on it for a moment
+        before the loop goes to sleep (one engine borrow for both)."""
+        _busy_poll(self._io, self._core, done, _LOOP_POLL_LIMIT)
 
     def release(self) -> None:
         self._users -= 1
@@ -322,7 +344,10 @@ class _Handle:
         self._io.flush()
         try:
             if not self._future.done() and self._core.caller_poll.window:
-                self._io.run_now(self._core.busy_poll_results, self._future.done, timeout)
+                deadline = None if timeout is None else time.monotonic() + timeout
+                _busy_poll(self._io, self._core, self._future.done, timeout)
+                if deadline is not None:
+                    timeout = max(0.0, deadline - time.monotonic())
             return self._unwrap(self._future.result(timeout))
         except KeyboardInterrupt:
             self.cancel()
@@ -387,12 +412,17 @@ class TaskHandle(_Handle, Generic[T]):
         self._batched = True
 
     def __await__(self) -> Generator[Any, None, T]:
-        aio = self._bind()
+        aio = self._bind(polling=True)
         try:
-            if not aio.done() and self._drain is not None:
-                # A short call's result comes back in about a hundred µs: wait for it awake
-                # (bounded by the pool's busy_poll) rather than through the loop's selector.
-                self._drain.busy_poll(aio.done)
+            if self._drain is not None:
+                if aio.done():
+                    self._io.flush()  # calls this loop queued meanwhile
+                else:
+                    # A short call's result comes back in about a hundred µs: wait for it
+                    # awake (bounded by Pool(busy_poll=...)), not in the loop's selector.
+                    # Until the job is done, not ``aio``: a result read by the I/O thread
+                    # reaches ``aio`` only through this loop.
+                    self._drain.busy_poll(self._future.done)
             if not aio.done():
                 self._asyncio_future_blocking = True
                 yield self  # the Task waits for our done callbacks
@@ -401,8 +431,9 @@ class TaskHandle(_Handle, Generic[T]):
             raise
         return self._unwrap(aio.result())  # type: ignore[no-any-return]
 
-    def _bind(self) -> asyncio.Future[Any]:
-        """The asyncio side of this handle, on the running loop (made on first use)."""
+    def _bind(self, polling: bool = False) -> asyncio.Future[Any]:
+        """The asyncio side of this handle, on the running loop (made on first use).
+        ``polling``: the caller sends the pending calls itself, with ``_drain.busy_poll``."""
         aio = self._aio
         if aio is not None and not (aio.done() and aio.get_loop() is not asyncio._get_running_loop()):
             return aio
@@ -412,7 +443,7 @@ class TaskHandle(_Handle, Generic[T]):
         hub = self._hub = _LoopHub.of(loop)
         aio = self._aio = loop.create_future()
         # Send pending calls from this thread and read results on it: no hand-over.
-        self._drain = _CallerDrain.acquire(self._io, self._core, loop)
+        self._drain = _CallerDrain.acquire(self._io, self._core, loop, flush=not polling)
         if self._drain is None:
             self._io.flush()
         hub.acquire()

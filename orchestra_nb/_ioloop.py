@@ -41,18 +41,26 @@ HOT_WINDOW = 0.05  # s a loop stays hot after the engine was last borrowed
 
 
 class _EngineSelector(selectors.EpollSelector):
-    """Releases the engine lock while the I/O thread waits for events."""
+    """Releases the engine lock while the I/O thread waits for events.
+
+    ``engine_wanted`` is true from the moment the wait ends until the I/O thread has the
+    lock back: a thread that holds the engine for a while (a busy poll) checks it, and lets
+    go so that a worker's exit, a cancel or a timer is handled at once.
+    """
 
     def __init__(self, engine: threading.RLock) -> None:
         super().__init__()
         self._engine = engine
+        self.engine_wanted = False
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         self._engine.release()
         try:
             return super().select(timeout)
         finally:
+            self.engine_wanted = True
             self._engine.acquire()
+            self.engine_wanted = False
 
 
 class EngineLoop(asyncio.SelectorEventLoop):
@@ -72,7 +80,8 @@ class EngineLoop(asyncio.SelectorEventLoop):
 
     def __init__(self) -> None:
         self.engine = threading.RLock()
-        super().__init__(_EngineSelector(self.engine))
+        self.engine_selector = _EngineSelector(self.engine)
+        super().__init__(self.engine_selector)
         self.owner: int | None = None  # the I/O thread's ident, once it runs
         self._borrower: int | None = None
         self._wake_owner = False

@@ -315,22 +315,33 @@ class PoolCore:
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._drain(self.data)
 
-    def busy_poll_results(self, done: Callable[[], bool], limit: float | None = None) -> None:
-        """Poll the data socket for up to the busy-poll window (or ``limit`` seconds if
-        shorter), reading what arrives, until ``done()``: for a caller that expects its
-        result within microseconds and would otherwise sleep for it (see ``_spin``). Runs
-        under the engine."""
-        if self.state != PoolState.RUNNING:
-            return
-        sock = self.data
+    def busy_poll_results(self, done: Callable[[], bool], until: float, first: bool) -> bool:
+        """Poll the data socket until ``until`` (a ``time.perf_counter`` deadline), reading
+        what arrives, until ``done()``: for a caller that expects its result within
+        microseconds and would otherwise sleep for it (see ``_spin``). Runs under the
+        engine. ``first``: a new wait (the back-off may skip it), not the resumption of
+        one. Returns True if it stopped early because the I/O thread needs the engine (a
+        worker exited, a cancel or a timer is due): the caller lets go, then resumes."""
         poll = self.caller_poll
+        if self.state != PoolState.RUNNING or (first and not poll.start()):
+            return False
+        sock = self.data
+        selector = self.loop.engine_selector
 
-        def has_input() -> int:
-            return _get(sock, _EVENTS) & _POLLIN  # type: ignore[no-any-return]
+        def has_input() -> object:
+            return _get(sock, _EVENTS) & _POLLIN
 
-        end = time.perf_counter() + (poll.window if limit is None else min(poll.window, limit))
-        while not done() and poll.wait(has_input, end):
+        def engine_wanted() -> bool:
+            return selector.engine_wanted
+
+        while not done():
+            got = poll.poll(has_input, until, engine_wanted)
+            if got is None:
+                return True
+            if not got:
+                return False
             self._drain(sock)
+        return False
 
     def attach_caller(self) -> None:
         """A loop awaiting a ``run()`` reads the data socket itself from now on (under the

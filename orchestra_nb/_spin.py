@@ -18,13 +18,13 @@ import os
 import time
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_BUSY_POLL", "MAX_SKIP", "BusyPoll"]
+__all__ = ["DEFAULT_BUSY_POLL", "MAX_SKIP", "BusyPoll", "yield_cpu"]
 
 DEFAULT_BUSY_POLL = 0.0005  # seconds; a few round trips' worth
 MAX_SKIP = 64  # after repeated misses, one wait in 65 still polls, to notice a faster pace
 
 _clock = time.perf_counter
-_yield = os.sched_yield if hasattr(os, "sched_yield") else (lambda: time.sleep(0))
+yield_cpu = os.sched_yield if hasattr(os, "sched_yield") else (lambda: time.sleep(0))
 
 
 class BusyPoll:
@@ -41,22 +41,35 @@ class BusyPoll:
         self.hits = 0
         self.misses = 0
 
-    def wait(self, ready: Callable[[], object], until: float | None = None) -> bool:
-        """True as soon as ``ready()`` is true; False once the window (or ``until``, a
-        ``time.perf_counter`` deadline) passes, or at once while backing off."""
+    def start(self) -> bool:
+        """Whether a new wait polls at all: False while backing off, or with no window."""
         if not self.window:
             return False
         if self._skip:
             self._skip -= 1
             return False
-        end = _clock() + self.window if until is None else until
+        return True
+
+    def poll(
+        self, ready: Callable[[], object], until: float, stop: Callable[[], object] | None = None
+    ) -> bool | None:
+        """Poll ``ready()`` until it is true (True: a hit), until ``until`` (a
+        ``time.perf_counter`` deadline) passes (False: a miss, and the back-off grows), or
+        until ``stop()`` is true (None: neither; the caller has to let go for a moment, and
+        may then poll again within the same wait)."""
         while not ready():
-            if _clock() >= end:
+            if _clock() >= until:
                 self.misses += 1
                 self._skip = self._backoff
                 self._backoff = min(2 * self._backoff, MAX_SKIP)
                 return False
-            _yield()  # releases the GIL too
+            if stop is not None and stop():
+                return None
+            yield_cpu()  # releases the GIL too
         self.hits += 1
         self._backoff = 1
         return True
+
+    def wait(self, ready: Callable[[], object]) -> bool:
+        """One wait of up to ``window``: True as soon as ``ready()`` is true."""
+        return self.start() and bool(self.poll(ready, _clock() + self.window))

@@ -65,11 +65,24 @@ def test_a_hit_resets_the_back_off() -> None:
     assert [polled(poll, ready) for _ in range(3)] == [True, False, True]
 
 
-def test_a_deadline_bounds_the_wait() -> None:
+def test_a_deadline_bounds_a_poll() -> None:
     ready = Never()
     poll = BusyPoll(HANG_GUARD)
-    assert not poll.wait(ready, until=time.perf_counter())
+    assert poll.start()
+    assert poll.poll(ready, until=time.perf_counter()) is False
     assert ready.calls == 1 and poll.misses == 1
+
+
+def test_a_stopped_poll_is_neither_a_hit_nor_a_miss_and_the_wait_goes_on() -> None:
+    ready = Never()
+    poll = BusyPoll(1e-5)
+    assert poll.start()
+    assert poll.poll(ready, until=time.perf_counter() + HANG_GUARD, stop=lambda: True) is None
+    assert (poll.hits, poll.misses) == (0, 0)
+    # The same wait resumes (no new start(), so no back-off is consumed) and then hits.
+    assert poll.poll(lambda: True, until=time.perf_counter() + HANG_GUARD) is True
+    assert (poll.hits, poll.misses) == (1, 0)
+    assert [polled(poll, ready) for _ in range(3)] == [True, False, True]
 
 
 def test_a_negative_window_is_refused() -> None:
