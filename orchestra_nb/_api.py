@@ -149,7 +149,7 @@ class Pool:
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
         """Run ``fn(*args, **kwargs)`` in a worker; returns an awaitable :class:`TaskHandle`."""
-        return self._run(fn, args, kwargs, _CallOptions())
+        return self._run(fn, args, kwargs, _PLAIN_CALL)
 
     def map(
         self,
@@ -251,8 +251,9 @@ class Pool:
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         frames = _check_arguments(fn, item, self._core.segments or self._core.shm_dir)
-        if opts == _PLAIN_CALL and len(frames[0]) == 1 and len(frames[0][0]) <= _BATCH_ARG_BYTES:
-            return self._batched_call(fn, digest, payload, item)
+        if (opts is _PLAIN_CALL or opts == _PLAIN_CALL) and len(frames[0]) == 1 \
+                and len(frames[0][0]) <= _BATCH_ARG_BYTES:
+            return self._batched_call(fn, digest, payload, item, frames)
         job = Job(
             next_job_id(),
             opts.name or _name(fn),
@@ -271,7 +272,8 @@ class Pool:
         return handle
 
     def _batched_call(
-        self, fn: Callable[..., Any], digest: bytes, payload: bytes, item: Any
+        self, fn: Callable[..., Any], digest: bytes, payload: bytes, item: Any,
+        frames: tuple[list[Any], tuple[str | None, ...]],
     ) -> TaskHandle[Any]:
         """Add a call to the open batch of calls to the same function (or open one).
 
@@ -288,6 +290,7 @@ class Pool:
                           call=True, return_exceptions=True)
                 job.item_futures = []
                 batch = self._open_batches[digest] = _CallBatch(job, items)
+                batch.first_frames = frames
             assert batch is not None
             index = len(batch.items)
             batch.items.append(item)
@@ -306,6 +309,9 @@ class Pool:
             if self._open_batches.get(batch.job.digest) is batch:
                 del self._open_batches[batch.job.digest]
         batch.job.total = len(batch.items)
+        if batch.job.total == 1:  # a lone call: its arguments are pickled already
+            batch.job.first_payload = batch.first_frames
+        batch.first_frames = None
         self._core.submit(batch.job)
 
     def run_on_all(
@@ -427,12 +433,15 @@ class Pool:
 class _CallBatch:
     """``run`` calls of one function gathered into one job until the I/O thread takes it."""
 
-    __slots__ = ("items", "job", "sealed")
+    __slots__ = ("first_frames", "items", "job", "sealed")
 
     def __init__(self, job: Job, items: list[Any]) -> None:
         self.job = job
         self.items = items
         self.sealed = False
+        # The first call's arguments as _check_arguments pickled them ([item], like a
+        # chunk of that one call): sent as they are if the batch stays a lone call.
+        self.first_frames: tuple[list[Any], tuple[str | None, ...]] | None = None
 
 
 _PLAIN_CALL = _CallOptions()

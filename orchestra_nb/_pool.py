@@ -438,7 +438,7 @@ class PoolCore:
                 payload[0],
                 buffers=proto.read_buffers(
                     payload, msg.buffers, self.mappings, self._result_releaser(w.id)
-                ),
+                ) if msg.buffers else None,
             )
         except Exception as exc:
             err = SerializationError(
