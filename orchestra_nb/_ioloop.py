@@ -38,29 +38,42 @@ _Ts = TypeVarTuple("_Ts")
 
 HOT_INTERVAL = 0.005  # s between hot ticks: the most a stuck caller loop delays its work
 HOT_WINDOW = 0.05  # s a loop stays hot after the engine was last borrowed
+TIMER_SLACK = 0.001  # s a busy poll may delay the I/O thread's timers (not its events)
 
 
 class _EngineSelector(selectors.EpollSelector):
     """Releases the engine lock while the I/O thread waits for events.
 
-    ``engine_wanted`` is true from the moment the wait ends until the I/O thread has the
-    lock back: a thread that holds the engine for a while (a busy poll) checks it, and lets
-    go so that a worker's exit, a cancel or a timer is handled at once.
+    A thread that holds the engine for a while (a busy poll) calls :meth:`wants_engine`
+    and lets go when it is true: at once when the wait ended with events (a worker's exit,
+    a cancel, a message), and within ``TIMER_SLACK`` when only a timer is due, so that the
+    hot ticks (every 5 ms) do not interrupt every poll they meet.
     """
 
     def __init__(self, engine: threading.RLock) -> None:
         super().__init__()
         self._engine = engine
-        self.engine_wanted = False
+        self.engine_wanted = False  # from the end of a wait until the lock is back
+        self._events = False  # ... and that wait ended with events, not a timeout
+        self._wanted_at = 0.0
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         self._engine.release()
+        ready: list[tuple[selectors.SelectorKey, int]] = []
         try:
-            return super().select(timeout)
+            ready = super().select(timeout)
+            return ready
         finally:
+            self._events = bool(ready)
+            self._wanted_at = time.perf_counter()
             self.engine_wanted = True
             self._engine.acquire()
             self.engine_wanted = False
+
+    def wants_engine(self) -> bool:
+        return self.engine_wanted and (
+            self._events or time.perf_counter() - self._wanted_at >= TIMER_SLACK
+        )
 
 
 class EngineLoop(asyncio.SelectorEventLoop):

@@ -331,11 +331,8 @@ class PoolCore:
         def has_input() -> object:
             return _get(sock, _EVENTS) & _POLLIN
 
-        def engine_wanted() -> bool:
-            return selector.engine_wanted
-
         while not done():
-            got = poll.poll(has_input, until, engine_wanted)
+            got = poll.poll(has_input, until, selector.wants_engine)
             if got is None:
                 return True
             if not got:

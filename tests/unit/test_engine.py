@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from orchestra_nb._ioloop import HOT_WINDOW, IOThread
+from orchestra_nb._ioloop import HOT_WINDOW, TIMER_SLACK, IOThread
 from orchestra_nb.testing import wait_for
 
 
@@ -89,3 +90,37 @@ def test_the_loop_cools_down_and_calls_then_wake_it(io: IOThread) -> None:
         assert done.wait(timeout=5), "a call made while the I/O loop was cold was not run"
 
     asyncio.run(caller())
+
+
+def test_a_busy_holder_is_asked_for_the_engine_at_once_for_events(io: IOThread) -> None:
+    selector = io.loop.engine_selector
+    asked: list[bool] = []
+
+    def hold() -> None:
+        io.loop.call_soon_threadsafe(lambda: None)  # an event: the self-pipe is written
+        wait_for(lambda: selector.engine_wanted, timeout=5, what="the I/O thread waking up")
+        asked.append(selector.wants_engine())  # at once, whatever the time
+
+    io.run_now(hold)
+    assert asked == [True]
+
+
+def test_a_busy_holder_is_asked_for_the_engine_for_a_timer_only_after_the_slack(io: IOThread) -> None:
+    """Hot ticks come every 5 ms: a busy poll lets them wait up to TIMER_SLACK rather than
+    yield the engine to every one it meets."""
+    selector = io.loop.engine_selector
+    seen: dict[str, object] = {}
+    io.call(io.loop.call_later, 0.01, lambda: None)
+    io.flush()  # wakes the I/O thread once, to take the new timer into account ...
+    io.run_sync(asyncio.sleep(0))  # ... which it has done once it ran this
+
+    def hold() -> None:
+        wait_for(lambda: selector.engine_wanted, timeout=5, interval=0, what="the timer coming due")
+        if time.perf_counter() - selector._wanted_at < TIMER_SLACK * 0.9:
+            seen["early"] = selector.wants_engine()
+        wait_for(selector.wants_engine, timeout=5, what="the slack running out")
+        seen["events"] = selector._events
+
+    io.run_now(hold)
+    assert seen["events"] is False
+    assert seen.get("early", False) is False
