@@ -74,7 +74,7 @@ class Pool:
     ``stall_timeout`` for stall detection (``replace_stalled=True`` kills stalled workers);
     ``env`` for extra environment variables of the workers; ``retry_random``, the jitter
     source of retry backoffs (a callable returning floats in ``[0, 1)``; for exact tests);
-    ``busy_poll``, how long (seconds, default 0.0005) a worker that just finished a task, and
+    ``busy_poll``, how long (seconds, default 0.0003) a worker that just finished a task, and
     a caller awaiting or waiting on one ``run()``, keep checking for the next message before
     they sleep: it saves the thread wake-ups that dominate a short call's round trip, at the
     cost of that much CPU after each message. It backs off by itself when messages come

@@ -37,6 +37,7 @@ from orchestra_nb import (
     TaskState,
     WorkerCrashedError,
     _handles,
+    _spin,
 )
 from orchestra_nb.testing import kill_pid, wait_for
 
@@ -102,6 +103,13 @@ def kill(pid: int) -> int:
 
 async def awaited(handle: orchestra.TaskHandle[Any]) -> Any:
     return await handle
+
+
+@pytest.fixture(autouse=True)
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll that finds the CPUs busy gives up (``_spin.CONTENDED``); these tests need it
+    to go on until the result, the fault or the timeout, whatever the machine's load."""
+    monkeypatch.setattr(_spin, "CONTENDED", HANG_GUARD)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from orchestra_nb import _spin
 from orchestra_nb._spin import MAX_SKIP, BusyPoll
 
 HANG_GUARD = 20.0  # a window that only bounds a failure
@@ -88,3 +89,16 @@ def test_a_stopped_poll_is_neither_a_hit_nor_a_miss_and_the_wait_goes_on() -> No
 def test_a_negative_window_is_refused() -> None:
     with pytest.raises(ValueError, match="busy_poll must be >= 0"):
         BusyPoll(-0.001)
+
+
+def test_a_yield_that_lets_another_process_run_ends_the_poll_as_a_miss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CPUs are busy: polling would only take turns from the threads that answer."""
+    monkeypatch.setattr(_spin, "yield_cpu", lambda: time.sleep(_spin.CONTENDED * 5))
+    ready = Never()
+    poll = BusyPoll(HANG_GUARD)
+    assert not poll.wait(ready)  # not after the 20 s window: after the first yield
+    assert ready.calls == 1
+    assert (poll.hits, poll.misses, poll.contended) == (0, 1, 1)
+    assert not polled(poll, ready)  # and it backs off like any miss
