@@ -289,8 +289,7 @@ class Pool:
                 job = Job(next_job_id(), _name(fn), digest, payload, iter(items), None,
                           call=True, return_exceptions=True)
                 job.item_futures = []
-                batch = self._open_batches[digest] = _CallBatch(job, items)
-                batch.first_frames = frames
+                batch = self._open_batches[digest] = _CallBatch(job, items, frames)
             assert batch is not None
             index = len(batch.items)
             batch.items.append(item)
@@ -435,13 +434,15 @@ class _CallBatch:
 
     __slots__ = ("first_frames", "items", "job", "sealed")
 
-    def __init__(self, job: Job, items: list[Any]) -> None:
+    def __init__(
+        self, job: Job, items: list[Any], first_frames: tuple[list[Any], tuple[str | None, ...]]
+    ) -> None:
         self.job = job
         self.items = items
         self.sealed = False
         # The first call's arguments as _check_arguments pickled them ([item], like a
         # chunk of that one call): sent as they are if the batch stays a lone call.
-        self.first_frames: tuple[list[Any], tuple[str | None, ...]] | None = None
+        self.first_frames: tuple[list[Any], tuple[str | None, ...]] | None = first_frames
 
 
 _PLAIN_CALL = _CallOptions()

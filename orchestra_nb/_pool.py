@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import pickle
@@ -283,7 +284,7 @@ class PoolCore:
         handled = False
         try:
             for _ in range(DRAIN_BUDGET):
-                if not _get(sock, _EVENTS) & _POLLIN:  # cheaper than a recv raising zmq.Again
+                if not proto.has_input(sock):
                     break
                 frames = proto.recv_frames(sock, _NOBLOCK)
                 ident = frames[0]
@@ -326,13 +327,10 @@ class PoolCore:
         if self.state != PoolState.RUNNING or (first and not poll.start()):
             return False
         sock = self.data
-        selector = self.loop.engine_selector
-
-        def has_input() -> object:
-            return _get(sock, _EVENTS) & _POLLIN
-
+        has_input = functools.partial(proto.has_input, sock)
+        wants_engine = self.loop.engine_selector.wants_engine
         while not done():
-            got = poll.poll(has_input, until, selector.wants_engine)
+            got = poll.poll(has_input, until, wants_engine)
             if got is None:
                 return True
             if not got:
@@ -1117,10 +1115,6 @@ def next_job_id() -> int:
 
 _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-# pyzmq's getsockopt without its Python layer: asked at least once per drain.
-_get: Callable[[Any, int], Any] = zmq.backend.Socket.get
 
 
 def _worker_id(ident: proto.Frame) -> int:

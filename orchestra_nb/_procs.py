@@ -89,7 +89,7 @@ def spawn_worker(
     threads: int,
     heartbeat: float,
     max_result_bytes: int | None,
-    busy_poll: float = 0.0,
+    busy_poll: float,
 ) -> WorkerProc:
     """Start worker ``worker_id`` (``python -m orchestra_nb._worker``) in its own session."""
     config = {

@@ -57,6 +57,7 @@ __all__ = [
     "Started",
     "decode",
     "encode",
+    "has_input",
     "read_buffers",
     "recv_frames",
     "send_message",
@@ -317,6 +318,16 @@ def send_message(
     sock.send(frames[last], 0, copy=False)
 
 
+_EVENTS = 15  # zmq.EVENTS (ZMQ_EVENTS)
+_POLLIN = 1  # zmq.POLLIN
+
+
+def has_input(sock: Any) -> int:
+    """Nonzero if ``sock`` has a message to read: cheaper than a recv raising ``zmq.Again``.
+    (pyzmq's ``Socket.get`` is its C-level getsockopt, with no Python layer.)"""
+    return sock.get(_EVENTS) & _POLLIN  # type: ignore[no-any-return]
+
+
 def recv_frames(sock: Any, flags: int = 0) -> list[Frame]:
     """``sock.recv_multipart(flags)``, cheaper: each frame is received as a ``zmq.Frame``,
     which knows whether more follow, instead of asking the socket (a costly getsockopt) after
@@ -384,11 +395,11 @@ def read_buffers(
             out.append(bytearray(memoryview(frame)))
         elif shm is None:
             raise BadSignature("shared-memory buffer without a shared-memory directory")
-        elif isinstance(shm, Mappings) and on_release is not None:
+        elif isinstance(shm, Mappings):
+            assert on_release is not None, "a kept mapping is released by its reader"
             out.append(shm.view(name, on_release))
         else:
-            directory = shm.directory if isinstance(shm, Mappings) else shm
-            out.append(_map_shm(directory, name, on_release))
+            out.append(_map_shm(shm, name, on_release))
     return out
 
 

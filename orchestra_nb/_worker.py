@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import json
 import os
@@ -40,9 +41,6 @@ from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutErr
 from ._serialize import ErrorRecord, capture_exception, dumps_result
 from ._spin import BusyPoll
 
-_get: Callable[[Any, int], Any] = zmq.backend.Socket.get  # skips pyzmq's option sugar
-_EVENTS = int(zmq.EVENTS)  # plain ints: enum arithmetic on the hot path is not free
-_POLLIN = int(zmq.POLLIN)
 _OUTPUT_CAP = 1024 * 1024  # bytes of output kept per task; the rest is summarised
 _OUTPUT_FLUSH = 0.05  # seconds between output flushes from a running task
 
@@ -176,10 +174,7 @@ class Worker:
         self.control.start()
         data = self.data
         poll = self.busy_poll
-
-        def has_input() -> int:
-            return _get(data, _EVENTS) & _POLLIN  # type: ignore[no-any-return]
-
+        has_input = functools.partial(proto.has_input, data)
         mappings = self.mappings
         while self.running:
             # The next task often follows at once: catch it awake.

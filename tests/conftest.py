@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -54,9 +55,15 @@ def no_leaked_processes() -> Iterator[None]:
     assert not leaked, f"test left processes alive: {leaked}"
 
 
+def _pool_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """``@pytest.mark.pool_options(busy_poll=0)``: options for the pool fixtures."""
+    marker = request.node.get_closest_marker("pool_options")
+    return {"workers": 2, **(marker.kwargs if marker else {})}
+
+
 @pytest.fixture
-def pool() -> Iterator[orchestra.Pool]:
-    p = orchestra.Pool(workers=2)
+def pool(request: pytest.FixtureRequest) -> Iterator[orchestra.Pool]:
+    p = orchestra.Pool(**_pool_options(request))
     p.wait_started(timeout=30)
     try:
         yield p
@@ -65,8 +72,8 @@ def pool() -> Iterator[orchestra.Pool]:
 
 
 @pytest.fixture
-async def apool() -> AsyncIterator[orchestra.Pool]:
-    p = orchestra.Pool(workers=2)
+async def apool(request: pytest.FixtureRequest) -> AsyncIterator[orchestra.Pool]:
+    p = orchestra.Pool(**_pool_options(request))
     await asyncio.wait_for(p.started(), 30)
     try:
         yield p

@@ -42,7 +42,6 @@ from orchestra_nb import (
 from orchestra_nb.testing import kill_pid, wait_for
 
 HANG_GUARD = 20.0
-FAULT_WINDOW = HANG_GUARD
 SHORT_WINDOW = 0.001  # far shorter than NAP: every poll misses
 NAP = 0.05
 
@@ -99,6 +98,24 @@ def when_started(marker: Path, fault: Callable[[int], Any]) -> concurrent.future
 def kill(pid: int) -> int:
     assert kill_pid(pid, signal.SIGKILL)
     return pid
+
+
+def sleeper_polled_for(
+    make_pool: Callable[..., orchestra.Pool], tmp_path: Path, **options: Any
+) -> tuple[orchestra.Pool, int, orchestra.TaskHandle[Any], Path]:
+    """A one-worker pool whose callers poll for 20 s, running a task that sleeps as long:
+    ``(pool, its worker's pid, the task's handle, the marker the task writes at start)``."""
+    pool = make_pool(workers=1, busy_poll=HANG_GUARD, **options)
+    [pid] = pool.worker_pids()
+    marker = tmp_path / "started"
+    return pool, pid, pool.run(announce_then_sleep, str(marker), HANG_GUARD), marker
+
+
+def assert_killed(info: pytest.ExceptionInfo[WorkerCrashedError], pid: int,
+                  killed: concurrent.futures.Future[Any]) -> None:
+    assert killed.result(HANG_GUARD) == pid
+    assert info.value.pid == pid
+    assert info.value.returncode == -signal.SIGKILL
 
 
 async def awaited(handle: orchestra.TaskHandle[Any]) -> Any:
@@ -204,16 +221,16 @@ async def test_an_awaited_poll_that_misses_leaves_the_wait_to_the_loop(make_pool
 
 
 def test_a_worker_killed_while_a_blocking_caller_polls_fails_the_call(make_pool, tmp_path: Path) -> None:
-    pool = make_pool(workers=1, busy_poll=FAULT_WINDOW, max_worker_crashes=1)
-    [pid] = pool.worker_pids()
-    marker = tmp_path / "started"
-    handle = pool.run(announce_then_sleep, str(marker), HANG_GUARD)
+    pool, pid, handle, marker = sleeper_polled_for(make_pool, tmp_path, max_worker_crashes=1)
     killed = when_started(marker, kill)
+    t0 = time.monotonic()
     with pytest.raises(WorkerCrashedError) as info:
         handle.result(HANG_GUARD)
-    assert killed.result(HANG_GUARD) == pid
-    assert info.value.pid == pid
-    assert info.value.returncode == -signal.SIGKILL
+    elapsed = time.monotonic() - t0
+    assert_killed(info, pid, killed)
+    # The task starts and is killed within milliseconds. A poll that kept the engine to
+    # itself would hide the worker's exit from the I/O thread until the window's end.
+    assert elapsed < HANG_GUARD / 2  # a hang guard: it takes milliseconds
     assert info.value.task_index == 0
     assert handle.state == TaskState.FAILED
     assert_serves(pool)
@@ -223,16 +240,11 @@ def test_a_worker_killed_while_a_blocking_caller_polls_fails_the_call(make_pool,
 async def test_a_worker_killed_while_a_coroutine_polls_fails_the_await(
     make_pool, tmp_path: Path, uncapped: None
 ) -> None:
-    pool = make_pool(workers=1, busy_poll=FAULT_WINDOW, max_worker_crashes=1)
-    [pid] = pool.worker_pids()
-    marker = tmp_path / "started"
-    handle = pool.run(announce_then_sleep, str(marker), HANG_GUARD)
+    pool, pid, handle, marker = sleeper_polled_for(make_pool, tmp_path, max_worker_crashes=1)
     killed = when_started(marker, kill)
     with pytest.raises(WorkerCrashedError) as info:
         await asyncio.wait_for(awaited(handle), HANG_GUARD)
-    assert killed.result(HANG_GUARD) == pid
-    assert info.value.pid == pid
-    assert info.value.returncode == -signal.SIGKILL
+    assert_killed(info, pid, killed)
     assert await pool.run(inc, 1) == 2
     assert_serves(pool)
     assert pid not in pool.worker_pids()
@@ -243,10 +255,7 @@ async def test_a_worker_killed_while_a_coroutine_polls_fails_the_await(
 
 def test_a_cancel_from_another_thread_while_the_caller_polls_stops_the_task(make_pool, tmp_path: Path) -> None:
     # cancel_grace=HANG_GUARD: the task must stop on the interrupt; its worker is not killed.
-    pool = make_pool(workers=1, busy_poll=FAULT_WINDOW, cancel_grace=HANG_GUARD)
-    [pid] = pool.worker_pids()
-    marker = tmp_path / "started"
-    handle = pool.run(announce_then_sleep, str(marker), HANG_GUARD)
+    pool, pid, handle, marker = sleeper_polled_for(make_pool, tmp_path, cancel_grace=HANG_GUARD)
     cancelled = when_started(marker, lambda _: handle.cancel())
     # A call's future settles once the call is final: here, once the worker interrupted it.
     with pytest.raises(concurrent.futures.CancelledError):
@@ -263,10 +272,7 @@ async def test_a_cancel_from_another_task_while_a_coroutine_polls_stops_the_task
 ) -> None:
     # The awaiting coroutine's poll is capped (_LOOP_POLL_LIMIT), so the canceller, on the
     # same loop, gets to run although the pool's window is 20 s.
-    pool = make_pool(workers=1, busy_poll=FAULT_WINDOW, cancel_grace=HANG_GUARD)
-    [pid] = pool.worker_pids()
-    marker = tmp_path / "started"
-    handle = pool.run(announce_then_sleep, str(marker), HANG_GUARD)
+    pool, pid, handle, marker = sleeper_polled_for(make_pool, tmp_path, cancel_grace=HANG_GUARD)
 
     async def cancel_once_started() -> bool:
         await asyncio.to_thread(started, marker)
@@ -288,9 +294,7 @@ async def test_a_cancel_from_another_task_while_a_coroutine_polls_stops_the_task
 
 
 def test_a_shutdown_from_another_thread_while_the_caller_polls(make_pool, tmp_path: Path) -> None:
-    pool = make_pool(workers=1, busy_poll=FAULT_WINDOW)
-    marker = tmp_path / "started"
-    handle = pool.run(announce_then_sleep, str(marker), HANG_GUARD)
+    pool, _, handle, marker = sleeper_polled_for(make_pool, tmp_path)
     closed = when_started(marker, lambda _: pool.shutdown(cancel_pending=True))
     with pytest.raises(concurrent.futures.CancelledError):
         handle.result(HANG_GUARD)
@@ -303,21 +307,6 @@ def test_a_shutdown_from_another_thread_while_the_caller_polls(make_pool, tmp_pa
 
 
 # --- the poll lets the I/O thread in; the caller's timeout bounds it ------------------------
-
-
-def test_a_crash_during_the_poll_is_noticed_before_the_window_ends(make_pool, tmp_path: Path) -> None:
-    pool = make_pool(workers=1, busy_poll=FAULT_WINDOW, max_worker_crashes=1)
-    marker = tmp_path / "started"
-    handle = pool.run(announce_then_sleep, str(marker), HANG_GUARD)
-    killed = when_started(marker, kill)
-    t0 = time.monotonic()
-    with pytest.raises(WorkerCrashedError):
-        handle.result(HANG_GUARD)
-    elapsed = time.monotonic() - t0
-    killed.result(HANG_GUARD)
-    # The task starts and is killed within milliseconds. A poll that kept the engine to
-    # itself would hide the worker's exit from the I/O thread until the window's end.
-    assert elapsed < FAULT_WINDOW / 2  # a hang guard: it takes milliseconds
 
 
 def test_a_result_timeout_counts_the_poll_against_the_timeout(make_pool, tmp_path: Path) -> None:

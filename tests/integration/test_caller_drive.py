@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -30,25 +29,8 @@ async def awaited(handle: orchestra.TaskHandle[int]) -> int:
     return await handle
 
 
-@pytest.fixture
-def sleeping_pool() -> Iterator[orchestra.Pool]:
-    """Callers and workers sleep while they wait: no busy polling."""
-    p = orchestra.Pool(workers=2, busy_poll=0)
-    p.wait_started(timeout=30)
-    try:
-        yield p
-    finally:
-        p.shutdown(cancel_pending=True)
-
-
-@pytest.fixture
-async def asleeping_pool() -> AsyncIterator[orchestra.Pool]:
-    p = orchestra.Pool(workers=2, busy_poll=0)
-    await asyncio.wait_for(p.started(), 30)
-    try:
-        yield p
-    finally:
-        await p.aclose(cancel_pending=True)
+# Callers and workers sleep while they wait: no busy polling.
+sleeping = pytest.mark.pool_options(busy_poll=0)
 
 
 async def test_results_of_an_awaited_run_are_read_on_the_awaiting_thread(
@@ -63,10 +45,10 @@ async def test_results_of_an_awaited_run_are_read_on_the_awaiting_thread(
         assert settled_on == [me]
 
 
+@sleeping
 async def test_a_result_left_unread_by_a_stuck_loop_is_read_by_the_io_thread(
-    asleeping_pool: orchestra.Pool,
+    apool: orchestra.Pool,
 ) -> None:
-    apool = asleeping_pool
     await apool.run(inc, 0)  # warm: the function is defined on the workers
     handle = apool.run(inc, 41)
     waiter = asyncio.ensure_future(awaited(handle))
@@ -85,10 +67,10 @@ async def test_a_run_from_a_stuck_loop_starts_at_once(apool: orchestra.Pool) -> 
     assert handle.result() == 2
 
 
+@sleeping
 async def test_the_io_thread_watches_the_socket_again_when_nothing_is_awaited(
-    asleeping_pool: orchestra.Pool,
+    apool: orchestra.Pool,
 ) -> None:
-    apool = asleeping_pool
     assert await apool.run(inc, 1) == 2
     # With nothing awaited, the loop lets go at its next waker tick (0.1 s).
     async with asyncio.timeout(HANG_GUARD):
@@ -117,13 +99,12 @@ def test_a_sync_caller_and_an_async_caller_share_the_pool(pool: orchestra.Pool) 
     assert results == list(range(1, 51))
 
 
-def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(
-    sleeping_pool: orchestra.Pool,
-) -> None:
+@sleeping
+def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(pool: orchestra.Pool) -> None:
     """A loop that awaited a run() and then stopped (run_until_complete returned) never gets
     to let go of the data socket: the first result left unread through a hot tick makes the
     I/O thread watch the socket again, so later synchronous callers are not held up."""
-    pool = sleeping_pool
+    assert pool._core.caller_poll.window == 0  # the pool_options marker took effect
     loop = asyncio.new_event_loop()
     try:
         assert loop.run_until_complete(awaited(pool.run(inc, 1))) == 2
