@@ -59,7 +59,12 @@ if TYPE_CHECKING:
     )
     from ._handles import MapHandle as MapHandle, TaskHandle as TaskHandle
     from ._policy import RetryPolicy as RetryPolicy
-    from ._state import TaskState as TaskState
+    from ._state import PoolState as PoolState, TaskState as TaskState, WorkerState as WorkerState
+    from ._stats import (
+        JobStatistics as JobStatistics,
+        PoolStatistics as PoolStatistics,
+        WorkerStatistics as WorkerStatistics,
+    )
 
 _EXPORTS: dict[str, str] = {
     "BrokenPoolError": "_exceptions",
@@ -71,11 +76,14 @@ _EXPORTS: dict[str, str] = {
     "JobFinished": "_events",
     "JobProgress": "_events",
     "JobStarted": "_events",
+    "JobStatistics": "_stats",
     "MapHandle": "_handles",
     "MemoryLimitError": "_exceptions",
     "OrchestraError": "_exceptions",
     "Pool": "_api",
     "PoolClosedError": "_exceptions",
+    "PoolState": "_state",
+    "PoolStatistics": "_stats",
     "RemoteError": "_exceptions",
     "RemoteTraceback": "_exceptions",
     "ResultTooLargeError": "_exceptions",
@@ -90,6 +98,8 @@ _EXPORTS: dict[str, str] = {
     "WorkerExited": "_events",
     "WorkerStalled": "_events",
     "WorkerStartError": "_exceptions",
+    "WorkerState": "_state",
+    "WorkerStatistics": "_stats",
     "WorkerStarted": "_events",
     "configure": "_api",
     "default_pool": "_api",

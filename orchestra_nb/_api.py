@@ -27,6 +27,7 @@ from ._policy import MemoryPolicy, RetryPolicy
 from ._pool import PoolCore, PoolOptions, PoolState, next_job_id
 from ._serialize import dumps, dumps_callable
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
+from ._stats import PoolStatistics
 
 __all__ = [
     "Pool",
@@ -364,13 +365,18 @@ class Pool:
 
         self._io.run_sync(resize())
 
+    def statistics(self) -> PoolStatistics:
+        """A frozen snapshot: workers (pid, state, current job and item, CPU, memory), jobs
+        with per-state counts, and the queue length."""
+
+        async def statistics() -> PoolStatistics:
+            return self._core.statistics()
+
+        return self._io.run_sync(statistics())
+
     def status(self) -> dict[str, Any]:
-        """A snapshot: workers (id, pid, state, current task), jobs and their counts."""
-
-        async def status() -> dict[str, Any]:
-            return self._core.status()
-
-        return self._io.run_sync(status())
+        """:meth:`statistics` as plain data (for JSON and quick looks)."""
+        return self.statistics().as_dict()
 
     def subscribe(self, callback: Callable[[Event], object], **filters: Any) -> Subscription:
         """Call ``callback(event)`` (on a delivery thread) for every event of this pool."""

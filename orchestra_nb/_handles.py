@@ -266,6 +266,17 @@ class _Handle:
 
     # --- inspection -------------------------------------------------------------------
 
+    def on_done(self, fn: Callable[[Any], object]) -> None:
+        """Call ``fn(handle)`` once this handle is done (a result, an error or cancelled),
+        at once if it is done already. It runs in whatever thread settles the handle, often
+        the pool's I/O thread: ``fn`` must be quick and must not block or wait for work."""
+        self._future.add_done_callback(lambda _: fn(self))
+
+    @property
+    def events(self) -> Any:
+        """The event bus of the pool this handle's work runs on."""
+        return self._core.bus
+
     @property
     def job_id(self) -> int:
         return self._job.id

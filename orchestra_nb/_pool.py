@@ -73,7 +73,8 @@ from ._policy import MemoryPolicy
 from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
-from ._state import TaskState
+from ._state import PoolState, TaskState, WorkerState
+from ._stats import JobStatistics, PoolStatistics, WorkerStatistics
 
 if TYPE_CHECKING:
     from ._ioloop import EngineLoop
@@ -87,14 +88,6 @@ PREFETCH = 4
 DRAIN_BUDGET = 64  # messages handled per I/O callback before other callbacks get a turn
 FUNCTION_CACHE = 64  # callables cached per worker
 MAX_START_FAILURES = 3  # consecutive workers dying before Ready -> BrokenPoolError
-
-
-class PoolState:
-    UNOPENED = "unopened"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
-    BROKEN = "broken"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1085,22 +1078,36 @@ class PoolCore:
 
     # --- introspection ----------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def statistics(self) -> PoolStatistics:
+        """A frozen snapshot of the workers, the jobs and the queue (on the engine)."""
+        now = time.monotonic()
         workers = []
         for w in self.workers.values():
             running = w.running_chunk
-            workers.append({
-                "id": w.id, "pid": w.pid, "state": w.state, "stalled": w.stalled,
-                "tasks_done": w.tasks_done,
-                "current": None if running is None else (running.job.id, running.start, running.count),
-                "queued_chunks": max(0, len(w.inflight) - 1),
-            })
-        jobs = [{
-            "id": j.id, "name": j.name, "total": j.total, "pulled": j.pulled,
-            "counts": {s.name: j.counts[s] for s in TaskState},
-        } for j in self.jobs.values() if not j.internal]
-        return {"state": self.state, "target_workers": self.target_workers, "workers": workers,
-                "jobs": jobs, "bad_messages": self.bad_messages}
+            cpu, rss = w.sample() if w.state != WorkerState.DEAD else (None, None)
+            workers.append(WorkerStatistics(
+                id=w.id, pid=w.pid, state=WorkerState(w.state), stalled=w.stalled,
+                tasks_done=w.tasks_done,
+                job=None if running is None else running.job.id,
+                item=None if running is None else running.start,
+                queued_chunks=max(0, len(w.inflight) - 1),
+                cpu_percent=cpu, memory_bytes=rss,
+            ))
+        jobs = []
+        queued = 0
+        for j in self.jobs.values():
+            if j.internal:
+                continue
+            counts = tuple(j.counts)
+            queued += counts[TaskState.PENDING] + counts[TaskState.RETRYING]
+            jobs.append(JobStatistics(
+                id=j.id, name=j.name, total=j.total, read=j.pulled,
+                counts={s: counts[s] for s in TaskState},
+                elapsed=(j.ended_at or now) - j.started_at,
+                finished=j.finished.is_set(), cancelled=j.cancelled,
+            ))
+        return PoolStatistics("local", PoolState(self.state), self.target_workers, tuple(workers),
+                              tuple(jobs), queued, self.bad_messages)
 
 
 _job_ids = iter(range(1, sys.maxsize))

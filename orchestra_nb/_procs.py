@@ -19,8 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from ._jobs import Chunk
+from ._state import WorkerState
 
 __all__ = [
     "WorkerProc",
@@ -39,7 +41,7 @@ class WorkerProc:
         self.proc = proc
         self.pid = proc.pid
         self.log_path = log_path
-        self.state = "starting"  # -> ready -> stopping -> dead
+        self.state = WorkerState.STARTING  # -> READY -> STOPPING -> DEAD
         self.inflight: collections.deque[Chunk] = collections.deque()
         self.assigned: collections.deque[Chunk] = collections.deque()  # must run here, first
         self.functions: collections.OrderedDict[bytes, None] = collections.OrderedDict()
@@ -54,6 +56,20 @@ class WorkerProc:
         self.pidfd: int | None = None
         self.held: set[str] = set()  # the pool's argument segments this worker may map
         self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
+        self._ps: Any = None  # psutil.Process, made by the first sample()
+
+    def sample(self) -> tuple[float | None, int | None]:
+        """(CPU percent since the last sample, resident bytes), None where unknown."""
+        import psutil
+
+        try:
+            if self._ps is None:
+                self._ps = psutil.Process(self.pid)
+                self._ps.cpu_percent(None)
+            with self._ps.oneshot():
+                return self._ps.cpu_percent(None), self._ps.memory_info().rss
+        except psutil.Error:
+            return None, None
 
     @property
     def running_chunk(self) -> Chunk | None:
