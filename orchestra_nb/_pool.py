@@ -58,7 +58,7 @@ from ._exceptions import (
     WorkerCrashedError,
     describe_exit,
 )
-from ._jobs import Chunk, Job, next_job_id
+from ._jobs import Chunk, Job, describe_input, next_job_id
 from ._policy import MemoryPolicy
 from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
@@ -477,7 +477,8 @@ class PoolCore:
             job.results[index] = None
             job.transition(index, 1, TaskState.CANCELLED, w.id)
             return
-        note = f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job {job.id}"
+        note = (f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job "
+                f"{job.id} ({job.name!r}), input {describe_input(job, chunk.items[offset])}")
         exc = rebuild_exception(record, note)
         self._fail_item(job, chunk, offset, exc, w)
 
