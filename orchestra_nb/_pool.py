@@ -294,7 +294,10 @@ class PoolCore:
                 w.last_seen = time.monotonic()
                 if w.stalled:
                     w.stalled = False
-                self._handle(w, msg, payload)
+                try:
+                    self._handle(w, msg, payload)
+                except Exception as exc:  # a bug here must not leave the job RUNNING forever
+                    self._engine_failed(msg, exc)
                 handled = True
             else:
                 self.loop.call_soon(self._drain, sock)  # budget spent: more may be waiting
@@ -407,6 +410,19 @@ class PoolCore:
             if all(x.state != "starting" for x in self.workers.values()):
                 self.all_ready.set()
 
+    def _engine_failed(self, msg: proto.Message, exc: Exception) -> None:
+        """The pool's own code raised while handling ``msg``: fail the job it was about
+        (with that error, as its cause) instead of leaving its tasks unfinished."""
+        job = self.jobs.get(getattr(msg, "job", -1))
+        if job is None:
+            raise exc  # about no job: the loop's exception handler reports it
+        err = RuntimeError(
+            f"orchestra_nb internal error while handling a {type(msg).__name__} message of "
+            f"job {job.id}: {type(exc).__name__}: {exc}"
+        )
+        err.__cause__ = exc
+        self._fail_job(job, err)
+
     def _on_result(self, w: WorkerProc, msg: proto.Result, payload: list[Any]) -> None:
         chunk = _pop_chunk(w, msg.job, msg.start)
         if chunk is None:
@@ -444,6 +460,7 @@ class PoolCore:
         job.results[start : start + count] = values
         if job.circuit is not None:
             self._circuit_outcome(job, errors, count)
+        errors = errors or {}  # None when every task of the chunk succeeded
         if not errors and not job.cancelled_items:
             job.set_state(start, count, TaskState.SUCCEEDED)
             if self.bus.active:
@@ -453,11 +470,12 @@ class PoolCore:
         ):
             # The worker could not load the chunk's arguments: one item is to blame, unknown
             # which. Re-run them one by one so that only the culprit fails.
-            job.set_state(start, count, TaskState.PENDING)
             for offset in reversed(range(count)):
+                if job.states[start + offset] in _FINAL_BYTES:  # a call cancelled meanwhile
+                    continue
+                job.set_state(start + offset, 1, TaskState.PENDING)
                 self._requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
         else:
-            errors = errors or {}
             for offset in range(count):
                 if offset not in errors and job.states[start + offset] not in _FINAL_BYTES:
                     job.set_state(start + offset, 1, TaskState.SUCCEEDED)
@@ -622,12 +640,7 @@ class PoolCore:
                 self._fail_range(job, chunk, exc)
             elif running and chunk.count > 1:
                 # Which item killed it is unknown: retry them one by one, blaming none yet.
-                job.set_state(chunk.start, chunk.count, TaskState.PENDING)
-                for offset in reversed(range(chunk.count)):
-                    if chunk.start + offset in job.cancelled_items:  # cancelled: not re-run
-                        job.set_state(chunk.start + offset, 1, TaskState.CANCELLED)
-                        continue
-                    self._requeue(job, Chunk(job, chunk.start + offset, [chunk.items[offset]]), front=True)
+                self._requeue_open_items(job, chunk)
             elif running:
                 crashes = job.crashes.get(chunk.start, 0) + 1
                 job.crashes[chunk.start] = crashes
@@ -638,6 +651,8 @@ class PoolCore:
                 else:
                     job.set_state(chunk.start, 1, TaskState.PENDING)
                     self._requeue(job, chunk, front=True)
+            elif any(job.states[chunk.start + k] in _FINAL_BYTES for k in range(chunk.count)):
+                self._requeue_open_items(job, chunk)  # calls of it were cancelled meanwhile
             else:
                 job.set_state(chunk.start, chunk.count, TaskState.PENDING)
                 self._requeue(job, chunk, front=True)
@@ -646,9 +661,23 @@ class PoolCore:
         w.inflight.clear()
         w.assigned.clear()
 
+    def _requeue_open_items(self, job: Job, chunk: Chunk) -> None:
+        """Re-queue the items of ``chunk`` one by one, except those already final (a
+        cancelled call of a batch) or cancelled since: those are never run again."""
+        for offset in reversed(range(chunk.count)):
+            index = chunk.start + offset
+            if job.states[index] in _FINAL_BYTES:
+                continue
+            if index in job.cancelled_items:
+                job.set_state(index, 1, TaskState.CANCELLED)
+                continue
+            job.set_state(index, 1, TaskState.PENDING)
+            self._requeue(job, Chunk(job, index, [chunk.items[offset]]), front=True)
+
     def _fail_range(self, job: Job, chunk: Chunk, exc: BaseException) -> None:
         for offset in range(chunk.count):
-            self._fail_item(job, chunk, offset, exc, None)
+            if job.states[chunk.start + offset] not in _FINAL_BYTES:  # e.g. a cancelled call
+                self._fail_item(job, chunk, offset, exc, None)
 
     def _cancel_range(self, job: Job, start: int, count: int) -> None:
         for index in range(start, start + count):
