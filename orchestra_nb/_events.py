@@ -21,6 +21,7 @@ __all__ = [
     "TaskOutput",
     "TaskStateChanged",
     "WorkerExited",
+    "WorkerSpawnFailed",
     "WorkerStalled",
     "WorkerStarted",
 ]
@@ -98,6 +99,18 @@ class WorkerExited:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSpawnFailed:
+    """Starting a worker failed (out of descriptors or processes, ...): the pool has
+    ``alive`` of its ``target`` workers and tries again in ``retry_in`` seconds, for as
+    long as it is open."""
+
+    error: str
+    alive: int
+    target: int
+    retry_in: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerStalled:
     """No heartbeat from a worker for ``silent_for`` seconds (its process is still alive)."""
 
@@ -122,6 +135,7 @@ Event: TypeAlias = (
     | TaskOutput
     | WorkerStarted
     | WorkerExited
+    | WorkerSpawnFailed
     | WorkerStalled
     | CircuitChanged
 )

@@ -55,6 +55,7 @@ from ._events import (
     TaskOutput,
     TaskStateChanged,
     WorkerExited,
+    WorkerSpawnFailed,
     WorkerStalled,
     WorkerStarted,
 )
@@ -87,7 +88,9 @@ SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hi
 PREFETCH = 4
 DRAIN_BUDGET = 64  # messages handled per I/O callback before other callbacks get a turn
 FUNCTION_CACHE = 64  # callables cached per worker
-MAX_START_FAILURES = 3  # consecutive workers dying before Ready -> BrokenPoolError
+MAX_START_FAILURES = 3  # consecutive workers exiting by themselves before Ready -> broken
+SPAWN_RETRY_FIRST = 0.05  # seconds before retrying a failed worker start, doubling...
+SPAWN_RETRY_MAX = 5.0  # ... up to this
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,6 +131,9 @@ class PoolCore:
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
         self.start_failures = 0
+        self.spawn_failures = 0  # consecutive failed worker starts (retried with backoff)
+        self.spawn_error: str | None = None
+        self._respawn_handle: asyncio.TimerHandle | None = None
         self.broken: BrokenPoolError | None = None
         self.all_ready: asyncio.Event = asyncio.Event()
         self.closed_event: asyncio.Event = asyncio.Event()
@@ -162,7 +168,8 @@ class PoolCore:
         self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
         self.state = PoolState.RUNNING
         for _ in range(self.target_workers):
-            self._spawn()
+            if self._spawn() is None:
+                break  # retried with backoff
         self._tick_handle = self.loop.call_later(0.25, self._tick)
 
     def _router(self, addr: str) -> zmq.Socket[Any]:
@@ -174,20 +181,67 @@ class PoolCore:
         sock.bind(addr)
         return sock
 
-    def _spawn(self) -> WorkerProc:
+    def _spawn(self) -> WorkerProc | None:
+        """Start one worker; None if that failed (out of descriptors or processes, the run
+        directory gone...): then a retry is scheduled, with backoff, while the pool is open."""
         self._worker_ids += 1
-        w = spawn_worker(
-            self._worker_ids, self.run_dir, self.key, self.shm_dir,
-            python=self.options.python, env=self.options.env,
-            threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
-            max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
-        )
+        try:
+            if not os.path.isdir(self.run_dir):
+                self._restore_run_dir()
+            w = spawn_worker(
+                self._worker_ids, self.run_dir, self.key, self.shm_dir,
+                python=self.options.python, env=self.options.env,
+                threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
+                max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
+            )
+        except (OSError, zmq.ZMQError) as exc:
+            self._spawn_failed(exc)
+            return None
+        try:
+            w.pidfd = os.pidfd_open(w.pid)
+        except OSError as exc:  # started, but cannot be watched: not a worker we can use
+            w.kill("close", "its exit could not be watched")
+            w.close_stdin()
+            w.proc.wait()
+            self._spawn_failed(exc)
+            return None
+        self.spawn_failures = 0
+        self.spawn_error = None
         self.workers[w.id] = w
-        w.pidfd = os.pidfd_open(w.pid)
         self.loop.add_reader(w.pidfd, self._on_exit, w)
         w.timers.append(self.loop.call_later(self.options.start_timeout, self._start_timeout, w))
         self.all_ready.clear()
         return w
+
+    def _spawn_failed(self, exc: BaseException) -> None:
+        self.spawn_failures += 1
+        self.spawn_error = f"{type(exc).__name__}: {exc}"
+        delay = min(SPAWN_RETRY_MAX, SPAWN_RETRY_FIRST * 2 ** (self.spawn_failures - 1))
+        delay *= 0.5 + self.options.retry_random()  # several pools: not all at once
+        alive = sum(1 for x in self.workers.values() if not x.retire)
+        self.bus.publish(WorkerSpawnFailed(self.spawn_error, alive, self.target_workers, delay))
+        if self._respawn_handle is None:
+            self._respawn_handle = self.loop.call_later(delay, self._respawn_missing)
+
+    def _respawn_missing(self) -> None:
+        self._respawn_handle = None
+        if self.state != PoolState.RUNNING:
+            return
+        alive = sum(1 for x in self.workers.values() if not x.retire)
+        for _ in range(self.target_workers - alive):
+            if self._spawn() is None:
+                break  # the next try is scheduled
+        self._pump()
+
+    def _restore_run_dir(self) -> None:
+        """Something deleted the run directory: make it again and bind the sockets anew
+        (connected workers keep their connections; new ones need the socket files)."""
+        os.mkdir(self.run_dir, 0o700)
+        for sock, name in ((self.data, "data"), (self.ctrl, "ctrl")):
+            addr = f"ipc://{self.run_dir}/{name}"
+            with contextlib.suppress(zmq.ZMQError):
+                sock.unbind(addr)
+            sock.bind(addr)
 
     def _start_timeout(self, w: WorkerProc) -> None:
         if w.state == "starting":
@@ -232,6 +286,8 @@ class PoolCore:
     def _teardown(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._respawn_handle is not None:
+            self._respawn_handle.cancel()
         self.loop.remove_hot_check(self._check_unread)
         for fd, sock in ((self.data_fd, self.data), (self.ctrl.FD, self.ctrl)):
             with contextlib.suppress(Exception):
@@ -252,7 +308,8 @@ class PoolCore:
         self.target_workers = workers
         alive = [w for w in self.workers.values() if w.state in ("starting", "ready") and not w.retire]
         for _ in range(workers - len(alive)):
-            self._spawn()
+            if self._spawn() is None:
+                break  # retried with backoff
         # Shrink: idle workers first, busy ones once their chunk is done.
         for w in sorted(alive, key=lambda w: len(w.inflight))[: max(0, len(alive) - workers)]:
             w.retire = True
@@ -600,7 +657,11 @@ class PoolCore:
         else:
             reason = "crashed"
         self.bus.publish(WorkerExited(w.id, w.pid, returncode, reason))
-        if not was_ready and w.kill_kind != "close" and self.state == PoolState.RUNNING:
+        # Only a worker that exited by itself before its handshake (an import error, a bad
+        # interpreter), or hung past start_timeout, says the environment is broken; one
+        # killed by a signal from outside (or by the pool for another reason) is a crash.
+        by_itself = w.kill_kind is None and returncode >= 0
+        if not was_ready and (by_itself or w.kill_kind == "start") and self.state == PoolState.RUNNING:
             self.start_failures += 1
             if self.start_failures >= MAX_START_FAILURES:
                 self._break(w, returncode)
@@ -609,7 +670,8 @@ class PoolCore:
         if self.state == PoolState.RUNNING:
             alive = sum(1 for x in self.workers.values() if not x.retire)
             for _ in range(self.target_workers - alive):
-                self._spawn()
+                if self._spawn() is None:
+                    break  # retried with backoff
         self._pump()
 
     def _recover_chunks(self, w: WorkerProc, returncode: int) -> None:
@@ -1136,7 +1198,7 @@ class PoolCore:
                 finished=j.finished.is_set(), cancelled=j.cancelled,
             ))
         return PoolStatistics("local", PoolState(self.state), self.target_workers, tuple(workers),
-                              tuple(jobs), queued, self.bad_messages)
+                              tuple(jobs), queued, self.bad_messages, self.spawn_error)
 
 
 _job_ids = iter(range(1, sys.maxsize))
