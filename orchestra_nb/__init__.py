@@ -57,7 +57,14 @@ if TYPE_CHECKING:
         WorkerCrashedError as WorkerCrashedError,
         WorkerStartError as WorkerStartError,
     )
+    from ._driver import (
+        CallbackWarning as CallbackWarning,
+        CompositeHandle as CompositeHandle,
+        StepFailed as StepFailed,
+        StepStatus as StepStatus,
+    )
     from ._handles import MapHandle as MapHandle, TaskHandle as TaskHandle
+    from ._pipeline import Map as Map, Parallel as Parallel, Sequence as Sequence, Task as Task
     from ._policy import RetryPolicy as RetryPolicy
     from ._state import PoolState as PoolState, TaskState as TaskState, WorkerState as WorkerState
     from ._stats import (
@@ -68,18 +75,22 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "BrokenPoolError": "_exceptions",
+    "CallbackWarning": "_driver",
     "CircuitBreaker": "_circuit",
     "CircuitChanged": "_events",
     "CircuitGroup": "_circuit",
     "CircuitOpenError": "_exceptions",
     "CircuitState": "_circuit",
+    "CompositeHandle": "_driver",
     "JobFinished": "_events",
     "JobProgress": "_events",
     "JobStarted": "_events",
     "JobStatistics": "_stats",
+    "Map": "_pipeline",
     "MapHandle": "_handles",
     "MemoryLimitError": "_exceptions",
     "OrchestraError": "_exceptions",
+    "Parallel": "_pipeline",
     "Pool": "_api",
     "PoolClosedError": "_exceptions",
     "PoolState": "_state",
@@ -89,6 +100,10 @@ _EXPORTS: dict[str, str] = {
     "ResultTooLargeError": "_exceptions",
     "RetryPolicy": "_policy",
     "SerializationError": "_exceptions",
+    "Sequence": "_pipeline",
+    "StepFailed": "_driver",
+    "StepStatus": "_driver",
+    "Task": "_pipeline",
     "TaskHandle": "_handles",
     "TaskOutput": "_events",
     "TaskState": "_state",

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from . import _handles, _protocol as proto
+from . import _driver, _handles, _protocol as proto
 from ._bus import EventBus, Subscription
 from ._circuit import CircuitBreaker, CircuitChange
 from ._events import CircuitChanged, Event
@@ -57,6 +57,8 @@ class _CallOptions:
     retry: RetryPolicy | None = None
     name: str | None = None
     circuit: CircuitBreaker | None = None
+    on_success: Callable[[Any], object] | None = None
+    on_error: Callable[[BaseException], object] | None = None
 
 
 class Pool:
@@ -165,6 +167,10 @@ class Pool:
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
         circuit: CircuitBreaker | None = None,
+        on_success: Callable[[list[T]], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
+        on_item_success: Callable[[int, T], object] | None = None,
+        on_item_error: Callable[[int, BaseException], object] | None = None,
     ) -> MapHandle[T]:
         """Apply ``fn`` to every item (``fn(*items)`` with several iterables, like ``map``).
 
@@ -176,9 +182,20 @@ class Pool:
         that runs too long, then kills its worker if it does not stop; ``retries`` with
         ``retry_on`` re-runs failed tasks with exponential backoff; ``circuit`` (from
         :meth:`circuit`) admits every task through a circuit breaker (tasks run one per chunk).
+        ``on_success(results)``/``on_error(exc)`` once for the job, ``on_item_success(index,
+        value)``/``on_item_error(index, exc)`` once per item: see ``_driver``. Iterables that
+        are handles or steps are awaited first (the handle returned is then a
+        ``CompositeHandle``).
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
+        if on_success or on_error or on_item_success or on_item_error or _driver.has_deferred(iterables):
+            return _driver.map_call(  # type: ignore[no-any-return]
+                self, iterables, lambda its: self.map(fn, *its, chunksize=chunksize, ordered=ordered,
+                    return_exceptions=return_exceptions, timeout=timeout, retries=retries,
+                    retry_on=retry_on, name=name, circuit=circuit),
+                _driver.Callbacks.of(on_success, on_error, name or _name(fn)),
+                _driver.Callbacks.of(on_item_success, on_item_error, name or _name(fn)), name or _name(fn))
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
         star = len(iterables) > 1
@@ -212,10 +229,13 @@ class Pool:
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
         circuit: CircuitBreaker | None = None,
+        on_success: Callable[[Any], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
     ) -> _Configured:
-        """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``."""
+        """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``;
+        ``on_success(value)``/``on_error(exc)`` are called once when the call ends."""
         return _Configured(self, _CallOptions(_check_timeout(timeout), _retry(retries, retry_on),
-                                              name, _check_circuit(circuit)))
+                                              name, _check_circuit(circuit), on_success, on_error))
 
     def circuit(
         self,
@@ -249,6 +269,12 @@ class Pool:
     def _run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], opts: _CallOptions
     ) -> TaskHandle[Any]:
+        if opts.on_success or opts.on_error or _driver.has_deferred(args, kwargs):
+            plain = dataclasses.replace(opts, on_success=None, on_error=None)
+            label = opts.name or _name(fn)
+            return _driver.run_call(  # type: ignore[no-any-return]
+                self, fn, args, kwargs, lambda a, k: self._run(fn, a, k, plain),
+                _driver.Callbacks.of(opts.on_success, opts.on_error, label), label)
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         frames = _check_arguments(fn, item, self._core.segments or self._core.shm_dir)
@@ -471,6 +497,8 @@ class _Configured:
         kw.setdefault("retries", self._opts.retry)
         kw.setdefault("name", self._opts.name)
         kw.setdefault("circuit", self._opts.circuit)
+        kw.setdefault("on_success", self._opts.on_success)
+        kw.setdefault("on_error", self._opts.on_error)
         return self._pool.map(fn, *iterables, **kw)
 
 
