@@ -32,6 +32,12 @@ if TYPE_CHECKING:
         CircuitGroup as CircuitGroup,
         CircuitState as CircuitState,
     )
+    from ._driver import (
+        CallbackWarning as CallbackWarning,
+        CompositeHandle as CompositeHandle,
+        StepFailed as StepFailed,
+        StepStatus as StepStatus,
+    )
     from ._events import (
         CircuitChanged as CircuitChanged,
         JobFinished as JobFinished,
@@ -57,15 +63,16 @@ if TYPE_CHECKING:
         WorkerCrashedError as WorkerCrashedError,
         WorkerStartError as WorkerStartError,
     )
-    from ._driver import (
-        CallbackWarning as CallbackWarning,
-        CompositeHandle as CompositeHandle,
-        StepFailed as StepFailed,
-        StepStatus as StepStatus,
-    )
     from ._handles import MapHandle as MapHandle, TaskHandle as TaskHandle
     from ._pipeline import Map as Map, Parallel as Parallel, Sequence as Sequence, Task as Task
     from ._policy import RetryPolicy as RetryPolicy
+    from ._schedule import (
+        ScheduledHandle as ScheduledHandle,
+        Scheduler as Scheduler,
+        every as every,
+        run_after as run_after,
+        run_at as run_at,
+    )
     from ._state import PoolState as PoolState, TaskState as TaskState, WorkerState as WorkerState
     from ._stats import (
         JobStatistics as JobStatistics,
@@ -99,6 +106,8 @@ _EXPORTS: dict[str, str] = {
     "RemoteTraceback": "_exceptions",
     "ResultTooLargeError": "_exceptions",
     "RetryPolicy": "_policy",
+    "ScheduledHandle": "_schedule",
+    "Scheduler": "_schedule",
     "SerializationError": "_exceptions",
     "Sequence": "_pipeline",
     "StepFailed": "_driver",
@@ -118,9 +127,12 @@ _EXPORTS: dict[str, str] = {
     "WorkerStarted": "_events",
     "configure": "_api",
     "default_pool": "_api",
+    "every": "_schedule",
     "map": "_api",
     "options": "_api",
     "run": "_api",
+    "run_after": "_schedule",
+    "run_at": "_schedule",
     "run_on_all": "_api",
     "shutdown": "_api",
     "status": "_api",

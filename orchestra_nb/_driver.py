@@ -757,21 +757,7 @@ class CompositeHandle(Generic[T]):
         return self._wait().__await__()
 
     async def _wait(self) -> T:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._outcome.add_done_callback(lambda _: loop.call_soon_threadsafe(_wake, fut))
-        ticker = _Ticker(loop)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            self.cancel()  # the awaiting cell was interrupted: stop every part too
-            raise
-        finally:
-            ticker.stop()
-        try:
-            return self._outcome.result(0)
-        except concurrent.futures.CancelledError:
-            raise asyncio.CancelledError(f"{self.name} was cancelled") from None
+        return await wait_outcome(self._outcome, self.cancel, self.name)
 
     def __iter__(self) -> Iterator[Any]:
         """A call's map results as they come (waits until it is submitted)."""
@@ -796,6 +782,26 @@ def _pause_handle(handle: Any, paused: bool) -> None:
     method = getattr(handle, "pause" if paused else "resume", None)
     if method is not None and not handle.done():
         method()
+
+
+async def wait_outcome(outcome: concurrent.futures.Future[T], cancel: Callable[[], object], name: str) -> T:
+    """Await a thread-safe future from any loop; interrupting the await calls ``cancel()``.
+    The loop is woken every 0.1 s meanwhile, so that a notebook's interrupt gets through."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    outcome.add_done_callback(lambda _: loop.call_soon_threadsafe(_wake, fut))
+    ticker = _Ticker(loop)
+    try:
+        await fut
+    except asyncio.CancelledError:
+        cancel()  # the awaiting cell was interrupted: stop the work too
+        raise
+    finally:
+        ticker.stop()
+    try:
+        return outcome.result(0)
+    except concurrent.futures.CancelledError:
+        raise asyncio.CancelledError(f"{name} was cancelled") from None
 
 
 class _Ticker:
