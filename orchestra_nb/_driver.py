@@ -80,6 +80,7 @@ class StepFailed(OrchestraError):
         super().__init__(f"step {step!r} failed: {type(cause).__name__}: {cause}")
         self.step = step
         self.__cause__ = cause
+        self.__suppress_context__ = True
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_step_failed, (self.step, self.__cause__))
@@ -341,8 +342,8 @@ async def resolve(
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
             if isinstance(value, CompositeHandle) and value in started:
                 raise
-            raise StepFailed(f"{what} / {label}", concurrent.futures.CancelledError(
-                f"{label} of {what} was cancelled")) from None
+            cancelled = concurrent.futures.CancelledError(f"{label} of {what} was cancelled")
+            raise StepFailed(f"{what} / {label}", cancelled) from cancelled
         except BaseException as exc:
             raise StepFailed(f"{what} / {label}", exc) from exc
 
@@ -587,21 +588,23 @@ class CompositeHandle(Generic[T]):
         except BaseException as exc:
             root.state = TaskState.FAILED
             root.error = error = exc
+            if self._callbacks is not None:
+                self._callbacks.call(self._callbacks.on_error, "on_error", error)
             self._settle(lambda: self._outcome.set_exception(error))
             return
         root.state = TaskState.SUCCEEDED
+        if self._callbacks is not None:
+            self._callbacks.call(self._callbacks.on_success, "on_success", value)
         self._settle(lambda: self._outcome.set_result(value))
 
     def _settle(self, set_outcome: Callable[[], object]) -> None:
+        # The callbacks were queued first: whoever sees the outcome can wait for them.
         self._inner_ready.set()
-        set_outcome()
         with self._lock:
+            set_outcome()
             callbacks, self._done_callbacks = self._done_callbacks, []
         for fn in callbacks:
             fn(self)
-        if self._callbacks is not None:
-            _callbacks.submit(_EMPTY_CONTEXT, self._callbacks.settle, (self,),
-                              f"callbacks of {self.name}")
 
     async def gate(self) -> None:
         """Wait here while the composite is paused (before submitting a part)."""

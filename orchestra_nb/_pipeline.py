@@ -118,8 +118,10 @@ class Step(Deferred):
 
 
 async def _execute(step: Step, run: _Run, record: StepRecord, has_input: bool, value: Any) -> Any:
-    """Run ``step`` with its record kept up to date; parts never reached end CANCELLED."""
-    record.state = TaskState.RUNNING
+    """Run ``step`` with its record kept up to date; parts never reached end CANCELLED.
+    A leaf (Task, Map) stays PENDING until it is submitted (e.g. while paused)."""
+    if step.kind in ("sequence", "parallel"):
+        record.state = TaskState.RUNNING
     try:
         result = await step._execute(run, record, has_input, value)
     except asyncio.CancelledError:
@@ -169,6 +171,7 @@ class Task(Step):
         except Exception as exc:  # an unpicklable argument, a closed pool...
             raise StepFailed(record.path, exc) from exc
         record.handle = handle
+        record.state = TaskState.RUNNING
         return await await_owned(handle, record)
 
     def __repr__(self) -> str:
@@ -176,7 +179,8 @@ class Task(Step):
 
 
 class Map(Step):
-    """``fn`` over every item of the previous step's result (or of ``iterable``), as one map.
+    """``fn`` over every item of ``iterable`` if given, else of its input (the previous
+    step's result), as one map.
 
     Keyword options are ``map``'s (``chunksize``, ``ordered``, ``return_exceptions``,
     ``timeout``, ``retries``, ``retry_on``, ``on_item_success``, ``on_item_error``...).
@@ -198,10 +202,10 @@ class Map(Step):
         self.name = name or f"map({_name(fn)})"
 
     async def _execute(self, run: _Run, record: StepRecord, has_input: bool, value: Any) -> Any:
-        if has_input:
-            source = value
-        elif self.iterable is not None:
+        if self.iterable is not None:  # given explicitly: the input is not used
             source = self.iterable
+        elif has_input:
+            source = value
         else:
             raise StepFailed(record.path, TypeError(
                 f"{self.name} has no input: give it an iterable, or put it after a step in a Sequence"))
@@ -219,6 +223,7 @@ class Map(Step):
         except Exception as exc:
             raise StepFailed(record.path, exc) from exc
         record.handle = handle
+        record.state = TaskState.RUNNING
         run.handle.track(handle)
         try:
             return await await_owned(handle, record)
@@ -335,8 +340,8 @@ class Parallel(Step):
         except BaseExceptionGroup as group_error:
             first = group_error.exceptions[0]
             if isinstance(first, _Stop):
-                raise StepFailed(record.path, BaseExceptionGroup(
-                    f"stopped after {len(stopped)} failures", stopped)) from None
+                failed = BaseExceptionGroup(f"stopped after {len(stopped)} failures", stopped)
+                raise StepFailed(record.path, failed) from failed
             if isinstance(first, StepFailed):  # the first failure (others may have been in flight)
                 raise first from first.__cause__
             raise
