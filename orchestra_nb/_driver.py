@@ -563,6 +563,9 @@ class CompositeHandle(Generic[T]):
         self._inner: Any = None  # a call's own handle, once submitted (for job_id, iteration)
         self._running_maps: set[Any] = set()  # paused with the composite if they can be
         self._inner_ready = threading.Event()
+        # The composite runs in its starter's context: what its parts display or print goes
+        # to the notebook cell that started it (and a caller can suppress per-job views).
+        self._context = contextvars.copy_context()
         self._loop = _driver.loop()
         self._loop.call_soon_threadsafe(self._begin, body)
 
@@ -572,7 +575,8 @@ class CompositeHandle(Generic[T]):
         self._gate = asyncio.Event()
         if not self._paused:
             self._gate.set()
-        self._task = self._loop.create_task(self._main(body), name=f"orchestra: {self.name}")
+        self._task = self._loop.create_task(self._main(body), name=f"orchestra: {self.name}",
+                                            context=self._context)
         if self._cancel_requested:
             self._task.cancel()
 

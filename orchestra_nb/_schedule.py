@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import contextvars
 import datetime
 import heapq
 import itertools
@@ -109,6 +110,7 @@ class ScheduledHandle:
         self._overlap = overlap
         self._pool = pool
         self._outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._context = contextvars.copy_context()  # runs start in the scheduling caller's context
         self._next: float | None = first  # clock time of the next due start
         self._due_index = 0  # which multiple of the interval is due next
         self._launched = 0  # runs started or queued
@@ -351,7 +353,7 @@ class Scheduler:
             return
         try:
             pool = handle._pool if handle._pool is not None else default_pool()
-            run = handle._target(pool)
+            run = handle._context.run(handle._target, pool)
         except BaseException as exc:
             self._end(handle, exc)
             return
