@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         CompositeHandle as CompositeHandle,
         StepFailed as StepFailed,
         StepStatus as StepStatus,
+        wait_callbacks as wait_callbacks,
     )
     from ._events import (
         CircuitChanged as CircuitChanged,
@@ -136,6 +137,7 @@ _EXPORTS: dict[str, str] = {
     "run_on_all": "_api",
     "shutdown": "_api",
     "status": "_api",
+    "wait_callbacks": "_driver",
 }
 
 __all__ = sorted([*_EXPORTS, "load_ipython_extension", "unload_ipython_extension"])

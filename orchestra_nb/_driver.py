@@ -65,6 +65,7 @@ __all__ = [
     "StepFailed",
     "StepStatus",
     "close",
+    "wait_callbacks",
 ]
 
 T = TypeVar("T")
@@ -161,7 +162,23 @@ class _CallbackThread:
         self._thread: threading.Thread | None = None
         self._busy = False
         self._stop = False
+        # Handles whose callbacks are queued when they settle: a handle wakes its waiters
+        # before it runs its done-callbacks, so wait_idle() also waits for the done ones.
+        self._watched: dict[int, Any] = {}
         self.errors = 0  # callbacks that raised, since the start of the process
+
+    def when_done(self, handle: Any, fn: Callable[..., object], args: tuple[Any, ...], what: str) -> None:
+        """Queue ``fn(*args)`` (in an empty context) once ``handle`` is done."""
+        key = id(handle)
+        with self._cond:
+            self._watched[key] = handle
+
+        def queue(_: Any) -> None:
+            with self._cond:
+                self._watched.pop(key, None)
+            self.submit(_EMPTY_CONTEXT, fn, args, what)
+
+        handle.on_done(queue)
 
     def submit(self, context: contextvars.Context, fn: Callable[..., object], args: tuple[Any, ...],
                what: str) -> None:
@@ -194,9 +211,11 @@ class _CallbackThread:
                 context.run(_report, what, exc)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until every callback queued so far has run; False on timeout."""
+        """Block until the callbacks of every finished handle have run; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            return self._cond.wait_for(
+                lambda: not self._queue and not self._busy
+                and not any(h.done() for h in self._watched.values()), timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Run what is queued, then stop the thread."""
@@ -227,7 +246,8 @@ atexit.register(close, 3.0)
 
 
 def wait_callbacks(timeout: float | None = None) -> bool:
-    """Block until every callback queued so far has run (for tests and scripts)."""
+    """Block until the callbacks (``on_success=``...) of all work finished so far have run;
+    False on timeout. For scripts and tests that read what their callbacks recorded."""
     return _callbacks.wait_idle(timeout)
 
 
@@ -384,8 +404,7 @@ class _ItemWatcher:
         self._finished = False
         self._sub = handle.events.subscribe(self._on_event, types=(TaskStateChanged,), job_id=handle.job_id)
         self._queue_scan()  # items that finished before the subscription
-        handle.on_done(lambda _: _callbacks.submit(_EMPTY_CONTEXT, self._finish, (),
-                                                   f"callbacks of {handle.name}"))
+        _callbacks.when_done(handle, self._finish, (), f"callbacks of {handle.name}")
 
     def _on_event(self, event: Any) -> None:
         if event.state in (TaskState.SUCCEEDED, TaskState.FAILED):
@@ -436,8 +455,7 @@ def attach_callbacks(handle: Any, job: Callbacks | None, items: Callbacks | None
     if items is not None and isinstance(handle, MapHandle):
         _ItemWatcher(handle, items, job)
     elif job is not None:
-        handle.on_done(lambda h: _callbacks.submit(_EMPTY_CONTEXT, job.settle, (h,),
-                                                   f"callbacks of {job.what}"))
+        _callbacks.when_done(handle, job.settle, (handle,), f"callbacks of {job.what}")
 
 
 # --- step records and their snapshots -------------------------------------------------------
