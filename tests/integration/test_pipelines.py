@@ -494,3 +494,20 @@ def test_every_task_of_a_composite_goes_through_one_breaker(pool: orchestra.Pool
     assert [type(x) for x in out[:2]] == [ValueError, ValueError]
     assert all(isinstance(x, CircuitOpenError) for x in out[2:])
     assert breaker.state.value == "open"
+
+
+# --- the threads' shutdown path ------------------------------------------------------------------------
+
+
+def test_closing_the_driver_cancels_what_runs_and_it_starts_again(pool: orchestra.Pool, tmp_path: Path) -> None:
+    with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
+        h = Sequence(Task(wait_forever, 0, str(tmp_path)), Task(inc)).run(pool, on_error=lambda e: None)
+        wait_for(lambda: started(tmp_path) == {0}, HANG_GUARD, what="the task running")
+        orchestra._driver.close()
+        assert h.cancelled() and h.state is TaskState.CANCELLED
+        names = {t.name for t in threading.enumerate()}
+        assert "orchestra-pipelines" not in names and "orchestra-callbacks" not in names
+        job = rec.wait(lambda e: isinstance(e, JobStarted) and e.name == "wait_forever")[1].job_id
+        rec.wait(lambda e: isinstance(e, TaskStateChanged) and e.job_id == job
+                 and e.state is TaskState.CANCELLED, HANG_GUARD)
+    assert Sequence(Task(inc, 1), Task(double)).run(pool).result(HANG_GUARD) == 4  # on a new driver

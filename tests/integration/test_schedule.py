@@ -182,8 +182,11 @@ def test_a_failing_run_ends_the_schedule(pool: orchestra.Pool, clock: FakeClock,
 def test_close_cancels_what_is_scheduled(pool: orchestra.Pool, clock: FakeClock) -> None:
     s = Scheduler(clock)
     h = s.every(10, inc, 1, pool=pool)
+    thread = s._thread
+    assert thread is not None and thread.is_alive()
     s.close()
     assert h.cancelled()
+    assert not thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         s.run_after(1, inc, 1, pool=pool)
 
