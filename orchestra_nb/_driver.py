@@ -161,7 +161,6 @@ class _CallbackThread:
                                              str]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._busy = False
-        self._stop = False
         # Handles whose callbacks are queued when they settle: a handle wakes its waiters
         # before it runs its done-callbacks, so wait_idle() also waits for the done ones.
         self._watched: dict[int, Any] = {}
@@ -185,22 +184,24 @@ class _CallbackThread:
         with self._cond:
             self._queue.append((context, fn, args, what))
             if self._thread is None:
-                self._stop = False
                 self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            self._cond.notify_all()
 
     def in_thread(self) -> bool:
         return self._thread is threading.current_thread()
 
     def _main(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()  # wait_idle()
-                while not self._queue and not self._stop:
+                while not self._queue and self._thread is me:
                     self._cond.wait()
-                if not self._queue:  # stopping, and everything queued has run
+                # Closed (no owner): run what is queued, then stop. Replaced by a newer
+                # thread (a submit right after close()): stop now, it takes the queue.
+                if self._thread is not me and (not self._queue or self._thread is not None):
                     return
                 context, fn, args, what = self._queue.popleft()
                 self._busy = True
@@ -221,7 +222,6 @@ class _CallbackThread:
         """Run what is queued, then stop the thread."""
         with self._cond:
             thread, self._thread = self._thread, None
-            self._stop = True
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -552,7 +552,8 @@ class CompositeHandle(Generic[T]):
     :meth:`pause` and :meth:`resume`.
 
     ``state`` is PENDING until the driver starts it, RUNNING (also while paused: see
-    :attr:`paused`), then SUCCEEDED, FAILED or CANCELLED. Pausing stops new parts from
+    :attr:`paused`), then SUCCEEDED, FAILED or CANCELLED; a call waiting for arguments that
+    are handles is SCHEDULED until they are ready. Pausing stops new parts from
     being submitted; parts already running finish (and a running map, whose items the pool
     hands out, goes on to its end). ``cancel()`` cancels every part, running ones included.
     """
@@ -882,7 +883,9 @@ def _driven_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
     record = root.child(0, name, "task" if kind == "call" else "map")
 
     async def body(handle: CompositeHandle[Any]) -> Any:
+        record.state = TaskState.SCHEDULED  # waiting for its arguments
         ready_args, ready_kwargs = await resolve(pool, args, kwargs, name, handle.circuit)
+        record.state = TaskState.PENDING
         await handle.gate()
         inner = submit(ready_args, ready_kwargs)
         record.handle = inner

@@ -40,6 +40,7 @@ from ._driver import (
     StepFailed,
     StepRecord,
     await_owned,
+    has_deferred,
     is_deferred,
     resolve,
     wait_foreign,
@@ -164,7 +165,11 @@ class Task(Step):
 
     async def _execute(self, run: _Run, record: StepRecord, has_input: bool, value: Any) -> Any:
         args = (value, *self.args) if has_input else self.args
-        args, kwargs = await resolve(run.pool, args, self.kwargs, record.path, run.circuit)
+        kwargs = self.kwargs
+        if has_deferred(args, kwargs):
+            record.state = TaskState.SCHEDULED  # waiting for its arguments
+            args, kwargs = await resolve(run.pool, args, kwargs, record.path, run.circuit)
+            record.state = TaskState.PENDING
         await run.handle.gate()
         try:
             handle = run.pool.options(name=self.name, circuit=run.circuit).run(self.fn, *args, **kwargs)

@@ -339,6 +339,7 @@ def test_a_handle_as_argument_is_awaited_first(pool: orchestra.Pool, tmp_path: P
         second = pool.run(add, first, 10)
         wait_for(lambda: started(tmp_path) == {3}, HANG_GUARD, what="the first task running")
         assert not second.done() and second.job_id is None  # not submitted: waits for `first`
+        wait_for(lambda: second.state is TaskState.SCHEDULED, HANG_GUARD, what="SCHEDULED")
         release(tmp_path, 3)
         assert second.result(HANG_GUARD) == 13
         names = [e.name for e in rec.of(JobStarted)]
