@@ -666,8 +666,7 @@ class CompositeHandle(Generic[T]):
     def state(self) -> TaskState:
         state = self._root.state
         if state is TaskState.RUNNING and self._root.kind == "call":
-            status = self._root.status()
-            return status.state
+            return self._root.children[0].status().state  # the call's own: SCHEDULED, PENDING...
         return state
 
     @property
