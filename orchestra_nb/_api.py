@@ -151,7 +151,9 @@ class Pool:
     # --- submitting work --------------------------------------------------------------
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
-        """Run ``fn(*args, **kwargs)`` in a worker; returns an awaitable :class:`TaskHandle`."""
+        """Run ``fn(*args, **kwargs)`` in a worker; returns an awaitable :class:`TaskHandle`.
+        Arguments that are handles or steps are awaited first and replaced by their results
+        (a ``CompositeHandle`` is returned then; see ``_driver``)."""
         return self._run(fn, args, kwargs, _PLAIN_CALL)
 
     def map(

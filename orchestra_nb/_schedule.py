@@ -156,7 +156,7 @@ class ScheduledHandle:
         """Runs by state (scheduled ones count as SCHEDULED; skipped ones not at all)."""
         counts = dict.fromkeys(TaskState, 0)
         for run in self.runs:
-            counts[_final_or(run)] += 1
+            counts[run.state] += 1
         if self._next is not None and not self._outcome.done():
             counts[TaskState.SCHEDULED] += 1
         return counts
@@ -203,11 +203,6 @@ class ScheduledHandle:
             self._due_index += 1
             self._next = self._first + self._due_index * self._interval
         return self._next
-
-
-def _final_or(run: Any) -> TaskState:
-    state: TaskState = run.state
-    return state
 
 
 class Scheduler:
@@ -295,6 +290,7 @@ class Scheduler:
                 raise RuntimeError("this scheduler is closed")
             self._live.add(handle)
             heapq.heappush(self._heap, (first, next(self._order), handle))
+            self._handled_until = -math.inf  # an advance() from now on waits for a new pass
             if self._thread is None:
                 self._thread = threading.Thread(target=self._main, name="orchestra-scheduler", daemon=True)
                 self._thread.start()
@@ -374,6 +370,7 @@ class Scheduler:
             if handle._queued:
                 self._ready.append(handle)
             self._ended.append((handle, run))
+            self._handled_until = -math.inf
             self._cond.notify_all()
 
     def _settle_run(self, handle: ScheduledHandle, run: Any) -> None:
