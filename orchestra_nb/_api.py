@@ -192,12 +192,11 @@ class Pool:
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if on_success or on_error or on_item_success or on_item_error or _driver.has_deferred(iterables):
-            return _driver.map_call(  # type: ignore[no-any-return]
-                self, iterables, lambda its: self.map(fn, *its, chunksize=chunksize, ordered=ordered,
-                    return_exceptions=return_exceptions, timeout=timeout, retries=retries,
-                    retry_on=retry_on, name=name, circuit=circuit),
-                _driver.Callbacks.of(on_success, on_error, name or _name(fn)),
-                _driver.Callbacks.of(on_item_success, on_item_error, name or _name(fn)), name or _name(fn))
+            plain = {"chunksize": chunksize, "ordered": ordered, "return_exceptions": return_exceptions,
+                     "timeout": timeout, "retries": retries, "retry_on": retry_on, "name": name,
+                     "circuit": circuit}
+            return _driver.map_call(self, fn, iterables, plain, name or _name(fn),  # type: ignore[no-any-return]
+                                    on_success, on_error, on_item_success, on_item_error)
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
         star = len(iterables) > 1
@@ -273,10 +272,8 @@ class Pool:
     ) -> TaskHandle[Any]:
         if opts.on_success or opts.on_error or _driver.has_deferred(args, kwargs):
             plain = dataclasses.replace(opts, on_success=None, on_error=None)
-            label = opts.name or _name(fn)
-            return _driver.run_call(  # type: ignore[no-any-return]
-                self, fn, args, kwargs, lambda a, k: self._run(fn, a, k, plain),
-                _driver.Callbacks.of(opts.on_success, opts.on_error, label), label)
+            return _driver.run_call(self, args, kwargs, lambda a, k: self._run(fn, a, k, plain),  # type: ignore[no-any-return]
+                                    opts.name or _name(fn), opts.on_success, opts.on_error)
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         frames = _check_arguments(fn, item, self._core.segments or self._core.shm_dir)

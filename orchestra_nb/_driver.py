@@ -852,11 +852,12 @@ _DEFERRED: tuple[type[Any], ...] = (TaskHandle, MapHandle, CompositeHandle, Defe
 # --- the hooks of Pool.run and Pool.map -----------------------------------------------------
 
 
-def run_call(pool: Pool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-             submit: Callable[[tuple[Any, ...], dict[str, Any]], Any], callbacks: Callbacks | None,
-             name: str) -> Any:
+def run_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
+             submit: Callable[[tuple[Any, ...], dict[str, Any]], Any], name: str,
+             on_success: Callable[..., object] | None, on_error: Callable[..., object] | None) -> Any:
     """``pool.run`` with callbacks or arguments to wait for. ``submit(args, kwargs)`` is
     the plain call (no callbacks, no deferred arguments)."""
+    callbacks = Callbacks.of(on_success, on_error, name)
     if not has_deferred(args, kwargs):
         handle = submit(args, kwargs)
         attach_callbacks(handle, callbacks)
@@ -864,15 +865,23 @@ def run_call(pool: Pool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: 
     return _driven_call(pool, args, kwargs, submit, callbacks, name, "call")
 
 
-def map_call(pool: Pool, iterables: tuple[Any, ...], submit: Callable[[tuple[Any, ...]], Any],
-             callbacks: Callbacks | None, items: Callbacks | None, name: str) -> Any:
-    """``pool.map`` with callbacks, or with iterables that are handles (their results are
-    mapped over once they are ready)."""
+def map_call(pool: Pool, fn: Callable[..., Any], iterables: tuple[Any, ...], options: dict[str, Any],
+             name: str, on_success: Callable[..., object] | None, on_error: Callable[..., object] | None,
+             on_item_success: Callable[..., object] | None,
+             on_item_error: Callable[..., object] | None) -> Any:
+    """``pool.map(fn, *iterables, **options)`` with callbacks, or with iterables that are
+    handles or steps (their results are mapped over once they are ready)."""
+    callbacks = Callbacks.of(on_success, on_error, name)
+    items = Callbacks.of(on_item_success, on_item_error, name)
+
+    def submit(ready: tuple[Any, ...], _: dict[str, Any]) -> Any:
+        return pool.map(fn, *ready, **options)
+
     if not has_deferred(iterables):
-        handle = submit(iterables)
+        handle = submit(iterables, {})
         attach_callbacks(handle, callbacks, items)
         return handle
-    return _driven_call(pool, iterables, {}, lambda a, _: submit(a), callbacks, name, "map", items)
+    return _driven_call(pool, iterables, {}, submit, callbacks, name, "map", items)
 
 
 def _driven_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
