@@ -27,17 +27,16 @@ if TYPE_CHECKING:
         shutdown as shutdown,
         status as status,
     )
+    from ._callbacks import CallbackWarning as CallbackWarning, wait_callbacks as wait_callbacks
     from ._circuit import (
         CircuitBreaker as CircuitBreaker,
         CircuitGroup as CircuitGroup,
         CircuitState as CircuitState,
     )
     from ._driver import (
-        CallbackWarning as CallbackWarning,
         CompositeHandle as CompositeHandle,
         StepFailed as StepFailed,
         StepStatus as StepStatus,
-        wait_callbacks as wait_callbacks,
     )
     from ._events import (
         CircuitChanged as CircuitChanged,
@@ -83,7 +82,7 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "BrokenPoolError": "_exceptions",
-    "CallbackWarning": "_driver",
+    "CallbackWarning": "_callbacks",
     "CircuitBreaker": "_circuit",
     "CircuitChanged": "_events",
     "CircuitGroup": "_circuit",
@@ -137,7 +136,7 @@ _EXPORTS: dict[str, str] = {
     "run_on_all": "_api",
     "shutdown": "_api",
     "status": "_api",
-    "wait_callbacks": "_driver",
+    "wait_callbacks": "_callbacks",
 }
 
 __all__ = sorted([*_EXPORTS, "load_ipython_extension", "unload_ipython_extension"])

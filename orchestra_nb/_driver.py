@@ -1,22 +1,19 @@
-"""Work driven for the caller (layer 3): composites, arguments that are handles, callbacks.
+"""Work driven for the caller (layer 3): composites, and calls whose arguments are handles.
 
-Three things live here, each built on the pools' public API only:
+Built on the pools' public API only:
 
 * **the driver**: one thread (``orchestra-pipelines``) running a private asyncio loop, on
   which every composite (``Sequence``, ``Parallel``...) and every call whose arguments must
   be awaited first runs as an asyncio task. A composite is a coroutine that submits its
   parts with ``pool.run``/``pool.map`` and awaits their handles; cancelling the coroutine
   cancels the handle it awaits, so "cancel the composite" reaches every running part;
-* **the callback thread** (``orchestra-callbacks``): user callbacks (``on_success=``,
-  ``on_error=``...) run there, one at a time, in the context (``contextvars``) of the call
-  that registered them, so that their output goes to the notebook cell that started the
-  work. They never run on the pools' I/O thread; a callback that raises is reported with a
-  :class:`CallbackWarning` and changes nothing else;
 * :class:`CompositeHandle`, the handle of driven work: state, per-step states and counts,
-  ``cancel``, ``pause``/``resume``, ``await``, ``result()``, ``on_done``.
+  ``cancel``, ``pause``/``resume``, ``await``, ``result()``, ``on_done``;
+* the hooks ``Pool.run``/``Pool.map`` call when a call has callbacks (``_callbacks``) or
+  arguments that are handles or steps.
 
-Each thread is started on first use and has one way out: :func:`close` (also registered
-with :mod:`atexit`) stops the driver, cancelling what still runs on it, then drains and
+The driver thread is started on first use and has one way out: :func:`close` (also
+registered with :mod:`atexit`) stops it, cancelling what still runs on it, then drains and
 stops the callback thread. Both start again on next use.
 
 Arguments given as handles: ``pool.run(f, handle)`` returns a :class:`CompositeHandle` at
@@ -40,17 +37,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import atexit
-import collections
 import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
 import threading
-import warnings
+import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._events import TaskStateChanged
+from . import _callbacks
+from ._callbacks import Callbacks, attach_callbacks
 from ._exceptions import OrchestraError
 from ._handles import MapHandle, TaskHandle
 from ._state import FINAL_STATES, TaskState
@@ -59,13 +56,11 @@ if TYPE_CHECKING:
     from ._api import Pool
 
 __all__ = [
-    "CallbackWarning",
     "CompositeHandle",
     "Deferred",
     "StepFailed",
     "StepStatus",
     "close",
-    "wait_callbacks",
 ]
 
 T = TypeVar("T")
@@ -89,15 +84,6 @@ class StepFailed(OrchestraError):
 
 def _rebuild_step_failed(step: str, cause: BaseException) -> StepFailed:
     return StepFailed(step, cause)
-
-
-class CallbackWarning(RuntimeWarning):
-    """A callback (``on_success=``, ``on_error=``...) raised; the work it watched is unaffected.
-    ``exception`` is what it raised."""
-
-    def __init__(self, message: str, exception: BaseException) -> None:
-        super().__init__(message)
-        self.exception = exception
 
 
 # --- the driver thread ----------------------------------------------------------------------
@@ -150,89 +136,7 @@ class _Driver:
             thread.join(timeout)
 
 
-class _CallbackThread:
-    """Runs callbacks one at a time on one thread (started on first use), each in the
-    ``contextvars`` context it was registered in; reports the ones that raise."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[contextvars.Context, Callable[..., object], tuple[Any, ...],
-                                             str]] = collections.deque()
-        self._thread: threading.Thread | None = None
-        self._busy = False
-        # Handles whose callbacks are queued when they settle: a handle wakes its waiters
-        # before it runs its done-callbacks, so wait_idle() also waits for the done ones.
-        self._watched: dict[int, Any] = {}
-        self.errors = 0  # callbacks that raised, since the start of the process
-
-    def when_done(self, handle: Any, fn: Callable[..., object], args: tuple[Any, ...], what: str) -> None:
-        """Queue ``fn(*args)`` (in an empty context) once ``handle`` is done."""
-        key = id(handle)
-        with self._cond:
-            self._watched[key] = handle
-
-        def queue(_: Any) -> None:
-            with self._cond:
-                self._watched.pop(key, None)
-            self.submit(_EMPTY_CONTEXT, fn, args, what)
-
-        handle.on_done(queue)
-
-    def submit(self, context: contextvars.Context, fn: Callable[..., object], args: tuple[Any, ...],
-               what: str) -> None:
-        with self._cond:
-            self._queue.append((context, fn, args, what))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def in_thread(self) -> bool:
-        return self._thread is threading.current_thread()
-
-    def _main(self) -> None:
-        me = threading.current_thread()
-        while True:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()  # wait_idle()
-                while not self._queue and self._thread is me:
-                    self._cond.wait()
-                # Closed (no owner): run what is queued, then stop. Replaced by a newer
-                # thread (a submit right after close()): stop now, it takes the queue.
-                if self._thread is not me and (not self._queue or self._thread is not None):
-                    return
-                context, fn, args, what = self._queue.popleft()
-                self._busy = True
-            try:
-                context.run(fn, *args)
-            except Exception as exc:
-                self.errors += 1
-                context.run(_report, what, exc)
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until the callbacks of every finished handle have run; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(
-                lambda: not self._queue and not self._busy
-                and not any(h.done() for h in self._watched.values()), timeout)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Run what is queued, then stop the thread."""
-        with self._cond:
-            thread, self._thread = self._thread, None
-            self._cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-
-def _report(what: str, exc: BaseException) -> None:
-    warnings.warn(CallbackWarning(f"{what} raised {type(exc).__name__}: {exc}", exc), stacklevel=1)
-
-
 _driver = _Driver("orchestra-pipelines")
-_callbacks = _CallbackThread("orchestra-callbacks")
 
 
 def close(timeout: float = 10.0) -> None:
@@ -243,55 +147,6 @@ def close(timeout: float = 10.0) -> None:
 
 
 atexit.register(close, 3.0)
-
-
-def wait_callbacks(timeout: float | None = None) -> bool:
-    """Block until the callbacks (``on_success=``...) of all work finished so far have run;
-    False on timeout. For scripts and tests that read what their callbacks recorded."""
-    return _callbacks.wait_idle(timeout)
-
-
-def callback_thread_name() -> str:
-    return _callbacks._name
-
-
-class Callbacks:
-    """``on_success(value)`` / ``on_error(exception)`` for one piece of work, bound to the
-    ``contextvars`` context of the caller that registered them."""
-
-    __slots__ = ("_context", "on_error", "on_success", "what")
-
-    def __init__(self, on_success: Callable[..., object] | None, on_error: Callable[..., object] | None,
-                 what: str) -> None:
-        for label, fn in (("on_success", on_success), ("on_error", on_error)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{label} must be callable, got {fn!r}")
-        self.on_success = on_success
-        self.on_error = on_error
-        self.what = what
-        self._context = contextvars.copy_context()
-
-    @classmethod
-    def of(cls, on_success: Callable[..., object] | None, on_error: Callable[..., object] | None,
-           what: str) -> Callbacks | None:
-        return None if on_success is None and on_error is None else cls(on_success, on_error, what)
-
-    def call(self, fn: Callable[..., object] | None, label: str, *args: Any) -> None:
-        if fn is not None:
-            _callbacks.submit(self._context, fn, args, f"{label} of {self.what}")
-
-    def settle(self, handle: Any) -> None:
-        """Call ``on_success``/``on_error`` for a finished handle (nothing if cancelled)."""
-        if handle.cancelled():
-            return
-        try:
-            value = handle.result(0)
-        except (asyncio.CancelledError, concurrent.futures.CancelledError):
-            return
-        except BaseException as exc:
-            self.call(self.on_error, "on_error", exc)
-            return
-        self.call(self.on_success, "on_success", value)
 
 
 # --- arguments that are handles -------------------------------------------------------------
@@ -382,82 +237,6 @@ async def resolve(
     return tuple(new_args), new_kwargs
 
 
-# --- per-item callbacks of a map ------------------------------------------------------------
-
-
-_MISSING = object()
-
-
-class _ItemWatcher:
-    """Calls ``on_item_success(index, value)`` / ``on_item_error(index, exception)`` once per
-    finished item of a map, then the job's callbacks. Woken by the job's events; each
-    wake-up scans the handle's public ``partial_results()`` and ``exceptions()`` on the
-    callback thread (scans are coalesced: at most one waits at a time)."""
-
-    def __init__(self, handle: MapHandle[Any], items: Callbacks, job: Callbacks | None) -> None:
-        self._handle = handle
-        self._items = items
-        self._job = job
-        self._reported = bytearray()
-        self._lock = threading.Lock()
-        self._queued = False
-        self._finished = False
-        self._sub = handle.events.subscribe(self._on_event, types=(TaskStateChanged,), job_id=handle.job_id)
-        self._queue_scan()  # items that finished before the subscription
-        _callbacks.when_done(handle, self._finish, (), f"callbacks of {handle.name}")
-
-    def _on_event(self, event: Any) -> None:
-        if event.state in (TaskState.SUCCEEDED, TaskState.FAILED):
-            self._queue_scan()
-
-    def _queue_scan(self) -> None:
-        with self._lock:
-            if self._queued:
-                return
-            self._queued = True
-        _callbacks.submit(_EMPTY_CONTEXT, self._scan, (), f"item callbacks of {self._handle.name}")
-
-    def _scan(self) -> None:
-        with self._lock:
-            self._queued = False
-        if not self._finished:
-            self._report_new()
-
-    def _report_new(self) -> None:
-        items, handle, reported = self._items, self._handle, self._reported
-        errors = handle.exceptions()
-        values = handle.partial_results(fill=_MISSING)
-        if len(reported) < len(values):
-            reported.extend(bytes(len(values) - len(reported)))
-        for index, value in enumerate(values):
-            if reported[index]:
-                continue
-            if index in errors:
-                reported[index] = 1
-                items.call(items.on_error, "on_item_error", index, errors[index])
-            elif value is not _MISSING:
-                reported[index] = 1
-                items.call(items.on_success, "on_item_success", index, value)
-
-    def _finish(self) -> None:
-        self._report_new()
-        self._finished = True
-        self._sub.close()
-        if self._job is not None:
-            self._job.settle(self._handle)
-
-
-_EMPTY_CONTEXT = contextvars.Context()  # for internal steps; user callbacks carry their own
-
-
-def attach_callbacks(handle: Any, job: Callbacks | None, items: Callbacks | None = None) -> None:
-    """Register a handle's callbacks (``items`` only for a map's handle)."""
-    if items is not None and isinstance(handle, MapHandle):
-        _ItemWatcher(handle, items, job)
-    elif job is not None:
-        _callbacks.when_done(handle, job.settle, (handle,), f"callbacks of {job.what}")
-
-
 # --- step records and their snapshots -------------------------------------------------------
 
 
@@ -514,7 +293,10 @@ class StepRecord:
             if record.children or record.kind in ("sequence", "parallel"):
                 continue
             handle = record.handle
-            if handle is not None:
+            if record.kind == "task" and record.state in FINAL_STATES:
+                counts[record.state] += 1  # final as soon as the step is (a cancel may lag)
+                total = None if total is None else total + 1
+            elif handle is not None:
                 for state, n in handle.counts().items():
                     counts[state] += n
                 t = handle.total
@@ -611,13 +393,11 @@ class CompositeHandle(Generic[T]):
         except BaseException as exc:
             root.state = TaskState.FAILED
             root.error = error = exc
-            if self._callbacks is not None:
-                self._callbacks.call(self._callbacks.on_error, "on_error", error)
+            _callbacks.submit(self._callbacks, "on_error", error)
             self._settle(lambda: self._outcome.set_exception(error))
             return
         root.state = TaskState.SUCCEEDED
-        if self._callbacks is not None:
-            self._callbacks.call(self._callbacks.on_success, "on_success", value)
+        _callbacks.submit(self._callbacks, "on_success", value)
         self._settle(lambda: self._outcome.set_result(value))
 
     def _settle(self, set_outcome: Callable[[], object]) -> None:
@@ -707,7 +487,10 @@ class CompositeHandle(Generic[T]):
         return self._outcome.cancelled()
 
     def finished(self) -> bool:
-        return self._outcome.done()
+        """True once done and every part's tasks are final (after a cancel: once it took
+        effect in the pool)."""
+        return self._outcome.done() and all(
+            r.handle is None or r.handle.finished() for r in self._root.walk())
 
     def on_done(self, fn: Callable[[CompositeHandle[T]], object]) -> None:
         """Call ``fn(handle)`` once done (at once if done already), on the driver thread:
@@ -770,12 +553,19 @@ class CompositeHandle(Generic[T]):
             raise
 
     def wait_finished(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`finished`; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._outcome.exception(timeout)
         except concurrent.futures.TimeoutError:
             return False
         except concurrent.futures.CancelledError:
             pass
+        for record in self._root.walk():
+            if record.handle is not None:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not record.handle.wait_finished(left):
+                    return False
         return True
 
     def __await__(self) -> Generator[Any, None, T]:

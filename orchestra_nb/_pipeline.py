@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._api import default_pool
+from ._callbacks import Callbacks
 from ._driver import (
-    Callbacks,
     CompositeHandle,
     Deferred,
     StepFailed,

@@ -161,6 +161,13 @@ class ScheduledHandle:
             counts[TaskState.SCHEDULED] += 1
         return counts
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for a status view: name, state, next start (ISO), runs, skipped."""
+        when = self.next_start
+        return {"name": self.name, "state": self.state.name, "runs": len(self.runs),
+                "skipped": len(self.skipped_times), "next_start": None if when is None else when.isoformat(),
+                "next_start_in": self.next_start_in}
+
     def done(self) -> bool:
         return self._outcome.done()
 
@@ -258,6 +265,10 @@ class Scheduler:
             raise ValueError(f"overlap must be one of {OVERLAP_POLICIES}, got {overlap!r}")
         first = self.clock.monotonic() + (interval if delay is None else delay)
         return self._add(fn, args, kwargs, first, interval, count, overlap, pool, name)
+
+    def status(self) -> list[dict[str, Any]]:
+        """:meth:`pending` as plain data (see :meth:`ScheduledHandle.as_dict`)."""
+        return [handle.as_dict() for handle in self.pending()]
 
     def pending(self) -> list[ScheduledHandle]:
         """The scheduled work not done yet, soonest first."""

@@ -40,6 +40,7 @@ _COLORS = {
     TaskState.RETRYING: "#ef6c00",
 }
 _BAR_WIDTH = 10
+_SETTLE_TIMEOUT = 10.0  # s a finished composite's parts may take to reach their final counts
 
 
 def _bar(done: int, total: int | None) -> str:
@@ -115,16 +116,19 @@ class CompositeView:
             self._last = text
             self.html.value = text
         self.pause_button.description = "Resume" if self.handle.paused else "Pause"
-        if self.handle.done():
+        if self.handle.done() and self.handle.finished():
             self.pause_button.disabled = self.cancel_button.disabled = True
 
     def _run(self) -> None:
         while not self._closed:
             self._wake.wait(self.interval)
             self._wake.clear()
-            self.refresh()
             if self.handle.done():
+                # The parts' last counts (a cancel takes effect in the pool a moment later).
+                self.handle.wait_finished(_SETTLE_TIMEOUT)
+                self.refresh()
                 return
+            self.refresh()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop refreshing (the block keeps its last state)."""

@@ -120,6 +120,8 @@ def test_run_after_and_run_at(pool: orchestra.Pool, clock: FakeClock, scheduler:
     later = scheduler.run_after(5, inc, 41, pool=pool)
     at = scheduler.run_at(WALL + datetime.timedelta(seconds=30), square, 7, pool=pool)
     assert [h.name for h in scheduler.pending()] == ["inc", "square"]
+    assert scheduler.status()[1] == {"name": "square", "state": "SCHEDULED", "runs": 0, "skipped": 0,
+                                     "next_start": "2030-01-01T12:00:30+00:00", "next_start_in": 30.0}
     clock.advance(4)
     assert later.state is TaskState.SCHEDULED and later.runs == []
     clock.advance(1)

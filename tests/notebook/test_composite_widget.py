@@ -61,6 +61,7 @@ def test_the_block_follows_the_composite_and_its_buttons_act(pool: orchestra.Poo
         assert h.cancelled()
         wait_for(lambda: view.cancel_button.disabled, HANG_GUARD, what="the final refresh")
         assert "cancelled" in view.html.value
+        assert h.finished()  # the buttons are disabled after the parts' final counts
         assert view.html.value == render_html(h)
     finally:
         view.close()
