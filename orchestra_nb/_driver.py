@@ -214,9 +214,9 @@ async def resolve(
         label = f"argument {slot}" if isinstance(slot, int) else f"keyword argument {slot!r}"
         try:
             return await wait_foreign(value)
-        except (asyncio.CancelledError, concurrent.futures.CancelledError):
-            if isinstance(value, CompositeHandle) and value in started:
-                raise
+        except asyncio.CancelledError:  # this call is being cancelled
+            raise
+        except concurrent.futures.CancelledError:  # the argument's own work was cancelled
             cancelled = concurrent.futures.CancelledError(f"{label} of {what} was cancelled")
             raise StepFailed(f"{what} / {label}", cancelled) from cancelled
         except BaseException as exc:

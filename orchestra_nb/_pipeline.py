@@ -218,7 +218,7 @@ class Map(Step):
             try:
                 source = await (wait_foreign(source) if not isinstance(source, Deferred)
                                 else await_owned(source._start_on(run.pool, run.circuit), record))
-            except StepFailed:
+            except (StepFailed, asyncio.CancelledError):
                 raise
             except BaseException as exc:
                 raise StepFailed(f"{record.path} / input", exc) from exc

@@ -359,6 +359,23 @@ def test_a_failed_dependency_fails_the_call_naming_the_argument(pool: orchestra.
     assert isinstance(info.value.__cause__, ValueError)
 
 
+def test_cancelling_a_waiting_call_leaves_its_argument_running(pool: orchestra.Pool, tmp_path: Path) -> None:
+    first = pool.run(gated, 0, str(tmp_path))
+    waiting = pool.run(inc, first)
+    wait_for(lambda: waiting.state is TaskState.SCHEDULED, HANG_GUARD, what="waiting for its argument")
+    assert waiting.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        waiting.result(HANG_GUARD)
+    assert not first.done()  # someone else's handle: not cancelled from here
+    # a cancelled argument fails the call that needs it, naming the argument
+    needs = pool.run(inc, first)
+    first.cancel()
+    with pytest.raises(StepFailed) as info:
+        needs.result(HANG_GUARD)
+    assert info.value.step == "inc / argument 0"
+    assert isinstance(info.value.__cause__, concurrent.futures.CancelledError)
+
+
 # --- callbacks ---------------------------------------------------------------------------------------
 
 
