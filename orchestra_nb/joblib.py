@@ -180,28 +180,41 @@ def _run_batch(batch: Callable[[], list[Any]], names: tuple[str, ...], inner_thr
         return batch()
 
 
-_threadpoolctl: Any = None
+class _ThreadLimiter:
+    """In a worker: limits BLAS/OpenMP threads while a batch runs, through threadpoolctl.
+
+    Only once numpy is loaded (that is what brings those libraries). threadpoolctl's scan
+    of the loaded libraries costs about a millisecond, so its controller is kept and made
+    again only when modules were imported since (a new library may have come with them).
+    """
+
+    def __init__(self) -> None:
+        self._module: Any = None  # threadpoolctl, False if missing, None before the first look
+        self._controller: Any = None
+        self._modules_seen = -1
+
+    @contextlib.contextmanager
+    def limit(self, threads: int | None) -> Iterator[None]:
+        if threads is None or "numpy" not in sys.modules or os.environ.get("OMP_NUM_THREADS"):
+            yield  # (OMP_NUM_THREADS set by the user: respected, as loky does)
+            return
+        if self._module is None:
+            try:
+                import threadpoolctl
+            except ImportError:
+                threadpoolctl = False
+            self._module = threadpoolctl
+        if not self._module:
+            yield
+            return
+        if self._controller is None or len(sys.modules) != self._modules_seen:
+            self._controller = self._module.ThreadpoolController()
+            self._modules_seen = len(sys.modules)
+        with self._controller.limit(limits=threads):
+            yield
 
 
-@contextlib.contextmanager
-def _thread_limit(threads: int | None) -> Iterator[None]:
-    """Limit BLAS/OpenMP threads while a batch runs (only once numpy is loaded: that is what
-    brings those libraries, and threadpoolctl's scan of them costs about a millisecond)."""
-    global _threadpoolctl
-    if threads is None or "numpy" not in sys.modules or os.environ.get("OMP_NUM_THREADS"):
-        yield
-        return
-    if _threadpoolctl is None:
-        try:
-            import threadpoolctl
-        except ImportError:
-            threadpoolctl = False
-        _threadpoolctl = threadpoolctl
-    if not _threadpoolctl:
-        yield
-        return
-    with _threadpoolctl.threadpool_limits(limits=threads):
-        yield
+_thread_limit = _ThreadLimiter().limit
 
 
 @contextlib.contextmanager

@@ -250,3 +250,22 @@ def test_scikit_learn_gives_the_same_results_as_loky(on_pool: orchestra.Pool) ->
     exec(SKLEARN_CASE, namespace)  # inside the fixture's parallel_config(backend="orchestra")
     ours = json.loads(json.dumps(namespace["out"]))
     assert ours == loky
+
+
+def blas_threads(_: object = None) -> list[int]:
+    import numpy  # noqa: F401  (loads the BLAS library)
+    import threadpoolctl
+
+    return sorted({lib["num_threads"] for lib in threadpoolctl.threadpool_info()})
+
+
+def test_native_thread_pools_are_limited_while_a_batch_runs(pool: orchestra.Pool) -> None:
+    pytest.importorskip("threadpoolctl")
+    before = pool.run_on_all(blas_threads).result(HANG_GUARD)[0]  # numpy now loaded there
+    if before == [1]:
+        pytest.skip("the workers' native thread pools have one thread already")
+    with parallel_config(backend="orchestra", pool=pool, inner_max_num_threads=1):
+        inside = Parallel(n_jobs=-1)(delayed(blas_threads)(i) for i in range(4))
+    assert inside == [[1]] * 4
+    # ... and only while the batch runs: the worker's own settings are back afterwards.
+    assert pool.run_on_all(blas_threads).result(HANG_GUARD)[0] == before
