@@ -23,9 +23,10 @@ the work aborted on the first error, and ``timeout``. Where it differs from loky
 * ``n_jobs=-1`` (the default inside the block, as with dask's backend) means the pool's
   workers; a positive ``n_jobs`` is capped at that number. It bounds how many batches joblib
   keeps in flight (its ``pre_dispatch``), while the pool may run them on all its workers.
-* Native thread pools (BLAS, OpenMP) in a worker are limited to ``cpu_count // n_jobs``
-  threads (or ``inner_max_num_threads``) while it runs a batch, as loky does, through
-  threadpoolctl when it is installed (scikit-learn depends on it).
+* Native thread pools (BLAS, OpenMP): the pool starts its workers with
+  ``OMP_NUM_THREADS`` and friends set to ``cpu_count // workers`` (loky does the same with
+  ``n_jobs``). ``parallel_config(..., inner_max_num_threads=k)`` limits them to ``k`` while a
+  batch runs, through threadpoolctl (scikit-learn depends on it).
 * ``parallel_config(backend="orchestra", pool=my_pool)`` runs on that pool; by default the
   default pool is shared with ``orchestra.run``.
 """
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -126,8 +126,7 @@ class OrchestraBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         self.parallel = parallel
         if self._executor is None:
             self._executor = Executor(pool=self._pool) if self._pool is not None else Executor()
-        cpus = _api.available_cpus()
-        self._inner_threads = self.inner_max_num_threads or max(cpus // n_jobs, 1)
+        self._inner_threads = self.inner_max_num_threads
         return n_jobs
 
     def submit(self, func: Any, callback: Callable[[Any], object] | None = None) -> Any:
@@ -181,7 +180,8 @@ def _run_batch(batch: Callable[[], list[Any]], names: tuple[str, ...], inner_thr
 
 
 class _ThreadLimiter:
-    """In a worker: limits BLAS/OpenMP threads while a batch runs, through threadpoolctl.
+    """In a worker: limits BLAS/OpenMP threads to ``inner_max_num_threads`` while a batch
+    runs, through threadpoolctl.
 
     Only once numpy is loaded (that is what brings those libraries). threadpoolctl's scan
     of the loaded libraries costs about a millisecond, so its controller is kept and made
@@ -189,24 +189,22 @@ class _ThreadLimiter:
     """
 
     def __init__(self) -> None:
-        self._module: Any = None  # threadpoolctl, False if missing, None before the first look
+        self._module: Any = None  # threadpoolctl, once imported
         self._controller: Any = None
         self._modules_seen = -1
 
     @contextlib.contextmanager
     def limit(self, threads: int | None) -> Iterator[None]:
-        if threads is None or "numpy" not in sys.modules or os.environ.get("OMP_NUM_THREADS"):
-            yield  # (OMP_NUM_THREADS set by the user: respected, as loky does)
+        if threads is None or "numpy" not in sys.modules:
+            yield
             return
         if self._module is None:
             try:
                 import threadpoolctl
-            except ImportError:
-                threadpoolctl = False
+            except ImportError as exc:
+                raise ImportError("inner_max_num_threads needs threadpoolctl in the workers "
+                                  "(pip install threadpoolctl)") from exc
             self._module = threadpoolctl
-        if not self._module:
-            yield
-            return
         if self._controller is None or len(sys.modules) != self._modules_seen:
             self._controller = self._module.ThreadpoolController()
             self._modules_seen = len(sys.modules)

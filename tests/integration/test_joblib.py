@@ -259,13 +259,20 @@ def blas_threads(_: object = None) -> list[int]:
     return sorted({lib["num_threads"] for lib in threadpoolctl.threadpool_info()})
 
 
-def test_native_thread_pools_are_limited_while_a_batch_runs(pool: orchestra.Pool) -> None:
+@pytest.mark.pool_options(env={"OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"})
+def test_inner_max_num_threads_limits_native_pools_while_a_batch_runs(pool: orchestra.Pool) -> None:
     pytest.importorskip("threadpoolctl")
-    before = pool.run_on_all(blas_threads).result(HANG_GUARD)[0]  # numpy now loaded there
-    if before == [1]:
-        pytest.skip("the workers' native thread pools have one thread already")
+    assert pool.run_on_all(blas_threads).result(HANG_GUARD)[0] == [2]  # numpy now loaded there
     with parallel_config(backend="orchestra", pool=pool, inner_max_num_threads=1):
         inside = Parallel(n_jobs=-1)(delayed(blas_threads)(i) for i in range(4))
     assert inside == [[1]] * 4
-    # ... and only while the batch runs: the worker's own settings are back afterwards.
-    assert pool.run_on_all(blas_threads).result(HANG_GUARD)[0] == before
+    # ... only while the batch runs: the worker's own setting is back afterwards.
+    assert pool.run_on_all(blas_threads).result(HANG_GUARD) == [[2]] * pool.workers
+
+
+def test_workers_native_pools_share_the_cpus_by_default(pool: orchestra.Pool) -> None:
+    pytest.importorskip("threadpoolctl")
+    share = max(1, len(os.sched_getaffinity(0)) // pool.workers)
+    with parallel_config(backend="orchestra", pool=pool):
+        inside = Parallel(n_jobs=-1)(delayed(blas_threads)(i) for i in range(4))
+    assert inside == [[share]] * 4
