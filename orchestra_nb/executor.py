@@ -33,7 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 from . import _api
 from ._exceptions import PoolClosedError, WorkerCrashedError
 from ._handles import TaskHandle
-from ._state import TaskState
+from ._state import PoolState, TaskState
 
 __all__ = ["BrokenWorkerError", "Executor"]
 
@@ -233,8 +233,11 @@ class Executor(concurrent.futures.Executor):
         """Run ``fn(*args, **kwargs)`` in a worker; returns a ``concurrent.futures.Future``."""
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        pool = self.pool
+        if pool.state != PoolState.RUNNING:  # a given pool that was closed (or broke)
+            raise RuntimeError(f"cannot schedule new futures: its pool is {pool.state}")
         try:
-            handle = self.pool.run(fn, *args, **kwargs)
+            handle = pool.run(fn, *args, **kwargs)
         except PoolClosedError as exc:
             raise RuntimeError(f"cannot schedule new futures: {exc}") from exc
         future = _Future(handle, self._settled)

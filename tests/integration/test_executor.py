@@ -209,6 +209,14 @@ def test_submit_after_shutdown_raises_runtime_error(executor: Executor) -> None:
         executor.map(abs, [1])
 
 
+def test_submit_to_a_closed_pool_raises_runtime_error() -> None:
+    pool = orchestra.Pool(workers=1)
+    ex = Executor(pool=pool)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="cannot schedule new futures"):
+        ex.submit(abs, -1)
+
+
 def test_with_block_waits_for_the_work(pool: orchestra.Pool) -> None:
     with Executor(pool=pool) as ex:
         futures = [ex.submit(divide, i, 2) for i in range(20)]
