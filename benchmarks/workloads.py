@@ -421,7 +421,7 @@ def wl_joblib(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> No
             import orchestra_nb.joblib  # noqa: F401  (registers the backend)
 
             def config() -> Any:
-                return joblib.parallel_config(backend="orchestra", pool=s.pool)  # type: ignore[attr-defined]
+                return joblib.parallel_config(backend="orchestra", pool=s.pool)  # type: ignore[attr-defined]  # s is an Orchestra adapter
         else:
 
             def config() -> Any:
