@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORKLOADS = ("cold", "rtt", "map", "submit", "scaling", "transfer", "lag", "main", "scale")
+WORKLOADS = ("cold", "rtt", "map", "submit", "scaling", "transfer", "lag", "main", "scale", "joblib")
+#: Systems that are joblib backends (the joblib workload skips the others).
+JOBLIB_BACKENDS = {"orchestra": "orchestra", "loky": "loky"}
 #: Workloads that push thousands of tasks through one system: slow systems run them once.
 HEAVY = frozenset({"map", "submit", "lag"})
 QUICK_SYSTEMS = ("orchestra", "ppe_forkserver", "loky", "mp_pool")
@@ -22,6 +24,8 @@ class Sizes:
     lag_items: int = 20_000
     lag_tick_s: float = 0.001
     scale_items: int = 1_000_000
+    #: joblib workload: tiny ``delayed`` calls in one ``Parallel`` call.
+    joblib_calls: int = 10_000
     #: Wait this long for one __main__ case before calling it a hang.
     main_timeout_s: float = 10.0
     #: Wall-clock budget of one (system, workload) subprocess; slow systems get 3x.
@@ -35,6 +39,7 @@ QUICK = Sizes(
     scaling_task_s=0.1,
     lag_items=5000,
     scale_items=200_000,
+    joblib_calls=2_000,
     main_timeout_s=3.0,
     group_timeout_s=60.0,
 )
@@ -80,6 +85,11 @@ METRICS: dict[str, tuple[Metric, ...]] = {
         Metric("map_s", "map wall (s)", False, "s"),
     ),
     "main": (),
+    "joblib": (
+        Metric("tiny_calls_s", "Parallel of tiny calls (s)", False, "s"),
+        Metric("gridsearch_s", "GridSearchCV, 20 candidates (s)", False, "s"),
+        Metric("first_call_s", "first Parallel call of the session (s)", False, "s"),
+    ),
     "scale": (
         Metric("wall_s", "wall (s)", False, "s"),
         Metric("items_s", "items/s", True),
@@ -106,4 +116,8 @@ TARGETS: tuple[tuple[str, str, str, object], ...] = (
     # Growth bound: 1,000,000 int results held in a list take about 36 MB; streamed
     # consumption must stay well under that.
     ("scale", "rss_growth_mb", "completes; growth <= 64 MB", lambda v: v <= 64),
+    # The joblib backend against loky's, both warm: the goal is a ratio above 1.
+    ("joblib", "tiny_calls_s", "ahead of loky", None),
+    ("joblib", "gridsearch_s", "ahead of loky", None),
+    ("joblib", "first_call_s", "-", None),
 )

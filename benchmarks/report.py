@@ -265,6 +265,10 @@ def workload_titles(z: Sizes) -> dict[str, str]:
         "lag": f"7. Event-loop lag while awaiting a {z.lag_items:,}-item map (1 ms ticker)",
         "main": "8. Functions from `__main__`",
         "scale": f"9. Scale ({z.scale_items:,}-item map over a generator)",
+        "joblib": (
+            f"10. joblib backends ({z.joblib_calls:,} tiny `delayed` calls; `GridSearchCV(SVC())`, "
+            "20 candidates x 5 folds on iris; n_jobs=2, warm pools)"
+        ),
     }
 
 

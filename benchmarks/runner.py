@@ -35,6 +35,10 @@ def helper_pids() -> set[int]:
         from loky.backend import resource_tracker as loky_tracker
 
         pids.add(getattr(loky_tracker._resource_tracker, "_pid", None) or 0)
+    if "joblib.externals.loky" in sys.modules:  # joblib's own copy of loky
+        from joblib.externals.loky.backend import resource_tracker as joblib_tracker
+
+        pids.add(getattr(joblib_tracker._resource_tracker, "_pid", None) or 0)
     return pids
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import psutil
 
 from benchmarks import tasks
-from benchmarks.config import HEAVY, Sizes
+from benchmarks.config import HEAVY, JOBLIB_BACKENDS, Sizes
 from benchmarks.record import Recorder
-from benchmarks.systems.base import System, _count_sum
+from benchmarks.systems.base import WORKERS, System, _count_sum
 
 MB = 2**20
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -395,6 +395,71 @@ def wl_main(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None
     run_main_cases(cls, rec, sizes)
 
 
+# -- 10 joblib backends -------------------------------------------------------------------
+def wl_joblib(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    """joblib with ``backend="orchestra"`` (on the adapter's pool) against ``backend="loky"``:
+    a Parallel call of tiny calls, and a scikit-learn grid search. Both backends are warm
+    when measured; ``first_call_s`` is the session's first Parallel call (loky starts its
+    workers there, orchestra's pool is running already, as after ``%load_ext``)."""
+    backend = JOBLIB_BACKENDS.get(cls.key)
+    if backend is None:
+        rec.set_status("skipped: not a joblib backend")
+        return
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    x, y = load_iris(return_X_y=True)
+    grid = {"C": [0.1, 1, 10, 100, 1000], "gamma": [0.001, 0.01, 0.1, 1]}  # 20 candidates
+    reference = GridSearchCV(SVC(), grid, cv=5, n_jobs=1).fit(x, y).cv_results_["mean_test_score"]
+    n = sizes.joblib_calls
+    expected = [i + 1 for i in range(n)]
+
+    with opened(cls) as s:
+        if backend == "orchestra":
+            import orchestra_nb.joblib  # noqa: F401  (registers the backend)
+
+            def config() -> Any:
+                return joblib.parallel_config(backend="orchestra", pool=s.pool)  # type: ignore[attr-defined]  # s is an Orchestra adapter
+        else:
+
+            def config() -> Any:
+                return joblib.parallel_config(backend=backend)
+
+        def tiny(count: int = n) -> float:
+            with config():
+                t0 = time.perf_counter()
+                out = joblib.Parallel(n_jobs=WORKERS)(joblib.delayed(tasks.inc)(i) for i in range(count))
+                dt = time.perf_counter() - t0
+            check(out == expected[:count], "Parallel results differ from [i + 1 ...]")
+            return dt
+
+        def search() -> dict[str, float]:
+            with config():
+                t0 = time.perf_counter()
+                found = GridSearchCV(SVC(), grid, cv=5, n_jobs=WORKERS).fit(x, y)
+                dt = time.perf_counter() - t0
+            check(list(found.cv_results_["mean_test_score"]) == list(reference),
+                  "GridSearchCV scores differ from the sequential run")
+            return {"gridsearch_s": dt}
+
+        try:
+            rec.measure(("first_call_s",), lambda: {"first_call_s": tiny(100)})
+            tiny()  # warm-up: code paths, batch-size learning, imports in the workers
+            search()
+            for _ in range(repeat):
+                rec.measure(("tiny_calls_s",), lambda: {"tiny_calls_s": tiny()})
+                rec.measure(("gridsearch_s",), search)
+        finally:
+            if backend == "loky":  # its reusable executor outlives the calls: stop it here
+                from joblib.externals.loky import reusable_executor
+
+                executor = getattr(reusable_executor, "_executor", None)
+                if executor is not None:
+                    executor.shutdown(wait=True, kill_workers=True)
+
+
 WORKLOAD_FUNCS: dict[str, Workload] = {
     "cold": wl_cold,
     "rtt": wl_rtt,
@@ -405,4 +470,5 @@ WORKLOAD_FUNCS: dict[str, Workload] = {
     "lag": wl_lag,
     "main": wl_main,
     "scale": wl_scale,
+    "joblib": wl_joblib,
 }

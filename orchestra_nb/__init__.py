@@ -5,7 +5,8 @@ pool of worker processes, with live progress, interrupts that work and self-heal
 ``%load_ext orchestra_nb`` adds the ``%%orchestra`` magics and the progress widgets.
 
 This module only defines names: the API loads on first use (a worker process imports this
-package too and needs none of it), and nothing here imports IPython, ipywidgets or dask.
+package too and needs none of it), and nothing here imports IPython, ipywidgets, dask or
+joblib (the joblib backend, ``orchestra_nb.joblib``, loads only when imported).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
         PoolStatistics as PoolStatistics,
         WorkerStatistics as WorkerStatistics,
     )
+    from .executor import Executor as Executor
 
 _EXPORTS: dict[str, str] = {
     "BrokenPoolError": "_exceptions",
@@ -90,6 +92,7 @@ _EXPORTS: dict[str, str] = {
     "CircuitOpenError": "_exceptions",
     "CircuitState": "_circuit",
     "CompositeHandle": "_driver",
+    "Executor": "executor",
     "JobFinished": "_events",
     "JobProgress": "_events",
     "JobStarted": "_events",

@@ -881,6 +881,11 @@ class PoolCore:
     def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> bool:
         """Send ``chunk`` to ``w``; False if ``w`` could not be reached (chunk re-queued)."""
         job = chunk.job
+        if job.cancelled_items:
+            trimmed = self._drop_cancelled_calls(job, chunk)
+            if trimmed is None:
+                return True
+            chunk = trimmed
         try:
             if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
                 (frames, names), chunk.payload = chunk.payload, None
@@ -915,13 +920,37 @@ class PoolCore:
         chunk.started_at = time.monotonic()
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
-        job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id, unfinished_only=True)
-        if job.cancelled_items:  # calls of a batch cancelled before they were sent
-            for index in range(chunk.start, chunk.start + chunk.count):
-                if index in job.cancelled_items:
-                    job.transition(index, 1, TaskState.CANCELLED, w.id, unfinished_only=True)
-                    self._send(self.ctrl, w, proto.Cancel(job.id, index))
+        job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id)
         return True
+
+    def _drop_cancelled_calls(self, job: Job, chunk: Chunk) -> Chunk | None:
+        """Calls of a batch cancelled before their chunk was sent are never sent: a Cancel on
+        the control socket would race the Run on the data socket, and the worker could start
+        the call first. Returns the first run of live calls to send (the later runs are
+        re-queued in order), or None when every call of the chunk was cancelled."""
+        cancelled = job.cancelled_items
+        indices = range(chunk.start, chunk.start + chunk.count)
+        if not any(index in cancelled for index in indices):
+            return chunk
+        if chunk.payload is not None:  # pre-pickled for a lone call: its segments go unused
+            self._discard(chunk.payload[1])
+            chunk.payload = None
+        runs: list[Chunk] = []
+        live: list[Any] = []
+        for offset, index in enumerate(indices):
+            if index in cancelled:
+                job.transition(index, 1, TaskState.CANCELLED, unfinished_only=True)
+                if live:
+                    runs.append(Chunk(job, index - len(live), live, chunk.target))
+                    live = []
+            else:
+                live.append(chunk.items[offset])
+        if live:
+            runs.append(Chunk(job, chunk.start + chunk.count - len(live), live, chunk.target))
+        for later in reversed(runs[1:]):
+            self._requeue(job, later, front=True)
+        job.progress()
+        return runs[0] if runs else None
 
     def _admit(self, job: Job, chunk: Chunk) -> bool:
         """Ask the job's circuit breaker; a rejected task fails fast, never reaching a worker."""

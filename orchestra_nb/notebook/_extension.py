@@ -2,6 +2,7 @@
 
 Loading registers the magics and the ``%%orchestra`` input transformer, puts ``orchestra``
 (the ``orchestra_nb`` module) into the notebook's namespace, installs the progress hooks,
+registers the joblib backend ``"orchestra"`` when joblib is installed,
 reads the ``Orchestra`` configuration and starts the default pool's workers in the
 background (they start while you write the next cell), then prints one line.
 
@@ -13,6 +14,8 @@ for a killed kernel).
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 from typing import Any
 
 from ._config import Orchestra
@@ -44,6 +47,8 @@ def load(ip: Any) -> None:
     interrupt = SecondInterrupt(ip)
     interrupt.register()
     _state.update(shell=ip, config=config, interrupt=interrupt)
+    if importlib.util.find_spec("joblib") is not None:  # backend="orchestra" for joblib/sklearn
+        importlib.import_module("orchestra_nb.joblib")
 
     options = config.pool_options()
     if options and options != _api._default_options:

@@ -257,3 +257,20 @@ def test_cancel_leaves_other_job_alone(pool: orchestra.Pool, tmp_path: Path) -> 
     assert not list(b_dir.glob("interrupted-*"))
     assert sorted(pool.worker_pids()) == pids
     assert pool.map(square, range(10)).result(HANG_GUARD) == [x * x for x in range(10)]
+
+
+def test_calls_cancelled_before_they_are_sent_never_run(pool: orchestra.Pool, tmp_path: Path) -> None:
+    """Calls of one burst share a job (a call batch); cancelling some before any worker is
+    free must keep them from running at all, and leave the others to run."""
+    d = str(tmp_path)
+    busy = pool.map(blocking, range(2), [d] * 2, chunksize=1)
+    wait_until(lambda: markers(tmp_path, "started") == {0, 1}, what="both workers busy")
+    calls = [pool.run(blocking, i, d) for i in range(10, 50)]
+    for handle in calls[::2]:
+        assert handle.cancel() is True
+    busy.cancel()  # frees the workers: the batch is sent now
+    assert [h.result(HANG_GUARD) for h in calls[1::2]] == list(range(11, 50, 2))
+    for handle in calls[::2]:
+        with pytest.raises(concurrent.futures.CancelledError):
+            handle.result(HANG_GUARD)
+    assert markers(tmp_path, "started") == {0, 1, *range(11, 50, 2)}

@@ -14,6 +14,8 @@ import pytest
 import orchestra_nb as orchestra
 from orchestra_nb.testing import wait_for
 
+pytestmark = pytest.mark.local_only("worker processes and their failures")
+
 HANG_GUARD = 60.0
 
 

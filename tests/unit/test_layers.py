@@ -4,9 +4,9 @@ package (or the worker) loads no IPython, ipywidgets or dask.
     L0  pure: exceptions, states, events, wire protocol, pickling, policies
     L1  the worker process
     L2  the pool: I/O thread, event bus, task tables, supervisor
-    L3  the public API and handles
-    L4  the notebook layer (magics, widgets); ``testing`` (fault-injection tools) sits on
-        top of the public API too
+    L3  the public API and handles; ``executor`` (a concurrent.futures Executor on the API)
+    L4  the notebook layer (magics, widgets); ``testing`` (fault-injection tools) and
+        ``joblib`` (a joblib backend) sit on top of the public API too
 
 Imports under ``if TYPE_CHECKING:`` do not count (they never run).
 """
@@ -33,6 +33,7 @@ LAYERS = {
     "_feed": 2, "backends": 2, "backends._base": 2, "backends._caller": 2,
     "backends.local": 2, "backends.inline": 2, "backends.dask": 2,
     "_api": 3, "_handles": 3, "_callbacks": 3, "_driver": 3, "_pipeline": 3, "_schedule": 3,
+    "executor": 3, "joblib": 4,
 }
 NOTEBOOK_LAYER = 4
 
@@ -142,8 +143,9 @@ def test_import_loads_no_notebook_stack() -> None:
         "import json, sys\n"
         "import orchestra_nb\n"
         "orchestra_nb.Pool, orchestra_nb.map, orchestra_nb.TaskState, orchestra_nb.RetryPolicy\n"
+        "orchestra_nb.Executor\n"
         "import orchestra_nb._worker\n"
-        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed')\n"
+        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed', 'joblib', 'sklearn')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -157,7 +159,9 @@ def test_using_a_pool_loads_no_notebook_stack() -> None:
         "import orchestra_nb as orchestra\n"
         "with orchestra.Pool(workers=1) as p:\n"
         "    assert p.map(abs, [-1, -2]).result(60) == [1, 2]\n"
-        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed')\n"
+        "    with orchestra.Executor(pool=p) as ex:\n"
+        "        assert ex.submit(abs, -3).result(60) == 3\n"
+        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed', 'joblib', 'sklearn')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
