@@ -239,6 +239,14 @@ class Pool:
             )
         return found
 
+    def publish(self, event: Event) -> None:
+        """Publish ``event`` on :attr:`events`, from any thread, in order with the pool's
+        own events: for layers built on the pool (the result cache's ``TasksCached``)."""
+        if self._io.in_thread():
+            self.events.publish(event)
+        else:
+            self._io.call(self.events.publish, event)
+
     def _publish_circuit(self, change: CircuitChange) -> None:
         event = CircuitChanged(change.name, change.old.value, change.new.value, change.failures)
         if self._io.in_thread():
