@@ -13,9 +13,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from . import _handles, _protocol as proto
+from . import _cache, _handles, _protocol as proto
 from ._bus import EventBus, Subscription
 from ._circuit import CircuitBreaker, CircuitChange
 from ._events import CircuitChanged, Event
@@ -57,6 +57,7 @@ class _CallOptions:
     retry: RetryPolicy | None = None
     name: str | None = None
     circuit: CircuitBreaker | None = None
+    cache: Any = False  # see _cache.resolve_store
 
 
 class Pool:
@@ -165,6 +166,8 @@ class Pool:
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
         circuit: CircuitBreaker | None = None,
+        cache: Any = False,
+        checkpoint: str | None = None,
     ) -> MapHandle[T]:
         """Apply ``fn`` to every item (``fn(*items)`` with several iterables, like ``map``).
 
@@ -176,7 +179,15 @@ class Pool:
         that runs too long, then kills its worker if it does not stop; ``retries`` with
         ``retry_on`` re-runs failed tasks with exponential backoff; ``circuit`` (from
         :meth:`circuit`) admits every task through a circuit breaker (tasks run one per chunk).
+        ``cache=True`` (or a store path) keeps every result in the result store and sends
+        only the items it lacks; ``checkpoint="name"`` also records the map as a named run
+        (``orchestra.store.runs()``). The handle is then a ``CachedMapHandle`` (docs/store.md).
         """
+        if cache is not False or checkpoint is not None or _cache.is_cached(fn):
+            return cast(MapHandle[T], _cache.cached_map(
+                self, fn, iterables, cache=cache, checkpoint=checkpoint, chunksize=chunksize,
+                ordered=ordered, return_exceptions=return_exceptions, timeout=timeout,
+                retries=retries, retry_on=retry_on, name=name, circuit=circuit))
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if chunksize is not None and chunksize < 1:
@@ -212,10 +223,12 @@ class Pool:
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
         circuit: CircuitBreaker | None = None,
+        cache: Any = False,
     ) -> _Configured:
-        """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``."""
+        """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``
+        (``cache=True``: a cached call, see :meth:`map`)."""
         return _Configured(self, _CallOptions(_check_timeout(timeout), _retry(retries, retry_on),
-                                              name, _check_circuit(circuit)))
+                                              name, _check_circuit(circuit), cache))
 
     def circuit(
         self,
@@ -472,6 +485,10 @@ class _Configured:
         self._opts = opts
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
+        if self._opts.cache is not False:
+            return cast(TaskHandle[T], _cache.cached_run(
+                self._pool, fn, args, kwargs, self._opts.cache, timeout=self._opts.timeout,
+                retries=self._opts.retry, name=self._opts.name, circuit=self._opts.circuit))
         return self._pool._run(fn, args, kwargs, self._opts)
 
     def map(self, fn: Callable[..., T], /, *iterables: Iterable[Any], **kw: Any) -> MapHandle[T]:
@@ -479,6 +496,7 @@ class _Configured:
         kw.setdefault("retries", self._opts.retry)
         kw.setdefault("name", self._opts.name)
         kw.setdefault("circuit", self._opts.circuit)
+        kw.setdefault("cache", self._opts.cache)
         return self._pool.map(fn, *iterables, **kw)
 
 
@@ -570,6 +588,9 @@ def configure(**options: Any) -> None:
     options is shut down (after its work) so that the next call starts a fresh one.
     """
     global _default
+    if _cache.configure_store(options):  # store="path": the result store's location
+        return  # only the store changed: the default pool stays as it is
+    options = {key: value for key, value in options.items() if key != "store"}
     with _default_lock:
         _default_options.clear()
         _default_options.update(options)

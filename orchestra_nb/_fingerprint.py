@@ -59,10 +59,13 @@ class FingerprintError(OrchestraError, TypeError):
     or it is recursive). The message names the argument or global."""
 
 
-def _digest(*parts: bytes) -> bytes:
+_Bytes = bytes | bytearray | memoryview
+
+
+def _digest(*parts: _Bytes) -> bytes:
     h = hashlib.blake2b(digest_size=DIGEST_SIZE)
     for part in parts:
-        h.update(len(part).to_bytes(8, "little"))
+        h.update(memoryview(part).nbytes.to_bytes(8, "little"))
         h.update(part)
     return h.digest()
 
@@ -124,7 +127,7 @@ class _CanonicalPickler(pickle.Pickler):
                       | types.MethodType | type | types.ModuleType):
             return _tagged, ("callable", self._context.callable_digest(obj))
         if kind.__module__ == "numpy" and kind.__name__ == "ndarray":
-            return _tagged, ("ndarray", _array_digest(obj))
+            return _tagged, ("ndarray", _array_digest(obj, self._context))
         reduce_ex = getattr(obj, "__reduce_ex__", None)
         if reduce_ex is None:
             return NotImplemented
@@ -140,13 +143,13 @@ def _tagged(*_: Any) -> None:  # a stand-in constructor; fingerprints are never 
     return None
 
 
-def _array_digest(array: Any) -> bytes:
+def _array_digest(array: Any, context: _FunctionContext) -> bytes:
+    data: _Bytes
     if array.dtype.hasobject:
-        parts = [_value_digest(item, _FunctionContext()) for item in array.ravel().tolist()]
-        data = b"".join(parts)
-    else:
+        data = b"".join(_value_digest(item, context) for item in array.ravel().tolist())
+    else:  # the array's memory itself, no copy unless it is not contiguous
         data = memoryview(array if array.flags.c_contiguous else array.copy(order="C")).cast("B")
-    return _digest(b"ndarray", array.dtype.str.encode(), repr(array.shape).encode(), bytes(data))
+    return _digest(b"ndarray", array.dtype.str.encode(), repr(array.shape).encode(), data)
 
 
 def _value_digest(value: Any, context: _FunctionContext) -> bytes:

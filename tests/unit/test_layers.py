@@ -27,11 +27,11 @@ PACKAGE = Path(orchestra_nb.__file__).resolve().parent
 
 LAYERS = {
     "_exceptions": 0, "_state": 0, "_events": 0, "_protocol": 0, "_serialize": 0,
-    "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0,
+    "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0, "_fingerprint": 0, "_indexed": 0,
     "_worker": 1,
     "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_pool": 2,
-    "backends": 2, "backends._base": 2,
-    "_api": 3, "_handles": 3,
+    "backends": 2, "backends._base": 2, "_store": 2,
+    "_api": 3, "_handles": 3, "_cache": 3, "store": 3,
 }
 NOTEBOOK_LAYER = 4
 
