@@ -174,14 +174,8 @@ class ResultStore:
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             db.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses nothing committed
-            with self._transaction():
-                found = self._version()
-                if found is None:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
-                    db.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)",
-                               (str(FORMAT_VERSION),))
+            if self._version() is None:  # a new store (others only read: no write lock)
+                self._create()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable result store: {exc}") from exc
         found = self._version()
@@ -193,6 +187,16 @@ class ResultStore:
             )
         if mode.lower() != "wal":
             raise StoreError(f"the result store at {self.path} cannot use WAL mode (got {mode!r})")
+
+    def _create(self) -> None:
+        db = self._db
+        with self._transaction():
+            if self._version() is None:  # another process may have created it meanwhile
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)",
+                           (str(FORMAT_VERSION),))
 
     def _version(self) -> int | None:
         try:
@@ -240,7 +244,8 @@ class ResultStore:
             marks = ",".join("?" * len(batch))
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT key, checksum, layout, data, file, accessed FROM results WHERE key IN ({marks})",
+                    f"SELECT key, checksum, layout, CAST(data AS BLOB), file, accessed FROM results "
+                    f"WHERE key IN ({marks})",
                     batch,
                 ).fetchall()
             for key, checksum, layout, data, file, accessed in rows:
@@ -348,7 +353,7 @@ class ResultStore:
                     (key, function, function_name, now, now, len(raw), checksum, layout,
                      None if file is not None else bytes(raw), file),
                 )
-                hook = self.after_file_write
+                hook = type(self).after_file_write  # a plain function, not a method
                 if hook is not None and path is not None:
                     hook(path)
         except BaseException:
@@ -440,10 +445,12 @@ class ResultStore:
         self._unlink(files)
         return deleted
 
-    def evict(self, *, max_age: float | None = None, max_bytes: int | None = None) -> int:
+    def evict(self, *, max_age: float | None = None, max_bytes: int | None = None,
+              orphan_age: float = _ORPHAN_AGE) -> int:
         """Delete entries not used for ``max_age`` seconds, then the least recently used
-        ones until the results take at most ``max_bytes``; sweep files no entry refers to
-        that a killed writer left behind. Returns the number of entries deleted."""
+        ones until the results take at most ``max_bytes``; delete files no entry refers to
+        (a killed writer's) once they are ``orphan_age`` seconds old (younger ones may be
+        a live writer's, about to commit). Returns the number of entries deleted."""
         victims: list[bytes] = []
         with self._lock:
             if max_age is not None:
@@ -459,19 +466,19 @@ class ResultStore:
                     if total > max_bytes:
                         victims.append(key)
         deleted = self._delete_keys(victims) if victims else 0
-        self._sweep_orphans()
+        self._sweep_orphans(orphan_age)
         return deleted
 
-    def _sweep_orphans(self) -> None:
+    def _sweep_orphans(self, orphan_age: float) -> None:
         if not self.files.exists():
             return
         with self._lock:
             known = {r[0] for r in self._db.execute("SELECT file FROM results WHERE file IS NOT NULL")}
-        cutoff = time.time() - _ORPHAN_AGE
+        cutoff = time.time() - orphan_age
         for path in self.files.glob("*/*"):
             name = f"{path.parent.name}/{path.name}"
             with contextlib.suppress(OSError):
-                if name not in known and path.stat().st_mtime < cutoff:
+                if name not in known and path.stat().st_mtime <= cutoff:
                     path.unlink()
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "StoreVersionError",
     "cached",
     "clear",
+    "close_all",
     "current",
     "delete_run",
     "evict",
@@ -74,6 +75,11 @@ def use(path: str | os.PathLike[str] | None) -> None:
 def open_store(path: str | os.PathLike[str]) -> ResultStore:
     """The store at ``path`` (shared with every other use of that path in this process)."""
     return _cache.resolve_store(path)
+
+
+def close_all() -> None:
+    """Close every store this process opened (each opens again on its next use)."""
+    _cache.close_stores()
 
 
 def _resolve(store: StoreLike | None) -> ResultStore:
