@@ -37,7 +37,7 @@ from ._events import TasksCached
 from ._fingerprint import FingerprintError, call_fingerprint, function_fingerprint
 from ._indexed import IndexedCall
 from ._state import TaskState
-from ._store import ResultStore, StoreError, default_store_path
+from ._store import ResultStore, StoreError, UnpicklableValueError, default_store_path
 
 if TYPE_CHECKING:
     from ._api import Pool
@@ -237,14 +237,14 @@ class _Recorder:
                 index, value = result
                 try:
                     self.store.put(miss_keys[index], function_key, function_name, value)
+                except UnpicklableValueError:  # returned, just not stored
+                    unpicklable += 1
+                    continue
                 except StoreError as exc:
                     self.error = exc
                     warnings.warn(f"{exc}; results are no longer cached (the map goes on)",
                                   RuntimeWarning, stacklevel=1)
                     break
-                except Exception:  # the value cannot be pickled: returned, just not stored
-                    unpicklable += 1
-                    continue
                 self.recorded += 1
         except BaseException:  # cancelled or the pool closed: the handle reports it
             pass
@@ -420,6 +420,7 @@ class CachedMapHandle(Generic[T]):
         for value in self.misses:
             stream.add(value)
             yield from stream.ready()
+        self._recorder.done.result()  # stored: a map started next finds them all
         yield from stream.rest()
 
     def __aiter__(self) -> AsyncIterator[T]:
@@ -433,6 +434,7 @@ class CachedMapHandle(Generic[T]):
             stream.add(result)
             for value in stream.ready():
                 yield value
+        await asyncio.wrap_future(self._recorder.done)
         for value in stream.rest():
             yield value
 

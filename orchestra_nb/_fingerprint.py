@@ -211,7 +211,7 @@ class _FunctionContext:
                            _value_digest(fn.keywords, self))
         if isinstance(fn, types.MethodType):
             return _digest(b"method", self.callable_digest(fn.__func__), _value_digest(fn.__self__, self))
-        if _is_importable(fn):
+        if _is_importable(fn) and _version_of(getattr(fn, "__module__", None) or "builtins") != _UNVERSIONED:
             module = getattr(fn, "__module__", None) or "builtins"
             return _digest(b"ref", module.encode(), _qualname(fn).encode(), _version_of(module))
         if isinstance(fn, types.FunctionType):
@@ -340,7 +340,10 @@ def _version_of(module: str) -> bytes:
             return f"{dist}-{importlib.metadata.version(dist)}".encode()
         except importlib.metadata.PackageNotFoundError:
             continue
-    return b"unversioned"
+    return _UNVERSIONED
+
+
+_UNVERSIONED = b"unversioned"
 
 
 def function_fingerprint(fn: Callable[..., Any]) -> bytes:

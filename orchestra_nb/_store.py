@@ -48,6 +48,7 @@ __all__ = [
     "StoreFullError",
     "StoreInfo",
     "StoreVersionError",
+    "UnpicklableValueError",
     "default_store_path",
 ]
 
@@ -71,6 +72,10 @@ class StoreVersionError(StoreError):
 
 class StoreFullError(StoreError):
     """The disk (or quota) holding the store is full; nothing partial was stored."""
+
+
+class UnpicklableValueError(StoreError):
+    """A value that cannot be pickled, so cannot be stored (the store itself is fine)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -315,14 +320,18 @@ class ResultStore:
         """Store ``value`` under ``key`` (replacing an entry with that key).
 
         Raises :class:`StoreFullError` when the disk is full (nothing is stored then),
-        :class:`StoreError` for other failures, ``pickle.PicklingError`` if the value
-        cannot be pickled.
+        :class:`UnpicklableValueError` if the value cannot be pickled, :class:`StoreError`
+        for other failures.
         """
-        raw, layout = _serialize(value)
+        try:
+            raw, layout = _serialize(value)
+        except Exception as exc:
+            raise UnpicklableValueError(
+                f"cannot store a {type(value).__qualname__}: it cannot be pickled ({exc})") from exc
         checksum = _checksum(raw)
         try:
             self._put(key, function, function_name, raw, layout, checksum)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             if "full" in str(exc).lower():
                 raise StoreFullError(f"the result store at {self.path} is full: {exc}") from exc
             raise StoreError(f"cannot write to the result store at {self.path}: {exc}") from exc

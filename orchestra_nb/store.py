@@ -33,6 +33,7 @@ from ._store import (
     StoreFullError,
     StoreInfo,
     StoreVersionError,
+    UnpicklableValueError,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "StoreFullError",
     "StoreInfo",
     "StoreVersionError",
+    "UnpicklableValueError",
     "cached",
     "clear",
     "close_all",

@@ -78,7 +78,8 @@ def test_every_relevant_edit_changes_the_key(tmp_path: Path, label: str, edit: t
     old, new = edit
     assert old in NOTEBOOK
     changed = NOTEBOOK.replace(old, new)
-    assert fingerprint_in_new_process(tmp_path, changed) != fingerprint_in_new_process(tmp_path, NOTEBOOK), label
+    base = fingerprint_in_new_process(tmp_path, NOTEBOOK)
+    assert fingerprint_in_new_process(tmp_path, changed) != base, label
 
 
 def test_a_changed_closure_changes_the_key() -> None:
@@ -121,7 +122,13 @@ def test_library_functions_count_by_module_and_version(tmp_path: Path) -> None:
 
 
 def test_a_notebook_class_counts_by_its_code(tmp_path: Path) -> None:
-    source = "class Point:\n    def __init__(self, x):\n        self.x = x\n    def norm(self):\n        return abs(self.x)\n"
+    source = textwrap.dedent("""\
+        class Point:
+            def __init__(self, x):
+                self.x = x
+            def norm(self):
+                return abs(self.x)
+        """)
     use = "Point(3)"
     base = fingerprint_in_new_process(tmp_path, source, use)
     assert fingerprint_in_new_process(tmp_path, source, use, hash_seed="7") == base
