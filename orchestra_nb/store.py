@@ -56,6 +56,7 @@ __all__ = [
     "evict",
     "info",
     "open_store",
+    "report",
     "runs",
     "use",
 ]
@@ -82,6 +83,29 @@ def open_store(path: str | os.PathLike[str]) -> ResultStore:
 def close_all() -> None:
     """Close every store this process opened (each opens again on its next use)."""
     _cache.close_stores()
+
+
+def report(store: StoreLike | None = None) -> str:
+    """What ``%orchestra store`` prints: location, size, and the named runs."""
+    target = _resolve(store)
+    about = target.info()
+    lines = [f"result store {about.path}",
+             f"  {about.entries} result(s) of {about.functions} function(s), {_size(about.bytes)} "
+             f"({about.files} in files), database {_size(about.database_bytes)}"]
+    found = target.runs()
+    if found:
+        lines.append("  named runs (checkpoint=):")
+        lines.extend(f"    {run.name!r}: {run.function}, {run.done}/{run.total} done" for run in found)
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
 
 
 def _resolve(store: StoreLike | None) -> ResultStore:
