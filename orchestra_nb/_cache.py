@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._events import TasksCached
-from ._fingerprint import FingerprintError, call_fingerprint, function_fingerprint
+from ._fingerprint import FingerprintError, call_fingerprint, call_fingerprints, function_fingerprint
 from ._indexed import IndexedCall
 from ._state import TaskState
 from ._store import ResultStore, StoreError, UnpicklableValueError, default_store_path
@@ -125,12 +125,11 @@ Call = tuple[tuple[Any, ...], dict[str, Any] | None]  # (args, kwargs) of one it
 
 def call_keys(fn: Callable[..., Any], function_key: bytes, calls: list[Call]) -> list[bytes]:
     """Every call's key; an argument that cannot be fingerprinted raises, named with its item."""
-    keys = []
-    for index, (args, kwargs) in enumerate(calls):
-        try:
-            keys.append(call_fingerprint(function_key, args, kwargs))
-        except FingerprintError as exc:
-            raise FingerprintError(f"item {index} of {_name(fn)}: {exc}") from exc
+    keys: list[bytes] = []
+    try:
+        keys.extend(call_fingerprints(function_key, calls))
+    except FingerprintError as exc:
+        raise FingerprintError(f"item {len(keys)} of {_name(fn)}: {exc}") from exc
     return keys
 
 
@@ -190,7 +189,7 @@ def _cached_calls(
     if checkpoint is not None:
         store.record_run(checkpoint, function_key, label, keys)
     try:
-        hits = store.get_many(list(dict.fromkeys(keys)))
+        hits = store.get_many(list(dict.fromkeys(keys)), function_key)
     except StoreError as exc:
         warnings.warn(f"{exc}; the map runs without the cache", RuntimeWarning, stacklevel=4)
         hits = {}

@@ -19,6 +19,7 @@ import pytest
 from orchestra_nb._fingerprint import (
     FingerprintError,
     call_fingerprint,
+    call_fingerprints,
     function_fingerprint,
     value_fingerprint,
 )
@@ -236,3 +237,13 @@ def test_keyword_order_does_not_matter() -> None:
     key = function_fingerprint(abs)
     assert call_fingerprint(key, (), {"a": 1, "b": 2}) == call_fingerprint(key, (), {"b": 2, "a": 1})
     assert call_fingerprint(key, (1,)) != call_fingerprint(key, (), {"x": 1})
+
+
+def test_the_batch_fast_path_gives_the_same_keys() -> None:
+    key = function_fingerprint(abs)
+    calls: list[tuple[tuple[Any, ...], dict[str, Any] | None]] = [
+        ((1,), None), (("a",), None), ((1.5,), None), ((None,), None), (((1, 2),), None),
+        ((1, 2), None), ((), {"x": 1}), ((3,), {"y": [1]}),
+    ]
+    assert list(call_fingerprints(key, calls)) == [call_fingerprint(key, a, k) for a, k in calls]
+    assert len(set(call_fingerprints(key, calls))) == len(calls)
