@@ -582,15 +582,17 @@ _default_options: dict[str, Any] = {}
 
 
 def configure(**options: Any) -> None:
-    """Set the default pool's options (``workers=4``, ``memory_limit="2GB"``, ...).
+    """Set the default pool's options (``workers=4``, ``memory_limit="2GB"``, ...), and the
+    result store's (``store="path"``, ``store_max_bytes="10GB"``; see docs/store.md).
 
     Takes effect when the default pool is next created; a running default pool with other
     options is shut down (after its work) so that the next call starts a fresh one.
     """
     global _default
-    if _cache.configure_store(options):  # store="path": the result store's location
+    rest = _cache.configure_store(options)  # store="path", store_max_bytes=: the result store
+    if rest is None:
         return  # only the store changed: the default pool stays as it is
-    options = {key: value for key, value in options.items() if key != "store"}
+    options = rest
     with _default_lock:
         _default_options.clear()
         _default_options.update(options)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._events import TasksCached
 from ._fingerprint import FingerprintError, call_fingerprint, call_fingerprints, function_fingerprint
 from ._indexed import IndexedCall
+from ._policy import parse_size
 from ._state import TaskState
 from ._store import ResultStore, StoreError, UnpicklableValueError, default_store_path
 
@@ -61,15 +62,18 @@ T = TypeVar("T")
 _store_lock = threading.Lock()
 _store_path: Path | None = None  # set by configure(store=...); None: default_store_path()
 _stores: dict[Path, ResultStore] = {}
+_size_cap: int | None = None  # configure(store_max_bytes=...)
 
 
-def configure_store(options: dict[str, Any]) -> bool:
-    """``orchestra.configure(store="path")``: make ``options["store"]`` (if given) the
-    default store; True if that was the only option."""
-    if "store" not in options:
-        return False
-    set_default_store(options["store"])
-    return len(options) == 1
+def configure_store(options: dict[str, Any]) -> dict[str, Any] | None:
+    """``orchestra.configure(store="path", store_max_bytes="10GB")``: apply the store's
+    options; return the other (pool) options, or None if there were only store options."""
+    if "store" in options:
+        set_default_store(options["store"])
+    if "store_max_bytes" in options:
+        set_size_cap(options["store_max_bytes"])
+    rest = {key: value for key, value in options.items() if key not in ("store", "store_max_bytes")}
+    return None if options and not rest else rest
 
 
 def set_default_store(path: str | os.PathLike[str] | None) -> None:
@@ -77,6 +81,12 @@ def set_default_store(path: str | os.PathLike[str] | None) -> None:
     global _store_path
     with _store_lock:
         _store_path = None if path is None else Path(path).expanduser().resolve()
+
+
+def set_size_cap(max_bytes: int | str | None) -> None:
+    """After each cached map, evict the least recently used results above this size."""
+    global _size_cap
+    _size_cap = None if max_bytes is None else parse_size(max_bytes)
 
 
 def default_store() -> ResultStore:
@@ -248,6 +258,12 @@ class _Recorder:
         except BaseException:  # cancelled or the pool closed: the handle reports it
             pass
         finally:
+            cap = _size_cap
+            if cap is not None and self.error is None:
+                try:
+                    self.store.evict(max_bytes=cap)
+                except StoreError as exc:
+                    warnings.warn(f"{exc} (evicting down to {cap} bytes)", RuntimeWarning, stacklevel=1)
             if unpicklable:
                 warnings.warn(f"{unpicklable} result(s) of {function_name} could not be pickled "
                               "and were not cached", RuntimeWarning, stacklevel=1)

@@ -251,3 +251,17 @@ def test_module_level_map_and_configure(nb: Notebook, tmp_path: Path) -> None:
         orchestra.configure()
         orchestra.store.use(None)
         orchestra.store.close_all()
+
+
+def test_a_size_cap_evicts_the_least_recently_used(
+    pool: orchestra.Pool, nb: Notebook, store: ResultStore
+) -> None:
+    nb.run_cell("import numpy as np\ndef block(i):\n    mark(i)\n    return np.full((300, 300), float(i))\n")
+    orchestra.configure(store_max_bytes="2MB")  # 720 kB per result: two fit
+    try:
+        pool.map(nb["block"], range(6), cache=True, chunksize=1).result(HANG_GUARD)
+    finally:
+        orchestra.configure(store_max_bytes=None)
+    info = store.info()
+    assert info.entries == 2 and info.bytes <= 2_000_000
+    assert len(list(store.files.glob("*/*.bin"))) == 2
