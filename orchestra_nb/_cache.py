@@ -196,9 +196,9 @@ def _cached_calls(
     function_key = function_fingerprint(fn)
     keys = call_keys(fn, function_key, calls)
     label = name or _name(fn)
-    if checkpoint is not None:
-        store.record_run(checkpoint, function_key, label, keys)
     try:
+        if checkpoint is not None:
+            store.record_run(checkpoint, function_key, label, keys)
         hits = store.get_many(list(dict.fromkeys(keys)), function_key)
     except StoreError as exc:
         warnings.warn(f"{exc}; the map runs without the cache", RuntimeWarning, stacklevel=4)

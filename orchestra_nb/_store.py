@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import os
 import pickle
@@ -32,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import cloudpickle
 
@@ -147,6 +148,28 @@ CREATE TABLE IF NOT EXISTS run_items (
 """
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _store_errors(
+    method: Callable[Concatenate[ResultStore, _P], _R],
+) -> Callable[Concatenate[ResultStore, _P], _R]:
+    """SQLite's errors as :class:`StoreError` (:class:`StoreFullError` for a full disk),
+    naming the store."""
+
+    @functools.wraps(method)
+    def translated(self: ResultStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            if "full" in str(exc).lower():
+                raise StoreFullError(f"the result store at {self.path} is full: {exc}") from exc
+            raise StoreError(f"the result store at {self.path} failed: {exc}") from exc
+
+    return translated
+
+
 class ResultStore:
     """One store on disk. Thread-safe (one connection, used under a lock); several
     processes may open the same path at once.
@@ -236,6 +259,7 @@ class ResultStore:
 
     # --- reading ------------------------------------------------------------------------
 
+    @_store_errors
     def get_many(self, keys: list[bytes], function: bytes | None = None) -> dict[bytes, Any]:
         """The stored values of those ``keys`` that have a valid entry. An entry that fails
         its checksum or cannot be unpickled is deleted: it is a miss, never an error.
@@ -319,6 +343,7 @@ class ResultStore:
         except Exception as exc:  # e.g. a class that no longer exists: recompute
             raise _Corrupt from exc
 
+    @_store_errors
     def count(self, keys: Iterable[bytes] | None = None) -> int:
         """Entries in the store (or: how many of ``keys`` have one, valid or not)."""
         with self._lock:
@@ -336,6 +361,7 @@ class ResultStore:
 
     # --- writing ------------------------------------------------------------------------
 
+    @_store_errors
     def put(self, key: bytes, function: bytes, function_name: str, value: Any) -> None:
         """Store ``value`` under ``key`` (replacing an entry with that key).
 
@@ -351,10 +377,6 @@ class ResultStore:
         checksum = _checksum(raw)
         try:
             self._put(key, function, function_name, raw, layout, checksum)
-        except sqlite3.Error as exc:
-            if "full" in str(exc).lower():
-                raise StoreFullError(f"the result store at {self.path} is full: {exc}") from exc
-            raise StoreError(f"cannot write to the result store at {self.path}: {exc}") from exc
         except OSError as exc:
             if exc.errno in _FULL_ERRNOS:
                 raise StoreFullError(
@@ -414,6 +436,7 @@ class ResultStore:
 
     # --- named runs ---------------------------------------------------------------------
 
+    @_store_errors
     def record_run(self, name: str, function: bytes, function_name: str, keys: list[bytes]) -> None:
         """Remember run ``name`` as these item keys (replacing what the name held)."""
         now = time.time()
@@ -425,6 +448,7 @@ class ResultStore:
             db.executemany("INSERT INTO run_items VALUES (?, ?, ?)",
                            [(name, index, key) for index, key in enumerate(keys)])
 
+    @_store_errors
     def runs(self) -> list[RunInfo]:
         with self._lock:
             rows = self._db.execute(
@@ -435,11 +459,13 @@ class ResultStore:
         return [RunInfo(name, fn, total, done, created, updated)
                 for name, fn, total, created, updated, done in rows]
 
+    @_store_errors
     def run_keys(self, name: str) -> list[bytes]:
         with self._lock:
             return [r[0] for r in self._db.execute(
                 "SELECT key FROM run_items WHERE run = ? ORDER BY idx", (name,))]
 
+    @_store_errors
     def delete_run(self, name: str, *, results: bool = False) -> bool:
         """Forget run ``name`` (and with ``results=True`` its stored results too)."""
         keys = self.run_keys(name) if results else []
@@ -452,6 +478,7 @@ class ResultStore:
 
     # --- management ---------------------------------------------------------------------
 
+    @_store_errors
     def info(self) -> StoreInfo:
         with self._lock:
             entries, size, files, functions = self._db.execute(
@@ -461,6 +488,7 @@ class ResultStore:
         database = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
         return StoreInfo(str(self.path), entries, size, files, functions, runs, database)
 
+    @_store_errors
     def clear(self, function: bytes | None = None) -> int:
         """Delete every entry (or those of one function fingerprint); returns how many."""
         with self._lock, self._transaction() as db:
@@ -474,6 +502,7 @@ class ResultStore:
         self._unlink(files)
         return deleted
 
+    @_store_errors
     def evict(self, *, max_age: float | None = None, max_bytes: int | None = None,
               orphan_age: float = _ORPHAN_AGE) -> int:
         """Delete entries not used for ``max_age`` seconds, then the least recently used
