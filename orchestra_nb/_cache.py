@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._events import TasksCached
 from ._fingerprint import FingerprintError, call_fingerprint, call_fingerprints, function_fingerprint
-from ._indexed import IndexedCall
+from ._indexed import IndexedCall, unwrap_unkeyed
 from ._policy import parse_size
 from ._state import TaskState
 from ._store import ResultStore, StoreError, UnpicklableValueError, default_store_path
@@ -630,7 +630,8 @@ class CachedFunction:
         hit, value = store.get(key)
         if hit:
             return value
-        value = self.fn(*args, **kwargs)
+        args, keywords = unwrap_unkeyed(args, kwargs)
+        value = self.fn(*args, **(keywords or {}))
         try:
             store.put(key, function_key, _name(self.fn), value)
         except StoreError as exc:

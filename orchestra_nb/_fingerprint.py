@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._exceptions import OrchestraError
+from ._indexed import Unkeyed
 
 __all__ = [
     "FingerprintError",
@@ -57,7 +58,8 @@ _FAST_ATOMS = (int, float, str, bytes, bool, type(None))
 
 class FingerprintError(OrchestraError, TypeError):
     """A function or argument whose value cannot be fingerprinted (it cannot be pickled,
-    or it is recursive). The message names the argument or global."""
+    or it is recursive). The message names the argument or global. An argument that should
+    not be part of the key can be passed as ``orchestra.store.unkeyed(value)``."""
 
 
 _Bytes = bytes | bytearray | memoryview
@@ -124,6 +126,8 @@ class _CanonicalPickler(pickle.Pickler):
         if obj is _tagged or type(obj) is _Canonical:
             return NotImplemented  # pickled by reference / by its own __reduce__
         kind = type(obj)
+        if kind is Unkeyed:  # the caller's explicit opt-out: not part of the key
+            return _tagged, ("unkeyed",)
         if isinstance(obj, types.FunctionType | types.BuiltinFunctionType | functools.partial
                       | types.MethodType | type | types.ModuleType):
             return _tagged, ("callable", self._context.callable_digest(obj))

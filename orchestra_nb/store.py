@@ -25,6 +25,7 @@ from typing import Any, overload
 from . import _api, _cache
 from ._cache import CachedFunction, CachedMapHandle, CachedTaskHandle
 from ._fingerprint import FingerprintError, function_fingerprint
+from ._indexed import Unkeyed
 from ._policy import parse_size
 from ._store import (
     ResultStore,
@@ -47,6 +48,7 @@ __all__ = [
     "StoreFullError",
     "StoreInfo",
     "StoreVersionError",
+    "Unkeyed",
     "UnpicklableValueError",
     "cached",
     "clear",
@@ -58,6 +60,7 @@ __all__ = [
     "open_store",
     "report",
     "runs",
+    "unkeyed",
     "use",
 ]
 
@@ -78,6 +81,13 @@ def use(path: str | os.PathLike[str] | None) -> None:
 def open_store(path: str | os.PathLike[str]) -> ResultStore:
     """The store at ``path`` (shared with every other use of that path in this process)."""
     return _cache.resolve_store(path)
+
+
+def unkeyed(value: Any) -> Unkeyed:
+    """Pass ``value`` to the function but leave it out of the cache key:
+    ``orchestra.map(f, xs, [unkeyed(logger)] * len(xs), cache=True)``, or an argument that
+    cannot be fingerprinted and does not change the result."""
+    return Unkeyed(value)
 
 
 def close_all() -> None:

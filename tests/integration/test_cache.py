@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,6 @@ def test_the_store_event_is_published(pool: orchestra.Pool, nb: Notebook, store:
 
 
 def test_unfingerprintable_arguments_are_named(pool: orchestra.Pool, nb: Notebook, store: ResultStore) -> None:
-    import threading
-
     with pytest.raises(FingerprintError, match=r"item 2 of task: .*argument 0 \(type lock\)"):
         pool.map(nb["task"], [1, 2, threading.Lock()], cache=True)
     assert nb.executions() == []
@@ -265,3 +264,17 @@ def test_a_size_cap_evicts_the_least_recently_used(
     info = store.info()
     assert info.entries == 2 and info.bytes <= 2_000_000
     assert len(list(store.files.glob("*/*.bin"))) == 2
+
+
+def test_unkeyed_arguments_are_passed_but_not_keyed(
+    pool: orchestra.Pool, nb: Notebook, store: ResultStore
+) -> None:
+    nb.run_cell("def scaled(x, label):\n    mark(x)\n    return (x, label)\n")
+    unkeyed = orchestra.store.unkeyed
+    first = pool.map(nb["scaled"], [1, 2], [unkeyed("first"), unkeyed("first")], cache=True)
+    assert first.result(HANG_GUARD) == [(1, "first"), (2, "first")]  # the function gets the value
+    again = pool.map(nb["scaled"], [1, 2], [unkeyed("second"), unkeyed("second")], cache=True)
+    assert again.result(HANG_GUARD) == [(1, "first"), (2, "first")] and again.cached == 2
+    lock_free = orchestra.cached(nb["scaled"], pool=pool)
+    assert lock_free(5, unkeyed(threading.Lock()))[0] == 5  # not fingerprintable, but unkeyed
+    assert nb.executions() == [1, 2, 5]
