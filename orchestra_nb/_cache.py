@@ -25,9 +25,12 @@ returned as usual.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import os
+import queue
 import threading
+import traceback
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -56,6 +59,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_NOTHING: Any = object()  # "no value yet" in partial results
 
 # --- which store --------------------------------------------------------------------------
 
@@ -115,7 +119,9 @@ def resolve_store(cache: bool | str | os.PathLike[str] | ResultStore) -> ResultS
 
 
 def close_stores() -> None:
-    """Close every store opened through :func:`default_store` / :func:`resolve_store`."""
+    """Close every store opened through :func:`default_store` / :func:`resolve_store`
+    (after the writes queued for them)."""
+    _writer.stop()
     with _store_lock:
         stores = list(_stores.values())
         _stores.clear()
@@ -220,9 +226,12 @@ def _cached_calls(
 
 
 class _Recorder:
-    """The thread that stores each computed result as it arrives (one per cached map).
+    """Stores a cached map's computed results, each as soon as it arrives.
 
-    It ends when the miss map's results end: all done, cancelled, or the pool closed.
+    With more than one item to compute, a thread of its own iterates the miss map's
+    handle (in completion order) and ends with it: all done, cancelled, or the pool closed.
+    A single call (every cached ``run``) is stored when it is done by the shared
+    :data:`_writer` thread instead: a thread per call would cost more than the call.
     """
 
     def __init__(self, store: ResultStore, function_key: bytes, function_name: str,
@@ -231,43 +240,105 @@ class _Recorder:
         self.recorded = 0
         self.error: BaseException | None = None
         self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._args = (function_key, function_name, miss_keys, misses)
-        self._thread = threading.Thread(target=self._run, name=f"orchestra-cache {function_name}",
-                                        daemon=True)
-        self._thread.start()
+        self._function = (function_key, function_name)
+        self._miss_keys = miss_keys
+        self._misses = misses
+        self._unpicklable = 0
+        if not miss_keys:
+            self._finish()
+        elif len(miss_keys) == 1:
+            misses.on_done(lambda _: _writer.submit(self._store_all))
+        else:
+            threading.Thread(target=self._stream, name=f"orchestra-cache {function_name}",
+                             daemon=True).start()
 
-    def _run(self) -> None:
-        function_key, function_name, miss_keys, misses = self._args
-        unpicklable = 0
+    def _stream(self) -> None:
         try:
-            for result in misses:
-                if type(result) is not tuple:  # a failed task's exception: not cached
-                    continue
-                index, value = result
-                try:
-                    self.store.put(miss_keys[index], function_key, function_name, value)
-                except UnpicklableValueError:  # returned, just not stored
-                    unpicklable += 1
-                    continue
-                except StoreError as exc:
-                    self.error = exc
-                    warnings.warn(f"{exc}; results are no longer cached (the map goes on)",
-                                  RuntimeWarning, stacklevel=1)
+            for result in self._misses:
+                if not self._store(result):
                     break
-                self.recorded += 1
         except BaseException:  # cancelled or the pool closed: the handle reports it
             pass
         finally:
-            cap = _size_cap
-            if cap is not None and self.error is None:
-                try:
-                    self.store.evict(max_bytes=cap)
-                except StoreError as exc:
-                    warnings.warn(f"{exc} (evicting down to {cap} bytes)", RuntimeWarning, stacklevel=1)
-            if unpicklable:
-                warnings.warn(f"{unpicklable} result(s) of {function_name} could not be pickled "
-                              "and were not cached", RuntimeWarning, stacklevel=1)
-            self.done.set_result(None)
+            self._finish()
+
+    def _store_all(self) -> None:
+        try:
+            for result in self._misses.partial_results(fill=_NOTHING):
+                if not self._store(result):
+                    break
+        finally:
+            self._finish()
+
+    def _store(self, result: Any) -> bool:
+        """Store one ``(index, value)``; False once the store fails (recording stops)."""
+        if type(result) is not tuple:  # a failed task's exception, or not computed: not cached
+            return True
+        index, value = result
+        try:
+            self.store.put(self._miss_keys[index], *self._function, value)
+        except UnpicklableValueError:  # returned, just not stored
+            self._unpicklable += 1
+            return True
+        except StoreError as exc:
+            self.error = exc
+            warnings.warn(f"{exc}; results are no longer cached (the map goes on)",
+                          RuntimeWarning, stacklevel=1)
+            return False
+        self.recorded += 1
+        return True
+
+    def _finish(self) -> None:
+        cap = _size_cap
+        if cap is not None and self.error is None and self._miss_keys:
+            try:
+                self.store.evict(max_bytes=cap)
+            except StoreError as exc:
+                warnings.warn(f"{exc} (evicting down to {cap} bytes)", RuntimeWarning, stacklevel=1)
+        if self._unpicklable:
+            warnings.warn(f"{self._unpicklable} result(s) of {self._function[1]} could not be pickled "
+                          "and were not cached", RuntimeWarning, stacklevel=1)
+        self.done.set_result(None)
+
+
+class _Writer:
+    """The thread that stores the results of single cached calls, in order.
+
+    Started on first use; :func:`close_stores` (and interpreter exit) stops it after what
+    is queued.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], object]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="orchestra-store-writer",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.put(job)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                job()
+            except Exception:  # one failed write must not stop the others
+                traceback.print_exc()
+
+    def stop(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)  # after everything queued so far
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+
+_writer = _Writer()
+atexit.register(_writer.stop)
 
 
 class CachedMapHandle(Generic[T]):
@@ -460,8 +531,6 @@ class CachedMapHandle(Generic[T]):
         return (f"<CachedMapHandle job={self.job_id} {self._name!r} {status} {finished}/{self.total} "
                 f"cached={self.cached} failed={done[TaskState.FAILED]}>")
 
-
-_NOTHING: Any = object()
 
 
 class _Stream:

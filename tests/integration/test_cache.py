@@ -116,6 +116,20 @@ def test_cached_run(pool: orchestra.Pool, nb: Notebook, store: ResultStore) -> N
     assert nb.executions() == [7]
 
 
+def test_a_burst_of_cached_runs_shares_one_writer(
+    pool: orchestra.Pool, nb: Notebook, store: ResultStore
+) -> None:
+    cached = pool.options(cache=True)
+    handles = [cached.run(nb["task"], x) for x in range(100)]
+    assert [h.result(HANG_GUARD) for h in handles] == [x * x for x in range(100)]
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("orchestra-store-writer") == 1
+    assert not [n for n in names if n.startswith("orchestra-cache")]  # no thread per call
+    assert store.count() == 100
+    assert all(cached.run(nb["task"], x).from_store for x in range(100))
+    assert len(nb.executions()) == 100
+
+
 async def test_awaiting_and_streaming(apool: orchestra.Pool, nb: Notebook, store: ResultStore) -> None:
     assert await apool.map(nb["task"], range(0, 40, 2), cache=True) == [x * x for x in range(0, 40, 2)]
     # Half hits (even items), half misses: every way of reading gives every item.
