@@ -255,7 +255,7 @@ class _FunctionContext:
         parts = [b"class", cls.__qualname__.encode()]
         parts.extend(self.callable_digest(base) for base in cls.__bases__)
         for name, member in sorted(vars(cls).items()):
-            if name in ("__dict__", "__weakref__", "__module__", "__doc__", "__qualname__"):
+            if name in _CLASS_BOOKKEEPING:
                 continue
             target = member.__func__ if isinstance(member, staticmethod | classmethod) else member
             if isinstance(target, property):
@@ -274,6 +274,12 @@ class _FunctionContext:
             ) from exc
 
 
+# Entries of a class's namespace that say where or how it was defined, not what it does
+# (``__firstlineno__`` and ``__static_attributes__`` appear in Python 3.13).
+_CLASS_BOOKKEEPING = frozenset({"__dict__", "__weakref__", "__module__", "__doc__", "__qualname__",
+                                "__firstlineno__", "__static_attributes__"})
+
+
 def _code_digest(code: types.CodeType) -> bytes:
     consts = []
     for const in code.co_consts:
@@ -288,6 +294,7 @@ def _code_digest(code: types.CodeType) -> bytes:
         "\0".join(code.co_varnames).encode(),
         "\0".join(code.co_freevars).encode(),
         "\0".join(code.co_cellvars).encode(),
+        code.co_exceptiontable,  # where each try block's handler is (offsets, not lines)
         repr((code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount,
               code.co_flags)).encode(),
     )
