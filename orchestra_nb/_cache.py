@@ -524,6 +524,11 @@ class CachedMapHandle(Generic[T]):
         for value in stream.rest():
             yield value
 
+    def _ipython_display_(self) -> None:
+        """As a cell's value: the live view of the job computing the misses (its
+        ``TasksCached`` event tells the view how many items the store served)."""
+        self.misses._ipython_display_()
+
     def __repr__(self) -> str:
         done = self.counts()
         finished = done[TaskState.SUCCEEDED] + done[TaskState.FAILED] + done[TaskState.CANCELLED]
@@ -655,6 +660,9 @@ class CachedTaskHandle(Generic[T]):
 
     def exceptions(self) -> dict[int, BaseException]:
         return self.map_handle.exceptions()
+
+    def _ipython_display_(self) -> None:
+        self.map_handle._ipython_display_()
 
     def __repr__(self) -> str:
         where = "from the store" if self.from_store else "computed"
