@@ -59,6 +59,7 @@ __all__ = [
     "info",
     "open_store",
     "report",
+    "run_results",
     "runs",
     "unkeyed",
     "use",
@@ -131,6 +132,17 @@ def runs(store: StoreLike | None = None) -> list[RunInfo]:
     """The named runs (``checkpoint="..."``), most recently started first, each with how
     many of its items have a stored result; rerun the same cell to resume one."""
     return _resolve(store).runs()
+
+
+def run_results(name: str, *, fill: Any = None, store: StoreLike | None = None) -> list[Any]:
+    """The stored results of run ``name`` by item index, ``fill`` where an item has none
+    yet: a run can be inspected from any kernel, without its function or inputs."""
+    target = _resolve(store)
+    keys = target.run_keys(name)
+    if not keys and name not in {run.name for run in target.runs()}:
+        raise KeyError(f"no run named {name!r} in the result store at {target.path}")
+    found = target.get_many(list(dict.fromkeys(keys)))
+    return [found.get(key, fill) for key in keys]
 
 
 def delete_run(name: str, *, results: bool = False, store: StoreLike | None = None) -> bool:

@@ -205,6 +205,9 @@ def test_checkpoints_list_and_delete_runs(pool: orchestra.Pool, nb: Notebook, st
     handle.result(HANG_GUARD)
     (run,) = orchestra.store.runs()
     assert (run.done, run.missing) == (20, 0)
+    assert orchestra.store.run_results("sweep-1") == [x * x for x in range(20)]
+    with pytest.raises(KeyError, match="no run named 'sweep-2'"):
+        orchestra.store.run_results("sweep-2")
     assert orchestra.store.delete_run("sweep-1", results=True)
     assert orchestra.store.runs() == [] and store.count() == 0
 

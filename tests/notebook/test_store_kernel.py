@@ -128,6 +128,8 @@ def test_config_store_trait_and_named_runs_across_kernels(tmp_path: Path) -> Non
     try:
         runs = second.value("[(r.name, r.function, r.done, r.total) for r in orchestra.store.runs()]")
         assert runs == [["sweep-1", "task", 10, 10]]
+        # The stored results, read by name alone (no function, no inputs needed).
+        assert second.value("orchestra.store.run_results('sweep-1')") == [x * x for x in range(10)]
         assert second.value("orchestra.store.delete_run('sweep-1')") is True
         assert second.value("orchestra.store.runs()") == []
     finally:
