@@ -316,9 +316,13 @@ class _Writer:
     def submit(self, job: Callable[[], object]) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="orchestra-store-writer",
-                                                daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="orchestra-store-writer", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # the interpreter is exiting: write here, now
+                    job()
+                    return
+                self._thread = thread
             self._queue.put(job)
 
     def _run(self) -> None:

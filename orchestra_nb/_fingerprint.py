@@ -347,7 +347,7 @@ def _version_of(module: str) -> bytes:
     version = getattr(found, "__version__", None)
     if isinstance(version, str):
         return version.encode()
-    for dist in importlib.metadata.packages_distributions().get(top, ()):
+    for dist in _distributions().get(top, ()):
         try:
             return f"{dist}-{importlib.metadata.version(dist)}".encode()
         except importlib.metadata.PackageNotFoundError:
@@ -356,6 +356,12 @@ def _version_of(module: str) -> bytes:
 
 
 _UNVERSIONED = b"unversioned"
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Top-level module -> the distributions providing it (read once: it scans site-packages)."""
+    return dict(importlib.metadata.packages_distributions())
 
 
 def function_fingerprint(fn: Callable[..., Any]) -> bytes:
