@@ -277,11 +277,13 @@ class ResultStore:
                     continue
                 if accessed < now - _TOUCH_AFTER:
                     stale.append(key)
-        if bad:
-            self._delete_keys(bad)
-        if stale:
-            with self._lock, self._transaction() as db:
-                db.executemany("UPDATE results SET accessed = ? WHERE key = ?", [(now, k) for k in stale])
+        # Both are housekeeping: on a full disk or a read-only store, reading still works.
+        with contextlib.suppress(sqlite3.Error):
+            if bad:
+                self._delete_keys(bad)
+            if stale:
+                with self._lock, self._transaction() as db:
+                    db.executemany("UPDATE results SET accessed = ? WHERE key = ?", [(now, k) for k in stale])
         return found
 
     def _rows(self, keys: list[bytes], function: bytes | None) -> Iterator[list[Any]]:

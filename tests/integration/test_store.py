@@ -50,6 +50,13 @@ def store(tmp_path: Path) -> Iterator[ResultStore]:
         s.close()
 
 
+@contextlib.contextmanager
+def raw_database(path: Path) -> Iterator[sqlite3.Connection]:
+    """The store's SQLite file opened directly (to damage or age entries); committed and closed."""
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        yield connection
+
+
 def run_python(code: str, **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -165,7 +172,8 @@ def test_truncated_or_corrupt_entries_are_misses(store: ResultStore) -> None:
     data = bytearray(second.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in a buffer
     second.write_bytes(bytes(data))
-    with sqlite3.connect(store.path) as raw:  # a damaged inline value, and one stored as text
+    # A damaged inline value, and one stored as text.
+    with raw_database(store.path) as raw:
         (data,) = raw.execute("SELECT data FROM results WHERE key = ?", (key(3),)).fetchone()
         raw.execute("UPDATE results SET data = ? WHERE key = ?", (data[:-1] + b"\0", key(3)))
         raw.execute("UPDATE results SET data = CAST(data AS TEXT) || 'x' WHERE key = ?", (key(4),))
@@ -187,7 +195,7 @@ def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "future.sqlite"
     with ResultStore(path) as store:
         store.put(key(1), b"f", "f", 1)
-    with sqlite3.connect(path) as raw:
+    with raw_database(path) as raw:
         raw.execute("UPDATE meta SET value = '99' WHERE name = 'format_version'")
     with pytest.raises(StoreVersionError, match=rf"{path}.*version 99.*reads version 1"):
         ResultStore(path)
@@ -213,7 +221,9 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=True)
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(path)], check=True)  # never leave it mounted
+            raise AssertionError(f"files were still open on {path} at the end of the test")
 
 
 def test_a_full_disk_is_a_clear_error_naming_the_store(tmp_path: Path) -> None:
@@ -230,6 +240,25 @@ def test_a_full_disk_is_a_clear_error_naming_the_store(tmp_path: Path) -> None:
             found = store.get_many([key(i) for i in range(100)])
             assert sorted(found) == [key(i) for i in range(stored)]
             assert not list(store.files.glob("*/.*.tmp"))
+        finally:
+            store.close()
+
+
+def test_a_database_that_fills_the_disk_is_a_clear_error(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", "512k") as disk:
+        store = ResultStore(disk / "store.sqlite")
+        try:
+            stored = 0
+            with pytest.raises(StoreFullError, match=rf"result store at {disk / 'store.sqlite'} is full"):
+                for i in range(100):  # inline results (in the database itself), 100 x 60 kB
+                    store.put(key(i), b"f", "f", bytes([i]) * 60_000)
+                    stored += 1
+            assert stored > 0
+            # Due for an access-time refresh, which fails on the full disk: the read still works.
+            with raw_database(store.path) as raw:
+                raw.execute("UPDATE results SET accessed = accessed - 7200")
+            found = store.get_many([key(i) for i in range(stored)])
+            assert all(found[key(i)] == bytes([i]) * 60_000 for i in range(stored))
         finally:
             store.close()
 
@@ -271,11 +300,11 @@ def test_management_counts_evicts_clears_and_lists_runs(store: ResultStore) -> N
     assert store.clear(b"g") == 4
     assert store.info().entries == 6
     # Size cap: the least recently used go first (key 0, the large one, is the oldest).
-    with sqlite3.connect(store.path) as raw:
+    with raw_database(store.path) as raw:
         raw.execute("UPDATE results SET accessed = accessed - 1000 WHERE key = ?", (key(0),))
     assert store.evict(max_bytes=1000) == 1
     assert store.get(key(0)) == (False, None) and store.info().files == 0
-    with sqlite3.connect(store.path) as raw:
+    with raw_database(store.path) as raw:
         raw.execute("UPDATE results SET accessed = accessed - 7200 WHERE key IN (?, ?)", (key(1), key(2)))
     assert store.evict(max_age=3600) == 2
     assert store.runs()[0].done == 1
