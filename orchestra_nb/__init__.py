@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         JobProgress as JobProgress,
         JobStarted as JobStarted,
         TaskOutput as TaskOutput,
+        TasksCached as TasksCached,
         TaskStateChanged as TaskStateChanged,
         WorkerExited as WorkerExited,
         WorkerSpawnFailed as WorkerSpawnFailed,
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
         WorkerStatistics as WorkerStatistics,
     )
     from .executor import Executor as Executor
+    from .store import cached as cached
 
 _EXPORTS: dict[str, str] = {
     "BrokenPoolError": "_exceptions",
@@ -121,6 +123,7 @@ _EXPORTS: dict[str, str] = {
     "TaskOutput": "_events",
     "TaskState": "_state",
     "TaskStateChanged": "_events",
+    "TasksCached": "_events",
     "TaskTimeoutError": "_exceptions",
     "WorkerCrashedError": "_exceptions",
     "WorkerExited": "_events",
@@ -130,6 +133,7 @@ _EXPORTS: dict[str, str] = {
     "WorkerState": "_state",
     "WorkerStatistics": "_stats",
     "WorkerStarted": "_events",
+    "cached": "store",
     "configure": "_api",
     "default_pool": "_api",
     "every": "_schedule",
@@ -148,6 +152,8 @@ __all__ = sorted([*_EXPORTS, "load_ipython_extension", "unload_ipython_extension
 
 
 def __getattr__(name: str) -> Any:
+    if name == "store":  # the public submodule, loaded on first use
+        return importlib.import_module(".store", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'orchestra_nb' has no attribute {name!r}")
@@ -157,7 +163,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, "store"})
 
 
 def load_ipython_extension(ipython: Any) -> None:

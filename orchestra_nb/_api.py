@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from . import _driver, _feed as feed, _handles, backends
+from . import _cache, _driver, _feed as feed, _handles, backends
 from ._bus import EventBus, Subscription
 from ._circuit import CircuitBreaker, CircuitChange
 from ._events import CircuitChanged, Event
@@ -54,6 +54,7 @@ class _CallOptions:
     worker: int | None = None
     on_success: Callable[[Any], object] | None = None
     on_error: Callable[[BaseException], object] | None = None
+    cache: Any = False  # see _cache.resolve_store
 
 
 class Pool:
@@ -129,6 +130,8 @@ class Pool:
         on_error: Callable[[BaseException], object] | None = None,
         on_item_success: Callable[[int, T], object] | None = None,
         on_item_error: Callable[[int, BaseException], object] | None = None,
+        cache: Any = False,
+        checkpoint: str | None = None,
     ) -> MapHandle[T]:
         """Apply ``fn`` to every item (``fn(*items)`` with several iterables, like ``map``).
 
@@ -146,7 +149,15 @@ class Pool:
         value)``/``on_item_error(index, exc)`` once per item: see ``_driver``. Iterables that
         are steps (``Task``, ``Sequence``...) are awaited first (the handle returned is then
         a ``CompositeHandle``).
+        ``cache=True`` (or a store path) keeps every result in the result store and sends
+        only the items it lacks; ``checkpoint="name"`` also records the map as a named run
+        (``orchestra.store.runs()``). The handle is then a ``CachedMapHandle`` (docs/store.md).
         """
+        if cache is not False or checkpoint is not None or _cache.is_cached(fn):
+            return cast(MapHandle[T], _cache.cached_map(
+                self, fn, iterables, cache=cache, checkpoint=checkpoint, chunksize=chunksize,
+                ordered=ordered, return_exceptions=return_exceptions, timeout=timeout,
+                retries=retries, retry_on=retry_on, name=name, circuit=circuit))
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if on_success or on_error or on_item_success or on_item_error or _driver.has_deferred(iterables):
@@ -195,16 +206,18 @@ class Pool:
         worker: int | None = None,
         on_success: Callable[[Any], object] | None = None,
         on_error: Callable[[BaseException], object] | None = None,
+        cache: Any = False,
     ) -> _Configured:
         """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``.
         ``worker``: run on that worker (an id from :meth:`statistics`), where the backend
         can pin calls; the call fails with ``WorkerCrashedError`` if that worker is gone.
-        ``on_success(value)``/``on_error(exc)`` are called once when the call ends."""
+        ``on_success(value)``/``on_error(exc)`` are called once when the call ends;
+        ``cache=True``: a cached call (see :meth:`map`)."""
         if worker is not None and not self._backend.capabilities.pinning:
             raise ValueError(f"the {self._backend.name} backend cannot pin a call to a worker")
         return _Configured(self, _CallOptions(self._check_timeout(timeout), _retry(retries, retry_on),
                                               name, _check_circuit(circuit), worker,
-                                              on_success, on_error))
+                                              on_success, on_error, cache))
 
     def circuit(
         self,
@@ -227,6 +240,11 @@ class Pool:
                 clock=clock, on_change=self._publish_circuit, exclude=exclude,
             )
         return found
+
+    def publish(self, event: Event) -> None:
+        """Publish ``event`` on :attr:`events`, from any thread, in order with the pool's
+        own events: for layers built on the pool (the result cache's ``TasksCached``)."""
+        self._backend.publish(event)
 
     def _publish_circuit(self, change: CircuitChange) -> None:
         self._backend.publish(
@@ -452,6 +470,10 @@ class _Configured:
         self._opts = opts
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
+        if self._opts.cache is not False:
+            return cast(TaskHandle[T], _cache.cached_run(
+                self._pool, fn, args, kwargs, self._opts.cache, timeout=self._opts.timeout,
+                retries=self._opts.retry, name=self._opts.name, circuit=self._opts.circuit))
         return self._pool._run(fn, args, kwargs, self._opts)
 
     def map(self, fn: Callable[..., T], /, *iterables: Iterable[Any], **kw: Any) -> MapHandle[T]:
@@ -461,6 +483,7 @@ class _Configured:
         kw.setdefault("circuit", self._opts.circuit)
         kw.setdefault("on_success", self._opts.on_success)
         kw.setdefault("on_error", self._opts.on_error)
+        kw.setdefault("cache", self._opts.cache)
         return self._pool.map(fn, *iterables, **kw)
 
 
@@ -487,12 +510,17 @@ _default_options: dict[str, Any] = {}
 
 
 def configure(**options: Any) -> None:
-    """Set the default pool's options (``workers=4``, ``memory_limit="2GB"``, ...).
+    """Set the default pool's options (``workers=4``, ``memory_limit="2GB"``, ...), and the
+    result store's (``store="path"``, ``store_max_bytes="10GB"``; see docs/store.md).
 
     Takes effect when the default pool is next created; a running default pool with other
     options is shut down (after its work) so that the next call starts a fresh one.
     """
     global _default
+    rest = _cache.configure_store(options)  # store="path", store_max_bytes=: the result store
+    if rest is None:
+        return  # only the store changed: the default pool stays as it is
+    options = rest
     with _default_lock:
         _default_options.clear()
         _default_options.update(options)

@@ -21,6 +21,7 @@ __all__ = [
     "JobStarted",
     "TaskOutput",
     "TaskStateChanged",
+    "TasksCached",
     "WorkerExited",
     "WorkerSpawnFailed",
     "WorkerStalled",
@@ -102,6 +103,18 @@ class TaskOutput:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TasksCached:
+    """``count`` items of a cached map came from the result store and never reached a
+    worker. ``job_id`` is the job that computes the other items (it has ``total - count``
+    tasks, and may have none); ``total`` is the number of items of the whole map. Published
+    once, right after the job is created."""
+
+    job_id: int
+    count: int
+    total: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerStarted:
     worker_id: int
     pid: int
@@ -147,6 +160,7 @@ class CircuitChanged:
 Event: TypeAlias = (
     JobStarted
     | TaskStateChanged
+    | TasksCached
     | JobProgress
     | JobFinished
     | TaskOutput

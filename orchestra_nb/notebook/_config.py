@@ -12,6 +12,8 @@ from typing import Any
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, observe
 from traitlets.config import Configurable
 
+from .. import _cache
+
 __all__ = ["POOL_OPTIONS", "Orchestra"]
 
 POOL_OPTIONS = (
@@ -62,6 +64,13 @@ class Orchestra(Configurable):
         config=True
     )
 
+    store = Unicode(
+        None,
+        allow_none=True,
+        help="The result store of cache=True and checkpoint= (a path; default: "
+        "$ORCHESTRA_STORE, else ~/.cache/orchestra_nb/store.sqlite).",
+    ).tag(config=True)
+
     warm = Bool(True, help="Start the default pool's workers when the extension loads.").tag(
         config=True
     )
@@ -89,6 +98,10 @@ class Orchestra(Configurable):
         if "dask_address" in options:
             options["address"] = options.pop("dask_address")
         return options
+
+    @observe("store")
+    def _store_changed(self, change: dict[str, Any]) -> None:
+        _cache.set_default_store(change["new"])
 
     @observe(*POOL_OPTIONS)
     def _pool_option_changed(self, change: dict[str, Any]) -> None:

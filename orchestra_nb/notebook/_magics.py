@@ -183,6 +183,7 @@ _LINE_HELP = """\
 %orchestra status --once   a snapshot instead of a live view
 %orchestra workers N   resize the default pool to N workers
 %orchestra shutdown    shut the default pool down (the next call starts a new one)
+%orchestra store       the result store: where, how big, its named runs (orchestra.store)
 %%orchestra [-o NAME] | --all [-o NAME] | --bg NAME   run the cell in the pool's workers"""
 
 
@@ -208,6 +209,9 @@ class OrchestraMagics(Magics):
                 settings.workers = int(words[1])  # resizes the pool (see _config)
             else:
                 orchestra_nb.default_pool().resize(int(words[1]))
+            return None
+        if cmd == "store":
+            print(orchestra_nb.store.report())
             return None
         if cmd == "shutdown":
             orchestra_nb.shutdown(cancel_pending=True)

@@ -27,13 +27,13 @@ PACKAGE = Path(orchestra_nb.__file__).resolve().parent
 
 LAYERS = {
     "_exceptions": 0, "_state": 0, "_events": 0, "_protocol": 0, "_serialize": 0,
-    "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0,
+    "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0, "_fingerprint": 0, "_indexed": 0,
     "_worker": 1,
     "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_pool": 2,
     "_feed": 2, "backends": 2, "backends._base": 2, "backends._caller": 2,
     "backends.local": 2, "backends.inline": 2, "backends.dask": 2,
     "_api": 3, "_handles": 3, "_callbacks": 3, "_driver": 3, "_pipeline": 3, "_schedule": 3,
-    "executor": 3, "joblib": 4,
+    "executor": 3, "_store": 2, "_cache": 3, "store": 3, "joblib": 4,
 }
 NOTEBOOK_LAYER = 4
 
@@ -119,7 +119,7 @@ def test_no_upward_imports(path: Path) -> None:
 
 # What the layers above the backends may import from layer 2: the interface, the backend
 # registry, the task table, the event bus and the input feeder; never an implementation.
-BACKEND_NEUTRAL = {"_bus", "_jobs", "_feed", "backends", "backends._base"}
+BACKEND_NEUTRAL = {"_bus", "_jobs", "_feed", "_store", "backends", "backends._base"}
 
 
 @pytest.mark.parametrize("path", [p for p in modules() if (layer_of(module_name(p)) or 0) >= 3],
