@@ -58,6 +58,13 @@ if TYPE_CHECKING:
         WorkerStartError as WorkerStartError,
     )
     from ._handles import MapHandle as MapHandle, TaskHandle as TaskHandle
+    from ._outcomes import (
+        MISSING as MISSING,
+        Failure as Failure,
+        Failures as Failures,
+        JobCancelled as JobCancelled,
+        JobInterrupted as JobInterrupted,
+    )
     from ._policy import RetryPolicy as RetryPolicy
     from ._state import PoolState as PoolState, TaskState as TaskState, WorkerState as WorkerState
     from ._stats import (
@@ -73,10 +80,15 @@ _EXPORTS: dict[str, str] = {
     "CircuitGroup": "_circuit",
     "CircuitOpenError": "_exceptions",
     "CircuitState": "_circuit",
+    "Failure": "_outcomes",
+    "Failures": "_outcomes",
+    "JobCancelled": "_outcomes",
     "JobFinished": "_events",
+    "JobInterrupted": "_outcomes",
     "JobProgress": "_events",
     "JobStarted": "_events",
     "JobStatistics": "_stats",
+    "MISSING": "_outcomes",
     "MapHandle": "_handles",
     "MemoryLimitError": "_exceptions",
     "OrchestraError": "_exceptions",

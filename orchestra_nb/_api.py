@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -201,6 +202,11 @@ class Pool:
         )
         job.circuit = _check_circuit(circuit)
         handle: MapHandle[T] = MapHandle(self._io, self._core, job)
+        handle._remember(functools.partial(
+            self.map, fn, chunksize=chunksize, ordered=ordered,
+            return_exceptions=return_exceptions, timeout=timeout, retries=retries,
+            retry_on=retry_on, name=name, circuit=circuit,
+        ), iterables)
         self._io.call(self._core.submit, job)
         return handle
 

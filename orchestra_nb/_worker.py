@@ -93,11 +93,22 @@ class _OutputBuffer:
         self.bytes_this_task = 0
         self.last_flush = time.monotonic()
 
+    # A chunk's items run in a tight loop without a call per item here: the item that
+    # writes is the chunk's start plus the values done so far (``values`` is that list).
+    values: list[Any] | None = None
+    base = 0
+
     def write(self, stream: str, text: str) -> bool:
         with self.lock:
             if self.task is None:
                 return False
             job, index = self.task
+            if self.values is not None:
+                current = self.base + len(self.values)
+                if current != index:
+                    index = current
+                    self.task = (job, index)
+                    self.bytes_this_task = 0
             size = len(text)
             if self.bytes_this_task >= _OUTPUT_CAP:
                 return True
@@ -112,8 +123,10 @@ class _OutputBuffer:
                 self.pending.append(proto.Output(job, index, stream, text))
             return True
 
-    def begin(self, job: int, index: int) -> None:
+    def begin(self, job: int, index: int, values: list[Any] | None = None) -> None:
         with self.lock:
+            self.values = values
+            self.base = index - (len(values) if values is not None else 0)
             if self.task != (job, index):
                 self.task = (job, index)
                 self.bytes_this_task = 0
@@ -121,6 +134,7 @@ class _OutputBuffer:
     def end(self) -> None:
         with self.lock:
             self.task = None
+            self.values = None
 
     def take(self) -> list[proto.Output]:
         with self.lock:
@@ -275,7 +289,7 @@ class Worker:
         state.values = values
         while len(values) < n:
             offset = len(values)
-            self.output.begin(msg.job, msg.start + offset)
+            self.output.begin(msg.job, msg.start + offset, values)
             state.chunk = (msg.job, msg.start)
             try:
                 if watched:

@@ -16,7 +16,7 @@ import contextlib
 from typing import Any
 
 from ._config import Orchestra
-from ._interrupt import SecondInterrupt
+from ._interrupt import CellInterrupts, SecondInterrupt
 
 __all__ = ["apply_pool_options", "load", "unload"]
 
@@ -26,8 +26,8 @@ _state: dict[str, Any] = {}
 def load(ip: Any) -> None:
     import orchestra_nb
 
-    from .. import _api, _handles
-    from . import _magics, _progress
+    from .. import _api, _handles, _outcomes
+    from . import _magics, _output, _progress
 
     if _state.get("shell") is ip:
         return
@@ -43,7 +43,12 @@ def load(ip: Any) -> None:
     _handles.display_hook = _progress.on_display
     interrupt = SecondInterrupt(ip)
     interrupt.register()
-    _state.update(shell=ip, config=config, interrupt=interrupt)
+    cell_interrupts = CellInterrupts(ip)
+    cell_interrupts.register()
+    ip.events.register("post_run_cell", _progress.finish_cell)
+    _handles.interrupt_hook = cell_interrupts.interrupted
+    _outcomes.render_hook = _output.render_trimmed
+    _state.update(shell=ip, config=config, interrupt=interrupt, cell_interrupts=cell_interrupts)
 
     options = config.pool_options()
     if options and options != _api._default_options:
@@ -68,16 +73,23 @@ def load(ip: Any) -> None:
 def unload(ip: Any) -> None:
     import orchestra_nb
 
-    from .. import _handles
+    from .. import _handles, _outcomes
     from . import _magics, _progress
 
     if "shell" not in _state or _state["shell"] is not ip:
         return
     config = _state.pop("config", None)
     interrupt = _state.pop("interrupt", None)
+    cell_interrupts = _state.pop("cell_interrupts", None)
     _state.clear()
     if interrupt is not None:
         interrupt.unregister()
+    if cell_interrupts is not None:
+        cell_interrupts.unregister()
+    with contextlib.suppress(ValueError):
+        ip.events.unregister("post_run_cell", _progress.finish_cell)
+    _handles.interrupt_hook = None
+    _outcomes.render_hook = None
     _handles.create_hook = None
     _handles.display_hook = None
     with contextlib.suppress(ValueError):

@@ -168,7 +168,7 @@ async def run_cell(args: str, body: str) -> Any:
         return None
     with _progress.suppress_auto():
         handle = _run_pinned(pool, body, filename, opts.names)
-    _progress.adopt(handle)
+    _progress.adopt(handle, local_frames=False)  # the worker's traceback shows the cell
     view = _progress.start_view(handle, widgets=False, output="stream", mark=None)
     try:
         value, out = await handle
@@ -183,7 +183,7 @@ async def run_cell(args: str, body: str) -> Any:
 
 
 def _show(handle: Any, mark: str | None) -> None:
-    _progress.adopt(handle)
+    _progress.adopt(handle, local_frames=False)
     mode = _progress.resolve_mode()
     if mode == "widget":
         try:
