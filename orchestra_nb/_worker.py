@@ -38,6 +38,7 @@ import zmq
 
 from . import _protocol as proto
 from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutError
+from ._namespace import NamespaceLink, link
 from ._serialize import ErrorRecord, capture_exception, dumps_result
 from ._spin import BusyPoll
 
@@ -169,6 +170,8 @@ class Worker:
         self.ctrl.setsockopt(zmq.LINGER, 0)
         self.ctrl.connect(config["ctrl_addr"])
         self.functions: dict[bytes, Callable[..., Any] | ErrorRecord] = {}
+        # Notebook functions using names of the %%orchestra namespace (see _namespace).
+        self.namespace_links: dict[bytes, NamespaceLink] = {}
         self.state = _State()
         self.output = _OutputBuffer()
         self.main_ident = threading.get_ident()
@@ -214,6 +217,7 @@ class Worker:
     def _define(self, msg: proto.Define, payload: list[Any]) -> None:
         for digest in msg.forget:
             self.functions.pop(digest, None)
+            self.namespace_links.pop(digest, None)
         try:
             fn = pickle.loads(payload[0])
         except BaseException as exc:  # a crash here is the function's, not the worker's
@@ -222,6 +226,9 @@ class Worker:
                 evalue=f"cannot load the function in the worker: {record.evalue}"
             )
             return
+        ns_link = link(fn)
+        if ns_link is not None:
+            self.namespace_links[msg.digest] = ns_link
         if _is_coroutine_function(fn):
             fn = self._sync_wrapper(fn)
         self.functions[msg.digest] = fn
@@ -262,6 +269,9 @@ class Worker:
                 )
                 errors = dict.fromkeys(range(count), record)
             else:
+                ns_link = self.namespace_links.get(msg.digest)
+                if ns_link is not None:
+                    ns_link.refresh()
                 values = self._call_all(fn, items, msg, errors)
                 del items  # the arguments: their segments are released before the result
         self._flush_output(self.send)
@@ -339,6 +349,10 @@ class Worker:
                 values.extend([None] * (n - failed))
             except BaseException as exc:
                 state.deadline = None
+                if isinstance(exc, NameError):
+                    ns_link = self.namespace_links.get(msg.digest)
+                    if ns_link is not None:
+                        ns_link.explain(exc)
                 errors[len(values)] = capture_exception(exc, "error", skip_frames=1)
                 append(None)
             finally:

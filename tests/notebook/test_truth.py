@@ -196,3 +196,51 @@ def test_kill_is_explained_while_a_cancel_waits_for_running_tasks(kernel: Kernel
     final = k.wait_view(w["view"], lambda n: n["state"] == "cancelled", timeout=30)
     assert "animation:orchestra-stale" not in k.state(w["view"])["value"]  # a final view is not live
     assert final["succeeded"] == 0 and "0/4 done · 4 cancelled" in final["text"]
+
+
+def test_setup_cell_names_reach_mapped_notebook_functions(kernel: Kernel) -> None:
+    k = kernel
+    k.execute("orchestra.default_pool().wait_started(30)")
+    k.execute(
+        _dedent("""
+        %%orchestra --all
+        import os
+        TABLE = {i: i * 100 for i in range(10)}
+        OFFSET = 1
+        """)
+    )
+    k.execute(
+        _dedent("""
+        OFFSET = 5  # the notebook's own value wins over the worker's
+        def lookup(i):
+            return TABLE[i] + OFFSET
+        def where(_):
+            return os.getpid()
+        """)
+    )
+    assert k.value("await orchestra.map(lookup, range(4))") == [5, 105, 205, 305]
+    # After a crash, the replacement worker replays the setup and serves the same map.
+    pids = k.value("sorted(orchestra.default_pool().worker_pids())")
+    k.execute(f"import os, signal; os.kill({pids[0]}, signal.SIGKILL)")
+    k.execute(
+        _dedent(f"""
+        import time
+        __deadline = time.monotonic() + 30
+        while {pids[0]} in orchestra.default_pool().worker_pids() or \\
+                len(orchestra.default_pool().worker_pids()) < 2:
+            assert time.monotonic() < __deadline
+            time.sleep(0.01)
+        orchestra.default_pool().wait_started(30)
+        """)
+    )
+    new = k.value("sorted(orchestra.default_pool().worker_pids())")
+    assert pids[0] not in new
+    got = k.value("await orchestra.map(lookup, range(10), chunksize=1)")
+    assert got == [i * 100 + 5 for i in range(10)]
+    assert set(k.value("await orchestra.map(where, range(20), chunksize=1)")) <= set(new)
+    # A name in neither place: the NameError says where it looked.
+    mid, reply = k.execute("def broken(i):\n    return NOWHERE[i]\nawait orchestra.map(broken, [1])",
+                           ok=False)
+    assert reply["ename"] == "NameError"
+    assert "looked for 'NOWHERE' in the notebook's globals" in k.output(mid)
+    assert "%%orchestra namespace (__orchestra_main__)" in k.output(mid)
