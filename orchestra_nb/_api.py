@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import os
 import threading
 import time
@@ -620,3 +621,18 @@ def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:
         pool, _default = _default, None
     if pool is not None:
         pool.shutdown(wait, cancel_pending=cancel_pending)
+
+
+def _same_face(function: Callable[..., Any], method: Callable[..., Any]) -> None:
+    """Give a default-pool function its method's signature (without ``self``) and
+    docstring, so that ``orchestra.map?`` and Shift+Tab list every option."""
+    signature = inspect.signature(method)
+    function.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:]
+    )
+    function.__doc__ = f"{function.__doc__}\n\n{inspect.getdoc(method)}"
+
+
+for _function, _method in ((map, Pool.map), (run, Pool.run), (run_on_all, Pool.run_on_all)):
+    _same_face(_function, _method)
+del _function, _method

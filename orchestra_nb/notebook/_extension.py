@@ -58,6 +58,7 @@ def load(ip: Any) -> None:
             orchestra_nb.default_pool()
         )  # spawns the workers now; they get ready in the background
         n = pool.workers
+        _show_worker_count(config, n)
         how = "configured" if "workers" in _api._default_options else "one per CPU"
         print(
             f"orchestra_nb {orchestra_nb.__version__}: {n} worker(s) starting in the background "
@@ -117,8 +118,8 @@ def apply_pool_options(config: Orchestra, changed: str) -> None:
 
     from .. import _api
 
-    if _state.get("config") is not config:
-        return  # not the loaded extension's (e.g. a profile being read)
+    if _state.get("config") is not config or _state.get("syncing"):
+        return  # not the loaded extension's (e.g. a profile being read), or our own echo
     options = config.pool_options()
     with _api._default_lock:
         current = dict(_api._default_options)
@@ -145,4 +146,16 @@ def apply_pool_options(config: Orchestra, changed: str) -> None:
     orchestra_nb.configure(**options)
     if config.warm:
         pool = orchestra_nb.default_pool()
+        _show_worker_count(config, pool.workers)
         print(f"orchestra: the default pool restarts with {options} ({pool.workers} worker(s))")
+
+
+def _show_worker_count(config: Orchestra, workers: int) -> None:
+    """``%config Orchestra`` shows the pool's real worker count, not ``None``."""
+    if config.workers == workers:
+        return
+    _state["syncing"] = True
+    try:
+        config.workers = workers
+    finally:
+        _state.pop("syncing", None)

@@ -244,3 +244,15 @@ def test_setup_cell_names_reach_mapped_notebook_functions(kernel: Kernel) -> Non
     assert reply["ename"] == "NameError"
     assert "looked for 'NOWHERE' in the notebook's globals" in k.output(mid)
     assert "%%orchestra namespace (__orchestra_main__)" in k.output(mid)
+
+
+def test_discoverability(kernel: Kernel) -> None:
+    k = kernel
+    mid, _ = k.execute("%config Orchestra")
+    assert "Current: 2" in k.stream(mid), k.stream(mid)  # the real worker count
+    assert k.value("'chunksize' in str(__import__('inspect').signature(orchestra.map))")
+    assert k.value("'chunksize' in orchestra.map.__doc__ and 'retries' in orchestra.map.__doc__")
+    assert k.value("[n for n in dir(orchestra) if n in ('annotations', 'Any', 'importlib')]") == []
+    mid, reply = k.execute("h = orchestra.map(abs, range(3))\nh[0]", ok=False)
+    assert reply["ename"] == "TypeError"
+    assert "did you forget `await` or `.result()`?" in reply["evalue"]
