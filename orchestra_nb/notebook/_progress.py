@@ -477,6 +477,12 @@ class JobView:
                 self.final_sent = True
 
         self.ctx.copy().run(apply)
+        if snap.finished and self.display is not None and self.cell != _execution_count():
+            # A front end takes a display update only through the cell that owns the
+            # display (sent above, in its context); a headless runner (nbclient) only while
+            # that cell runs. A job that ends under a later cell: once more for the cell
+            # running now (a front end ignores it there).
+            self.display.update(self._bundle(snap.line(cancelled)), raw=True)
 
     def _flush_output(self, in_context: bool = True) -> None:
         if not self.out.pending() or self.output_mode == "none":
@@ -508,9 +514,9 @@ class JobView:
         return bool(self.handle.cancelled()) and not snap.finished
 
     def finish_now(self) -> None:
-        """In the launching cell, as it ends: a finished job's last output, final state
-        and summary are sent now, before the cell completes (headless runs keep only what
-        arrives before that)."""
+        """As a cell ends: a finished job's last output, final state and summary are sent
+        now, before the cell completes (headless runs keep only what arrives before that).
+        Output goes to the cell running now: the launching cell, or a later one."""
         deadline = time.monotonic() + _FINISH_WAIT
         while not self.finished_seen.is_set() and time.monotonic() < deadline:
             time.sleep(0.005)  # (set on the bus's delivery thread: poll briefly)
@@ -739,17 +745,11 @@ def _display(obj: Any) -> None:
     show(obj)
 
 
-_cell_views_lock = threading.Lock()
-_cell_views: list[JobView] = []  # views made by the running cell (for finish_cell)
-
-
 def start_view(handle: Any, **kw: Any) -> JobView:
     view = JobView(handle, **kw)
     _views[handle] = view
     _route(view)
     _ticker().add(view)
-    with _cell_views_lock:
-        _cell_views.append(view)
     return view
 
 
@@ -758,9 +758,8 @@ def finish_cell(_result: Any = None) -> None:
     last output, final state and summary now, while the cell is still the current one:
     nbclient and papermill save only what arrives before the cell completes. Jobs still
     running keep streaming to their cell (JupyterLab shows it)."""
-    with _cell_views_lock:
-        views = list(_cell_views)
-        _cell_views.clear()
+    with _routes_lock:
+        views = list(_routes.values())  # every open view, this cell's and earlier ones
     for view in views:
         handle = view.handle
         if handle is None or view.closed:
@@ -985,7 +984,17 @@ def show_status(pool_getter: Callable[[], Any], live: bool = True) -> Any:
         print(view.render_text())
         return None
     view = StatusView(pool_getter)
-    _display(view.widget)
+    from IPython.display import display
+
+    bundle = {  # the text form (a saved notebook, a headless run): the table as text
+        "text/plain": view.render_text(),
+        "application/vnd.jupyter.widget-view+json": {
+            "version_major": 2,
+            "version_minor": 0,
+            "model_id": view.widget.model_id,
+        },
+    }
+    display(bundle, raw=True)  # type: ignore[no-untyped-call]
     if live:
         with _status_lock:
             _status_views.append(view)

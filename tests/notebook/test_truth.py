@@ -3,6 +3,7 @@ tracebacks trimmed to the user's code, names from %%orchestra --all, hints. Real
 
 from __future__ import annotations
 
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -58,7 +59,9 @@ def test_interrupt_raises_keyboard_interrupt_with_partial_results(
     _, reply = k.wait_reply(mid, timeout=10)
     k.wait_idle(mid)
     assert reply["status"] == "error" and reply["ename"] == "JobInterrupted", reply
-    assert "interrupted and cancelled: 5 of 40 items done" in reply["evalue"], reply["evalue"]
+    # (the results of items 0..4 may still be on their way when the interrupt lands)
+    said = re.search(r"'task' was interrupted and cancelled: (\d) of 40 items done", reply["evalue"])
+    assert said and int(said.group(1)) <= 5, reply["evalue"]
     assert "exc.handle.partial_results()" in reply["evalue"]
     assert k.value("isinstance(caught, KeyboardInterrupt) and caught.handle is h") is True
     assert k.value("caught.handle.wait_finished(10)") is True
