@@ -79,16 +79,19 @@ def _stop_message(handle: Any, what: str) -> str:
 
 # How IPython shows these exceptions: set by the notebook layer to a renderer that leaves
 # out orchestra's own frames (IPython calls ``exc._render_traceback_()`` when it exists).
-render_hook: Callable[[BaseException], list[str]] | None = None
+render_hook: Callable[[BaseException, bool], list[str]] | None = None
 
 
 class _TrimmedInIPython:
+    # False: show no frame of the kernel at all (code that ran wholly in a worker).
+    local_frames = True
+
     @property
     def _render_traceback_(self) -> Callable[[], list[str]]:
         hook = render_hook
         if hook is None or not isinstance(self, BaseException):
             raise AttributeError("_render_traceback_")  # hasattr() is False: the usual view
-        return functools.partial(hook, self)
+        return functools.partial(hook, self, self.local_frames)
 
 
 class JobCancelled(_TrimmedInIPython, concurrent.futures.CancelledError, asyncio.CancelledError):

@@ -33,6 +33,8 @@ from typing import Any, NoReturn
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+from .. import _handles
+from .._outcomes import JobInterrupted
 from . import _progress
 from ._remote import orchestra_cell, orchestra_cell_value
 
@@ -173,7 +175,16 @@ async def run_cell(args: str, body: str) -> Any:
     try:
         value, out = await handle
     except asyncio.CancelledError:
-        raise  # interrupted: reply at once (the output keeps arriving in the background)
+        # Interrupted: reply at once (the output keeps arriving in the background), as a
+        # KeyboardInterrupt when "Interrupt kernel" did it, like any interrupted cell.
+        task = asyncio.current_task()
+        hook = _handles.interrupt_hook
+        if task is not None and task.cancelling() and hook is not None and hook():
+            task.uncancel()
+            stopped = JobInterrupted(handle)
+            stopped.local_frames = False
+            raise stopped from None
+        raise
     except BaseException:
         await view.drain_output()  # what the cell printed before its error comes first
         raise

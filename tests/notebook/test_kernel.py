@@ -371,6 +371,8 @@ def test_orchestra_cell_magic_forms(kernel: Kernel) -> None:
     # Errors show the remote cell's source lines.
     mid, reply = k.execute("%%orchestra\nx = 1\nraise KeyError('nope')", ok=False)
     assert reply["ename"] == "KeyError" and "raise KeyError('nope')" in k.output(mid)
+    # ... and only those: not the rewritten cell (`await __orchestra_cell__(...)`) or orchestra.
+    assert "__orchestra_cell__" not in k.output(mid) and "_magics.py" not in k.output(mid)
     # --bg NAME: a background job bound to NAME.
     mid, _ = k.execute("%%orchestra --bg job\nimport time\ntime.sleep(0.2)\nhelper(5)")
     assert k.value("type(job).__name__") == "TaskHandle"
@@ -415,7 +417,8 @@ def test_orchestra_cell_is_interruptible(kernel: Kernel) -> None:
     t0 = time.monotonic()
     k.km.interrupt_kernel()
     t, reply = k.wait_reply(mid, timeout=10)
-    assert reply["ename"] == "CancelledError" and t - t0 < 0.5
+    assert reply["ename"] == "JobInterrupted" and t - t0 < 0.5
+    assert "__orchestra_cell__" not in "\n".join(reply["traceback"])  # no kernel frames
     k.wait_idle(mid)
     assert k.value("sum(await orchestra.map(abs, range(4)))") == 6
 
