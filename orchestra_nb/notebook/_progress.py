@@ -299,12 +299,16 @@ class Snapshot:
             '<span class="orchestra-stale-note" style="opacity:0;animation:'
             f'orchestra-show 0.3s linear {_STALE_AFTER:.0f}s forwards"> · no update from the '
             "kernel (restarted or busy?)</span>"
+            # ... and so does its Cancel button: a veil over the whole row (clicks go through)
+            '<div class="orchestra-stale-cover" style="position:absolute;inset:0;opacity:0;'
+            "background:rgba(255,255,255,0.6);pointer-events:none;animation:orchestra-show "
+            f'0.3s linear {_STALE_AFTER:.0f}s forwards"></div>'
             if verdict == "running"
             else ""
         )
         return (
             "<style>@keyframes orchestra-stale{to{opacity:.45;filter:grayscale(1)}}"
-            "@keyframes orchestra-show{to{opacity:1}}</style>"
+            "@keyframes orchestra-show{to{opacity:1}}.orchestra-row{position:relative}</style>"
             f'<div class="orchestra-job" {data} style="display:flex;align-items:center;'
             f'gap:0.6em;white-space:nowrap;overflow:hidden;{stale}">'
             '<div class="orchestra-bar" style="flex:0 0 30%;min-width:120px;height:0.9em;'
@@ -378,6 +382,7 @@ class JobView:
             [self.view, self.button],
             layout=W.Layout(align_items="center", width="100%", overflow="hidden"),
         )
+        self.widget.add_class("orchestra-row")  # the stale veil covers the row
 
     def show(self) -> None:
         """Display the widget in the current cell (with a display id, for the final text)."""

@@ -287,6 +287,8 @@ def run_notebook_in_browser(
     click_when: str | None = None,
     click_selector: str | None = None,
     save: bool = False,
+    probe: str | None = None,
+    probe_after: float = 0.0,
 ) -> dict[str, Any]:
     """Open `notebook_path` in chromium, Run All Cells, wait until every `wait_selector` element has
     style.width == `expect_width` and some `text_selector` element contains `expect_text`, then
@@ -295,6 +297,7 @@ def run_notebook_in_browser(
     inside the notebook) is scrolled into view before the screenshot; otherwise it shows the end.
     `click_when` + `click_selector`: click the latter once, when the former first matches.
     `save`: File > Save Notebook at the end (result["saved"]); the saved file is the copy.
+    `probe`: a JS expression evaluated in the page `probe_after` s after the run (result["probe"]).
 
     The notebook is copied into `lab.root_dir` with its outputs cleared; the screenshot and the
     result (.json) default to files beside that copy. Returns run_notebook.js's JSON result
@@ -321,6 +324,8 @@ def run_notebook_in_browser(
         "click_when": click_when,
         "click_selector": click_selector,
         "save": save,
+        "probe": probe,
+        "probe_after_ms": int(probe_after * 1000),
     }
     # Own session so that a hung driver can be killed together with its chromium.
     proc = subprocess.Popen(

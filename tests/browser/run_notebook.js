@@ -7,7 +7,8 @@
 // wait_selector + expect_width, text_selector + expect_text, error_selector, fail_on_traceback,
 // kernel_timeout_ms, run_timeout_ms, start_ms, sample_ms, settle_ms, screenshot, scroll_to, chromium, viewport,
 // click_when + click_selector (click once, as a user would, when click_when first matches), save (File > Save at
-// the end; the result's "saved" says whether the save went through).
+// the end; the result's "saved" says whether the save went through), probe + probe_after_ms (evaluate a JS
+// expression in the page that long after the run: result.probe).
 // Exit codes: 0 condition met, 1 timeout / traceback / driver error, 2 bad config.
 'use strict';
 const fs = require('fs');
@@ -35,6 +36,8 @@ const DEFAULTS = {
   click_when: null, // selector (in the notebook): when it first matches, click click_selector once
   click_selector: null,
   save: false, // File > Save Notebook after the run (and the settle wait)
+  probe: null, // a JS expression evaluated in the page after waiting probe_after_ms: result.probe
+  probe_after_ms: 0,
 };
 
 function loadConfig(arg) {
@@ -174,6 +177,11 @@ async function main() {
     }
     result.label_texts = snap.texts;
     result.errors = snap.errors;
+    if (cfg.probe) {
+      result.phase = 'probe';
+      await page.waitForTimeout(cfg.probe_after_ms);
+      result.probe = await page.evaluate(cfg.probe);
+    }
     if (cfg.save) {
       result.phase = 'save';
       await page.locator('.lm-MenuBar-item', { hasText: /^File$/ }).click();

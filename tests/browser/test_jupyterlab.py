@@ -191,3 +191,40 @@ def test_the_widget_tells_the_truth(
     assert "picky: 19/20 done · 1 failed · finished with errors in" in lines[1]
     assert f"slow: {done}/400 done · {400 - done} cancelled · cancelled in" in lines[2]
     assert "boom: 4/5 done · 1 failed · finished with errors in" in lines[3]
+
+
+ORPHAN_CELLS = [
+    "import orchestra_nb\norchestra_nb.configure(workers=2)\n%load_ext orchestra_nb",
+    "import time\ndef slow(x):\n    time.sleep(0.2)\n    return x\n\n"
+    "h = orchestra.map(slow, range(2000), chunksize=1, name='orphan')",
+    "import os, signal\ntime.sleep(1)\nos.kill(os.getpid(), signal.SIGKILL)  # the kernel dies",
+]
+
+# In the page: how the orphaned view looks (its veil's and its label's computed opacity).
+ORPHAN_PROBE = """(() => {
+  const cover = document.querySelector('.orchestra-stale-cover');
+  const note = document.querySelector('.orchestra-stale-note');
+  const job = document.querySelector('.orchestra-job');
+  return {cover: cover && getComputedStyle(cover).opacity, note: note && getComputedStyle(note).opacity,
+          job: job && getComputedStyle(job).opacity, text: job && job.innerText};
+})()"""
+
+
+def test_an_orphaned_widget_does_not_look_live(
+    run_in_browser: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    nb = write_notebook(tmp_path / "orphan.ipynb", *ORPHAN_CELLS)
+    result = run_in_browser(
+        nb,
+        wait_selector='.orchestra-job[data-state="running"] .orchestra-succeeded',
+        expect_width=None,
+        timeout=90,
+        settle=5,
+        fail_on_traceback=False,
+        probe=ORPHAN_PROBE,
+        probe_after=9.0,  # the kernel died about 1 s in; a view greys out after 6 s without updates
+    )
+    probe = result["probe"]
+    assert probe["cover"] == "1" and probe["note"] == "1", probe
+    assert float(probe["job"]) < 0.6, probe
+    assert "no update from the kernel" in probe["text"], probe
