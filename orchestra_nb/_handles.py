@@ -479,7 +479,13 @@ class TaskHandle(_Handle, Generic[T]):
                 self._asyncio_future_blocking = True
                 yield self  # the Task waits for our done callbacks
         except (asyncio.CancelledError, KeyboardInterrupt):
+            __tracebackhide__ = True  # IPython hides this frame
             self.cancel()
+            task = asyncio.current_task()
+            hook = interrupt_hook
+            if task is not None and task.cancelling() and hook is not None and hook():
+                task.uncancel()  # "Interrupt kernel": the cancel becomes a KeyboardInterrupt
+                raise JobInterrupted(self) from None
             raise
         return self._unwrap(aio.result())  # type: ignore[no-any-return]
 

@@ -259,3 +259,18 @@ def test_discoverability(kernel: Kernel) -> None:
     mid, reply = k.execute("h = orchestra.map(abs, range(3))\nh[0]", ok=False)
     assert reply["ename"] == "TypeError"
     assert "did you forget `await` or `.result()`?" in reply["evalue"]
+
+
+def test_interrupting_an_awaited_run_raises_keyboard_interrupt(kernel: Kernel, tmp_path: Path) -> None:
+    k = kernel
+    log = tmp_path / "started.txt"
+    k.execute("orchestra.default_pool().wait_started(30)")
+    k.execute(TASK.format(log=str(log)))
+    mid = k.submit("t = orchestra.run(task, 7)\nawait t")
+    _wait_lines(log, 1)
+    k.km.interrupt_kernel()
+    _, reply = k.wait_reply(mid, timeout=10)
+    k.wait_idle(mid)
+    assert reply["ename"] == "JobInterrupted", reply
+    assert "'task' was interrupted and cancelled: 0 of 1 item done" in reply["evalue"], reply
+    assert k.value("t.wait_finished(10) and t.cancelled()") is True
