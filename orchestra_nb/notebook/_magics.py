@@ -174,6 +174,9 @@ async def run_cell(args: str, body: str) -> Any:
     view = _progress.start_view(handle, widgets=False, output="stream", mark=None)
     try:
         value, out = await handle
+    except JobInterrupted as interrupted:  # "Interrupt kernel": the handle raised it
+        interrupted.local_frames = False  # the cell ran in a worker: no kernel frame to show
+        raise
     except asyncio.CancelledError:
         # Interrupted: reply at once (the output keeps arriving in the background), as a
         # KeyboardInterrupt when "Interrupt kernel" did it, like any interrupted cell.

@@ -521,7 +521,8 @@ class JobView:
     def finish_now(self) -> None:
         """As a cell ends: a finished job's last output, final state and summary are sent
         now, before the cell completes (headless runs keep only what arrives before that).
-        Output goes to the cell running now: the launching cell, or a later one."""
+        Output goes to the launching cell; the final text form to it and to the cell
+        running now."""
         deadline = time.monotonic() + _FINISH_WAIT
         while not self.finished_seen.is_set() and time.monotonic() < deadline:
             time.sleep(0.005)  # (set on the bus's delivery thread: poll briefly)
@@ -530,7 +531,7 @@ class JobView:
             if handle is None or self.closed:
                 return
             self.out.close()
-            self._flush_output(in_context=False)
+            self._flush_output()  # to the launching cell (a front end shows it there)
             if self.widget is not None:
                 self._send(Snapshot(handle, self.finished_seen.is_set()))
             self._close()
