@@ -67,6 +67,13 @@ if TYPE_CHECKING:
         WorkerStartError as WorkerStartError,
     )
     from ._handles import MapHandle as MapHandle, TaskHandle as TaskHandle
+    from ._outcomes import (
+        MISSING as MISSING,
+        Failure as Failure,
+        Failures as Failures,
+        JobCancelled as JobCancelled,
+        JobInterrupted as JobInterrupted,
+    )
     from ._pipeline import Map as Map, Parallel as Parallel, Sequence as Sequence, Task as Task
     from ._policy import RetryPolicy as RetryPolicy
     from ._schedule import (
@@ -95,11 +102,16 @@ _EXPORTS: dict[str, str] = {
     "CircuitState": "_circuit",
     "CompositeHandle": "_driver",
     "Executor": "executor",
+    "Failure": "_outcomes",
+    "Failures": "_outcomes",
+    "JobCancelled": "_outcomes",
     "JobFinished": "_events",
+    "JobInterrupted": "_outcomes",
     "JobProgress": "_events",
     "JobStarted": "_events",
     "JobStatistics": "_stats",
     "Map": "_pipeline",
+    "MISSING": "_outcomes",
     "MapHandle": "_handles",
     "MemoryLimitError": "_exceptions",
     "OrchestraError": "_exceptions",
@@ -163,7 +175,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, "store"})
+    # The public API only (what tab completion after ``orchestra.`` offers).
+    return sorted([*__all__, "__version__", "store"])
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import sys
 import threading
 import time
@@ -146,9 +147,10 @@ class Pool:
         exponential backoff; ``circuit`` (from :meth:`circuit`) admits every task through a
         circuit breaker (tasks run one per chunk).
         ``on_success(results)``/``on_error(exc)`` once for the job, ``on_item_success(index,
-        value)``/``on_item_error(index, exc)`` once per item: see ``_driver``. Iterables that
-        are steps (``Task``, ``Sequence``...) are awaited first (the handle returned is then
-        a ``CompositeHandle``).
+        value)``/``on_item_error(index, exc)`` once per item: see ``_driver``. An iterable
+        that is another map's handle streams into this map; run handles and steps
+        (``Task``, ``Sequence``...) are awaited first (the handle returned is then a
+        ``CompositeHandle``).
         ``cache=True`` (or a store path) keeps every result in the result store and sends
         only the items it lacks; ``checkpoint="name"`` also records the map as a named run
         (``orchestra.store.runs()``). The handle is then a ``CachedMapHandle`` (docs/store.md).
@@ -160,7 +162,10 @@ class Pool:
                 retries=retries, retry_on=retry_on, name=name, circuit=circuit))
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        if on_success or on_error or on_item_success or on_item_error or _driver.has_deferred(iterables):
+        # Another map's handle as an input streams (read by a feeder); other handles and
+        # steps are awaited first.
+        deferred = any(_driver.is_deferred(it) and not isinstance(it, MapHandle) for it in iterables)
+        if on_success or on_error or on_item_success or on_item_error or deferred:
             plain = {"chunksize": chunksize, "ordered": ordered, "return_exceptions": return_exceptions,
                      "timeout": timeout, "retries": retries, "retry_on": retry_on, "name": name,
                      "circuit": circuit}
@@ -190,6 +195,11 @@ class Pool:
         job.fn = fn
         job.circuit = _check_circuit(circuit)
         handle: MapHandle[T] = MapHandle(self._backend, job)
+        handle._remember(functools.partial(
+            self.map, fn, chunksize=chunksize, ordered=ordered,
+            return_exceptions=return_exceptions, timeout=timeout, retries=retries,
+            retry_on=retry_on, name=name, circuit=circuit,
+        ), iterables)
         if feeder is not None:
             feeder.start(str(job.id), functools.partial(self._backend.input_ready, job))
         self._backend.submit(job)
@@ -583,3 +593,18 @@ def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:
         pool, _default = _default, None
     if pool is not None:
         pool.shutdown(wait, cancel_pending=cancel_pending)
+
+
+def _same_face(function: Callable[..., Any], method: Callable[..., Any]) -> None:
+    """Give a default-pool function its method's signature (without ``self``) and
+    docstring, so that ``orchestra.map?`` and Shift+Tab list every option."""
+    signature = inspect.signature(method)
+    function.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:]
+    )
+    function.__doc__ = f"{function.__doc__}\n\n{inspect.getdoc(method)}"
+
+
+for _function, _method in ((map, Pool.map), (run, Pool.run), (run_on_all, Pool.run_on_all)):
+    _same_face(_function, _method)
+del _function, _method

@@ -186,7 +186,12 @@ async def wait_foreign(handle: Any) -> Any:
         ready: asyncio.Future[None] = loop.create_future()
         handle.on_done(lambda _: loop.call_soon_threadsafe(_wake, ready))
         await ready
-    return handle.result(0)
+    try:
+        return handle.result(0)
+    except asyncio.CancelledError as exc:
+        # That handle was cancelled (JobCancelled is also asyncio's CancelledError), not
+        # this coroutine: report it as an outcome, or asyncio would cancel the waiter.
+        raise concurrent.futures.CancelledError(str(exc)) from exc
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -16,9 +16,11 @@
     │   └── RemoteError                     a remote exception that could not travel back as itself
     └── RemoteTraceback                     set as ``__cause__`` of a re-raised remote exception
 
-Cancellation is never wrapped: a cancelled ``await`` raises :class:`asyncio.CancelledError`
-and a cancelled handle raises :class:`concurrent.futures.CancelledError` (which *is*
-``asyncio.CancelledError`` since Python 3.8).
+A cancelled or interrupted job is not an error of its own: awaiting (or blocking on) a
+``map`` whose job was cancelled raises ``orchestra.JobCancelled`` (a ``CancelledError`` of
+both the asyncio and the concurrent.futures kind), and an interrupted wait raises
+``orchestra.JobInterrupted`` (a ``KeyboardInterrupt``); both carry the handle, see
+``_outcomes``. An asyncio cancel of the awaiting task itself stays a plain CancelledError.
 
 Remote errors travel in two tiers (the CPython ``_ExceptionWithTraceback`` technique):
 

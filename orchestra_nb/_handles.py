@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from ._jobs import _NOT_DONE, STREAM_WINDOW, Job, JobFuture
+from ._outcomes import MISSING, Failure, Failures, JobCancelled, JobInterrupted
 from ._state import TaskState, done_count
 
 if TYPE_CHECKING:
@@ -40,6 +41,15 @@ _WAKE_INTERVAL = 0.1
 display_hook: Callable[[Any], None] | None = None
 # ... and what happens when a handle is created (it shows the job's live progress widget).
 create_hook: Callable[[Any], None] | None = None
+# ... and whether a CancelledError in the awaiting coroutine is "Interrupt kernel" reaching
+# the cell's own task (ipykernel turns the interrupt into a cancel of that task): then the
+# wait raises JobInterrupted, a KeyboardInterrupt, instead.
+interrupt_hook: Callable[[], bool] | None = None
+
+_NOT_A_LIST = (
+    "{kind} is a handle to running work, not its results: did you forget `await` or "
+    "`.result()`? (`results = await handle` in a notebook, `handle.result()` in a script)"
+)
 
 
 class _LoopHub:
@@ -171,8 +181,14 @@ class _Handle:
             hook(self)
 
     def _on_done(self, fut: JobFuture) -> None:
-        if fut.cancelled() and not self._job.finished.is_set():
-            self._backend.cancel(self._job)
+        if fut.cancelled():
+            if not self._job.finished.is_set():
+                self._backend.cancel(self._job)
+            return
+        if isinstance(self, MapHandle):
+            exc = fut.exception(0)
+            if exc is not None and not hasattr(exc, "handle"):
+                _point_to_handle(exc, self)
 
     # --- inspection -------------------------------------------------------------------
 
@@ -241,6 +257,15 @@ class _Handle:
         self._backend.cancel(self._job, kill=kill)
         return True
 
+    _cancelled_by = "handle.cancel()"
+
+    def cancel_by(self, who: str, kill: bool = False) -> bool:
+        """``cancel(kill)``, naming who cancelled (``'the Cancel button'``): the
+        :class:`JobCancelled` that an awaiting cell gets then says so."""
+        if not self.done():
+            self._cancelled_by = who
+        return self.cancel(kill)
+
     def wait_finished(self, timeout: float | None = None) -> bool:
         """Block until every task is final (e.g. after ``cancel()``); False on timeout."""
         return self._job.finished.wait(timeout)
@@ -256,12 +281,21 @@ class _Handle:
         try:
             return self._unwrap(await fut)
         except asyncio.CancelledError:
-            self.cancel()  # the awaiting cell was interrupted: stop the remote work too
-            raise
+            __tracebackhide__ = True  # IPython hides this frame
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # our waiter was cancelled, not the job
+                self.cancel()  # stop the remote work too
+                hook = interrupt_hook
+                if hook is not None and hook():
+                    task.uncancel()  # the cancel becomes the KeyboardInterrupt below
+                    raise JobInterrupted(self) from None
+                raise
+            raise JobCancelled(self, self._cancelled_by) from None
         finally:
             hub.release()
 
     def _sync_result(self, timeout: float | None) -> Any:
+        __tracebackhide__ = True  # IPython hides this frame
         self._backend.flush()
         try:
             if not self._future.done():
@@ -272,10 +306,17 @@ class _Handle:
             return self._unwrap(self._future.result(timeout))
         except KeyboardInterrupt:
             self.cancel()
-            raise
+            raise JobInterrupted(self) from None
+        except concurrent.futures.CancelledError as exc:
+            if isinstance(exc, JobCancelled) or not self._future.cancelled():
+                raise
+            raise JobCancelled(self, self._cancelled_by) from None
 
     def _unwrap(self, results: list[Any]) -> Any:
         return results
+
+    def __getitem__(self, key: object) -> Any:
+        raise TypeError(_NOT_A_LIST.format(kind=f"'{type(self).__name__}' object"))
 
     def _ipython_display_(self) -> None:
         if display_hook is not None:
@@ -350,7 +391,13 @@ class TaskHandle(_Handle, Generic[T]):
                 self._asyncio_future_blocking = True
                 yield self  # the Task waits for our done callbacks
         except (asyncio.CancelledError, KeyboardInterrupt):
+            __tracebackhide__ = True  # IPython hides this frame
             self.cancel()
+            task = asyncio.current_task()
+            hook = interrupt_hook
+            if task is not None and task.cancelling() and hook is not None and hook():
+                task.uncancel()  # "Interrupt kernel": the cancel becomes a KeyboardInterrupt
+                raise JobInterrupted(self) from None
             raise
         return self._unwrap(aio.result())  # type: ignore[no-any-return]
 
@@ -506,9 +553,11 @@ class MapHandle(_Handle, Generic[T]):
     def _completion_order(self) -> list[int]:
         return self._job.completion_order
 
-    def partial_results(self, fill: Any = None) -> list[Any]:
+    def partial_results(self, fill: Any = MISSING) -> list[Any]:
         """Results so far, in input order; ``fill`` where a task has no value: not finished
-        yet, failed or cancelled. With ``return_exceptions=True`` a failed task gives its
+        yet, failed or cancelled. The default, ``orchestra.MISSING``, cannot be mistaken for
+        a result (test with ``r is orchestra.MISSING``); pass ``fill=None`` (or any value)
+        to get that instead. With ``return_exceptions=True`` a failed task gives its
         exception and a cancelled one a ``CancelledError``, as ``result()`` would."""
         job = self._job
         states = bytes(job.states)  # before the results: a value is stored before its state
@@ -528,6 +577,57 @@ class MapHandle(_Handle, Generic[T]):
             else:
                 out.append(fill)
         return out
+
+    # --- failures ---------------------------------------------------------------------
+
+    _origin: tuple[Callable[..., Any], tuple[Any, ...] | None] | None = None
+
+    def _remember(self, rerun: Callable[..., Any], iterables: tuple[Any, ...]) -> None:
+        """Set by ``Pool.map``: how to rerun items, and the inputs when they can be indexed
+        again (sequences, kept by reference, not copied; a one-shot iterator is not kept)."""
+        kept = iterables if all(_indexable(it) for it in iterables) else None
+        self._origin = (rerun, kept)
+
+    def _input_of(self, index: int) -> Any:
+        origin = self._origin
+        if origin is None or origin[1] is None:
+            return MISSING
+        iterables = origin[1]
+        if len(iterables) == 1:
+            return iterables[0][index]
+        return tuple(it[index] for it in iterables)
+
+    def failures(self) -> Failures:
+        """The failed items so far, in input order: index, input, exception, attempts and
+        worker of each (a table in a notebook). ``retry_failed()`` reruns them."""
+        job = self._job
+        rows = []
+        for index, exc in sorted(dict(job.errors).items()):
+            rows.append(Failure(index, self._input_of(index), exc,
+                                job.attempts.get(index, 1), _worker_of(exc)))
+        return Failures(rows, job.name)
+
+    def retry_failed(self, **options: Any) -> MapHandle[T]:
+        """A new map of the same function over the failed items' inputs only (same options
+        as this map, overridable with ``options``): ``await handle.retry_failed()``.
+
+        Needs the inputs again: it works when the map's inputs were sequences (lists,
+        ranges, arrays...), not one-shot iterators."""
+        origin = self._origin
+        failed = self.failures()
+        iterables = None if origin is None else origin[1]
+        if origin is None or iterables is None:
+            raise TypeError(
+                f"retry_failed(): the inputs of {self.name!r} were a one-shot iterator, which "
+                "the handle does not keep; pass a list (or another sequence) to map() to be "
+                "able to rerun failed items"
+            )
+        rerun = origin[0]
+        indices = failed.indices
+        if len(iterables) == 1:
+            return rerun([iterables[0][i] for i in indices], **options)  # type: ignore[no-any-return]
+        columns = [[it[i] for i in indices] for it in iterables]
+        return rerun(*columns, **options)  # type: ignore[no-any-return]
 
     # --- streaming --------------------------------------------------------------------
 
@@ -654,3 +754,33 @@ class MapHandle(_Handle, Generic[T]):
 
     def _watch(self, fn: Callable[[int, int], object]) -> None:
         self._backend.watch(self._job, fn)
+
+
+def _indexable(obj: object) -> bool:
+    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(
+        obj, dict | set | frozenset
+    )
+
+
+def _worker_of(exc: BaseException) -> int | None:
+    """The worker id from the note the pool adds (``raised in worker 2 (pid ...) ...``)."""
+    for note in getattr(exc, "__notes__", ()):
+        if note.startswith("raised in worker "):
+            word = note.split()[3]
+            if word.isdigit():
+                return int(word)
+    return None
+
+
+def _point_to_handle(exc: BaseException, handle: MapHandle[Any]) -> None:
+    """The error an awaited map raises leads back to its job: ``exc.handle``."""
+    try:
+        exc.handle = handle  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # an exception type without __dict__
+        return
+    failed = len(handle._job.errors)
+    exc.add_note(
+        f"exc.handle is the job's handle: exc.handle.failures() lists the {failed} failed "
+        "item(s), exc.handle.retry_failed() reruns them, exc.handle.partial_results() has "
+        "the other results"
+    )

@@ -208,7 +208,8 @@ class Chunk:
     """Consecutive items of one job sent to one worker in one ``Run`` message."""
 
     __slots__ = (
-        "attempt", "count", "items", "job", "payload", "start", "started_at", "target", "worker",
+        "attempt", "count", "items", "job", "payload", "start", "started_at", "suspect", "target",
+        "worker",
     )
 
     def __init__(self, job: Job, start: int, items: list[Any], target: int | None = None) -> None:
@@ -221,6 +222,9 @@ class Chunk:
         self.payload: tuple[list[Any], tuple[str | None, ...]] | None = None  # pre-pickled
         self.started_at = 0.0
         self.attempt = 0
+        # One item that may have killed a worker: it runs alone on its worker until it
+        # either returns or dies alone (then it is blamed).
+        self.suspect = False
 
 
 class Job:

@@ -660,6 +660,9 @@ class PoolCore:
         running = True
         sent = len(w.inflight)
         for i, chunk in enumerate(list(w.inflight) + list(w.assigned)):
+            # Any chunk sent to it may have been running (a result sent just before the
+            # exit may never arrive): with more than one item sent, nobody is blamed yet.
+            suspect = i < sent and (sent > 1 or chunk.count > 1)
             job = chunk.job
             job.inflight.pop(chunk.start, None)
             if job.circuit is not None and i < sent:  # admitted: report how the call ended
@@ -682,9 +685,20 @@ class PoolCore:
             elif running and w.kill_kind == "memory":
                 exc = MemoryLimitError(w.id, w.pid, returncode, chunk.start, w.kill_reason)
                 self._fail_range(job, chunk, exc)
-            elif running and chunk.count > 1:
-                # Which item killed it is unknown: retry them one by one, blaming none yet.
-                self._requeue_open_items(job, chunk)
+            elif suspect:
+                # Which item killed it is unknown: rerun them one by one, each alone on its
+                # worker, blaming none yet.
+                job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
+                for offset in reversed(range(chunk.count)):
+                    index = chunk.start + offset
+                    if index in job.cancelled_items:  # cancelled: not re-run
+                        job.transition(index, 1, TaskState.CANCELLED, unfinished_only=True)
+                        continue
+                    if job.state_of(index).is_final:
+                        continue
+                    single = Chunk(job, index, [chunk.items[offset]])
+                    single.suspect = True
+                    self._requeue(job, single, front=True)
             elif running:
                 crashes = job.crashes.get(chunk.start, 0) + 1
                 job.crashes[chunk.start] = crashes
@@ -815,12 +829,17 @@ class PoolCore:
                 chunk = self._next_chunk()
                 if chunk is None:
                     break  # not return: later workers may still have assigned chunks
+                if chunk.suspect and w.inflight:  # a suspect runs alone: an idle worker's
+                    self._requeue(chunk.job, chunk, front=True)
+                    break
                 if not self._send_chunk(w, chunk):
                     break  # unreachable (exiting): retrying it here would spin forever
 
     def _has_room(self, w: WorkerProc) -> bool:
         if not w.inflight:
             return True
+        if any(chunk.suspect for chunk in w.inflight):
+            return False  # nothing queued behind (or before) an item that may kill it
         if len(w.inflight) >= PREFETCH:
             return False
         # Queue more behind a chunk only when chunks are short; long ones would imbalance.

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import linecache
+import marshal
+import os
 import pickle
 import traceback
 import types
@@ -32,6 +36,7 @@ __all__ = [
     "dumps",
     "dumps_callable",
     "dumps_result",
+    "dumps_with_source",
     "rebuild_exception",
 ]
 
@@ -126,7 +131,7 @@ def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         raise TypeError(f"expected a callable, got {type(fn).__name__}: {fn!r}")
     _reject_by_reference(fn)
     try:
-        payload = cloudpickle.dumps(fn, protocol=5)
+        payload = dumps_with_source(fn)
     except Exception as exc:
         raise SerializationError(_explain_callable_failure(fn, exc)) from exc
     digest = hashlib.blake2b(payload, digest_size=16).digest()
@@ -135,6 +140,58 @@ def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
             _callable_cache.pop(next(iter(_callable_cache)))
         _callable_cache[key] = (weakref.ref(fn), payload, digest)
     return payload, digest
+
+
+# --- source lines travel with the code ----------------------------------------------------
+#
+# A worker formats a task's traceback itself, reading source lines through ``linecache``.
+# A function defined in a notebook cell has no file the worker could read: its code names a
+# file that only the kernel's linecache knows (ipykernel's ``/tmp/ipykernel_*/<hash>.py``).
+# Worse, cloudpickle 3.1.3 renames the file of every code object it ships to
+# ``<dynamic-code>``. So code objects are pickled here with ``marshal`` (exact, file name
+# included; workers run the kernel's own interpreter) together with the lines of their file
+# when that file does not exist on disk, and loading them registers those lines in the
+# worker's linecache under the original name. The same mechanism works whatever cloudpickle
+# does with code objects, since it never sees them.
+
+
+class _SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    def reducer_override(self, obj: object) -> Any:
+        if type(obj) is types.CodeType:
+            return _rebuild_code, (marshal.dumps(obj), _source_to_ship(obj.co_filename))
+        return super().reducer_override(obj)
+
+
+def _source_to_ship(filename: str) -> list[str] | None:
+    """The lines of ``filename`` if a worker could not read them itself (a cell)."""
+    if not filename or os.path.isfile(filename):
+        return None
+    entry = linecache.cache.get(filename)
+    if entry is None or len(entry) != 4:
+        return None
+    lines: list[str] = entry[2]  # the cache's own list: pickled once per payload (memo)
+    return lines or None
+
+
+def _rebuild_code(data: bytes, lines: list[str] | None) -> types.CodeType:
+    """In the worker: the code object, its source registered in ``linecache``."""
+    code = marshal.loads(data)
+    if not isinstance(code, types.CodeType):
+        raise TypeError(f"expected marshalled code, got {type(code).__name__}")
+    if lines:
+        filename = code.co_filename
+        entry = linecache.cache.get(filename)
+        if entry is None or len(entry) != 4 or entry[2] != lines:
+            # mtime None: linecache.checkcache keeps the entry (there is no file to check)
+            linecache.cache[filename] = (sum(map(len, lines)), None, list(lines), filename)
+    return code
+
+
+def dumps_with_source(obj: object) -> bytes:
+    """cloudpickle, with every shipped code object keeping its file name and source lines."""
+    with io.BytesIO() as file:
+        _SourcePickler(file, protocol=5).dump(obj)
+        return file.getvalue()
 
 
 # Pickling a function by value costs tens of microseconds, too much to repeat for 20,000

@@ -38,6 +38,7 @@ import zmq
 
 from . import _protocol as proto
 from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutError
+from ._namespace import NamespaceLink, link
 from ._serialize import ErrorRecord, capture_exception, dumps_result
 from ._spin import BusyPoll
 
@@ -93,11 +94,22 @@ class _OutputBuffer:
         self.bytes_this_task = 0
         self.last_flush = time.monotonic()
 
+    # A chunk's items run in a tight loop without a call per item here: the item that
+    # writes is the chunk's start plus the values done so far (``values`` is that list).
+    values: list[Any] | None = None
+    base = 0
+
     def write(self, stream: str, text: str) -> bool:
         with self.lock:
             if self.task is None:
                 return False
             job, index = self.task
+            if self.values is not None:
+                current = self.base + len(self.values)
+                if current != index:
+                    index = current
+                    self.task = (job, index)
+                    self.bytes_this_task = 0
             size = len(text)
             if self.bytes_this_task >= _OUTPUT_CAP:
                 return True
@@ -112,8 +124,10 @@ class _OutputBuffer:
                 self.pending.append(proto.Output(job, index, stream, text))
             return True
 
-    def begin(self, job: int, index: int) -> None:
+    def begin(self, job: int, index: int, values: list[Any] | None = None) -> None:
         with self.lock:
+            self.values = values
+            self.base = index - (len(values) if values is not None else 0)
             if self.task != (job, index):
                 self.task = (job, index)
                 self.bytes_this_task = 0
@@ -121,6 +135,7 @@ class _OutputBuffer:
     def end(self) -> None:
         with self.lock:
             self.task = None
+            self.values = None
 
     def take(self) -> list[proto.Output]:
         with self.lock:
@@ -155,6 +170,8 @@ class Worker:
         self.ctrl.setsockopt(zmq.LINGER, 0)
         self.ctrl.connect(config["ctrl_addr"])
         self.functions: dict[bytes, Callable[..., Any] | ErrorRecord] = {}
+        # Notebook functions using names of the %%orchestra namespace (see _namespace).
+        self.namespace_links: dict[bytes, NamespaceLink] = {}
         self.state = _State()
         self.output = _OutputBuffer()
         self.main_ident = threading.get_ident()
@@ -200,6 +217,7 @@ class Worker:
     def _define(self, msg: proto.Define, payload: list[Any]) -> None:
         for digest in msg.forget:
             self.functions.pop(digest, None)
+            self.namespace_links.pop(digest, None)
         try:
             fn = pickle.loads(payload[0])
         except BaseException as exc:  # a crash here is the function's, not the worker's
@@ -208,6 +226,9 @@ class Worker:
                 evalue=f"cannot load the function in the worker: {record.evalue}"
             )
             return
+        ns_link = link(fn)
+        if ns_link is not None:
+            self.namespace_links[msg.digest] = ns_link
         if _is_coroutine_function(fn):
             fn = self._sync_wrapper(fn)
         self.functions[msg.digest] = fn
@@ -248,6 +269,9 @@ class Worker:
                 )
                 errors = dict.fromkeys(range(count), record)
             else:
+                ns_link = self.namespace_links.get(msg.digest)
+                if ns_link is not None:
+                    ns_link.refresh()
                 values = self._call_all(fn, items, msg, errors)
                 del items  # the arguments: their segments are released before the result
         self._flush_output(self.send)
@@ -275,7 +299,7 @@ class Worker:
         state.values = values
         while len(values) < n:
             offset = len(values)
-            self.output.begin(msg.job, msg.start + offset)
+            self.output.begin(msg.job, msg.start + offset, values)
             state.chunk = (msg.job, msg.start)
             try:
                 if watched:
@@ -325,6 +349,10 @@ class Worker:
                 values.extend([None] * (n - failed))
             except BaseException as exc:
                 state.deadline = None
+                if isinstance(exc, NameError):
+                    ns_link = self.namespace_links.get(msg.digest)
+                    if ns_link is not None:
+                        ns_link.explain(exc)
                 errors[len(values)] = capture_exception(exc, "error", skip_frames=1)
                 append(None)
             finally:

@@ -19,7 +19,7 @@ import importlib.util
 from typing import Any
 
 from ._config import Orchestra
-from ._interrupt import SecondInterrupt
+from ._interrupt import CellInterrupts, SecondInterrupt
 
 __all__ = ["apply_pool_options", "load", "unload"]
 
@@ -29,8 +29,8 @@ _state: dict[str, Any] = {}
 def load(ip: Any) -> None:
     import orchestra_nb
 
-    from .. import _api, _handles
-    from . import _magics, _progress
+    from .. import _api, _handles, _outcomes
+    from . import _magics, _output, _progress
 
     if _state.get("shell") is ip:
         return
@@ -46,7 +46,12 @@ def load(ip: Any) -> None:
     _handles.display_hook = _progress.on_display
     interrupt = SecondInterrupt(ip)
     interrupt.register()
-    _state.update(shell=ip, config=config, interrupt=interrupt)
+    cell_interrupts = CellInterrupts(ip)
+    cell_interrupts.register()
+    ip.events.register("post_run_cell", _progress.finish_cell)
+    _handles.interrupt_hook = cell_interrupts.interrupted
+    _outcomes.render_hook = _output.render_trimmed
+    _state.update(shell=ip, config=config, interrupt=interrupt, cell_interrupts=cell_interrupts)
     if importlib.util.find_spec("joblib") is not None:  # backend="orchestra" for joblib/sklearn
         importlib.import_module("orchestra_nb.joblib")
 
@@ -58,6 +63,7 @@ def load(ip: Any) -> None:
             orchestra_nb.default_pool()
         )  # spawns the workers now; they get ready in the background
         n = pool.workers
+        _show_worker_count(config, n)
         how = "configured" if "workers" in _api._default_options else "one per CPU"
         print(
             f"orchestra_nb {orchestra_nb.__version__}: {n} worker(s) starting in the background "
@@ -73,16 +79,23 @@ def load(ip: Any) -> None:
 def unload(ip: Any) -> None:
     import orchestra_nb
 
-    from .. import _handles
+    from .. import _handles, _outcomes
     from . import _magics, _progress
 
     if "shell" not in _state or _state["shell"] is not ip:
         return
     config = _state.pop("config", None)
     interrupt = _state.pop("interrupt", None)
+    cell_interrupts = _state.pop("cell_interrupts", None)
     _state.clear()
     if interrupt is not None:
         interrupt.unregister()
+    if cell_interrupts is not None:
+        cell_interrupts.unregister()
+    with contextlib.suppress(ValueError):
+        ip.events.unregister("post_run_cell", _progress.finish_cell)
+    _handles.interrupt_hook = None
+    _outcomes.render_hook = None
     _handles.create_hook = None
     _handles.display_hook = None
     with contextlib.suppress(ValueError):
@@ -110,8 +123,8 @@ def apply_pool_options(config: Orchestra, changed: str) -> None:
 
     from .. import _api, backends
 
-    if _state.get("config") is not config:
-        return  # not the loaded extension's (e.g. a profile being read)
+    if _state.get("config") is not config or _state.get("syncing"):
+        return  # not the loaded extension's (e.g. a profile being read), or our own echo
     options = config.pool_options()
     with _api._default_lock:
         current = dict(_api._default_options)
@@ -139,4 +152,16 @@ def apply_pool_options(config: Orchestra, changed: str) -> None:
     orchestra_nb.configure(**options)
     if config.warm:
         pool = orchestra_nb.default_pool()
+        _show_worker_count(config, pool.workers)
         print(f"orchestra: the default pool restarts with {options} ({pool.workers} worker(s))")
+
+
+def _show_worker_count(config: Orchestra, workers: int) -> None:
+    """``%config Orchestra`` shows the pool's real worker count, not ``None``."""
+    if config.workers == workers:
+        return
+    _state["syncing"] = True
+    try:
+        config.workers = workers
+    finally:
+        _state.pop("syncing", None)

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import _progress
 
-__all__ = ["SecondInterrupt"]
+__all__ = ["CellInterrupts", "SecondInterrupt"]
 
 WINDOW = 2.0
 
@@ -79,6 +79,57 @@ class SecondInterrupt:
         original = self._original
         if callable(original):
             original(signum, frame)
+
+
+class CellInterrupts:
+    """Tells "Interrupt kernel" apart from any other cancel of an awaiting cell.
+
+    ipykernel turns an interrupt during an awaiting cell into a cancel of the cell's task,
+    so the wait for a handle sees a plain ``CancelledError``. Before each cell this wraps
+    the SIGINT handler ipykernel installed for it (ipykernel puts its own back after the
+    cell) to note that a SIGINT came, and remembers the cell's task. ``interrupted()`` is
+    then true only in that task after a SIGINT: ``asyncio.timeout`` and other cancels keep
+    their meaning, and a task the cell started (``gather``) never gets a KeyboardInterrupt,
+    which would escape into the kernel's event loop.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.cell_task: asyncio.Task[Any] | None = None
+        self.sigint_seen = False
+
+    def register(self) -> None:
+        self.shell.events.register("pre_run_cell", self.pre_run_cell)
+
+    def unregister(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.shell.events.unregister("pre_run_cell", self.pre_run_cell)
+
+    def pre_run_cell(self, _info: Any = None) -> None:
+        self.sigint_seen = False
+        try:
+            self.cell_task = asyncio.current_task()
+        except RuntimeError:  # no running loop: a sync cell outside a kernel
+            self.cell_task = None
+        current = signal.getsignal(signal.SIGINT)
+        if not callable(current) or getattr(current, "_orchestra_wrapper", False):
+            return
+
+        def note_sigint(signum: int, frame: Any) -> None:
+            self.sigint_seen = True
+            current(signum, frame)
+
+        note_sigint._orchestra_wrapper = True  # type: ignore[attr-defined]
+        with contextlib.suppress(ValueError, TypeError):  # only possible on the main thread
+            signal.signal(signal.SIGINT, note_sigint)
+
+    def interrupted(self) -> bool:
+        if not self.sigint_seen or self.cell_task is None:
+            return False
+        try:
+            return asyncio.current_task() is self.cell_task
+        except RuntimeError:
+            return False
 
 
 def _cancelling() -> list[Any]:

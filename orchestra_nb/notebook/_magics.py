@@ -33,6 +33,8 @@ from typing import Any, NoReturn
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+from .. import _handles
+from .._outcomes import JobInterrupted
 from .._state import WorkerState
 from . import _progress
 from ._remote import orchestra_cell, orchestra_cell_value
@@ -150,12 +152,24 @@ async def run_cell(args: str, body: str) -> Any:
         return None
     with _progress.suppress_auto():
         handle = _run_pinned(pool, body, filename, opts.names)
-    _progress.adopt(handle)
+    _progress.adopt(handle, local_frames=False)  # the worker's traceback shows the cell
     view = _progress.start_view(handle, widgets=False, output="stream", mark=None)
     try:
         value, out = await handle
+    except JobInterrupted as interrupted:  # "Interrupt kernel": the handle raised it
+        interrupted.local_frames = False  # the cell ran in a worker: no kernel frame to show
+        raise
     except asyncio.CancelledError:
-        raise  # interrupted: reply at once (the output keeps arriving in the background)
+        # Interrupted: reply at once (the output keeps arriving in the background), as a
+        # KeyboardInterrupt when "Interrupt kernel" did it, like any interrupted cell.
+        task = asyncio.current_task()
+        hook = _handles.interrupt_hook
+        if task is not None and task.cancelling() and hook is not None and hook():
+            task.uncancel()
+            stopped = JobInterrupted(handle)
+            stopped.local_frames = False
+            raise stopped from None
+        raise
     except BaseException:
         await view.drain_output()  # what the cell printed before its error comes first
         raise
@@ -165,7 +179,7 @@ async def run_cell(args: str, body: str) -> Any:
 
 
 def _show(handle: Any, mark: str | None) -> None:
-    _progress.adopt(handle)
+    _progress.adopt(handle, local_frames=False)
     mode = _progress.resolve_mode()
     if mode == "widget":
         try:

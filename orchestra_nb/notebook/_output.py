@@ -1,7 +1,7 @@
 """What tasks print, on its way to the cell that launched them.
 
 ``TaskOutput`` events arrive on the event bus's delivery thread. :class:`OutputBuffer`
-splits them into lines, marks each line with its worker and task (``[w2 #17] ...``), keeps
+splits them into lines, marks each line with its worker and item (``[w2 item 17] ...``), keeps
 at most ``max_lines`` lines per job (the rest is only counted) and hands the lines over in
 batches: the progress thread flushes a batch at most ten times a second, so a task that
 prints in a tight loop cannot flood the notebook (jupyter_server drops iopub messages above
@@ -19,12 +19,22 @@ the kernel knows, to a worker's traceback text.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import linecache
+import os
 import re
 import threading
+import types
 from typing import Any
 
-__all__ = ["OutputBuffer", "enrich_exception", "enrich_traceback"]
+__all__ = [
+    "OutputBuffer",
+    "enrich_exception",
+    "enrich_traceback",
+    "render_trimmed",
+    "show_trimmed",
+]
 
 
 class OutputBuffer:
@@ -65,7 +75,7 @@ class OutputBuffer:
             )
         worker_id, index, stream = key
         if self.mark == "task":
-            prefix = f"[w{worker_id} #{index}] "
+            prefix = f"[w{worker_id} item {index}] "
         elif self.mark == "worker":
             prefix = f"[w{worker_id}] "
         else:
@@ -154,3 +164,54 @@ def enrich_exception(exc: BaseException) -> None:
 
 def stream_message(stream: str, text: str) -> dict[str, Any]:
     return {"output_type": "stream", "name": stream, "text": text}
+
+
+# --- tracebacks trimmed to the user's code ----------------------------------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _internal(tb: types.TracebackType) -> bool:
+    """A frame of orchestra_nb itself, or one marked ``__tracebackhide__`` (IPython's own
+    bottom frame is, and so are orchestra's)."""
+    frame = tb.tb_frame
+    if os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        return True
+    return bool(frame.f_locals.get("__tracebackhide__", False))
+
+
+def user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """The traceback without orchestra's (and IPython's hidden) frames, rebuilt."""
+    kept = []
+    while tb is not None:
+        if not _internal(tb):
+            kept.append(tb)
+        tb = tb.tb_next
+    out: types.TracebackType | None = None
+    for entry in reversed(kept):
+        out = types.TracebackType(out, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return out
+
+
+def render_trimmed(exc: BaseException, local_frames: bool = True) -> list[str]:
+    """What IPython shows for ``exc``: its usual coloured traceback, minus orchestra's
+    frames (``local_frames=False``: minus every frame of this process, for a
+    ``%%orchestra`` cell whose code ran in a worker: the remote traceback says it all)."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    tb = user_frames(exc.__traceback__) if local_frames else None
+    if shell is None:
+        import traceback
+
+        return traceback.format_exception(type(exc), exc, tb)
+    lines: list[str] = shell.InteractiveTB.structured_traceback(type(exc), exc, tb, tb_offset=0)
+    return lines
+
+
+def show_trimmed(exc: BaseException, local_frames: bool = True) -> None:
+    """Make IPython show ``exc`` trimmed (the ``_render_traceback_`` protocol)."""
+    with contextlib.suppress(AttributeError, TypeError):  # no __dict__: shown as usual
+        exc._render_traceback_ = functools.partial(  # type: ignore[attr-defined]
+            render_trimmed, exc, local_frames
+        )

@@ -1,21 +1,35 @@
 """Live progress: one widget per job, updated from a thread, never faster than 10 Hz.
 
 Every handle created while the extension is loaded gets a :class:`JobView` (through
-``orchestra_nb._handles.create_hook``), shown in the cell that created it:
+``orchestra_nb._handles.create_hook``), shown in the cell that created it::
 
-    [██████░░░░]  f: 37/100 · failed 2 · retrying 1 · cancelled 0 · 41/s · elapsed 0.9 s
-                  · ETA 1.5 s  [Cancel]
-    [w1 #3] what task 3 printed ...
+    [███████▒▒░░░░]  f  37% · 37/100 done · 2 running · 59 waiting · 2 failed · 41/s
+                     · 0.9 s · ETA 1.5 s                                      [Cancel]
+
+The numbers: *done* counts successes only; the bar is split by state (succeeded green,
+failed red, cancelled grey, running light blue); the percent is done / total; the rate is
+successes per second; a counter at zero is not shown. The line never wraps: the label is
+cut with an ellipsis, the button keeps its size.
+
+Reads only public handle methods (``counts()``, ``total``, ``elapsed``, ``done()``,
+``cancelled()``, ``job_id``, ``name``, ``events``): the job's counts are the source of
+truth; the event bus wakes the thread when a job finishes and carries what tasks print
+(``TaskOutput``).
+
+What a notebook keeps: the widget is displayed with a display id, and when the job ends its
+plain-text form is replaced by the final one-line summary (what a notebook viewer, a saved
+file or ``jupyter execute`` shows where widgets do not render). Task output is written as
+ordinary ``stream`` output of the launching cell (addressed by its parent header), so
+headless runs (nbclient, papermill) save it too; for a job that finished before its cell
+ends, the output and the summary are flushed before the cell completes. While a job runs,
+the view greys out and says so if no update came for a few seconds (a restarted kernel
+leaves its widgets behind, and they must not look live).
 
 All updates come from one thread (``orchestra-progress``), not from the kernel's event loop,
 so they keep flowing while a synchronous cell blocks. Each view is refreshed at most once
-per ``update_interval`` (0.1 s), one ``comm_msg`` per widget per refresh, and all views
-together at most ``_MAX_VIEWS_PER_TICK`` per tick: far below jupyter_server's 1000 msg/s
-iopub limit (``jupyter-runtime.md`` section 3). A view is dropped only after it has sent
-the job's final state.
-
-Counts are read from the job's table (the source of truth); the event bus wakes the thread
-when a job finishes and carries what tasks print (``TaskOutput``).
+per ``update_interval`` (0.1 s), one ``comm_msg`` per refresh, and all views together at
+most ``_MAX_VIEWS_PER_TICK`` per tick: far below jupyter_server's limit of 1000 iopub
+messages per second.
 
 Where widgets cannot render (terminal IPython, no front end), ``progress='auto'`` falls
 back to text: a displayed handle prints a one-line bar, and task output is printed.
@@ -36,13 +50,24 @@ from typing import Any
 
 from .._events import JobFinished, TaskOutput
 from .._state import TaskState
-from ._output import OutputBuffer, enrich_exception, stream_message
+from ._output import OutputBuffer, enrich_exception, show_trimmed
 
-__all__ = ["JobView", "StatusView", "format_duration", "on_create", "on_display", "suppress_auto"]
+__all__ = [
+    "JobView",
+    "Snapshot",
+    "StatusView",
+    "finish_cell",
+    "format_duration",
+    "on_create",
+    "on_display",
+    "suppress_auto",
+]
 
 _MAX_VIEWS_PER_TICK = 20
 _OUTPUT_GRACE = 0.5  # seconds to keep a finished job's output route open (late flushes)
 _MAX_STATUS_VIEWS = 3
+_STALE_AFTER = 6.0  # seconds without an update before a running view greys out
+_FINISH_WAIT = 2.0  # at most this long, at the end of a cell, for a finished job's output
 
 # Set while the notebook layer creates a handle it displays its own way (%%orchestra).
 _suppress: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -107,91 +132,200 @@ def _rate(rate: float) -> str:
     return f"{rate:.2f}/s"
 
 
-class _Snapshot:
+_COLORS = {
+    "succeeded": "#43a047",
+    "failed": "#e53935",
+    "cancelled": "#9e9e9e",
+    "running": "#90caf9",
+}
+
+
+class Snapshot:
+    """One consistent reading of a job through its handle's public methods."""
+
     __slots__ = (
         "cancelled",
-        "counts",
-        "done",
         "elapsed",
         "failed",
         "finished",
         "name",
-        "retrying",
+        "read",
+        "running",
+        "succeeded",
         "total",
+        "waiting",
     )
 
-    def __init__(self, handle: Any) -> None:
-        job = handle._job
-        c = list(job.counts)
-        self.finished = job.finished.is_set()
-        if self.finished:
-            c = list(job.counts)  # read again: final now
-        self.counts = c
-        self.failed = c[TaskState.FAILED]
-        self.retrying = c[TaskState.RETRYING]
-        self.cancelled = c[TaskState.CANCELLED]
-        self.done: int = c[TaskState.SUCCEEDED] + self.failed + self.cancelled
-        self.total: int | None = job.total
+    def __init__(self, handle: Any, finished_seen: bool = False) -> None:
+        counts = handle.counts()
+        self.succeeded: int = counts[TaskState.SUCCEEDED]
+        self.failed: int = counts[TaskState.FAILED]
+        self.cancelled: int = counts[TaskState.CANCELLED]
+        self.running: int = counts[TaskState.RUNNING]
+        self.waiting: int = (
+            counts[TaskState.PENDING] + counts[TaskState.RETRYING] + counts[TaskState.SCHEDULED]
+        )
+        self.read: int = sum(counts.values())
+        self.total: int | None = handle.total
         self.elapsed: float = handle.elapsed
-        self.name = job.name
+        self.name: str = handle.name
+        final = self.running == 0 and self.waiting == 0 and (
+            self.total is not None and self.read >= self.total
+        )
+        self.finished = bool(finished_seen or (handle.done() and final))
 
-    def fraction_text(self) -> str:
-        total = "?" if self.total is None else f"{self.total:,}"
-        return f"{self.done:,}/{total}"
+    # --- numbers ---------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The bar's 100%: the total, or what was read so far of a lazy input."""
+        return max(1, self.total if self.total is not None else self.read)
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.succeeded / self.size) if self.total is not None else 0
 
     def rate(self) -> float:
-        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+        return self.succeeded / self.elapsed if self.elapsed > 0 else 0.0
 
     def eta(self) -> float | None:
         rate = self.rate()
         if self.total is None or rate <= 0:
             return None
-        return max(0.0, (self.total - self.done) / rate)
+        return max(0.0, (self.total - self.succeeded - self.failed - self.cancelled) / rate)
 
-    def _timing(self, cancelled: bool) -> list[str]:
-        """The end of the summary: the verdict once finished, else rate, elapsed and ETA."""
-        if self.finished:
-            verdict = "cancelled" if cancelled else ("done with errors" if self.failed else "done")
-            return [f"{verdict} in {format_duration(self.elapsed)} ({_rate(self.rate())})"]
-        return [
-            _rate(self.rate()),
-            f"elapsed {format_duration(self.elapsed)}",
-            f"ETA {format_duration(self.eta())}",
-        ]
+    def verdict(self, cancelled: bool) -> str:
+        """'running', 'done', 'failed' (done with errors) or 'cancelled'."""
+        if not self.finished:
+            return "running"
+        if cancelled or self.cancelled:
+            return "cancelled"
+        return "failed" if self.failed else "done"
+
+    # --- words -----------------------------------------------------------------------
+
+    def _counters(self, live: bool) -> list[str]:
+        total = "?" if self.total is None else f"{self.total:,}"
+        parts = [f"{self.succeeded:,}/{total} done"]
+        if live:
+            if self.running:
+                parts.append(f"{self.running:,} running")
+            if self.waiting:
+                parts.append(f"{self.waiting:,} waiting")
+        if self.failed:
+            parts.append(f"{self.failed:,} failed")
+        if self.cancelled:
+            parts.append(f"{self.cancelled:,} cancelled")
+        return parts
+
+    def words(self, cancelled: bool, note: str = "") -> list[str]:
+        """The label's parts after the name."""
+        verdict = self.verdict(cancelled)
+        if verdict == "running":
+            head = [f"{self.percent}%"] if self.total is not None else []
+            parts = head + self._counters(live=True)
+            parts += [_rate(self.rate()), format_duration(self.elapsed)]
+            eta = self.eta()
+            if eta is not None and self.succeeded:
+                parts.append(f"ETA {format_duration(eta)}")
+        else:
+            how = {"done": "done", "failed": "finished with errors", "cancelled": "cancelled"}
+            parts = self._counters(live=False)
+            parts.append(f"{how[verdict]} in {format_duration(self.elapsed)}")
+            if self.succeeded:
+                parts.append(_rate(self.rate()))
+        if note:
+            parts.append(note)
+        return parts
 
     def text(self, cancelled: bool) -> str:
-        parts = [f"{self.name}: {self.fraction_text()}"]
-        parts.append(f"failed {self.failed}")
-        parts.append(f"retrying {self.retrying}")
-        parts.append(f"cancelled {self.cancelled}")
-        parts.extend(self._timing(cancelled))
-        return " · ".join(parts)
-
-    def html(self, cancelled: bool) -> str:
-        def count(label: str, n: int, color: str) -> str:
-            style = f"color:{color};font-weight:bold" if n else "color:#888"
-            return f'<span style="{style}">{label} {n}</span>'
-
-        parts = [
-            f"<b>{html.escape(self.name)}</b>: {self.fraction_text()}",
-            count("failed", self.failed, "#c62828"),
-            count("retrying", self.retrying, "#ef6c00"),
-            count("cancelled", self.cancelled, "#6d4c41"),
-        ]
-        parts.extend(self._timing(cancelled))
-        return " · ".join(parts)
+        """One readable line: ``f: 98/100 done · 2 failed · finished with errors in 2.4 s``."""
+        return f"{self.name}: " + " · ".join(self.words(cancelled))
 
     def bar_text(self, width: int = 24) -> str:
-        total = self.total or max(self.done, 1)
-        filled = int(width * min(1.0, self.done / total)) if total else width
-        return "[" + "#" * filled + "-" * (width - filled) + "]"
+        """``[#####x---]``: ``#`` succeeded, ``x`` failed, ``.`` cancelled, ``-`` the rest."""
+        cells = self._cells(width)
+        return "[" + "#" * cells[0] + "x" * cells[1] + "." * cells[2] + "-" * cells[3] + "]"
+
+    def _cells(self, width: int) -> tuple[int, int, int, int]:
+        size = self.size
+        ok = width * self.succeeded // size
+        bad = width * self.failed // size
+        gone = width * self.cancelled // size
+        if self.finished and self.total is not None and ok + bad + gone < width:
+            # rounding: a finished job's bar is full, the largest part takes the rest
+            rest = width - ok - bad - gone
+            if ok >= bad and ok >= gone:
+                ok += rest
+            elif bad >= gone:
+                bad += rest
+            else:
+                gone += rest
+        return ok, bad, gone, width - ok - bad - gone
+
+    def line(self, cancelled: bool) -> str:
+        return f"{self.bar_text()} {self.text(cancelled)}"
+
+    def html(self, cancelled: bool, note: str = "") -> str:
+        verdict = self.verdict(cancelled)
+        size = self.size
+        segments = []
+        for part, n in (
+            ("succeeded", self.succeeded),
+            ("failed", self.failed),
+            ("cancelled", self.cancelled),
+            ("running", self.running if verdict == "running" else 0),
+        ):
+            if n:
+                width = 100.0 * n / size
+                segments.append(
+                    f'<div class="orchestra-{part}" title="{n:,} {part}" '
+                    f'style="width:{width:.2f}%;background:{_COLORS[part]}"></div>'
+                )
+        data = (
+            f'data-state="{verdict}" data-succeeded="{self.succeeded}" '
+            f'data-failed="{self.failed}" data-cancelled="{self.cancelled}" '
+            f'data-running="{self.running}" data-waiting="{self.waiting}" '
+            f'data-total="{"" if self.total is None else self.total}"'
+        )
+        label = html.escape(" · ".join(self.words(cancelled, note)))
+        # A running view greys out when its updates stop (each update restarts the timer).
+        stale = (
+            f"animation:orchestra-stale 0.3s linear {_STALE_AFTER:.0f}s forwards;"
+            if verdict == "running"
+            else ""
+        )
+        stale_note = (
+            '<span class="orchestra-stale-note" style="opacity:0;animation:'
+            f'orchestra-show 0.3s linear {_STALE_AFTER:.0f}s forwards"> · no update from the '
+            "kernel (restarted or busy?)</span>"
+            # ... and so does its Cancel button: a veil over the whole row (clicks go through)
+            '<div class="orchestra-stale-cover" style="position:absolute;inset:0;opacity:0;'
+            "background:rgba(255,255,255,0.6);pointer-events:none;animation:orchestra-show "
+            f'0.3s linear {_STALE_AFTER:.0f}s forwards"></div>'
+            if verdict == "running"
+            else ""
+        )
+        return (
+            "<style>@keyframes orchestra-stale{to{opacity:.45;filter:grayscale(1)}}"
+            "@keyframes orchestra-show{to{opacity:1}}.orchestra-row{position:relative}</style>"
+            f'<div class="orchestra-job" {data} style="display:flex;align-items:center;'
+            f'gap:0.6em;white-space:nowrap;overflow:hidden;{stale}">'
+            '<div class="orchestra-bar" style="flex:0 0 30%;min-width:120px;height:0.9em;'
+            'display:flex;background:#e0e0e0;border-radius:3px;overflow:hidden">'
+            + "".join(segments)
+            + "</div>"
+            '<span class="orchestra-label" style="overflow:hidden;text-overflow:ellipsis;'
+            f'min-width:0"><b>{html.escape(self.name)}</b> {label}{stale_note}</span></div>'
+        )
 
 
 class JobView:
-    """The live view of one job: a progress bar + label + Cancel button, and its output.
+    """The live view of one job: a split progress bar with its numbers, a Cancel button;
+    the job's task output goes to the launching cell as stream output.
 
-    ``widgets=False`` gives an output-only view (task output as stream messages), used by
-    the text fallback and by foreground ``%%orchestra`` cells.
+    ``widgets=False`` gives an output-only view, used by the text fallback and by
+    foreground ``%%orchestra`` cells.
     """
 
     def __init__(
@@ -199,13 +333,14 @@ class JobView:
         handle: Any,
         *,
         widgets: bool = True,
-        output: str = "widget",
+        output: str = "stream",
         mark: str | None = "task",
     ) -> None:
         self.handle: Any = handle
         self.job_id = handle.job_id
         self.bus = handle.events
         self.ctx = contextvars.copy_context()  # the launching cell's (parent header)
+        self.cell = _execution_count()
         self.interval = max(0.1, float(_setting("update_interval", 0.1)))
         self.output_mode = output
         self.out = OutputBuffer(
@@ -217,10 +352,12 @@ class JobView:
         self.finished_at: float | None = None
         self.final_sent = False
         self.closed = False
+        self._lock = threading.Lock()  # the progress thread and the kernel's end of cell
         self._last: tuple[Any, ...] | None = None
-        self._kill_armed_until = 0.0
+        self._cancel_clicked = False
         self.finished_seen = threading.Event()
         self.widget: Any = None
+        self.display: Any = None  # the DisplayHandle, once shown
         if widgets:
             self._build()
 
@@ -229,129 +366,143 @@ class JobView:
     def _build(self) -> None:
         import ipywidgets as W
 
-        job = self.handle._job
-        total = job.total
-        self.bar = W.IntProgress(
-            value=0,
-            min=0,
-            max=max(1, total or 1),
-            bar_style="info",
-            layout=W.Layout(width="30%", min_width="120px"),
-        )
-        self.label = W.HTML(
-            value=html.escape(f"{job.name}: 0/{'?' if total is None else total}"),
-            layout=W.Layout(flex="1 1 auto"),
+        snap = Snapshot(self.handle)
+        self.view = W.HTML(
+            value=snap.html(False), layout=W.Layout(flex="1 1 auto", min_width="0", width="auto")
         )
         self.button = W.Button(
             description="Cancel",
             icon="stop",
             button_style="",
-            tooltip="Cancel this job (click again to kill busy workers)",
-            layout=W.Layout(width="auto"),
+            tooltip="Cancel this job: queued items are dropped, running ones interrupted",
+            layout=W.Layout(flex="0 0 auto", width="auto", min_width="7em"),
         )
         self.button.on_click(self._on_click)
-        self.output = W.Output(layout=W.Layout(max_height="20em", overflow="auto"))
-        row = W.HBox(
-            [self.bar, self.label, self.button], layout=W.Layout(align_items="center", width="100%")
+        self.widget = W.HBox(
+            [self.view, self.button],
+            layout=W.Layout(align_items="center", width="100%", overflow="hidden"),
         )
-        self.widget = W.VBox([row, self.output])
+        self.widget.add_class("orchestra-row")  # the stale veil covers the row
+
+    def show(self) -> None:
+        """Display the widget in the current cell (with a display id, for the final text)."""
+        from IPython.display import display
+
+        bundle = self._bundle(Snapshot(self.handle).line(False))
+        self.display = display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
+
+    def _bundle(self, text: str) -> dict[str, Any]:
+        return {
+            "text/plain": text,
+            "application/vnd.jupyter.widget-view+json": {
+                "version_major": 2,
+                "version_minor": 0,
+                "model_id": self.widget.model_id,
+            },
+        }
 
     def _on_click(self, _button: Any) -> None:
         handle = self.handle
         if handle is None:
             return
-        now = time.monotonic()
-        if now < self._kill_armed_until:
-            handle.cancel(kill=True)
-            self.button.description = "Killed"
-            self.button.disabled = True
+        if self._cancel_clicked:
+            handle.cancel_by("the Cancel button", kill=True)
+            with self.button.hold_sync():
+                self.button.description = "Killing"
+                self.button.disabled = True
             return
-        if handle.cancel():
-            self._kill_armed_until = now + 2.0
-            self.button.description = "Kill"
-            self.button.button_style = "danger"
+        if handle.cancel_by("the Cancel button"):
+            self._cancel_clicked = True
+            with self.button.hold_sync():
+                self.button.description = "Kill"
+                self.button.icon = "skull"
+                self.button.button_style = "danger"
+                self.button.tooltip = (
+                    "The job is cancelled; tasks still running were interrupted. Click to "
+                    "kill their workers now (they are restarted) instead of waiting for them."
+                )
         _ticker().poke(self)
 
     # --- the progress thread ----------------------------------------------------------
 
     def tick(self, now: float) -> bool:
         """Refresh (called on the progress thread when due); True when the view is done."""
-        handle = self.handle
-        if handle is None:
-            return True
-        snap = _Snapshot(handle)
-        if snap.finished and self.finished_at is None:
-            self.finished_at = now
-        if self.widget is not None:
-            self._send(snap)
-        if snap.finished and now - (self.finished_at or now) >= _OUTPUT_GRACE:
-            self.out.close()
+        with self._lock:
+            handle = self.handle
+            if handle is None or self.closed:
+                return True
+            snap = Snapshot(handle, self.finished_seen.is_set())
+            if snap.finished and self.finished_at is None:
+                self.finished_at = now
+            if self.widget is not None:
+                self._send(snap)
+            if snap.finished and now - (self.finished_at or now) >= _OUTPUT_GRACE:
+                self.out.close()
+                self._flush_output()
+                self._close()
+                return True
             self._flush_output()
-            self._close()
-            return True
-        self._flush_output()
-        self.due = now + self.interval
-        return False
+            self.due = now + self.interval
+            return False
 
-    def _send(self, snap: _Snapshot) -> None:
-        cancelled = self.handle.cancelled()
-        total = snap.total
-        bar_max = max(1, total if total is not None else max(snap.done, self.handle._job.pulled, 1))
-        if snap.finished:
-            style = "warning" if cancelled else ("danger" if snap.failed else "success")
-        else:
-            style = "danger" if snap.failed else "info"
-        label = snap.html(cancelled)
-        state = (snap.done, bar_max, style, label, snap.finished)
+    def _note(self, snap: Snapshot) -> str:
+        if self._cancel_clicked and not snap.finished:
+            return "cancelling" + (
+                f": {snap.running} still running (Kill stops their workers now)"
+                if snap.running
+                else ""
+            )
+        return ""
+
+    def _send(self, snap: Snapshot) -> None:
+        cancelled = bool(self.handle.cancelled())
+        value = snap.html(cancelled, self._note(snap))
+        state = (value, snap.finished)
         last = self._last
         if state == last:
             return
         self._last = state
 
         def apply() -> None:
-            if last is None or last[:3] != state[:3]:
-                with self.bar.hold_sync():
-                    self.bar.max = bar_max
-                    self.bar.value = min(snap.done, bar_max)
-                    self.bar.bar_style = style
-            if last is None or last[3] != label:
-                self.label.value = label
-            if snap.finished and (last is None or not last[4]):
+            self.view.value = value
+            if snap.finished and (last is None or not last[1]):
                 with self.button.hold_sync():
-                    self.button.description = "Cancelled" if cancelled else "Done"
-                    self.button.icon = "ban" if cancelled else "check"
+                    verdict = snap.verdict(cancelled)
+                    self.button.description = {"cancelled": "Cancelled", "failed": "Failed"}.get(
+                        verdict, "Done"
+                    )
+                    self.button.icon = {"cancelled": "ban", "failed": "times"}.get(
+                        verdict, "check"
+                    )
                     self.button.button_style = ""
+                    self.button.tooltip = ""
                     self.button.disabled = True
+                if self.display is not None:  # the saved text form: the final state
+                    self.display.update(self._bundle(snap.line(cancelled)), raw=True)
                 self.final_sent = True
 
         self.ctx.copy().run(apply)
+        if snap.finished and self.display is not None and self.cell != _execution_count():
+            # A front end takes a display update only through the cell that owns the
+            # display (sent above, in its context); a headless runner (nbclient) only while
+            # that cell runs. A job that ends under a later cell: once more for the cell
+            # running now (a front end ignores it there).
+            self.display.update(self._bundle(snap.line(cancelled)), raw=True)
 
     def _flush_output(self, in_context: bool = True) -> None:
-        if not self.out.pending():
+        if not self.out.pending() or self.output_mode == "none":
             return
         batch = self.out.take()
         if not batch:
             return
-        if self.output_mode == "widget" and self.widget is not None:
 
-            def apply() -> None:
-                outputs = list(self.output.outputs)
-                for stream, text in batch:
-                    if outputs and outputs[-1].get("name") == stream:
-                        outputs[-1] = stream_message(stream, outputs[-1]["text"] + text)
-                    else:
-                        outputs.append(stream_message(stream, text))
-                self.output.outputs = tuple(outputs)
-        elif self.output_mode in ("stream", "widget"):
+        def apply() -> None:
+            for stream, text in batch:
+                target = sys.stderr if stream == "stderr" else sys.stdout
+                target.write(text)
+            sys.stdout.flush()
+            sys.stderr.flush()
 
-            def apply() -> None:
-                for stream, text in batch:
-                    target = sys.stderr if stream == "stderr" else sys.stdout
-                    target.write(text)
-                sys.stdout.flush()
-                sys.stderr.flush()
-        else:
-            return
         if in_context:
             self.ctx.copy().run(apply)
         else:
@@ -361,6 +512,29 @@ class JobView:
         self.closed = True
         _unroute(self)
         self.handle = None  # the finished job's handle may be collected now
+
+    def cancel_pending(self) -> bool:
+        """Cancelled, with tasks still stopping: the view stays live (its Kill button)."""
+        snap = Snapshot(self.handle, self.finished_seen.is_set())
+        return bool(self.handle.cancelled()) and not snap.finished
+
+    def finish_now(self) -> None:
+        """As a cell ends: a finished job's last output, final state and summary are sent
+        now, before the cell completes (headless runs keep only what arrives before that).
+        Output goes to the launching cell; the final text form to it and to the cell
+        running now."""
+        deadline = time.monotonic() + _FINISH_WAIT
+        while not self.finished_seen.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)  # (set on the bus's delivery thread: poll briefly)
+        with self._lock:
+            handle = self.handle
+            if handle is None or self.closed:
+                return
+            self.out.close()
+            self._flush_output()  # to the launching cell (a front end shows it there)
+            if self.widget is not None:
+                self._send(Snapshot(handle, self.finished_seen.is_set()))
+            self._close()
 
     # --- event bus (delivery thread) ---------------------------------------------------
 
@@ -379,8 +553,9 @@ class JobView:
         deadline = time.monotonic() + wait
         while not self.finished_seen.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)  # (set on the delivery thread: poll briefly)
-        self.out.close()
-        self._flush_output(in_context=False)
+        with self._lock:
+            self.out.close()
+            self._flush_output(in_context=False)
 
     # --- text ------------------------------------------------------------------------------
 
@@ -388,8 +563,17 @@ class JobView:
         handle = self.handle
         if handle is None:
             return ""
-        snap = _Snapshot(handle)
-        return f"{snap.bar_text()} {snap.text(handle.cancelled())}"
+        return Snapshot(handle, self.finished_seen.is_set()).line(handle.cancelled())
+
+
+def _execution_count() -> int | None:
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except Exception:
+        return None
+    return None if shell is None else int(getattr(shell, "execution_count", 0))
 
 
 class _Ticker:
@@ -575,11 +759,30 @@ def start_view(handle: Any, **kw: Any) -> JobView:
     return view
 
 
-def adopt(handle: Any) -> None:
-    """Track ``handle`` (second interrupt) and decorate its errors (cell source lines)."""
+def finish_cell(_result: Any = None) -> None:
+    """``post_run_cell``: jobs of this cell that are over (awaited, or quick) send their
+    last output, final state and summary now, while the cell is still the current one:
+    nbclient and papermill save only what arrives before the cell completes. Jobs still
+    running keep streaming to their cell (JupyterLab shows it)."""
+    with _routes_lock:
+        views = list(_routes.values())  # every open view, this cell's and earlier ones
+    for view in views:
+        handle = view.handle
+        if handle is None or view.closed:
+            continue
+        try:
+            if handle.done() and not view.cancel_pending():
+                view.finish_now()
+        except Exception:  # the end of a cell must never fail because of a view
+            pass
+
+
+def adopt(handle: Any, local_frames: bool = True) -> None:
+    """Track ``handle`` (second interrupt) and decorate its errors: cell source lines, and
+    a traceback without orchestra's frames (``local_frames=False``: without any frame of
+    the kernel, for code that ran wholly in a worker)."""
     _track(handle)
-    job = handle._job
-    job.future.add_done_callback(lambda _f, job=job: _enrich(job))
+    handle.on_done(lambda h: _enrich(h, local_frames))
 
 
 def on_create(handle: Any) -> None:
@@ -592,10 +795,10 @@ def on_create(handle: Any) -> None:
         if mode == "widget":
             try:
                 view = start_view(handle)
+                view.show()
             except Exception:
                 mode = "text"
             else:
-                _display(view.widget)
                 return
         if mode == "text":
             start_view(handle, widgets=False, output="stream")
@@ -603,32 +806,34 @@ def on_create(handle: Any) -> None:
         pass
 
 
-def _enrich(job: Any) -> None:
-    for exc in list(job.errors.values()):
+def _enrich(handle: Any, local_frames: bool = True) -> None:
+    for exc in list(handle.exceptions().values()):
         enrich_exception(exc)
-    with contextlib.suppress(Exception):
-        exc = job.future.exception(timeout=0)
-        if exc is not None:
-            enrich_exception(exc)
+        show_trimmed(exc, local_frames)
 
 
 def on_display(handle: Any) -> None:
-    """``_handles.display_hook``: a handle shown as a cell's value shows its live widget."""
+    """``_handles.display_hook``: a handle shown as a cell's value. Its job's widget is
+    shown once, where the job started: in that cell, nothing more; in a later cell, the
+    job's one-line state."""
     view = _views.get(handle)
     mode = resolve_mode()
-    if mode == "widget":
+    if view is not None and view.widget is not None:
+        if view.cell == _execution_count():
+            return  # the widget is already under this cell
+        print(view.text_line() or Snapshot(handle).line(handle.cancelled()))
+        return
+    if mode == "widget" and view is None:
         try:
-            if view is None or view.widget is None:
-                view = start_view(handle)
-            _display(view.widget)
+            view = start_view(handle)
+            view.show()
             return
         except Exception:
             pass
     if mode == "none":
         print(repr(handle))
         return
-    snap = _Snapshot(handle)
-    print(f"{snap.bar_text()} {snap.text(handle.cancelled())}")
+    print(Snapshot(handle).line(handle.cancelled()))
 
 
 # --- %orchestra status -------------------------------------------------------------------
@@ -675,7 +880,7 @@ class StatusView:
             w["rss_text"] = "" if w.get("rss") is None else f"{w['rss'] / 2**20:.0f} MiB"
         for j in status["jobs"]:
             c = j["counts"]
-            done = c.get("SUCCEEDED", 0) + c.get("FAILED", 0) + c.get("CANCELLED", 0)
+            done = c.get("SUCCEEDED", 0)  # done means succeeded, as in the job widget
             j["done_text"] = f"{done}/{'?' if j['total'] is None else j['total']}"
         status["queued"] = sum(
             j["counts"].get("PENDING", 0) + j["counts"].get("RETRYING", 0) for j in status["jobs"]
@@ -760,7 +965,17 @@ def show_status(pool_getter: Callable[[], Any], live: bool = True) -> Any:
         print(view.render_text())
         return None
     view = StatusView(pool_getter)
-    _display(view.widget)
+    from IPython.display import display
+
+    bundle = {  # the text form (a saved notebook, a headless run): the table as text
+        "text/plain": view.render_text(),
+        "application/vnd.jupyter.widget-view+json": {
+            "version_major": 2,
+            "version_minor": 0,
+            "model_id": view.widget.model_id,
+        },
+    }
+    display(bundle, raw=True)  # type: ignore[no-untyped-call]
     if live:
         with _status_lock:
             _status_views.append(view)

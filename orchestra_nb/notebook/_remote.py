@@ -10,26 +10,12 @@ the cell's source lines.
 from __future__ import annotations
 
 import ast
-import builtins
 import linecache
-import sys
-import types
 from typing import Any
 
+from .._namespace import MODULE_NAME, namespace
+
 __all__ = ["MODULE_NAME", "namespace", "orchestra_cell", "orchestra_cell_value"]
-
-MODULE_NAME = "__orchestra_main__"
-
-
-def namespace() -> dict[str, Any]:
-    """The worker's persistent ``%%orchestra`` namespace (a module's ``__dict__``)."""
-    module = sys.modules.get(MODULE_NAME)
-    if module is None:
-        module = types.ModuleType(MODULE_NAME, "namespace of %%orchestra cells in this worker")
-        module.__dict__["__builtins__"] = builtins
-        sys.modules[MODULE_NAME] = module  # classes defined in cells pickle by reference here
-    return module.__dict__
-
 
 def orchestra_cell(
     code: str, filename: str, names: tuple[str, ...] = ()

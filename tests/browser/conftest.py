@@ -284,12 +284,20 @@ def run_notebook_in_browser(
     fail_on_traceback: bool = True,
     settle: float = 5.0,
     scroll_to: str | None = None,
+    click_when: str | None = None,
+    click_selector: str | None = None,
+    save: bool = False,
+    probe: str | None = None,
+    probe_after: float = 0.0,
 ) -> dict[str, Any]:
     """Open `notebook_path` in chromium, Run All Cells, wait until every `wait_selector` element has
     style.width == `expect_width` and some `text_selector` element contains `expect_text`, then
     wait up to `settle` seconds (non-fatal: result["settled"]) for the remaining cells to finish;
     `errors` (stderr outputs, tracebacks included) is read after that wait. `scroll_to` (a selector
     inside the notebook) is scrolled into view before the screenshot; otherwise it shows the end.
+    `click_when` + `click_selector`: click the latter once, when the former first matches.
+    `save`: File > Save Notebook at the end (result["saved"]); the saved file is the copy.
+    `probe`: a JS expression evaluated in the page `probe_after` s after the run (result["probe"]).
 
     The notebook is copied into `lab.root_dir` with its outputs cleared; the screenshot and the
     result (.json) default to files beside that copy. Returns run_notebook.js's JSON result
@@ -313,6 +321,11 @@ def run_notebook_in_browser(
         "screenshot": str(screenshot),
         "settle_ms": int(settle * 1000),
         "scroll_to": scroll_to,
+        "click_when": click_when,
+        "click_selector": click_selector,
+        "save": save,
+        "probe": probe,
+        "probe_after_ms": int(probe_after * 1000),
     }
     # Own session so that a hung driver can be killed together with its chromium.
     proc = subprocess.Popen(
@@ -341,6 +354,7 @@ def run_notebook_in_browser(
             pytrace=False,
         )
     result: dict[str, Any] = json.loads(lines[-1])
+    result["notebook_copy"] = str(notebook_path)
     screenshot.with_suffix(".json").write_text(json.dumps(result, indent=1))
     if proc.returncode != 0 or not result.get("ok"):
         pytest.fail(

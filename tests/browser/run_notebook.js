@@ -5,7 +5,10 @@
 // Usage: node run_notebook.js CONFIG   (CONFIG: a JSON string or the path of a JSON file)
 // Config keys (defaults in DEFAULTS): url, token, notebook (path relative to the server root),
 // wait_selector + expect_width, text_selector + expect_text, error_selector, fail_on_traceback,
-// kernel_timeout_ms, run_timeout_ms, start_ms, sample_ms, settle_ms, screenshot, scroll_to, chromium, viewport.
+// kernel_timeout_ms, run_timeout_ms, start_ms, sample_ms, settle_ms, screenshot, scroll_to, chromium, viewport,
+// click_when + click_selector (click once, as a user would, when click_when first matches), save (File > Save at
+// the end; the result's "saved" says whether the save went through), probe + probe_after_ms (evaluate a JS
+// expression in the page that long after the run: result.probe).
 // Exit codes: 0 condition met, 1 timeout / traceback / driver error, 2 bad config.
 'use strict';
 const fs = require('fs');
@@ -30,6 +33,11 @@ const DEFAULTS = {
   scroll_to: null, // selector (in the notebook) scrolled into view before the screenshot; Run All ends at the last cell
   chromium: '/usr/bin/chromium',
   viewport: { width: 1200, height: 800 },
+  click_when: null, // selector (in the notebook): when it first matches, click click_selector once
+  click_selector: null,
+  save: false, // File > Save Notebook after the run (and the settle wait)
+  probe: null, // a JS expression evaluated in the page after waiting probe_after_ms: result.probe
+  probe_after_ms: 0,
 };
 
 function loadConfig(arg) {
@@ -134,7 +142,12 @@ async function main() {
     result.phase = 'wait';
     let last = '';
     let snap;
+    result.clicked = null;
     for (;;) {
+      if (cfg.click_when && result.clicked === null && (await page.locator(`${PANEL} ${cfg.click_when}`).count()) > 0) {
+        await page.locator(`${PANEL} ${cfg.click_selector}`).first().click({ timeout: 5000 });
+        result.clicked = +elapsed().toFixed(3);
+      }
       snap = await page.evaluate(snapshot, [PANEL, cfg.wait_selector, cfg.text_selector, cfg.error_selector]);
       const key = JSON.stringify(snap.widths);
       if (key !== last) { result.widths_over_time.push({ t: +elapsed().toFixed(3), widths: snap.widths }); last = key; }
@@ -164,6 +177,19 @@ async function main() {
     }
     result.label_texts = snap.texts;
     result.errors = snap.errors;
+    if (cfg.probe) {
+      result.phase = 'probe';
+      await page.waitForTimeout(cfg.probe_after_ms);
+      result.probe = await page.evaluate(cfg.probe);
+    }
+    if (cfg.save) {
+      result.phase = 'save';
+      await page.locator('.lm-MenuBar-item', { hasText: /^File$/ }).click();
+      await page.locator('.lm-Menu-item[data-command="docmanager:save"]').click();
+      // The tab's dirty marker goes away once the contents API accepted the save.
+      result.saved = await page.waitForFunction(() => !document.querySelector('.lm-TabBar-tab.jp-mod-current.jp-mod-dirty'),
+        null, { timeout: 10000, polling: 50 }).then(() => true, () => false);
+    }
     result.phase = 'screenshot';
     if (cfg.scroll_to) {
       result.phase = 'scroll';

@@ -292,7 +292,8 @@ def test_partial_results_fill_failed_and_cancelled(pool: orchestra.Pool, tmp_pat
     with pytest.raises(ValueError, match="bad item 2"):
         h.result(HANG_GUARD)
     assert h.partial_results(fill="-") == [0, 1, "-", 3]
-    assert h.partial_results() == [0, 1, None, 3]
+    assert h.partial_results() == [0, 1, orchestra.MISSING, 3]
+    assert h.partial_results(fill=None) == [0, 1, None, 3]
 
     h = pool.map(fail_on, range(4), return_exceptions=True)
     h.result(HANG_GUARD)

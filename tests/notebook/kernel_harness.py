@@ -8,9 +8,11 @@ Tests synchronise on messages (``wait_for``), never on sleeps; timeouts are hang
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -196,14 +198,10 @@ class Kernel:
         self.kc.shell_channel.send(msg)
 
     def job_widgets(self, mid: str, index: int = 0, timeout: float = 30) -> dict[str, str]:
-        """The comm ids of the index-th progress widget opened by cell ``mid``, once all of
-        its parts are open (their comm_open messages arrive one by one)."""
-        models = {
-            "bar": "IntProgressModel",
-            "label": "HTMLModel",
-            "button": "ButtonModel",
-            "output": "OutputModel",
-        }
+        """The comm ids of the index-th progress widget opened by cell ``mid`` (``view``:
+        the HTML with the bar and its numbers, ``button``), once all of its parts are open
+        (their comm_open messages arrive one by one)."""
+        models = {"view": "HTMLModel", "button": "ButtonModel", "box": "HBoxModel"}
         deadline = time.monotonic() + timeout
         while True:
             found = {part: self.comms(mid, model) for part, model in models.items()}
@@ -212,6 +210,13 @@ class Kernel:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"widget {index} of cell {mid} not open: {found}")
             time.sleep(0.005)
+
+    def wait_view(
+        self, comm_id: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
+        """Wait until the job view's numbers (``numbers()``) satisfy ``pred``."""
+        state = self.wait_state(comm_id, lambda s: pred(numbers(s.get("value", ""))), timeout)
+        return numbers(state["value"])
 
     # --- processes ----------------------------------------------------------------------
 
@@ -228,6 +233,22 @@ class Kernel:
             self.kc.stop_channels()
         with contextlib.suppress(Exception):
             self.km.shutdown_kernel(now=now)
+
+
+_DATA = re.compile(r'data-(\w+)="([^"]*)"')
+_TAG = re.compile(r"<[^>]+>")
+
+
+def numbers(view_html: str) -> dict[str, Any]:
+    """A job view's numbers (its ``data-*`` attributes, ints where they are) and its
+    ``text``: the words a user reads, tags stripped."""
+    head = view_html.split('class="orchestra-bar"')[0]
+    out: dict[str, Any] = {}
+    for key, value in _DATA.findall(head):
+        out[key] = int(value) if value.isdigit() else value
+    body = view_html.split("</style>")[-1]
+    out["text"] = html.unescape(_TAG.sub("", body)).strip()
+    return out
 
 
 def alive(pid: int) -> bool:
