@@ -112,8 +112,18 @@ export class OrchestraPanel extends Widget {
       this.controller.view.setStatus(`Cannot talk to the kernel: ${e}`, false);
       return;
     }
+    // JupyterLab >= 4.4 sends comm messages over a kernel subshell (so they are handled while
+    // a cell runs), by default one shared by every comm of a target. That sharing is reference
+    // counted, and a comm closing while the next one opens (the panel hidden and shown, or the
+    // kernel refusing the comm before %load_ext) can delete the subshell the new comm then
+    // uses: the kernel drops its messages ("Unknown subshell_id"). One subshell per comm has no
+    // shared count. Set before anything is sent; older JupyterLab has no such property.
+    if ('commsOverSubshells' in comm) {
+      (comm as { commsOverSubshells: string }).commsOverSubshells = 'perComm';
+    }
     this.comm = comm;
     this.connected = false;
+    this.node.dataset.commId = comm.commId; // lets a test tell this panel's traffic apart
     comm.onMsg = msg => {
       if (this.comm !== comm) {
         return;
@@ -134,6 +144,7 @@ export class OrchestraPanel extends Widget {
   }
 
   private dropComm(why: string): void {
+    delete this.node.dataset.commId;
     this.comm = null;
     this.connected = false;
     this.controller.reset();
@@ -142,6 +153,7 @@ export class OrchestraPanel extends Widget {
 
   private closeComm(): void {
     const comm = this.comm;
+    delete this.node.dataset.commId;
     this.comm = null;
     this.connected = false;
     this.controller.reset();

@@ -25,7 +25,7 @@ export interface History {
 }
 
 const SVG = 'http://www.w3.org/2000/svg';
-const SPARK_W = 60;
+const SPARK_W = 40;
 const SPARK_H = 16;
 
 function el<K extends keyof HTMLElementTagNameMap>(
@@ -65,6 +65,7 @@ class JobRow {
   private segments = new Map<string, HTMLElement>();
   private count: HTMLElement;
   private stats: HTMLElement;
+  private states: HTMLElement;
   private failures: HTMLDetailsElement;
   private failuresSummary: HTMLElement;
   private failuresList: HTMLElement;
@@ -94,6 +95,7 @@ class JobRow {
     this.count = el(doc, 'span', 'orchestra-job-count');
     this.stats = el(doc, 'span', 'orchestra-job-stats');
     const line = el(doc, 'div', 'orchestra-job-line');
+    this.states = el(doc, 'div', 'orchestra-job-states');
     line.append(this.count, this.stats);
     this.failures = el(doc, 'details', 'orchestra-failures');
     this.failuresSummary = el(doc, 'summary');
@@ -108,14 +110,14 @@ class JobRow {
     });
     this.traceback = el(doc, 'pre', 'orchestra-traceback');
     this.traceback.hidden = true;
-    this.node.append(head, this.bar, line, this.failures, this.traceback);
+    this.node.append(head, this.bar, line, this.states, this.failures, this.traceback);
   }
 
   update(job: Job, pool: PoolInfo | null): void {
     const status = jobStatus(job);
     this.node.dataset.status = status;
-    setText(this.name, job.name);
-    this.name.title = `job ${job.id}`;
+    setText(this.name, `${job.name} #${job.id}`);
+    this.name.title = `job ${job.id}: ${job.name}`;
     setText(this.status, status);
     this.cancel.hidden = job.finished;
     this.pause.hidden = job.finished;
@@ -134,18 +136,17 @@ class JobRow {
     }
     setText(this.count, `${job.done}/${job.total ?? `${job.read}+`}`);
     const c = job.counts;
-    const parts = [
-      `running ${c.RUNNING}`,
-      `failed ${c.FAILED}`,
-      `retrying ${c.RETRYING}`,
-      `cancelled ${c.CANCELLED}`,
-      formatRate(jobRate(job))
-    ];
+    const parts = [formatRate(jobRate(job))];
     if (!job.finished) {
       parts.push(`ETA ${formatDuration(jobEta(job))}`);
     }
     parts.push(`elapsed ${formatDuration(job.elapsed)}`);
     setText(this.stats, parts.join(' · '));
+    // the states other than done and waiting, when there are any
+    const states = (['RUNNING', 'FAILED', 'RETRYING', 'CANCELLED'] as const)
+      .filter(state => c[state] > 0)
+      .map(state => `${state.toLowerCase()} ${c[state]}`);
+    setText(this.states, states.join(' · '));
     this.updateFailures(job);
   }
 
@@ -208,7 +209,8 @@ class WorkerRow {
     this.node.dataset.activity = w.activity;
     setText(pid, w.pid === null ? '–' : String(w.pid));
     setText(activity, w.stalled ? `${w.activity} (stalled)` : w.activity);
-    setText(task, w.job === null ? '' : `job ${w.job} #${w.item ?? '?'}`);
+    setText(task, w.job === null ? '' : `#${w.job}[${w.item ?? '?'}]`);
+    task.title = w.job === null ? '' : `job ${w.job}, item ${w.item ?? '?'}`;
     setText(cpu, w.cpu_percent === null ? '–' : `${Math.round(w.cpu_percent)}%`);
     setText(memory, formatBytes(w.memory_bytes));
     const cpuPoints = sparklinePoints(history?.cpu ?? [], SPARK_W, SPARK_H, 100);
@@ -275,7 +277,7 @@ export class PanelView {
     workers.append(el(doc, 'h3', undefined, 'Workers'));
     const table = el(doc, 'table', 'orchestra-worker-table');
     const head = el(doc, 'tr');
-    for (const title of ['pid', 'state', 'task', 'CPU', 'memory', 'history']) {
+    for (const title of ['pid', 'state', 'task', 'CPU', 'mem', '']) {
       head.append(el(doc, 'th', undefined, title));
     }
     const thead = el(doc, 'thead');

@@ -172,15 +172,15 @@ describe('rendering', () => {
     assert.equal(($('.orchestra-resize-input') as HTMLInputElement).value, '2');
     const rows = [...controller.view.node.querySelectorAll('.orchestra-job')] as HTMLElement[];
     assert.deepEqual(rows.map(r => r.dataset.jobId), ['3', '2', '1']);
-    assert.equal(rows[0].querySelector('.orchestra-job-name')!.textContent, 'sweep');
+    assert.equal(rows[0].querySelector('.orchestra-job-name')!.textContent, 'sweep #3');
     assert.equal(rows[0].querySelector('.orchestra-job-count')!.textContent, '40/100');
-    assert.match(rows[0].querySelector('.orchestra-job-stats')!.textContent!,
-      /running 2 · failed 0 · retrying 0 · cancelled 0 · 10\.0\/s · ETA 6\.0 s · elapsed 4\.0 s/);
+    assert.equal(rows[0].querySelector('.orchestra-job-stats')!.textContent, '10.0/s · ETA 6.0 s · elapsed 4.0 s');
+    assert.equal(rows[0].querySelector('.orchestra-job-states')!.textContent, 'running 2');
     const seg = rows[0].querySelector('.orchestra-seg[data-state="SUCCEEDED"]') as HTMLElement;
     assert.equal(seg.style.width, '40%');
     const w = [...controller.view.node.querySelectorAll('.orchestra-worker')].map(r =>
       [...r.querySelectorAll('td')].slice(0, 5).map(td => td.textContent));
-    assert.deepEqual(w, [['1000', 'busy', 'job 1 #0', '50%', '50.0 MiB'], ['1001', 'busy', 'job 1 #1', '50%', '50.0 MiB']]);
+    assert.deepEqual(w, [['1000', 'busy', '#1[0]', '50%', '50.0 MiB'], ['1001', 'busy', '#1[1]', '50%', '50.0 MiB']]);
     assert.equal($('.orchestra-empty').hidden, true);
   });
 
@@ -208,6 +208,7 @@ describe('rendering', () => {
     assert.equal(row.querySelector('.orchestra-job-status')!.textContent, 'cancelled');
     assert.equal((row.querySelector('.orchestra-cancel') as HTMLElement).hidden, true);
     assert.doesNotMatch(row.querySelector('.orchestra-job-stats')!.textContent!, /ETA/);
+    assert.equal(row.querySelector('.orchestra-job-states')!.textContent, 'cancelled 60');
   });
 
   test('Pause is disabled with the reason as its tooltip when the backend cannot pause', () => {
