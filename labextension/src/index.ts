@@ -112,14 +112,16 @@ export class OrchestraPanel extends Widget {
       this.controller.view.setStatus(`Cannot talk to the kernel: ${e}`, false);
       return;
     }
-    // JupyterLab >= 4.4 sends comm messages over a kernel subshell (so they are handled while
-    // a cell runs), by default one shared by every comm of a target. That sharing is reference
-    // counted, and a comm closing while the next one opens (the panel hidden and shown, or the
-    // kernel refusing the comm before %load_ext) can delete the subshell the new comm then
-    // uses: the kernel drops its messages ("Unknown subshell_id"). One subshell per comm has no
-    // shared count. Set before anything is sent; older JupyterLab has no such property.
+    // JupyterLab >= 4.4 may send comm messages over a kernel subshell, one shared by all comms
+    // of a target and reference counted: a comm closing while the next one opens (the panel
+    // hidden and shown, or refused before %load_ext) can delete the subshell the new comm then
+    // uses, and the kernel drops its messages ("Unknown subshell_id"). ipykernel also routes a
+    // comm's messages to the shell its kernel side last published from, which for the panel's
+    // own thread is the main shell. So the panel talks to the main shell: commands are handled
+    // between cells and while a cell awaits. Set before the comm sends anything; JupyterLab
+    // without subshells has no such property.
     if ('commsOverSubshells' in comm) {
-      (comm as { commsOverSubshells: string }).commsOverSubshells = 'perComm';
+      (comm as { commsOverSubshells: string }).commsOverSubshells = 'disabled';
     }
     this.comm = comm;
     this.connected = false;

@@ -21,6 +21,7 @@ It reads the default pool through its public API only: ``statistics()``, ``event
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import threading
 import time
@@ -220,18 +221,29 @@ def _finished_record(record: dict[str, Any], event: JobFinished | None, handle: 
 
 
 class _Session:
-    """One open comm (one visible panel)."""
+    """One open comm (one visible panel).
 
-    def __init__(self, comm: Any) -> None:
+    The panel thread sends in ``context``, the one the comm was opened in: ipykernel takes a
+    message's parent header (and from it, which shell the front end's next messages are routed
+    to) from the sending context, and a thread of its own would fall back to whatever cell
+    ran last."""
+
+    def __init__(self, comm: Any, context: contextvars.Context) -> None:
         self.comm = comm
+        self.context = context
         self.seq = 0
         self.last_payload: dict[str, Any] | None = None
         self.last_sent = 0.0
         self.last_ack = time.monotonic()
 
     def send(self, message: dict[str, Any]) -> None:
+        """Reply from a comm handler (it runs in the message's own context)."""
         with contextlib.suppress(Exception):  # a kernel shutting down: nothing left to tell
             self.comm.send(message)
+
+    def send_from_thread(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            self.context.run(self.comm.send, message)
 
     def offer(self, payload: dict[str, Any], now: float) -> bool:
         """Send ``payload`` as the next state if it changed; True if it was sent."""
@@ -242,7 +254,7 @@ class _Session:
         self.seq += 1
         self.last_payload = payload
         self.last_sent = now
-        self.send({"type": "state", "version": PROTOCOL_VERSION, "seq": self.seq, **payload})
+        self.send_from_thread({"type": "state", "version": PROTOCOL_VERSION, "seq": self.seq, **payload})
         return True
 
 
@@ -265,8 +277,8 @@ class _Hub:
 
     # main thread (comm handlers) ------------------------------------------------------
 
-    def add(self, comm: Any) -> _Session:
-        session = _Session(comm)
+    def add(self, comm: Any, context: contextvars.Context) -> _Session:
+        session = _Session(comm, context)
         with self._cond:
             self._sessions[comm.comm_id] = session
             self._wake = self._catch_up = True
@@ -459,7 +471,7 @@ def _on_open(comm: Any, msg: dict[str, Any]) -> None:
         comm.send({"type": "error", "message": str(exc)})
         comm.close()
         return
-    session = _hub.add(comm)
+    session = _hub.add(comm, contextvars.copy_context())
     comm.on_msg(lambda m: _handle_command(session, m.get("content", {}).get("data")))
     comm.on_close(lambda _m: _hub.remove(comm.comm_id))
 

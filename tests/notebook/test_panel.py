@@ -213,3 +213,32 @@ def test_wrong_version_or_no_extension_closes_the_comm(bare_kernel: Kernel) -> N
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert panel_threads(k) == []
+
+
+def test_cancel_while_a_cell_awaits_the_job(kernel: Kernel) -> None:
+    """The panel's commands reach the kernel while a cell awaits (its comm talks to the main
+    shell, docs/panel.md): a Cancel from the panel ends the job the cell is awaiting."""
+    k = kernel
+    k.execute("orchestra.default_pool().wait_started(30)")
+    k.execute(TASKS)
+    panel = Panel(k)
+    panel.wait("state")
+    k.execute("bg = orchestra.map(forever, range(4), chunksize=1)")
+    bg_id = k.value("bg.job_id")
+    panel.wait_job(bg_id, lambda j: j["counts"]["RUNNING"] == 2)
+    awaiting = k.submit("import asyncio\ntry:\n    await bg\nexcept asyncio.CancelledError:\n"
+                        "    print('awaited job cancelled', bg.cancelled())")
+    k.wait_for(lambda m: m["msg_type"] == "status" and m["content"]["execution_state"] == "busy"
+               and m["parent_header"].get("msg_id") == awaiting)
+    panel.send({"type": "cancel", "job_id": bg_id})
+    assert panel.wait("result", lambda d: d["request"] == "cancel")["ok"] is True
+    _, content = k.wait_reply(awaiting, timeout=HANG_GUARD)
+    assert content["status"] == "ok"
+    k.wait_idle(awaiting)
+    assert k.stream(awaiting) == "awaited job cancelled True\n"
+    assert panel.wait_job(bg_id, lambda j: j["finished"])["cancelled"] is True
+    # the state messages carry the comm_open's parent (not the cells'), so replies route back
+    # to the shell the panel talks to
+    opened = next(m for _, m in k.snapshot() if m["msg_type"] == "comm_msg"
+                  and m["content"]["comm_id"] == panel.comm_id and m["content"]["data"]["type"] == "state")
+    assert opened["parent_header"]["msg_type"] == "comm_open"
