@@ -8,6 +8,7 @@
 * ``_output``: what tasks print, shown under the cell that launched them;
 * ``_magics``: ``%%orchestra`` (foreground, ``--all``, ``--bg NAME``) and ``%orchestra``;
 * ``_interrupt``: a second "interrupt kernel" within 2 s hard-kills the busy workers;
+* ``_panel``: the kernel side of the JupyterLab / Notebook 7 side panel (one comm target);
 * ``_remote``: the worker side of ``%%orchestra`` (no IPython import: workers load it).
 
 Importing this package imports nothing from IPython or ipywidgets.
