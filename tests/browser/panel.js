@@ -115,14 +115,10 @@ async function main() {
     if (cfg.ui === 'lab') {
       await page.locator('.jp-SideBar.jp-mod-right .lm-TabBar-tab[data-id="orchestra-nb-panel"]').click();
     } else {
-      // Notebook 7: View > Right Sidebar > Show Orchestra (the same command the panel registers)
-      await page.evaluate(() => window.jupyterapp?.commands.execute('orchestra-nb:toggle-panel'));
-      const opened = await page.locator('#orchestra-nb-panel').isVisible();
-      if (!opened) {
-        await page.locator('.lm-MenuBar-item', { hasText: /^View$/ }).click();
-        await page.locator('.lm-Menu-item', { hasText: /Right Sidebar/ }).first().hover();
-        await page.locator('.lm-Menu-item', { hasText: /Orchestra/ }).first().click();
-      }
+      // Notebook 7: View > Right Sidebar > the panel's entry (its caption)
+      await page.locator('.lm-MenuBar-item', { hasText: /^View$/ }).click();
+      await page.locator('.lm-Menu-item', { hasText: /Right Sidebar/ }).first().hover();
+      await page.locator('.lm-Menu-item', { hasText: /Orchestra/ }).first().click();
     }
     const panel = page.locator('#orchestra-nb-panel');
     await panel.waitFor({ state: 'visible', timeout: TIMEOUT });
