@@ -396,6 +396,17 @@ class Pool:
             raise ValueError(f"a pool needs at least 1 worker, got {workers}")
         self._backend.resize(workers)
 
+    def cancel_job(self, job_id: int, kill: bool = False) -> bool:
+        """Cancel the job ``job_id`` as its handle's ``cancel()`` would, for a job known only
+        by its id (from :meth:`statistics` or a ``JobStarted`` event): pending tasks are
+        dropped, running ones interrupted (``kill=True``: their workers killed at once). For a
+        batch of ``run`` calls that is every call of the batch. Returns False if this pool has
+        no unfinished job with that id."""
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise TypeError(f"job_id must be an int, got {job_id!r}")
+
+        return self._backend.cancel_job(job_id, kill=kill)
+
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot: workers (pid, state, current job and item, CPU, memory), jobs
         with per-state counts, and the queue length."""

@@ -135,6 +135,19 @@ class Backend(abc.ABC):
         """Run ``job``'s single call once on every live worker (the job's items are set
         here, one per worker); ``replay``: also on every worker started later."""
 
+    def find_job(self, job_id: int) -> Job | None:
+        """The unfinished job ``job_id`` of this backend, if it has one (for a front end that
+        knows a job by its id only); a backend that keeps no table returns None."""
+        return None
+
+    def cancel_job(self, job_id: int, *, kill: bool = False) -> bool:
+        """Cancel the job ``job_id``; False if there is no such unfinished job."""
+        job = self.find_job(job_id)
+        if job is None or job.internal or job.finished.is_set():
+            return False
+        self.cancel(job, kill=kill)
+        return True
+
     def publish(self, event: Event) -> None:
         """Publish ``event`` on this backend's bus from any thread."""
         self.events.publish(event)

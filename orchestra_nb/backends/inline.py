@@ -113,6 +113,10 @@ class InlineBackend(Backend):
             job.watchers.append(fn)
             fn(-2, 0)
 
+    def find_job(self, job_id: int) -> Job | None:
+        with self._table_lock:
+            return self._jobs.get(job_id)
+
     def pause(self, job: Job, paused: bool) -> None:
         with self._table_lock:
             job.paused = paused

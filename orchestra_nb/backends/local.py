@@ -130,6 +130,9 @@ class LocalBackend(Backend):
     def cancel_item(self, job: Job, index: int) -> None:
         self._on_engine(self._core.cancel_item, job, index)
 
+    def find_job(self, job_id: int) -> Job | None:
+        return self._core.jobs.get(job_id)  # a dict read: atomic under the GIL
+
     def pause(self, job: Job, paused: bool) -> None:
         self._on_engine(self._core.set_paused, job.id, paused)
 

@@ -10,6 +10,7 @@
 * ``_interrupt``: a second "interrupt kernel" within 2 s hard-kills the busy workers;
 * ``_composite``: the composite block (steps, states, counts, Pause/Cancel) for a
   ``Sequence``/``Parallel``... handle: ``show_composite(handle)``, ``run_composite(step)``;
+* ``_panel``: the kernel side of the JupyterLab / Notebook 7 side panel (one comm target);
 * ``_remote``: the worker side of ``%%orchestra`` (no IPython import: workers load it).
 
 Importing this package imports nothing from IPython or ipywidgets.

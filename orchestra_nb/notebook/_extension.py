@@ -1,6 +1,7 @@
 """``%load_ext orchestra_nb`` / ``%unload_ext`` / ``%reload_ext``.
 
-Loading registers the magics and the ``%%orchestra`` input transformer, puts ``orchestra``
+Loading registers the magics, the ``%%orchestra`` input transformer and the side panel's
+comm target (``_panel``), puts ``orchestra``
 (the ``orchestra_nb`` module) into the notebook's namespace, installs the progress hooks,
 registers the joblib backend ``"orchestra"`` when joblib is installed,
 reads the ``Orchestra`` configuration and starts the default pool's workers in the
@@ -30,7 +31,7 @@ def load(ip: Any) -> None:
     import orchestra_nb
 
     from .. import _api, _handles, _outcomes
-    from . import _magics, _output, _progress
+    from . import _magics, _output, _panel, _progress
 
     if _state.get("shell") is ip:
         return
@@ -44,6 +45,7 @@ def load(ip: Any) -> None:
     ip.user_ns_hidden[_magics.CELL_FUNCTION] = _magics.run_cell
     _handles.create_hook = _progress.on_create
     _handles.display_hook = _progress.on_display
+    _panel.register(ip)  # the side panel's comm target (after the create hook it wraps)
     interrupt = SecondInterrupt(ip)
     interrupt.register()
     cell_interrupts = CellInterrupts(ip)
@@ -80,7 +82,7 @@ def unload(ip: Any) -> None:
     import orchestra_nb
 
     from .. import _handles, _outcomes
-    from . import _magics, _progress
+    from . import _magics, _panel, _progress
 
     if "shell" not in _state or _state["shell"] is not ip:
         return
@@ -96,6 +98,7 @@ def unload(ip: Any) -> None:
         ip.events.unregister("post_run_cell", _progress.finish_cell)
     _handles.interrupt_hook = None
     _outcomes.render_hook = None
+    _panel.unregister(ip)
     _handles.create_hook = None
     _handles.display_hook = None
     with contextlib.suppress(ValueError):

@@ -370,3 +370,10 @@ def run_notebook_in_browser(
 def run_in_browser(lab: JupyterLab) -> Callable[..., dict[str, Any]]:
     """`run_notebook_in_browser` bound to the session's server; tests need not import conftest."""
     return partial(run_notebook_in_browser, lab)
+
+
+@pytest.fixture
+def shutdown_session(lab: JupyterLab) -> Callable[[str], None]:
+    """``shutdown_session(notebook)``: stop that notebook's kernel (path relative to the server
+    root) and reap the workers it leaves, for tests that drive the browser themselves."""
+    return partial(_shutdown_sessions, lab)

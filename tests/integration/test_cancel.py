@@ -104,6 +104,24 @@ def test_cancel_running_map(pool: orchestra.Pool, tmp_path: Path) -> None:
 
 
 @pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
+def test_cancel_job_by_id(pool: orchestra.Pool, tmp_path: Path) -> None:
+    """Pool.cancel_job(job_id) does what the handle's cancel() does, for a job known by id."""
+    n = 10
+    h = pool.map(blocking, range(n), [str(tmp_path)] * n, chunksize=1)
+    wait_until(lambda: markers(tmp_path, "started") == {0, 1}, what="both workers busy")
+    assert h.job_id in {job.id for job in pool.statistics().jobs}
+    assert pool.cancel_job(h.job_id) is True
+    assert h.wait_finished(HANG_GUARD)
+    assert markers(tmp_path, "interrupted") == {0, 1}
+    assert h.cancelled()
+    assert h.counts()[TaskState.CANCELLED] == n
+    assert pool.cancel_job(h.job_id) is False  # finished: nothing to cancel
+    assert pool.cancel_job(10**9) is False  # never existed
+    with pytest.raises(TypeError, match="job_id"):
+        pool.cancel_job("1")  # type: ignore[arg-type]
+
+
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_cancel_generator_map(pool: orchestra.Pool, tmp_path: Path) -> None:
     pulled = []
 
