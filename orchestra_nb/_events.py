@@ -8,9 +8,10 @@ measurable at a million items per second.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import TypeAlias
 
-from ._state import TaskState
+from ._state import TaskState, done_count
 
 __all__ = [
     "CircuitChanged",
@@ -23,6 +24,7 @@ __all__ = [
     "WorkerExited",
     "WorkerStalled",
     "WorkerStarted",
+    "replay_counts",
 ]
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,9 +36,12 @@ class JobStarted:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskStateChanged:
-    """Tasks ``start .. start+count-1`` of job ``job_id`` entered ``state``.
+    """Tasks ``start .. start+count-1`` of job ``job_id`` moved from ``previous`` to ``state``.
 
-    For ``RETRYING`` (always one task), ``attempt`` is the number of failures so far and
+    ``previous`` is None for tasks that just came into being (items read from the input).
+    Every move of every task is published exactly once, so the events are a journal:
+    applying them in order (:func:`replay_counts`) gives the job's exact counts. For
+    ``RETRYING`` (always one task), ``attempt`` is the number of failures so far and
     ``delay`` the backoff in seconds before the task goes back to ``PENDING``.
     """
 
@@ -47,6 +52,19 @@ class TaskStateChanged:
     worker_id: int | None = None
     attempt: int | None = None
     delay: float | None = None
+    previous: TaskState | None = None
+
+
+def replay_counts(events: Iterable[object], job_id: int) -> list[int]:
+    """Per-state counts (indexed by :class:`TaskState`) of job ``job_id``, rebuilt from its
+    :class:`TaskStateChanged` events alone."""
+    counts = [0] * len(TaskState)
+    for event in events:
+        if isinstance(event, TaskStateChanged) and event.job_id == job_id:
+            counts[event.state] += event.count
+            if event.previous is not None:
+                counts[event.previous] -= event.count
+    return counts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,8 +78,7 @@ class JobProgress:
 
     @property
     def done(self) -> int:
-        c = self.counts
-        return c[TaskState.SUCCEEDED] + c[TaskState.FAILED] + c[TaskState.CANCELLED]
+        return done_count(self.counts)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

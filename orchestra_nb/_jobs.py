@@ -17,19 +17,32 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ._events import JobFinished, JobProgress, JobStarted, TaskStateChanged
 from ._policy import RetryPolicy
-from ._state import TaskState
+from ._state import FINAL_STATES, LEGAL, TaskState, done_count
 
-__all__ = ["DEFAULT_RETRY", "Chunk", "Job", "JobFuture", "LazyEvent"]
+if TYPE_CHECKING:
+    from ._bus import EventBus
+
+__all__ = ["DEFAULT_RETRY", "Chunk", "IllegalTransition", "Job", "JobFuture", "LazyEvent"]
 
 DEFAULT_RETRY = RetryPolicy()
 
 _NOT_DONE: Any = object()  # placeholder in ``results`` for items without an outcome yet
 
 _STATE_BYTES = {s: bytes([s]) for s in TaskState}
-_FINAL = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
+_FINAL = FINAL_STATES
+_TASK_STATES = tuple(TaskState)  # byte value -> member, without an enum call
+
+
+class IllegalTransition(RuntimeError):
+    """A backend tried a move the task state machine does not allow (a bug)."""
+
+    def __init__(self, job: Job, index: int, old: int, new: int) -> None:
+        super().__init__(f"job {job.id} ({job.name!r}): task {index} cannot go from "
+                         f"{TaskState(old).name} to {TaskState(new).name}")
 
 
 class LazyEvent:
@@ -262,6 +275,18 @@ class Job:
         self.completion_order: list[int] = []  # only kept for ordered=False
         # A CircuitBreaker every task goes through (the pool admits each one at dispatch).
         self.circuit: Any = None
+        # Set by the backend when it takes the job: where its events go (None: nowhere),
+        # and what it does when the job finishes (forget it, free its resources).
+        self.bus: EventBus | None = None
+        self.on_finished: Callable[[Job], object] | None = None
+        # The callable itself, for backends that run it in this process (inline).
+        self.fn: Callable[..., Any] | None = None
+
+    def open(self, bus: EventBus | None) -> None:
+        """A backend takes the job: its events go to ``bus`` from now on."""
+        self.bus = bus
+        if bus is not None and bus.active:
+            bus.publish(JobStarted(self.id, self.name, self.total))
 
     # --- pulling work -----------------------------------------------------------------
 
@@ -288,7 +313,7 @@ class Job:
         self.pulled += len(items)
         self.results.extend([_NOT_DONE] * len(items))
         self.states.extend(_STATE_BYTES[TaskState.PENDING] * len(items))
-        self.counts[TaskState.PENDING] += len(items)
+        self._arrived(start, len(items), TaskState.PENDING)
         if self.total is not None and self.pulled >= self.total:
             self.source = None  # a sized input read to its end: no extra take() needed
         chunk = Chunk(self, start, items, target)
@@ -301,30 +326,85 @@ class Job:
             return None
         return self.total - self.pulled + sum(c.count for c in self.requeued)
 
-    # --- transitions ------------------------------------------------------------------
+    # --- transitions: the one place a task's state changes ----------------------------
 
-    def set_state(self, start: int, count: int, new: TaskState) -> None:
-        """Move items ``start..start+count-1`` to ``new``, keeping ``counts`` exact."""
+    def transition(
+        self, start: int, count: int, new: TaskState, worker_id: int | None = None,
+        attempt: int | None = None, delay: float | None = None, *, unfinished_only: bool = False,
+    ) -> None:
+        """Move tasks ``start..start+count-1`` to ``new``, keeping ``counts`` exact and
+        publishing one :class:`TaskStateChanged` per run of tasks that shared a state.
+
+        Every move is checked against ``_state.LEGAL``; a move to the state a task is in
+        already does nothing. ``unfinished_only``: tasks in a final state are left alone
+        (a range of which some were cancelled one by one); otherwise moving a final task is
+        an :class:`IllegalTransition`, a bug in the backend.
+        """
         states = self.states
         if count == 1:
             old = states[start]
+            if old == new:
+                return
+            if (old, new) not in LEGAL:
+                if unfinished_only and old in _FINAL:
+                    return
+                raise IllegalTransition(self, start, old, new)
             self.counts[old] -= 1
             states[start] = new
-        else:
-            segment = states[start : start + count]
-            first = segment[0]
-            if segment.count(first) == count:
-                self.counts[first] -= count
-            else:
-                for old in segment:
-                    self.counts[old] -= 1
+            self.counts[new] += 1
+            self._moved(start, 1, old, new, worker_id, attempt, delay)
+            return
+        segment = states[start : start + count]
+        first = segment[0]
+        if segment.count(first) == count:
+            if first == new:
+                return
+            if (first, new) not in LEGAL:
+                if unfinished_only and first in _FINAL:
+                    return
+                raise IllegalTransition(self, start, first, new)
+            self.counts[first] -= count
             states[start : start + count] = _STATE_BYTES[new] * count
-        self.counts[new] += count
+            self.counts[new] += count
+            self._moved(start, count, first, new, worker_id, attempt, delay)
+            return
+        # Mixed states: one move per run of equal states, each checked on its own.
+        offset = 0
+        while offset < count:
+            old = segment[offset]
+            end = offset + 1
+            while end < count and segment[end] == old:
+                end += 1
+            if old != new:
+                if (old, new) in LEGAL:
+                    self.counts[old] -= end - offset
+                    states[start + offset : start + end] = _STATE_BYTES[new] * (end - offset)
+                    self.counts[new] += end - offset
+                    self._moved(start + offset, end - offset, old, new, worker_id, attempt, delay)
+                elif not (unfinished_only and old in _FINAL):
+                    raise IllegalTransition(self, start + offset, old, new)
+            offset = end
+
+    def _moved(
+        self, start: int, count: int, old: int, new: TaskState, worker_id: int | None,
+        attempt: int | None, delay: float | None,
+    ) -> None:
+        bus = self.bus
+        if bus is not None and bus.active:
+            bus.publish(TaskStateChanged(self.id, start, count, new, worker_id, attempt, delay,
+                                         _TASK_STATES[old]))
         if new in _FINAL:
             if not self.ordered:
                 self.completion_order.extend(range(start, start + count))
             if self.item_futures is not None:
                 self._resolve_items(start, count, new)
+
+    def _arrived(self, start: int, count: int, state: TaskState) -> None:
+        """Tasks that came into being (read from the input) in ``state``."""
+        self.counts[state] += count
+        bus = self.bus
+        if bus is not None and bus.active:
+            bus.publish(TaskStateChanged(self.id, start, count, state, None, None, None, None))
 
     def _resolve_items(self, start: int, count: int, new: TaskState) -> None:
         """A call batch: each item is a ``run`` call with a handle (and future) of its own."""
@@ -342,24 +422,32 @@ class Job:
                 fut.cancel()
 
     def state_of(self, index: int) -> TaskState:
-        return TaskState(self.states[index])
+        return _TASK_STATES[self.states[index]]
 
     def done_count(self) -> int:
-        c = self.counts
-        return c[TaskState.SUCCEEDED] + c[TaskState.FAILED] + c[TaskState.CANCELLED]
+        return done_count(self.counts)
 
     def is_complete(self) -> bool:
         return self.source is None and self.done_count() == self.pulled
 
-    def record_failure(self, index: int, exc: BaseException) -> None:
+    def succeed(self, start: int, values: list[Any], worker_id: int | None = None) -> None:
+        """Tasks ``start..`` returned ``values``."""
+        self.results[start : start + len(values)] = values
+        self.transition(start, len(values), TaskState.SUCCEEDED, worker_id)
+
+    def fail(self, index: int, exc: BaseException, worker_id: int | None = None) -> bool:
+        """Task ``index`` failed for good with ``exc`` (False: it was final already)."""
+        if self.states[index] in _FINAL:
+            return False
         self.errors[index] = exc
         self.results[index] = exc if self.return_exceptions else None
         if self.first_error is None or index < self.first_error:
             self.first_error = index
-        self.set_state(index, 1, TaskState.FAILED)
+        self.transition(index, 1, TaskState.FAILED, worker_id)
+        return True
 
     def cancel_pending(self) -> list[int]:
-        """Mark every item not sent to a worker (PENDING or RETRYING) CANCELLED.
+        """Mark every task not handed to a worker (PENDING or RETRYING) CANCELLED.
 
         Items are RUNNING from the moment their chunk is sent, so in-flight chunks are left
         to the worker's answer (or its death). Returns the cancelled indices.
@@ -370,21 +458,85 @@ class Job:
         if unread:  # a sized input: its unread items are tasks too, and now cancelled
             self.results.extend([None] * unread)
             self.states.extend(_STATE_BYTES[TaskState.CANCELLED] * unread)
-            self.counts[TaskState.CANCELLED] += unread
             if not self.ordered:
                 self.completion_order.extend(range(self.pulled, self.pulled + unread))
+            self._arrived(self.pulled, unread, TaskState.CANCELLED)
             self.pulled += unread
         self.total = self.pulled
         self.requeued.clear()
         out: list[int] = []
-        for state in (TaskState.PENDING, TaskState.RETRYING):
+        for state in (TaskState.PENDING, TaskState.RETRYING, TaskState.SCHEDULED):
             marker = _STATE_BYTES[state]
             index = self.states.find(marker)
             while index != -1:
-                self.set_state(index, 1, TaskState.CANCELLED)
-                out.append(index)
-                index = self.states.find(marker, index + 1)
+                end = index + 1
+                while end < len(self.states) and self.states[end] == state:
+                    end += 1
+                self.results[index:end] = [None] * (end - index)
+                self.transition(index, end - index, TaskState.CANCELLED)
+                out.extend(range(index, end))
+                index = self.states.find(marker, end)
         return out
+
+    # --- completion -------------------------------------------------------------------
+
+    def progress(self) -> None:
+        """Counts changed: tell the watchers and the bus, and finish if all is final."""
+        self.notify(0, 0)
+        bus = self.bus
+        if bus is not None and bus.active:
+            bus.publish(JobProgress(self.id, self.total, tuple(self.counts),
+                                    time.monotonic() - self.started_at))
+        self.check_done()
+
+    def check_done(self) -> None:
+        if self.is_complete() and not self.inflight and not self.finished.is_set():
+            self.finish(None)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """The job cannot go on (the pool closed or broke, its input raised): every task
+        not final fails with ``exc``, and so does the job."""
+        for index in range(self.pulled):
+            self.fail(index, exc)
+        self.source = None
+        self.total = self.pulled
+        self.requeued.clear()
+        for fut in (self.item_futures or [])[self.pulled :]:  # calls of a batch never read
+            if not fut.done():
+                fut.set_exception(exc)
+        self.finish(exc)
+
+    def finish(self, exc: BaseException | None) -> None:
+        """Settle the job's future (``exc``, cancelled, the first error, or the results)."""
+        if self.finished.is_set():
+            return
+        self.ended_at = time.monotonic()
+        if self.on_finished is not None:
+            self.on_finished(self)
+        fut = self.future
+        try:
+            if exc is not None:
+                fut.set_exception(exc)
+            elif self.cancelled:
+                fut.cancel()
+            elif self.errors and not self.return_exceptions:
+                assert self.first_error is not None
+                first = self.errors[self.first_error]
+                others = len(self.errors) - 1
+                if others:
+                    first.add_note(f"{others} other task(s) of this job failed too; "
+                                   "handle.exceptions() lists them all")
+                fut.set_exception(first)
+            else:
+                fut.set_result(self.results)
+        except concurrent.futures.InvalidStateError:
+            pass  # the caller cancelled the handle first
+        self.finished.set()
+        bus = self.bus
+        if bus is not None and bus.active:
+            bus.publish(JobFinished(self.id, tuple(self.counts), self.ended_at - self.started_at,
+                                    self.cancelled))
+        self.notify(-1, 0)
 
     def notify(self, start: int, count: int) -> None:
         for watch in self.watchers:

@@ -48,16 +48,7 @@ import zmq
 from . import _protocol as proto
 from ._bus import EventBus
 from ._circuit import CircuitState
-from ._events import (
-    JobFinished,
-    JobProgress,
-    JobStarted,
-    TaskOutput,
-    TaskStateChanged,
-    WorkerExited,
-    WorkerStalled,
-    WorkerStarted,
-)
+from ._events import TaskOutput, WorkerExited, WorkerStalled, WorkerStarted
 from ._exceptions import (
     BrokenPoolError,
     CircuitOpenError,
@@ -226,7 +217,7 @@ class PoolCore:
         while self.workers and self.loop.time() < deadline + 5:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         for job in list(self.jobs.values()):
-            self._fail_job(job, PoolClosedError("the pool was shut down"))
+            job.fail_all(PoolClosedError("the pool was shut down"))
         self._teardown()
 
     def _teardown(self) -> None:
@@ -434,37 +425,35 @@ class PoolCore:
                 f"{chunk.start + chunk.count - 1} in the pool: {type(exc).__name__}: {exc}"
             )
             self._fail_range(job, chunk, err)
-            self._progress(job)
+            job.progress()
             return
         if msg.count and msg.elapsed >= 0:
             per_item = msg.elapsed / msg.count
             old = self.fn_time.get(job.digest)
             self.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
         start, count = chunk.start, chunk.count
-        job.results[start : start + count] = values
         if job.circuit is not None:
             self._circuit_outcome(job, errors, count)
         if not errors and not job.cancelled_items:
-            job.set_state(start, count, TaskState.SUCCEEDED)
-            if self.bus.active:
-                self.bus.publish(TaskStateChanged(job.id, start, count, TaskState.SUCCEEDED, w.id))
-        elif count > 1 and len(errors) == count and all(
+            job.succeed(start, values, w.id)
+        elif errors and count > 1 and len(errors) == count and all(
             r.kind == "arguments" for r in errors.values()
         ):
             # The worker could not load the chunk's arguments: one item is to blame, unknown
             # which. Re-run them one by one so that only the culprit fails.
-            job.set_state(start, count, TaskState.PENDING)
+            job.transition(start, count, TaskState.PENDING, unfinished_only=True)
             for offset in reversed(range(count)):
-                self._requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
+                if not job.state_of(start + offset).is_final:
+                    self._requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
         else:
             errors = errors or {}
             for offset in range(count):
                 if offset not in errors and job.states[start + offset] not in _FINAL_BYTES:
-                    job.set_state(start + offset, 1, TaskState.SUCCEEDED)
+                    job.succeed(start + offset, [values[offset]], w.id)
             for offset, record in errors.items():
                 if job.states[start + offset] not in _FINAL_BYTES:
                     self._on_error(job, chunk, offset, record, w)
-        self._progress(job)
+        job.progress()
         if w.retire and not w.inflight:
             self._stop_worker(w)
         elif self.options.max_tasks_per_worker and w.tasks_done >= self.options.max_tasks_per_worker:
@@ -487,7 +476,7 @@ class PoolCore:
         index = chunk.start + offset
         if record.kind == "cancelled":
             job.results[index] = None
-            job.set_state(index, 1, TaskState.CANCELLED)
+            job.transition(index, 1, TaskState.CANCELLED, w.id)
             return
         note = f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job {job.id}"
         exc = rebuild_exception(record, note)
@@ -498,28 +487,23 @@ class PoolCore:
     ) -> None:
         """A task failed: retry it if its policy says so, else record the failure."""
         index = chunk.start + offset
+        if job.state_of(index).is_final:
+            return  # cancelled one by one meanwhile: that outcome stands
         attempt = job.attempts.get(index, 0) + 1
         job.attempts[index] = attempt
+        worker_id = w.id if w is not None else None
         if not job.cancelled and job.retry.should_retry(exc, attempt):
-            job.set_state(index, 1, TaskState.RETRYING)
             delay = job.retry.delay(attempt, self.options.retry_random)
-            if self.bus.active:
-                worker_id = w.id if w is not None else None
-                self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.RETRYING, worker_id,
-                                                  attempt, delay))
+            job.transition(index, 1, TaskState.RETRYING, worker_id, attempt, delay)
             item = chunk.items[offset]
             self.loop.call_later(delay, self._requeue_one, job, index, item)
             return
-        job.record_failure(index, exc)
-        if self.bus.active:
-            self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.FAILED))
+        job.fail(index, exc, worker_id)
 
     def _requeue_one(self, job: Job, index: int, item: Any) -> None:
         if job.cancelled or job.state_of(index) != TaskState.RETRYING:
             return
-        job.set_state(index, 1, TaskState.PENDING)
-        if self.bus.active:
-            self.bus.publish(TaskStateChanged(job.id, index, 1, TaskState.PENDING))
+        job.transition(index, 1, TaskState.PENDING)
         self._requeue(job, Chunk(job, index, [item]))
         self._pump()
 
@@ -609,7 +593,7 @@ class PoolCore:
             elif chunk.count == 1 and chunk.start in job.cancelled_items:
                 self._cancel_range(job, chunk.start, 1)  # a cancelled call: never re-run it
             elif w.kill_kind == "close":  # the pool killed it: not the task's fault, no crash
-                job.set_state(chunk.start, chunk.count, TaskState.PENDING)
+                job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
                 self._requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
             elif chunk.target is not None:
                 self._fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
@@ -622,10 +606,12 @@ class PoolCore:
                 self._fail_range(job, chunk, exc)
             elif running and chunk.count > 1:
                 # Which item killed it is unknown: retry them one by one, blaming none yet.
-                job.set_state(chunk.start, chunk.count, TaskState.PENDING)
+                job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
                 for offset in reversed(range(chunk.count)):
                     if chunk.start + offset in job.cancelled_items:  # cancelled: not re-run
-                        job.set_state(chunk.start + offset, 1, TaskState.CANCELLED)
+                        job.transition(chunk.start + offset, 1, TaskState.CANCELLED)
+                        continue
+                    if job.state_of(chunk.start + offset).is_final:
                         continue
                     self._requeue(job, Chunk(job, chunk.start + offset, [chunk.items[offset]]), front=True)
             elif running:
@@ -636,13 +622,13 @@ class PoolCore:
                     exc = WorkerCrashedError(w.id, w.pid, returncode, chunk.start, cause)
                     self._fail_range(job, chunk, exc)
                 else:
-                    job.set_state(chunk.start, 1, TaskState.PENDING)
+                    job.transition(chunk.start, 1, TaskState.PENDING)
                     self._requeue(job, chunk, front=True)
             else:
-                job.set_state(chunk.start, chunk.count, TaskState.PENDING)
+                job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
                 self._requeue(job, chunk, front=True)
             running = False
-            self._progress(job)
+            job.progress()
         w.inflight.clear()
         w.assigned.clear()
 
@@ -651,9 +637,7 @@ class PoolCore:
             self._fail_item(job, chunk, offset, exc, None)
 
     def _cancel_range(self, job: Job, start: int, count: int) -> None:
-        for index in range(start, start + count):
-            if not job.state_of(index).is_final:
-                job.set_state(index, 1, TaskState.CANCELLED)
+        job.transition(start, count, TaskState.CANCELLED, unfinished_only=True)
 
     def _break(self, w: WorkerProc, returncode: int) -> None:
         try:
@@ -669,33 +653,22 @@ class PoolCore:
         )
         self.state = PoolState.BROKEN
         for job in list(self.jobs.values()):
-            self._fail_job(job, self.broken)
+            job.fail_all(self.broken)
         for other in list(self.workers.values()):
             other.kill("close", "pool broken")
         self.all_ready.set()
-
-    def _fail_job(self, job: Job, exc: BaseException) -> None:
-        for index in range(job.pulled):
-            if not job.state_of(index).is_final:
-                job.record_failure(index, exc)
-        job.source = None
-        job.total = job.pulled
-        job.requeued.clear()
-        for fut in (job.item_futures or [])[job.pulled :]:  # calls of a batch never read
-            if not fut.done():
-                fut.set_exception(exc)
-        self._finish(job, exc)
 
     # --- dispatch ---------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
         if self.state != PoolState.RUNNING:
             exc: BaseException = self.broken or PoolClosedError("the pool is shut down")
-            self._fail_job(job, exc)
+            job.open(self.bus)
+            job.fail_all(exc)
             return
         self.jobs[job.id] = job
-        if self.bus.active:
-            self.bus.publish(JobStarted(job.id, job.name, job.total))
+        job.on_finished = self._forget_job
+        job.open(self.bus)
         if job.circuit is not None and job.call:
             stats = job.circuit.statistics()
             if stats.state is CircuitState.OPEN and stats.retry_in:
@@ -716,7 +689,7 @@ class PoolCore:
                     chunk.target = wid
                     w.assigned.append(chunk)
         self._pump()
-        self._check_done(job)
+        job.check_done()
 
     def add_setup(self, name: str, digest: bytes, payload: bytes, item: Any) -> None:
         """Replay ``fn(*args)`` on every worker that starts from now on, before other work."""
@@ -725,6 +698,7 @@ class PoolCore:
     def _assign_setup(self, w: WorkerProc, name: str, digest: bytes, payload: bytes, item: Any) -> None:
         job = Job(next_job_id(), f"setup replay: {name}", digest, payload, iter([item]), 1, call=True)
         job.internal = True
+        job.on_finished = self._forget_job
         self.jobs[job.id] = job
         chunk = job.take(1)
         assert chunk is not None
@@ -769,7 +743,7 @@ class PoolCore:
             chunk = job.take(self._chunk_size(job)) if job.id in self.jobs else None
             if chunk is None:
                 job.queued = False
-                self._check_done(job)
+                job.check_done()
                 continue
             if job.has_work():
                 ready.append(job)
@@ -843,14 +817,12 @@ class PoolCore:
         chunk.started_at = time.monotonic()
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
-        job.set_state(chunk.start, chunk.count, TaskState.RUNNING)
+        job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id, unfinished_only=True)
         if job.cancelled_items:  # calls of a batch cancelled before they were sent
             for index in range(chunk.start, chunk.start + chunk.count):
                 if index in job.cancelled_items:
-                    job.set_state(index, 1, TaskState.CANCELLED)
+                    job.transition(index, 1, TaskState.CANCELLED, w.id, unfinished_only=True)
                     self._send(self.ctrl, w, proto.Cancel(job.id, index))
-        if self.bus.active:
-            self.bus.publish(TaskStateChanged(job.id, chunk.start, chunk.count, TaskState.RUNNING, w.id))
         return True
 
     def _admit(self, job: Job, chunk: Chunk) -> bool:
@@ -859,7 +831,7 @@ class PoolCore:
             job.circuit.before_call()
         except CircuitOpenError as exc:
             self._fail_item(job, chunk, 0, exc, None)
-            self._progress(job)
+            job.progress()
             return False
         return True
 
@@ -873,10 +845,10 @@ class PoolCore:
         for offset, item in enumerate(chunk.items):
             index = chunk.start + offset
             if index in culprits:
-                job.record_failure(index, SerializationError(culprits[index]))
+                job.fail(index, SerializationError(culprits[index]))
             else:
                 self._requeue(job, Chunk(job, index, [item]))
-        self._progress(job)
+        job.progress()
 
     def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
               payload: list[Any] | None = None) -> bool:
@@ -911,10 +883,7 @@ class PoolCore:
             return
         if job.cancelled and not kill:
             return  # already done (e.g. again from the future's callback): no second SIGINT
-        for index in job.cancel_pending():
-            job.results[index] = None
-        if self.bus.active:
-            self.bus.publish(TaskStateChanged(job.id, 0, 0, TaskState.CANCELLED))
+        job.cancel_pending()
         job.future.cancel()
         touched: set[int] = set()
         for chunk in list(job.inflight.values()):
@@ -927,8 +896,7 @@ class PoolCore:
                 continue
             self._send(self.ctrl, w, proto.Cancel(job.id, -1))
             w.timers.append(self.loop.call_later(self.options.cancel_grace, self._escalate, w, job))
-        self._progress(job)
-        self._check_done(job)
+        job.progress()
 
     def cancel_item(self, job: Job, index: int) -> None:
         """Cancel one call of a batch of ``run`` calls, leaving the others alone."""
@@ -939,7 +907,7 @@ class PoolCore:
             return  # not read from the batch yet: _send_chunk cancels it when it is
         state = job.states[index]
         if state in (TaskState.PENDING, TaskState.RETRYING):
-            job.set_state(index, 1, TaskState.CANCELLED)
+            job.transition(index, 1, TaskState.CANCELLED)
         elif state == TaskState.RUNNING:
             for chunk in job.inflight.values():
                 if chunk.start <= index < chunk.start + chunk.count and chunk.worker is not None:
@@ -948,7 +916,7 @@ class PoolCore:
                         self._send(self.ctrl, w, proto.Cancel(job.id, index))
                         w.timers.append(self.loop.call_later(
                             self.options.cancel_grace, self._escalate_item, w, job, index))
-        self._progress(job)
+        job.progress()
 
     def _escalate_item(self, w: WorkerProc, job: Job, index: int) -> None:
         running = w.running_chunk
@@ -1033,48 +1001,12 @@ class PoolCore:
 
     # --- completion -------------------------------------------------------------------
 
-    def _progress(self, job: Job) -> None:
-        job.notify(0, 0)
-        if self.bus.active:
-            self.bus.publish(JobProgress(job.id, job.total, tuple(job.counts),
-                                         time.monotonic() - job.started_at))
-        self._check_done(job)
-
-    def _check_done(self, job: Job) -> None:
-        if job.is_complete() and not job.inflight and not job.finished.is_set():
-            self._finish(job, None)
-
-    def _finish(self, job: Job, exc: BaseException | None) -> None:
-        if job.finished.is_set():
-            return
+    def _forget_job(self, job: Job) -> None:
+        """``job.on_finished``: the job is done; drop it and what it held."""
         if job.first_payload is not None and self.segments is not None:  # never sent
             self.segments.release([n for n in job.first_payload[1] if n is not None])
             job.first_payload = None
-        job.ended_at = time.monotonic()
         self.jobs.pop(job.id, None)
-        fut = job.future
-        try:
-            if exc is not None:
-                fut.set_exception(exc)
-            elif job.cancelled:
-                fut.cancel()
-            elif job.errors and not job.return_exceptions:
-                assert job.first_error is not None
-                first = job.errors[job.first_error]
-                others = len(job.errors) - 1
-                if others:
-                    first.add_note(f"{others} other task(s) of this job failed too; "
-                                   "handle.exceptions() lists them all")
-                fut.set_exception(first)
-            else:
-                fut.set_result(job.results)
-        except concurrent.futures.InvalidStateError:
-            pass  # the caller cancelled the handle first
-        job.finished.set()
-        elapsed = job.ended_at - job.started_at
-        if self.bus.active:
-            self.bus.publish(JobFinished(job.id, tuple(job.counts), elapsed, job.cancelled))
-        job.notify(-1, 0)
 
     # --- introspection ----------------------------------------------------------------
 

@@ -8,7 +8,8 @@ Task life cycle, for every item of every job on every backend::
         │            │           └──────> PENDING (its worker died: not the task's fault)
         └────────────┴───────────┴──────> CANCELLED
     SCHEDULED, PENDING and RETRYING may also go to FAILED without running (an unpicklable
-    argument, an open circuit breaker, a pool that closed, an input that raised).
+    argument, an open circuit breaker, a pool that closed, an input that raised), and a
+    PENDING task that failed so without running may be retried (PENDING -> RETRYING).
 
 ``SCHEDULED`` is work waiting for a time or for another task. A task re-queued after its
 worker crashed goes back to PENDING without passing RETRYING: that does not use up its
@@ -55,6 +56,7 @@ _S = TaskState
 LEGAL: frozenset[tuple[TaskState, TaskState]] = frozenset({
     (_S.SCHEDULED, _S.PENDING), (_S.SCHEDULED, _S.FAILED), (_S.SCHEDULED, _S.CANCELLED),
     (_S.PENDING, _S.RUNNING), (_S.PENDING, _S.FAILED), (_S.PENDING, _S.CANCELLED),
+    (_S.PENDING, _S.RETRYING),
     (_S.RUNNING, _S.SUCCEEDED), (_S.RUNNING, _S.FAILED), (_S.RUNNING, _S.RETRYING),
     (_S.RUNNING, _S.CANCELLED), (_S.RUNNING, _S.PENDING),
     (_S.RETRYING, _S.PENDING), (_S.RETRYING, _S.FAILED), (_S.RETRYING, _S.CANCELLED),
@@ -67,8 +69,8 @@ def done_count(counts: Sequence[int]) -> int:
     return counts[_S.SUCCEEDED] + counts[_S.FAILED] + counts[_S.CANCELLED]
 
 
-class PoolState(str, enum.Enum):
-    """The life cycle of a pool (any backend). A ``str`` so that it prints as its value."""
+class PoolState(enum.StrEnum):
+    """The life cycle of a pool (any backend). A ``StrEnum``: it compares and prints as its value."""
 
     UNOPENED = "unopened"
     RUNNING = "running"
@@ -76,11 +78,8 @@ class PoolState(str, enum.Enum):
     CLOSED = "closed"
     BROKEN = "broken"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class WorkerState(str, enum.Enum):
+class WorkerState(enum.StrEnum):
     """A worker process's life cycle. ``READY`` means handshake done: it takes work
     (whether it is busy is told by its statistics, not by this state)."""
 
@@ -89,11 +88,8 @@ class WorkerState(str, enum.Enum):
     STOPPING = "stopping"
     DEAD = "dead"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class KillKind(str, enum.Enum):
+class KillKind(enum.StrEnum):
     """Why the pool killed a worker: decides what happens to the tasks it was running."""
 
     START = "start"  # no ready handshake in time
@@ -103,16 +99,11 @@ class KillKind(str, enum.Enum):
     MEMORY = "memory"  # over the hard memory limit
     STALL = "stall"  # no heartbeat, with replace_stalled=True
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class CloseMode(str, enum.Enum):
+class CloseMode(enum.StrEnum):
     """How a pool closes: finish its work, cancel it, or SIGKILL everything now."""
 
     GRACEFUL = "graceful"
     CANCEL = "cancel"
     KILL = "kill"
 
-    def __str__(self) -> str:
-        return self.value

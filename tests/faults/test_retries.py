@@ -58,9 +58,10 @@ def test_backoff_schedule_is_applied_exactly(make_pool, tmp_path: Path) -> None:
     retrying = [e for e in events if e.state == TaskState.RETRYING]
     assert [e.attempt for e in retrying] == [1, 2, 3]
     assert [e.delay for e in retrying] == expected  # exactly what the policy computes
-    # Every retry goes RETRYING -> PENDING -> RUNNING, in that order, then it succeeds.
+    # The task comes into being PENDING; every retry goes RETRYING -> PENDING -> RUNNING,
+    # in that order, then it succeeds.
     assert [e.state for e in events] == [
-        TaskState.RUNNING,
+        TaskState.PENDING, TaskState.RUNNING,
         TaskState.RETRYING, TaskState.PENDING, TaskState.RUNNING,
         TaskState.RETRYING, TaskState.PENDING, TaskState.RUNNING,
         TaskState.RETRYING, TaskState.PENDING, TaskState.RUNNING,
