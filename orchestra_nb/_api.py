@@ -28,6 +28,8 @@ from ._pool import PoolCore, PoolOptions, PoolState, next_job_id
 from ._serialize import dumps, dumps_callable
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._stats import PoolStatistics
+from .backends import create_backend
+from .backends._core_adapter import BackendCore
 
 __all__ = [
     "Pool",
@@ -112,7 +114,23 @@ class Pool:
         python: str | None = None,
         retry_random: Callable[[], float] | None = None,
         busy_poll: float = DEFAULT_BUSY_POLL,
+        backend: Any = None,
+        address: str | None = None,
+        backend_options: dict[str, Any] | None = None,
     ) -> None:
+        self._batch_lock = threading.Lock()
+        self._open_batches: dict[bytes, _CallBatch] = {}
+        self._circuits: dict[str, CircuitBreaker] = {}
+        self._core: PoolCore
+        if backend is not None or address is not None:  # TEMPORARY hook (see _core_adapter)
+            self._io = io_thread()
+            self.events = EventBus()
+            backend_kw = {"cancel_grace": cancel_grace, "timeout_grace": timeout_grace,
+                          **_extra_options(retry_random=retry_random), **(backend_options or {})}
+            self._core = BackendCore(create_backend(  # type: ignore[assignment]
+                backend or "dask", self.events, workers=workers, address=address, **backend_kw))
+            self._io.on_exit(self._close_at_exit)
+            return
         n = available_cpus() if workers is None else workers
         if n < 1:
             raise ValueError(f"a pool needs at least 1 worker, got {workers}")
@@ -136,9 +154,6 @@ class Pool:
         self._io = io_thread()
         self.events = EventBus()
         self._core = PoolCore(options, self.events, self._io.loop)
-        self._batch_lock = threading.Lock()
-        self._open_batches: dict[bytes, _CallBatch] = {}
-        self._circuits: dict[str, CircuitBreaker] = {}
 
         async def start() -> None:
             self._core.start()
@@ -324,6 +339,13 @@ class Pool:
         item = (args, kwargs)
         _check_arguments(fn, item, None)
 
+        if isinstance(self._core, BackendCore):  # TEMPORARY hook (see _core_adapter)
+            job = Job(next_job_id(), f"on all workers: {_name(fn)}", digest, payload,
+                      iter([item]), 1, call=True)
+            handle: MapHandle[T] = MapHandle(self._io, self._core, job)
+            self._core.run_on_all(job, replay)
+            return handle
+
         async def submit() -> MapHandle[T]:
             core = self._core
             targets = [w.id for w in core.workers.values() if w.state in ("starting", "ready")
@@ -351,6 +373,9 @@ class Pool:
 
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (for tests and for ``kill -STOP`` style debugging)."""
+
+        if isinstance(self._core, BackendCore):  # TEMPORARY hook (see _core_adapter)
+            return self._core.worker_pids()
 
         async def pids() -> list[int]:
             return [w.pid for w in self._core.workers.values() if w.state != "dead"]

@@ -62,11 +62,7 @@ except ImportError as exc:  # pragma: no cover - exercised without dask installe
 
 from .. import __version__
 from .._events import (
-    JobFinished,
-    JobProgress,
-    JobStarted,
     TaskOutput,
-    TaskStateChanged,
     WorkerExited,
     WorkerStarted,
 )
@@ -174,7 +170,6 @@ class DaskBackend(Backend):
         self._seq = itertools.count()
         self._jobs: dict[int, Job] = {}
         self._ready: collections.deque[Job] = collections.deque()
-        self._requeued: dict[int, collections.deque[Chunk]] = {}
         self._flights: dict[str, _Flight] = {}
         self._by_start: dict[tuple[int, int], _Flight] = {}
         self._done: list[Any] = []  # finished dask futures not collected yet
@@ -302,7 +297,7 @@ class DaskBackend(Backend):
         if not self._started.done():
             self._started.set_exception(self._broken)
         for job in list(self._jobs.values()):
-            self._fail_job(job, self._broken)
+            job.fail_all(self._broken)
 
     # --- the public contract --------------------------------------------------------------
 
@@ -390,11 +385,20 @@ class DaskBackend(Backend):
 
     def _submit(self, job: Job) -> None:
         if self._state not in (PoolState.RUNNING, PoolState.UNOPENED) or self._close_mode is not None:
-            self._fail_job(job, self._broken or PoolClosedError("the pool is shut down"))
+            job.open(self.events)
+            job.fail_all(self._broken or PoolClosedError("the pool is shut down"))
             return
-        self._jobs[job.id] = job
-        self.publish(JobStarted(job.id, job.name, job.total))
+        self._open(job)
         self._ready.append(job)
+
+    def _open(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        job.on_finished = self._forget_job
+        job.open(self.events)
+
+    def _forget_job(self, job: Job) -> None:
+        """``job.on_finished``: drop it (its chunks were collected or released)."""
+        self._jobs.pop(job.id, None)
 
     def _run_on_all(self, job: Job, replay: bool) -> None:
         """One task per live worker, pinned to it; with ``replay`` a worker plugin runs the
@@ -408,8 +412,7 @@ class DaskBackend(Backend):
         job.source = iter([item] * len(targets))
         job.total = len(targets)
         job.targets = [w.id for w in targets]
-        self._jobs[job.id] = job
-        self.publish(JobStarted(job.id, job.name, job.total))
+        self._open(job)
         for w in targets:
             chunk = job.take(1)
             if chunk is None:
@@ -443,12 +446,9 @@ class DaskBackend(Backend):
             self._send(job, chunk)
 
     def _next_chunk(self, job: Job) -> Chunk | None:
-        requeued = self._requeued.get(job.id)
-        if requeued:
-            return requeued.popleft()
-        if job.targets is not None:
+        if job.targets is not None and not job.requeued:
             return None
-        return _take(job, self._chunk_size(job))
+        return job.take(self._chunk_size(job))
 
     def _chunk_size(self, job: Job) -> int:
         if job.timeout is not None or job.circuit is not None:
@@ -473,7 +473,7 @@ class DaskBackend(Backend):
             for offset, item in enumerate(chunk.items):
                 index = chunk.start + offset
                 if index in culprits:
-                    _fail(self, job, index, SerializationError(culprits[index]))
+                    job.fail(index, SerializationError(culprits[index]))
                 else:
                     self._requeue(job, Chunk(job, index, [item]))
             self._check_done(job)
@@ -493,6 +493,7 @@ class DaskBackend(Backend):
         flight.future = future
         self._flights[key] = flight
         self._by_start[(job.id, chunk.start)] = flight
+        job.inflight[chunk.start] = chunk
         future.add_done_callback(self._on_future_done)
 
     def _function_ref(self, job: Job) -> Any:
@@ -511,11 +512,10 @@ class DaskBackend(Backend):
         return ref
 
     def _requeue(self, job: Job, chunk: Chunk, front: bool = False) -> None:
-        requeued = self._requeued.setdefault(job.id, collections.deque())
         if front:
-            requeued.appendleft(chunk)
+            job.requeued.appendleft(chunk)
         else:
-            requeued.append(chunk)
+            job.requeued.append(chunk)
         if job not in self._ready:
             self._ready.append(job)
 
@@ -557,7 +557,7 @@ class DaskBackend(Backend):
         flight.worker = address
         flight.started_at = time.monotonic()
         for run_start, run_count in _pending_runs(job, flight):
-            _transition(self, job, run_start, run_count, TaskState.RUNNING, worker)
+            self._move(job, run_start, run_count, TaskState.RUNNING, worker)
         if job.timeout is not None:
             self._later(job.timeout + self.timeout_grace, self._hard_timeout, flight, address)
 
@@ -569,7 +569,7 @@ class DaskBackend(Backend):
         w = self._workers.get(address)
         for index in range(flight.start, flight.start + flight.count):
             if job.states[index] == TaskState.RUNNING:
-                _transition(self, job, index, 1, TaskState.PENDING, None if w is None else w.id)
+                self._move(job, index, 1, TaskState.PENDING, None if w is None else w.id)
 
     # --- results ----------------------------------------------------------------------------
 
@@ -610,11 +610,13 @@ class DaskBackend(Backend):
         self._flights.pop(flight.key, None)
         if self._by_start.get((flight.job.id, flight.start)) is flight:
             del self._by_start[(flight.job.id, flight.start)]
+            flight.job.inflight.pop(flight.start, None)
         if flight.future is not None:
             flight.future.release()
 
     def _on_result(self, flight: _Flight, data: bytes) -> None:
         job = flight.job
+        self._touched.add(job.id)
         w = self._workers.get(flight.worker or "")
         worker_id = None if w is None else w.id
         if w is not None:
@@ -635,10 +637,10 @@ class DaskBackend(Backend):
             self._fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
         if flight.worker is None:  # no RUNNING event yet (it is on its way): the chunk ran
             for run_start, run_count in _pending_runs(job, flight):
-                _transition(self, job, run_start, run_count, TaskState.RUNNING, worker_id)
+                self._move(job, run_start, run_count, TaskState.RUNNING, worker_id)
         if not errors and job.states.count(TaskState.RUNNING, flight.start, flight.start + flight.count) \
                 == flight.count:
-            _succeed(self, job, flight.start, values, worker_id)
+            job.succeed(flight.start, values, worker_id)
         else:
             errors = errors or {}
             for offset in range(flight.count):
@@ -647,9 +649,9 @@ class DaskBackend(Backend):
                     continue  # cancelled meanwhile
                 record = errors.get(offset)
                 if record is None:
-                    _succeed(self, job, index, values[offset : offset + 1], worker_id)
+                    job.succeed(index, values[offset : offset + 1], worker_id)
                 elif record.kind == "cancelled":
-                    _transition(self, job, index, 1, TaskState.CANCELLED, worker_id)
+                    self._move(job, index, 1, TaskState.CANCELLED, worker_id)
                 else:
                     self._failed(job, flight, index, self._rebuild(record, flight, index), worker_id)
         self._check_done(job)
@@ -666,18 +668,18 @@ class DaskBackend(Backend):
         job.attempts[index] = attempt
         if not job.cancelled and job.retry.should_retry(exc, attempt):
             delay = job.retry.delay(attempt, self._retry_random)
-            job.set_state(index, 1, TaskState.RETRYING)
-            self.publish(TaskStateChanged(job.id, index, 1, TaskState.RETRYING, worker_id, attempt, delay))
+            job.transition(index, 1, TaskState.RETRYING, worker_id, attempt, delay)
             self._touched.add(job.id)
             item = flight.items[index - flight.start]
             self._later(delay, self._retry_now, job, index, item)
             return
-        _fail(self, job, index, exc, worker_id)
+        job.fail(index, exc, worker_id)
+        self._touched.add(job.id)
 
     def _retry_now(self, job: Job, index: int, item: Any) -> None:
         if job.cancelled or job.states[index] != TaskState.RETRYING:
             return
-        _transition(self, job, index, 1, TaskState.PENDING)
+        self._move(job, index, 1, TaskState.PENDING)
         self._requeue(job, Chunk(job, index, [item]))
 
     def _on_dask_error(self, flight: _Flight, future: Any) -> None:
@@ -695,7 +697,7 @@ class DaskBackend(Backend):
                 index = flight.start + offset
                 if job.states[index] in (TaskState.RUNNING, TaskState.PENDING):
                     if job.states[index] == TaskState.RUNNING:
-                        _transition(self, job, index, 1, TaskState.PENDING)
+                        self._move(job, index, 1, TaskState.PENDING)
                     chunk = Chunk(job, index, [flight.items[offset]])
                     self._requeue(job, chunk, front=True)
             return
@@ -706,7 +708,7 @@ class DaskBackend(Backend):
             error = exc if isinstance(exc, BaseException) else OrchestraError(str(exc))
         for index in range(flight.start, flight.start + flight.count):
             if job.states[index] == TaskState.PENDING:
-                _transition(self, job, index, 1, TaskState.RUNNING)
+                self._move(job, index, 1, TaskState.RUNNING)
             if job.states[index] == TaskState.RUNNING:
                 self._failed(job, flight, index, error, None)
         self._check_done(job)
@@ -731,13 +733,13 @@ class DaskBackend(Backend):
     def _cancel(self, job: Job, kill: bool) -> None:
         if job.id not in self._jobs or (job.cancelled and not kill):
             return
-        _cancel_pending(self, job)
-        self._requeued.pop(job.id, None)
+        job.cancel_pending()
+        self._touched.add(job.id)
         flights = [f for f in self._flights.values() if f.job is job]
         for flight in flights:
             for index in range(flight.start, flight.start + flight.count):
                 if not TaskState(job.states[index]).is_final:
-                    _transition(self, job, index, 1, TaskState.CANCELLED)
+                    self._move(job, index, 1, TaskState.CANCELLED)
             self._drop(flight)
         job.future.cancel()
         self._check_done(job)
@@ -759,12 +761,12 @@ class DaskBackend(Backend):
         state = job.states[index]
         if state in (TaskState.PENDING, TaskState.RETRYING):
             flight = self._flight_of(job, index)
-            _transition(self, job, index, 1, TaskState.CANCELLED)
+            self._move(job, index, 1, TaskState.CANCELLED)
             if flight is not None and flight.count == 1:
                 self._drop(flight)
         elif state == TaskState.RUNNING:
             flight = self._flight_of(job, index)
-            _transition(self, job, index, 1, TaskState.CANCELLED)
+            self._move(job, index, 1, TaskState.CANCELLED)
             if flight is not None and flight.count == 1:
                 self._drop(flight)
             self._admin.submit(self._interrupt, job.id, index)
@@ -895,32 +897,19 @@ class DaskBackend(Backend):
 
     def _progress(self) -> None:
         touched, self._touched = self._touched, set()
-        now = time.monotonic()
         for job_id in touched:
             job = self._jobs.get(job_id)
-            if job is None:
-                continue
-            job.notify(0, 0)
-            self.publish(JobProgress(job.id, job.total, tuple(job.counts), now - job.started_at))
+            if job is not None:
+                job.progress()  # watchers, JobProgress, and the finish once all is final
 
     def _check_done(self, job: Job) -> None:
-        if job.finished.is_set():
-            return
-        if job.is_complete() and not self._requeued.get(job.id) and not any(
-            f.job is job for f in self._flights.values()
-        ):
-            _finish(self, job, None)
+        # Its chunks in flight are in ``job.inflight``: the job finishes once they are back.
+        job.check_done()
 
-    def _fail_job(self, job: Job, exc: BaseException) -> None:
-        for index in range(job.pulled):
-            if not TaskState(job.states[index]).is_final:
-                _fail(self, job, index, exc)
-        job.source = None
-        job.total = job.pulled
-        for fut in (job.item_futures or [])[job.pulled :]:
-            if not fut.done():
-                fut.set_exception(exc)
-        _finish(self, job, exc)
+    def _move(self, job: Job, start: int, count: int, state: TaskState,
+              worker_id: int | None = None) -> None:
+        job.transition(start, count, state, worker_id, unfinished_only=True)
+        self._touched.add(job.id)
 
     # --- closing --------------------------------------------------------------------------------
 
@@ -948,7 +937,7 @@ class DaskBackend(Backend):
 
     def _teardown(self) -> None:
         for job in list(self._jobs.values()):
-            self._fail_job(job, PoolClosedError("the pool was shut down"))
+            job.fail_all(PoolClosedError("the pool was shut down"))
         for flight in list(self._flights.values()):
             self._drop(flight)
         client = self._client
@@ -981,72 +970,6 @@ class DaskBackend(Backend):
         with self._stats_lock:
             self._stats_workers = ()
         self._closed.set_result(None)
-
-
-# --- the job's state machine (thin shims until Job carries it) -----------------------------------
-
-
-def _take(job: Job, size: int) -> Chunk | None:
-    return job.take(size)
-
-
-def _transition(backend: DaskBackend, job: Job, start: int, count: int, state: TaskState,
-                worker_id: int | None = None) -> None:
-    job.set_state(start, count, state)
-    backend.publish(TaskStateChanged(job.id, start, count, state, worker_id))
-    backend._touched.add(job.id)
-    if state.is_final:
-        job.notify(start, count)
-
-
-def _succeed(backend: DaskBackend, job: Job, start: int, values: list[Any],
-             worker_id: int | None = None) -> None:
-    job.results[start : start + len(values)] = values
-    _transition(backend, job, start, len(values), TaskState.SUCCEEDED, worker_id)
-
-
-def _fail(backend: DaskBackend, job: Job, index: int, exc: BaseException,
-          worker_id: int | None = None) -> None:
-    job.record_failure(index, exc)
-    backend.publish(TaskStateChanged(job.id, index, 1, TaskState.FAILED, worker_id))
-    backend._touched.add(job.id)
-    job.notify(index, 1)
-
-
-def _cancel_pending(backend: DaskBackend, job: Job) -> None:
-    for index in job.cancel_pending():
-        job.results[index] = None
-    backend.publish(TaskStateChanged(job.id, 0, 0, TaskState.CANCELLED))
-    backend._touched.add(job.id)
-
-
-def _finish(backend: DaskBackend, job: Job, exc: BaseException | None) -> None:
-    if job.finished.is_set():
-        return
-    job.ended_at = time.monotonic()
-    backend._jobs.pop(job.id, None)
-    backend._requeued.pop(job.id, None)
-    fut = job.future
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        elif job.cancelled:
-            fut.cancel()
-        elif job.errors and not job.return_exceptions:
-            assert job.first_error is not None
-            first = job.errors[job.first_error]
-            others = len(job.errors) - 1
-            if others:
-                first.add_note(f"{others} other task(s) of this job failed too; "
-                               "handle.exceptions() lists them all")
-            fut.set_exception(first)
-        else:
-            fut.set_result(job.results)
-    except concurrent.futures.InvalidStateError:
-        pass  # the caller cancelled the handle first
-    job.finished.set()
-    backend.publish(JobFinished(job.id, tuple(job.counts), job.ended_at - job.started_at, job.cancelled))
-    job.notify(-1, 0)
 
 
 def _pending_runs(job: Job, flight: _Flight) -> list[tuple[int, int]]:
