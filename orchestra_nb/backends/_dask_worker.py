@@ -72,9 +72,14 @@ class TimeoutInterrupt(Interrupted):
     """The task ran past its ``timeout``."""
 
 
-_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+# Two handles on one C function (``pythonapi[name]`` makes a new one each time): one passes
+# an exception type, the other NULL, which clears an exception set but not raised yet.
+_set_async_exc = ctypes.pythonapi["PyThreadState_SetAsyncExc"]
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
 _set_async_exc.restype = ctypes.c_int
+_clear_async_exc = ctypes.pythonapi["PyThreadState_SetAsyncExc"]
+_clear_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
+_clear_async_exc.restype = ctypes.c_int
 
 
 def _raise_in(thread_id: int, exc_type: type[BaseException]) -> None:
@@ -82,8 +87,7 @@ def _raise_in(thread_id: int, exc_type: type[BaseException]) -> None:
 
 
 def _clear_in(thread_id: int) -> None:
-    # NULL clears an exception set on that thread but not raised yet.
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+    _clear_async_exc(thread_id, None)
 
 
 class _Running:

@@ -224,7 +224,7 @@ class DaskBackend(Backend):
             "threads_per_worker": self._threads_per_worker,
             "processes": True,
             "host": "127.0.0.1",  # loopback only: a plain-TCP cluster has no authentication
-            "dashboard_address": None,
+            "dashboard_address": "127.0.0.1:0",  # a free port, on loopback too
             "silence_logs": logging.ERROR,
         }
         options.update(self._cluster_options)
@@ -272,8 +272,8 @@ class DaskBackend(Backend):
                 self._call(fn, *args)
             if self._done:
                 self._call(self._collect)
-            self._pump()
-            self._progress()
+            self._call(self._pump)
+            self._call(self._progress)
             if self._close_mode is not None and self._ready_to_close():
                 break
         self._teardown()
@@ -584,9 +584,9 @@ class DaskBackend(Backend):
             if future.status == "finished":
                 finished[future.key] = future
             else:
-                self._forget(flight)
                 if not flight.cancelled:
-                    self._on_dask_error(flight, future)
+                    self._on_dask_error(flight, future)  # before release: it reads the error
+                self._forget(flight)
         if not finished:
             return
         try:
@@ -597,14 +597,14 @@ class DaskBackend(Backend):
             flight = self._flights.get(key)
             if flight is None:
                 continue
-            self._forget(flight)
-            if flight.cancelled:
-                continue
             data = results.get(key)
-            if data is None:
+            if flight.cancelled:
+                pass
+            elif data is None:
                 self._on_dask_error(flight, future)
-                continue
-            self._on_result(flight, data)
+            else:
+                self._on_result(flight, data)
+            self._forget(flight)
 
     def _forget(self, flight: _Flight) -> None:
         self._flights.pop(flight.key, None)
@@ -704,8 +704,11 @@ class DaskBackend(Backend):
         if killed:
             last = getattr(getattr(exc, "last_worker", None), "address", None) or flight.last_crash
             error: BaseException = self._crash_error(flight, last, exc)
+        elif isinstance(exc, BaseException):
+            error = exc
         else:
-            error = exc if isinstance(exc, BaseException) else OrchestraError(str(exc))
+            error = OrchestraError(f"the dask task of tasks {flight.start}..{flight.start + flight.count - 1} "
+                                   f"ended as {future.status!r} without an error")
         for index in range(flight.start, flight.start + flight.count):
             if job.states[index] == TaskState.PENDING:
                 self._move(job, index, 1, TaskState.RUNNING)
@@ -900,7 +903,9 @@ class DaskBackend(Backend):
         for job_id in touched:
             job = self._jobs.get(job_id)
             if job is not None:
-                job.progress()  # watchers, JobProgress, and the finish once all is final
+                # Watchers, JobProgress, and the finish once all is final; a watcher that
+                # fails (its loop closed) must not keep the other jobs from progressing.
+                self._call(job.progress)
 
     def _check_done(self, job: Job) -> None:
         # Its chunks in flight are in ``job.inflight``: the job finishes once they are back.
