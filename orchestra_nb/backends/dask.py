@@ -466,6 +466,12 @@ class DaskBackend(Backend):
         return max(1, min(size, MAX_CHUNK))
 
     def _send(self, job: Job, chunk: Chunk, worker: str | None = None) -> None:
+        if job.cancelled_items:  # calls of a batch cancelled before they were read
+            for index in range(chunk.start, chunk.start + chunk.count):
+                if index in job.cancelled_items:
+                    self._move(job, index, 1, TaskState.CANCELLED)
+            if all(job.states[i] == TaskState.CANCELLED for i in range(chunk.start, chunk.start + chunk.count)):
+                return
         try:
             items_payload = dumps(chunk.items)
         except Exception as exc:
@@ -762,21 +768,20 @@ class DaskBackend(Backend):
         if index >= job.pulled:
             return  # not read yet: cancelled when it is
         state = job.states[index]
-        if state in (TaskState.PENDING, TaskState.RETRYING):
-            flight = self._flight_of(job, index)
-            self._move(job, index, 1, TaskState.CANCELLED)
-            if flight is not None and flight.count == 1:
-                self._drop(flight)
-        elif state == TaskState.RUNNING:
-            flight = self._flight_of(job, index)
-            self._move(job, index, 1, TaskState.CANCELLED)
-            if flight is not None and flight.count == 1:
-                self._drop(flight)
+        if TaskState(state).is_final:
+            return
+        flight = self._flight_of(job, index)
+        self._move(job, index, 1, TaskState.CANCELLED)
+        self._touched.add(job.id)
+        if flight is not None and flight.count == 1:
+            self._drop(flight)  # released: it will not start, or its outcome is ignored
+        if flight is not None and (state == TaskState.RUNNING or flight.count > 1):
+            # On the worker: skip it if it has not started, interrupt it if it runs.
             self._admin.submit(self._interrupt, job.id, index)
+        if state == TaskState.RUNNING:
             self._later(self.cancel_grace, self._escalate, job.id, index,
                         f"cancelled task {index} of job {job.id} ignored the interrupt for "
                         f"{self.cancel_grace} s")
-        self._check_done(job)
 
     def _flight_of(self, job: Job, index: int) -> _Flight | None:
         for flight in self._flights.values():

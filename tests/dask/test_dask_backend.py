@@ -334,3 +334,14 @@ def test_without_dask_installed_the_error_says_how_to_install() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=cluster_env(), timeout=HANG_GUARD, check=True).stdout
     assert 'pip install "orchestra_nb[dask]"' in out
+
+
+def test_cancel_one_run_call_leaves_the_others(dpool: orchestra.Pool, tmp_path: Path) -> None:
+    d = str(tmp_path)
+    doomed = dpool.run(cooperative, 0, d)
+    started_pid(tmp_path, 0)
+    kept = dpool.run(square, 6)
+    assert doomed.cancel()
+    wait_for((tmp_path / "stopped-0").exists, HANG_GUARD, what="the interrupt reached the call")
+    assert kept.result(HANG_GUARD) == 36
+    assert doomed.cancelled() and doomed.state is TaskState.CANCELLED

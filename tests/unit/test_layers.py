@@ -30,7 +30,8 @@ LAYERS = {
     "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0,
     "_worker": 1,
     "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_pool": 2,
-    "backends": 2, "backends._base": 2,
+    "backends": 2, "backends._base": 2, "backends.dask": 2, "backends._dask_worker": 2,
+    "backends._core_adapter": 2,
     "_api": 3, "_handles": 3,
 }
 NOTEBOOK_LAYER = 4
