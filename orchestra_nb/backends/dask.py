@@ -88,7 +88,13 @@ __all__ = ["DaskBackend", "DaskVersionError", "create_dask_backend"]
 
 TARGET_CHUNK_SECONDS = 0.1  # dask's per-task overhead is ~1 ms plus a 10-20 ms round trip
 MAX_CHUNK = 16_384
-INFLIGHT_PER_THREAD = 2  # chunks submitted per worker thread: one running, one queued
+# Chunks submitted per worker thread. The scheduler hands a worker a task only when it has a
+# free thread (its queuing), so chunks waiting there cost no balance; four keep the workers
+# busy through a client that is slow to submit the next ones (a busy notebook machine).
+INFLIGHT_PER_THREAD = 4
+BALANCE_CHUNKS_PER_THREAD = 2  # the chunks left at the end, per thread, for balance
+MAX_INFLIGHT_PER_THREAD = 32  # ... more when chunks are much shorter than a round trip
+ROUND_TRIP = 0.015  # seconds from a chunk's end to the next one's submission, about
 SCATTER_FUNCTION_BYTES = 16 * 1024  # larger pickled functions go to the workers once
 SCATTER_ITEMS_BYTES = 1 << 20  # larger chunks are scattered, not embedded in the graph
 TICK = 0.5  # seconds between looks at the scheduler's view of the workers
@@ -426,18 +432,32 @@ class DaskBackend(Backend):
             self._admin.submit(self._client.register_plugin, plugin, name=name)
         self._check_done(job)
 
-    def _inflight_limit(self) -> int:
-        threads = sum(w.nthreads for w in self._workers.values()) or 1
-        return INFLIGHT_PER_THREAD * threads
+    def _threads(self) -> int:
+        return sum(w.nthreads for w in self._workers.values()) or 1
+
+    def _inflight_limit(self, job: Job) -> int:
+        """Chunks of ``job`` worth submitting now: ``INFLIGHT_PER_THREAD`` per worker thread,
+        more when its chunks are so short (``chunksize=1`` of tiny tasks,
+        ``timeout=``) that a worker would empty its queue before the next round trip."""
+        per_thread = INFLIGHT_PER_THREAD
+        est = self._fn_time.get(job.digest)
+        if est is not None:
+            chunk_seconds = est * self._chunk_size(job)
+            per_thread = max(per_thread, min(MAX_INFLIGHT_PER_THREAD,
+                                             math.ceil(2 * ROUND_TRIP / max(chunk_seconds, 1e-6))))
+        return per_thread * self._threads()
 
     def _pump(self) -> None:
         if self._state is not PoolState.RUNNING:
             return
-        limit = self._inflight_limit()
-        while self._ready and len(self._flights) < limit:
-            job = self._ready.popleft()
+        while self._ready:
+            job = self._ready[0]
             if job.id not in self._jobs:
+                self._ready.popleft()
                 continue
+            if len(self._flights) >= self._inflight_limit(job):
+                return
+            self._ready.popleft()
             chunk = self._next_chunk(job)
             if chunk is None:
                 self._check_done(job)
@@ -462,7 +482,7 @@ class DaskBackend(Backend):
         remaining = job.remaining()
         if remaining is not None:
             # Several chunks per worker thread to the end, so that the last ones balance.
-            size = min(size, math.ceil(remaining / self._inflight_limit()))
+            size = min(size, math.ceil(remaining / (BALANCE_CHUNKS_PER_THREAD * self._threads())))
         return max(1, min(size, MAX_CHUNK))
 
     def _send(self, job: Job, chunk: Chunk, worker: str | None = None) -> None:
@@ -532,8 +552,12 @@ class DaskBackend(Backend):
         self._post(self._handle_event, event[1])
 
     def _on_future_done(self, future: Any) -> None:
-        # On dask's callback thread: hand over, nothing else.
-        self._post(self._done.append, future)
+        # On dask's callback thread: hand over, nothing else. (Not ``self._done.append``:
+        # that binds the list of this moment, which _collect may have swapped out by then.)
+        self._post(self._finished, future)
+
+    def _finished(self, future: Any) -> None:
+        self._done.append(future)
 
     def _handle_event(self, msg: dict[str, Any]) -> None:
         kind = msg.get("k")
@@ -585,7 +609,7 @@ class DaskBackend(Backend):
         finished = {}
         for future in done:
             flight = self._flights.get(future.key)
-            if flight is None or flight.future is not future:
+            if flight is None or flight.future is not future or future.key in finished:
                 continue
             if future.status == "finished":
                 finished[future.key] = future
