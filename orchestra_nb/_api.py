@@ -1,35 +1,33 @@
 """The public API (layer 3): ``Pool``, and ``map``/``run`` on a lazily created default pool.
 
-Pickling happens here, in the caller's thread, before any worker is involved: an
-unpicklable function, global or ``run`` argument raises at once, naming the culprit.
-Everything else is handed to the pool's supervisor on the I/O thread.
+The API builds each job (``_jobs.Job``: the function pickled here, in the caller's thread,
+so that an unpicklable function, global or ``run`` argument raises at once, naming the
+culprit) and hands it to the pool's backend, through the interface of
+``backends/_base.py`` only: which backend runs it (local processes, inline, Dask) is
+invisible from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from . import _handles, _protocol as proto
+from . import _feed as feed, _handles, backends
 from ._bus import EventBus, Subscription
 from ._circuit import CircuitBreaker, CircuitChange
 from ._events import CircuitChanged, Event
-from ._exceptions import PoolClosedError, SerializationError
 from ._handles import MapHandle, TaskHandle
-from ._ioloop import io_thread
-from ._jobs import DEFAULT_RETRY, Job, JobFuture
-from ._policy import MemoryPolicy, RetryPolicy
-from ._pool import PoolCore, PoolOptions, PoolState, next_job_id
-from ._serialize import dumps, dumps_callable
-from ._spin import DEFAULT_BUSY_POLL, BusyPoll
+from ._jobs import DEFAULT_RETRY, Job, JobFuture, next_job_id
+from ._policy import RetryPolicy
+from ._serialize import callable_name, dumps_callable
+from ._state import CloseMode, PoolState
 from ._stats import PoolStatistics
-from .backends import create_backend
-from .backends._core_adapter import BackendCore
+from .backends._base import Backend, Capabilities
 
 __all__ = [
     "Pool",
@@ -46,42 +44,43 @@ __all__ = [
 T = TypeVar("T")
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _CallOptions:
     timeout: float | None = None
     retry: RetryPolicy | None = None
     name: str | None = None
     circuit: CircuitBreaker | None = None
+    worker: int | None = None
 
 
 class Pool:
-    """A pool of worker processes.
+    """A pool of workers: processes on this machine by default, or another backend.
 
     ``Pool(workers=4)`` starts its workers at once, in the background; calls made before
     they are ready wait in the queue. Use it as ``async with`` / ``with``, or call
     :meth:`aclose` / :meth:`shutdown`.
 
-    Options (all keyword-only): ``start_timeout`` for each worker's ready handshake;
-    ``max_worker_crashes``, how many workers a single task may kill before it fails with
-    ``WorkerCrashedError``; ``cancel_grace`` and ``timeout_grace``, how long an interrupted
-    task may take to stop before its worker is killed; ``memory_limit`` (kill above it) and
-    ``memory_soft_limit`` (recycle after the current task), as bytes or strings like
-    ``"2GB"``; ``max_tasks_per_worker``; ``max_result_bytes``; ``heartbeat`` and
-    ``stall_timeout`` for stall detection (``replace_stalled=True`` kills stalled workers);
-    ``env`` for extra environment variables of the workers; ``retry_random``, the jitter
-    source of retry backoffs (a callable returning floats in ``[0, 1)``; for exact tests);
-    ``busy_poll``, how long (seconds, default 0.0003) a worker that just finished a task, and
-    a caller awaiting or waiting on one ``run()``, keep checking for the next message before
-    they sleep: it saves the thread wake-ups that dominate a short call's round trip, at the
-    cost of that much CPU after each message. It backs off by itself when messages come
-    slower; ``0`` turns it off.
+    ``backend``: ``"local"`` (worker processes, the default); ``"inline"``, every task run
+    one at a time in this process, in the thread that waits for it, so that
+    ``breakpoint()`` and ``%debug`` work inside tasks (like joblib's ``n_jobs=1`` or dask's
+    synchronous scheduler; nothing is pickled, ``timeout=`` and interrupts of a running
+    task are not available); ``"dask"`` or a ``distributed.Client``, a Dask cluster
+    (``address=`` names a scheduler; needs the ``dask`` extra).
+
+    Options of the local pool (all keyword-only): ``start_timeout`` for each worker's
+    ready handshake; ``max_worker_crashes``, how many workers a single task may kill before
+    it fails with ``WorkerCrashedError``; ``cancel_grace`` and ``timeout_grace``, how long
+    an interrupted task may take to stop before its worker is killed; ``memory_limit`` (kill
+    above it) and ``memory_soft_limit`` (recycle after the current task), as bytes or
+    strings like ``"2GB"``; ``max_tasks_per_worker``; ``max_result_bytes``; ``heartbeat``
+    and ``stall_timeout`` for stall detection (``replace_stalled=True`` kills stalled
+    workers); ``env`` for extra environment variables of the workers; ``retry_random``, the
+    jitter source of retry backoffs (a callable returning floats in ``[0, 1)``; for exact
+    tests); ``busy_poll``, how long (seconds, default 0.0003) a worker that just finished a
+    task, and a caller awaiting or waiting on one ``run()``, keep checking for the next
+    message before they sleep: it saves the thread wake-ups that dominate a short call's
+    round trip, at the cost of that much CPU after each message. It backs off by itself
+    when messages come slower; ``0`` turns it off.
 
     Circuit breakers: ``breaker = pool.circuit("db", fail_max=5, window=60, reset_timeout=30)``
     returns a :class:`CircuitBreaker` (the same one for the same name) whose state changes are
@@ -95,71 +94,12 @@ class Pool:
     ``CircuitBreaker`` inside the worker (each process then has its own).
     """
 
-    def __init__(
-        self,
-        workers: int | None = None,
-        *,
-        start_timeout: float = 30.0,
-        max_worker_crashes: int = 2,
-        cancel_grace: float = 1.0,
-        timeout_grace: float = 1.0,
-        memory_limit: int | str | None = None,
-        memory_soft_limit: int | str | None = None,
-        max_tasks_per_worker: int | None = None,
-        max_result_bytes: int | None = None,
-        heartbeat: float = 0.5,
-        stall_timeout: float | None = 10.0,
-        replace_stalled: bool = False,
-        env: dict[str, str] | None = None,
-        python: str | None = None,
-        retry_random: Callable[[], float] | None = None,
-        busy_poll: float = DEFAULT_BUSY_POLL,
-        backend: Any = None,
-        address: str | None = None,
-        backend_options: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, workers: int | None = None, *, backend: Any = "local", **options: Any) -> None:
+        self.events = EventBus()
+        self._backend: Backend = backends.create(backend, self.events, workers, **options)
         self._batch_lock = threading.Lock()
         self._open_batches: dict[bytes, _CallBatch] = {}
         self._circuits: dict[str, CircuitBreaker] = {}
-        self._core: PoolCore
-        if backend is not None or address is not None:  # TEMPORARY hook (see _core_adapter)
-            self._io = io_thread()
-            self.events = EventBus()
-            backend_kw = {"cancel_grace": cancel_grace, "timeout_grace": timeout_grace,
-                          **_extra_options(retry_random=retry_random), **(backend_options or {})}
-            self._core = BackendCore(create_backend(  # type: ignore[assignment]
-                backend or "dask", self.events, workers=workers, address=address, **backend_kw))
-            self._io.on_exit(self._close_at_exit)
-            return
-        n = available_cpus() if workers is None else workers
-        if n < 1:
-            raise ValueError(f"a pool needs at least 1 worker, got {workers}")
-        total_memory = _total_memory() if memory_limit or memory_soft_limit else None
-        options = PoolOptions(
-            workers=n,
-            start_timeout=start_timeout,
-            heartbeat=heartbeat,
-            stall_timeout=stall_timeout,
-            replace_stalled=replace_stalled,
-            max_worker_crashes=max_worker_crashes,
-            cancel_grace=cancel_grace,
-            timeout_grace=timeout_grace,
-            max_result_bytes=max_result_bytes,
-            memory=MemoryPolicy.parse(memory_soft_limit, memory_limit, total_memory=total_memory),
-            max_tasks_per_worker=max_tasks_per_worker,
-            env=tuple((env or {}).items()),
-            busy_poll=BusyPoll(busy_poll).window,  # validated here, in the caller's thread
-            **_extra_options(python=python, retry_random=retry_random),
-        )
-        self._io = io_thread()
-        self.events = EventBus()
-        self._core = PoolCore(options, self.events, self._io.loop)
-
-        async def start() -> None:
-            self._core.start()
-
-        self._io.run_sync(start())
-        self._io.on_exit(self._close_at_exit)
 
     # --- submitting work --------------------------------------------------------------
 
@@ -185,24 +125,26 @@ class Pool:
 
         Starts at once and returns a :class:`MapHandle`: ``await`` it for the results in
         input order (completion order with ``ordered=False``), or iterate it to stream
-        them. Input is read lazily with a bounded number of tasks in flight.
-        ``chunksize`` defaults to adaptive chunks of tens of milliseconds; each item is
-        still accounted for on its own. ``timeout`` (seconds per task) interrupts a task
-        that runs too long, then kills its worker if it does not stop; ``retries`` with
-        ``retry_on`` re-runs failed tasks with exponential backoff; ``circuit`` (from
-        :meth:`circuit`) admits every task through a circuit breaker (tasks run one per chunk).
+        them. Input is read lazily with a bounded number of tasks in flight; a lazy input
+        (a generator, another map's handle, an async iterator) is read on a feeder of its
+        own, so a slow one delays only its own job. ``chunksize`` defaults to adaptive
+        chunks of tens of milliseconds; each item is still accounted for on its own.
+        ``timeout`` (seconds per task) interrupts a task that runs too long, then kills its
+        worker if it does not stop; ``retries`` with ``retry_on`` re-runs failed tasks with
+        exponential backoff; ``circuit`` (from :meth:`circuit`) admits every task through a
+        circuit breaker (tasks run one per chunk).
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
+        timeout = self._check_timeout(timeout)
         star = len(iterables) > 1
-        source = zip(*iterables, strict=False) if star else iter(iterables[0])
-        total = _length(iterables)
         payload, digest = dumps_callable(fn)
+        source, total, feeder = feed.plan(iterables, star)
         job = Job(
             next_job_id(),
-            name or _name(fn),
+            name or callable_name(fn),
             digest,
             payload,
             source,
@@ -211,12 +153,15 @@ class Pool:
             chunksize=chunksize,
             ordered=ordered,
             return_exceptions=return_exceptions,
-            timeout=_check_timeout(timeout),
+            timeout=timeout,
             retry=_retry(retries, retry_on),
         )
+        job.fn = fn
         job.circuit = _check_circuit(circuit)
-        handle: MapHandle[T] = MapHandle(self._io, self._core, job)
-        self._io.call(self._core.submit, job)
+        handle: MapHandle[T] = MapHandle(self._backend, job)
+        if feeder is not None:
+            feeder.start(str(job.id), functools.partial(self._backend.input_ready, job))
+        self._backend.submit(job)
         return handle
 
     def options(
@@ -227,10 +172,15 @@ class Pool:
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
         circuit: CircuitBreaker | None = None,
+        worker: int | None = None,
     ) -> _Configured:
-        """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``."""
-        return _Configured(self, _CallOptions(_check_timeout(timeout), _retry(retries, retry_on),
-                                              name, _check_circuit(circuit)))
+        """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``.
+        ``worker``: run on that worker (an id from :meth:`statistics`), where the backend
+        can pin calls; the call fails with ``WorkerCrashedError`` if that worker is gone."""
+        if worker is not None and not self._backend.capabilities.pinning:
+            raise ValueError(f"the {self._backend.name} backend cannot pin a call to a worker")
+        return _Configured(self, _CallOptions(self._check_timeout(timeout), _retry(retries, retry_on),
+                                              name, _check_circuit(circuit), worker))
 
     def circuit(
         self,
@@ -255,24 +205,32 @@ class Pool:
         return found
 
     def _publish_circuit(self, change: CircuitChange) -> None:
-        event = CircuitChanged(change.name, change.old.value, change.new.value, change.failures)
-        if self._io.in_thread():
-            self.events.publish(event)
-        else:
-            self._io.call(self.events.publish, event)
+        self._backend.publish(
+            CircuitChanged(change.name, change.old.value, change.new.value, change.failures)
+        )
+
+    def _check_timeout(self, timeout: float | None) -> float | None:
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            if not self._backend.capabilities.interrupt_running:
+                raise ValueError(f"the {self._backend.name} backend cannot stop a running task, "
+                                 "so it does not take timeout=")
+        return timeout
 
     def _run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], opts: _CallOptions
     ) -> TaskHandle[Any]:
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
-        frames = _check_arguments(fn, item, self._core.segments or self._core.shm_dir)
-        if (opts is _PLAIN_CALL or opts == _PLAIN_CALL) and len(frames[0]) == 1 \
-                and len(frames[0][0]) <= _BATCH_ARG_BYTES:
+        frames = self._backend.prepare_call(fn, item)
+        if (opts is _PLAIN_CALL or opts == _PLAIN_CALL) and (
+            frames is None or (len(frames[0]) == 1 and len(frames[0][0]) <= _BATCH_ARG_BYTES)
+        ):
             return self._batched_call(fn, digest, payload, item, frames)
         job = Job(
             next_job_id(),
-            opts.name or _name(fn),
+            opts.name or callable_name(fn),
             digest,
             payload,
             iter([item]),
@@ -280,16 +238,18 @@ class Pool:
             call=True,
             timeout=opts.timeout,
             retry=opts.retry,
+            targets=None if opts.worker is None else [opts.worker],
         )
+        job.fn = fn
         job.circuit = opts.circuit
         job.first_payload = frames
-        handle: TaskHandle[Any] = TaskHandle(self._io, self._core, job)
-        self._io.call(self._core.submit, job)
+        handle: TaskHandle[Any] = TaskHandle(self._backend, job)
+        self._backend.submit(job)
         return handle
 
     def _batched_call(
         self, fn: Callable[..., Any], digest: bytes, payload: bytes, item: Any,
-        frames: tuple[list[Any], tuple[str | None, ...]],
+        frames: tuple[list[Any], tuple[str | None, ...]] | None,
     ) -> TaskHandle[Any]:
         """Add a call to the open batch of calls to the same function (or open one).
 
@@ -302,8 +262,9 @@ class Pool:
             new = batch is None or batch.sealed or len(batch.items) >= _BATCH_MAX
             if new:
                 items: list[Any] = []
-                job = Job(next_job_id(), _name(fn), digest, payload, iter(items), None,
+                job = Job(next_job_id(), callable_name(fn), digest, payload, iter(items), None,
                           call=True, return_exceptions=True)
+                job.fn = fn
                 job.item_futures = []
                 batch = self._open_batches[digest] = _CallBatch(job, items, frames)
             assert batch is not None
@@ -313,12 +274,14 @@ class Pool:
             batch.job.item_futures.append(future)
         if new:
             if _handles.create_hook is not None:
-                MapHandle(self._io, self._core, batch.job)  # one progress view per batch
-            self._io.call(self._submit_batch, batch)
-        return TaskHandle(self._io, self._core, batch.job, index, future)
+                MapHandle(self._backend, batch.job)  # one progress view per batch
+            batch.job.sealer = functools.partial(self._seal, batch)
+            self._backend.submit(batch.job)
+        return TaskHandle(self._backend, batch.job, index, future)
 
-    def _submit_batch(self, batch: _CallBatch) -> None:
-        """On the I/O thread: close the batch to new calls, then run it."""
+    def _seal(self, batch: _CallBatch) -> None:
+        """``job.sealer``, called by the backend when it takes the job: close the batch to
+        new calls (calls made until then still join it)."""
         with self._batch_lock:
             batch.sealed = True
             if self._open_batches.get(batch.job.digest) is batch:
@@ -327,7 +290,6 @@ class Pool:
         if batch.job.total == 1:  # a lone call: its arguments are pickled already
             batch.job.first_payload = batch.first_frames
         batch.first_frames = None
-        self._core.submit(batch.job)
 
     def run_on_all(
         self, fn: Callable[..., T], /, *args: Any, replay: bool = False, **kwargs: Any
@@ -337,67 +299,50 @@ class Pool:
         crash, a resize or recycling) before that worker takes other work."""
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
-        _check_arguments(fn, item, None)
-
-        if isinstance(self._core, BackendCore):  # TEMPORARY hook (see _core_adapter)
-            job = Job(next_job_id(), f"on all workers: {_name(fn)}", digest, payload,
-                      iter([item]), 1, call=True)
-            handle: MapHandle[T] = MapHandle(self._io, self._core, job)
-            self._core.run_on_all(job, replay)
-            return handle
-
-        async def submit() -> MapHandle[T]:
-            core = self._core
-            targets = [w.id for w in core.workers.values() if w.state in ("starting", "ready")
-                       and not w.retire]
-            job = Job(next_job_id(), f"on all workers: {_name(fn)}", digest, payload,
-                      iter([item] * len(targets)), len(targets), call=True, targets=targets)
-            handle: MapHandle[T] = MapHandle(self._io, core, job)
-            if replay:
-                core.add_setup(_name(fn), digest, payload, item)
-            core.submit(job)
-            return handle
-
-        return self._io.run_sync(submit())
+        self._backend.prepare_call(fn, item)
+        job = Job(next_job_id(), f"on all workers: {callable_name(fn)}", digest, payload,
+                  iter([item]), None, call=True)
+        job.fn = fn
+        # No automatic view: whoever asked shows it (``%%orchestra --all`` does).
+        handle: MapHandle[T] = MapHandle(self._backend, job, show=False)
+        self._backend.run_on_all(job, replay=replay)
+        return handle
 
     # --- the pool ---------------------------------------------------------------------
 
     @property
-    def workers(self) -> int:
-        """The number of workers the pool keeps running."""
-        return self._core.target_workers
+    def backend(self) -> str:
+        """The backend's name: ``"local"``, ``"inline"`` or ``"dask"``."""
+        return self._backend.name
 
     @property
-    def state(self) -> str:
-        return self._core.state
+    def capabilities(self) -> Capabilities:
+        """What this pool's backend can do (``backends._base.Capabilities``)."""
+        return self._backend.capabilities
+
+    @property
+    def workers(self) -> int:
+        """The number of workers the pool keeps running."""
+        return self._backend.target_workers
+
+    @property
+    def state(self) -> PoolState:
+        return self._backend.state
 
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (for tests and for ``kill -STOP`` style debugging)."""
-
-        if isinstance(self._core, BackendCore):  # TEMPORARY hook (see _core_adapter)
-            return self._core.worker_pids()
-
-        async def pids() -> list[int]:
-            return [w.pid for w in self._core.workers.values() if w.state != "dead"]
-
-        return self._io.run_sync(pids())
+        return self._backend.worker_pids()
 
     def resize(self, workers: int) -> None:
         """Grow or shrink the pool; busy workers finish their current chunk first."""
-
-        async def resize() -> None:
-            self._core.resize(workers)
-
-        self._io.run_sync(resize())
+        if workers < 1:
+            raise ValueError(f"a pool needs at least 1 worker, got {workers}")
+        self._backend.resize(workers)
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot: workers (pid, state, current job and item, CPU, memory), jobs
         with per-state counts, and the queue length."""
-
-        async def statistics() -> PoolStatistics:
-            return self._core.statistics()
-
-        return self._io.run_sync(statistics())
+        return self._backend.statistics()
 
     def status(self) -> dict[str, Any]:
         """:meth:`statistics` as plain data (for JSON and quick looks)."""
@@ -409,40 +354,29 @@ class Pool:
 
     async def started(self) -> None:
         """Wait until every worker has completed its ready handshake."""
-        fut = asyncio.run_coroutine_threadsafe(self._wait_ready(), self._io.loop)
-        await asyncio.wrap_future(fut)
+        await asyncio.wrap_future(self._backend.started())
 
     def wait_started(self, timeout: float | None = None) -> None:
-        self._io.run_sync(self._wait_ready(), timeout)
-
-    async def _wait_ready(self) -> None:
-        await self._core.all_ready.wait()
-        if self._core.broken is not None:
-            raise self._core.broken
-        if self._core.state != PoolState.RUNNING:
-            raise PoolClosedError("the pool is shut down")
+        self._backend.started().result(timeout)
 
     async def aclose(self, *, cancel_pending: bool = False) -> None:
         """Shut down: finish all work first (or cancel it with ``cancel_pending=True``)."""
-        mode = "cancel" if cancel_pending else "graceful"
-        await asyncio.wrap_future(self._io.submit(self._core.close(mode)))
-        self._io.forget(self._close_at_exit)
+        mode = CloseMode.CANCEL if cancel_pending else CloseMode.GRACEFUL
+        await asyncio.wrap_future(self._backend.close(mode))
+        self._backend.join()
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
         """Synchronous :meth:`aclose`; ``wait=False`` returns while the workers stop."""
-        mode = "cancel" if cancel_pending else "graceful"
-        fut = self._io.submit(self._core.close(mode))
-        self._io.forget(self._close_at_exit)
+        mode = CloseMode.CANCEL if cancel_pending else CloseMode.GRACEFUL
+        fut = self._backend.close(mode)
         if wait:
             fut.result()
+            self._backend.join()
 
     def kill(self) -> None:
         """SIGKILL every worker now; unfinished work fails with ``PoolClosedError``."""
-        self._io.run_sync(self._core.close("kill"))
-        self._io.forget(self._close_at_exit)
-
-    def _close_at_exit(self) -> Any:
-        return self._core.close("cancel", timeout=3.0)
+        self._backend.close(CloseMode.KILL).result()
+        self._backend.join()
 
     async def __aenter__(self) -> Pool:
         return self
@@ -457,7 +391,7 @@ class Pool:
         self.shutdown(cancel_pending=exc[0] is not None)
 
     def __repr__(self) -> str:
-        return f"<orchestra_nb.Pool workers={self.workers} state={self.state}>"
+        return f"<orchestra_nb.Pool backend={self.backend} workers={self.workers} state={self.state}>"
 
 
 class _CallBatch:
@@ -466,13 +400,13 @@ class _CallBatch:
     __slots__ = ("first_frames", "items", "job", "sealed")
 
     def __init__(
-        self, job: Job, items: list[Any], first_frames: tuple[list[Any], tuple[str | None, ...]]
+        self, job: Job, items: list[Any], first_frames: tuple[list[Any], tuple[str | None, ...]] | None
     ) -> None:
         self.job = job
         self.items = items
         self.sealed = False
-        # The first call's arguments as _check_arguments pickled them ([item], like a
-        # chunk of that one call): sent as they are if the batch stays a lone call.
+        # The first call's arguments as the backend's prepare_call pickled them ([item],
+        # like a chunk of that one call): sent as they are if the batch stays a lone call.
         self.first_frames: tuple[list[Any], tuple[str | None, ...]] | None = first_frames
 
 
@@ -499,49 +433,10 @@ class _Configured:
         return self._pool.map(fn, *iterables, **kw)
 
 
-def _check_arguments(
-    fn: Callable[..., Any], item: tuple[tuple[Any, ...], dict[str, Any]], shm: proto.Segments | str | None
-) -> tuple[list[Any], tuple[str | None, ...]]:
-    """Pickle ``run``'s arguments now, so an unpicklable one raises here, named. The frames
-    are what the first dispatch sends: the arguments are pickled (and copied) once."""
-    args, kwargs = item
-    try:
-        return proto.pickle_payload(dumps, [item], shm)
-    except Exception as exc:
-        for i, arg in enumerate(args):
-            try:
-                dumps(arg)
-            except Exception as inner:
-                raise SerializationError(
-                    f"cannot pickle argument {i} of {_name(fn)} (type {type(arg).__qualname__}): "
-                    f"{type(inner).__name__}: {inner}"
-                ) from inner
-        for key, arg in kwargs.items():
-            try:
-                dumps(arg)
-            except Exception as inner:
-                raise SerializationError(
-                    f"cannot pickle keyword argument {key!r} of {_name(fn)} "
-                    f"(type {type(arg).__qualname__}): {type(inner).__name__}: {inner}"
-                ) from inner
-        raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {exc}") from exc
-
-
-def _extra_options(**options: Any) -> dict[str, Any]:
-    """Options left to PoolOptions' defaults unless given."""
-    return {key: value for key, value in options.items() if value}
-
-
 def _check_circuit(circuit: CircuitBreaker | None) -> CircuitBreaker | None:
     if circuit is not None and not isinstance(circuit, CircuitBreaker):
         raise TypeError(f"circuit must be a CircuitBreaker (see Pool.circuit), got {circuit!r}")
     return circuit
-
-
-def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return timeout
 
 
 def _retry(retries: int | RetryPolicy | None, retry_on: tuple[type[BaseException], ...] | None) -> RetryPolicy:
@@ -551,26 +446,6 @@ def _retry(retries: int | RetryPolicy | None, retry_on: tuple[type[BaseException
     if retry_on is not None:
         policy = dataclasses.replace(policy, retry_on=tuple(retry_on))
     return policy
-
-
-def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
-    lengths = []
-    for it in iterables:
-        try:
-            lengths.append(len(it))  # type: ignore[arg-type]
-        except TypeError:
-            return None
-    return min(lengths)
-
-
-def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-
-
-def _total_memory() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().total)
 
 
 # --- the default pool -----------------------------------------------------------------------

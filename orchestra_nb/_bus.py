@@ -5,7 +5,8 @@ thread, and nothing more: a subscriber that falls behind loses its *oldest* even
 in ``dropped``) and never slows the pool. Two kinds of subscriber:
 
 * callbacks, called in order on one delivery thread (``orchestra-events``), so a slow or
-  failing callback cannot block the I/O thread;
+  failing callback cannot block the I/O thread; the bus owns that thread, and its owner
+  (the pool) ends it with :meth:`EventBus.close`;
 * async iterators (``async for event in bus.events()``), woken on the loop that iterates.
 """
 
@@ -99,6 +100,7 @@ class EventBus:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._delivery: threading.Thread | None = None
+        self._closing: threading.Thread | None = None  # the delivery thread told to end
         self.callback_errors = 0
 
     @property
@@ -155,11 +157,16 @@ class EventBus:
             self._subs = tuple(s for s in self._subs if s is not sub)
 
     def _deliver(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._cond:
-                while not any(s.queue for s in self._subs if s.callback is not None):
+                while self._closing is not me and not any(
+                    s.queue for s in self._subs if s.callback is not None
+                ):
                     self._cond.wait()
                 subs = [s for s in self._subs if s.callback is not None and s.queue]
+                if self._closing is me and not subs:
+                    return
             for sub in subs:
                 while sub.queue and not sub.closed:
                     event = sub.queue.popleft()
@@ -168,3 +175,20 @@ class EventBus:
                     except Exception:
                         self.callback_errors += 1
                         traceback.print_exc()
+
+    def close(self, join: bool = True) -> threading.Thread | None:
+        """Deliver what is queued, then stop the delivery thread (the pool's close path);
+        returns that thread (joined with ``join``, unless called from it). Async iterators
+        end once they have read what was published; later subscriptions work again (a new
+        delivery thread starts)."""
+        with self._cond:
+            thread, self._delivery = self._delivery, None
+            if thread is not None:
+                self._closing = thread
+            self._cond.notify_all()
+        if join and thread is not None and thread is not threading.current_thread():
+            thread.join()
+        for sub in self._subs:
+            if sub.callback is None:
+                sub.close()
+        return thread

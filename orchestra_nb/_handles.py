@@ -4,8 +4,11 @@ A handle is returned at once by ``run``/``map``; the work has already started. T
 handle serves an ``await`` in a notebook cell, ``result()`` in a plain script, ``async for``
 / ``for`` to stream results, and ``cancel()`` from anywhere (a widget's button included).
 
+A handle talks to its pool's backend only through the backend interface
+(``backends/_base.py``) and reads its job's task table (``_jobs.Job``).
+
 While a coroutine awaits a handle, a timer wakes its loop every 0.1 s: an ipykernel only
-notices "interrupt kernel" when its loop wakes up (``jupyter-runtime.md`` section 4).
+notices "interrupt kernel" when its loop wakes up (docs/design.md, "Interrupts").
 """
 
 from __future__ import annotations
@@ -21,21 +24,17 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from ._jobs import _NOT_DONE, Job, JobFuture
-from ._spin import yield_cpu
-from ._state import TaskState
+from ._state import TaskState, done_count
 
 if TYPE_CHECKING:
-    from ._ioloop import IOThread
-    from ._pool import PoolCore
+    from ._bus import EventBus
+    from .backends._base import Backend, LoopAttachment
 
 __all__ = ["MapHandle", "TaskHandle"]
 
 T = TypeVar("T")
 
 _WAKE_INTERVAL = 0.1
-# An awaiting coroutine polls for its result for at most this long (or the pool's busy_poll
-# if shorter): its loop runs nothing else meanwhile.
-_LOOP_POLL_LIMIT = 0.002
 
 # The notebook layer (loaded only by %load_ext) registers how a handle displays itself.
 display_hook: Callable[[Any], None] | None = None
@@ -70,7 +69,6 @@ class _LoopHub:
         self._users = 0
         self._timer: asyncio.TimerHandle | None = None
         self._on_idle: list[Callable[[], object]] = []
-        self.drains: dict[PoolCore, _CallerDrain] = {}  # pools whose results this loop reads
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopHub:
@@ -134,21 +132,6 @@ class _LoopHub:
             self._timer = self.loop.call_later(_WAKE_INTERVAL, self._tick)
 
 
-def _busy_poll(io: IOThread, core: PoolCore, done: Callable[[], bool], limit: float | None = None) -> None:
-    """Send what this thread queued, then read results on it until ``done()``, for up to
-    the pool's ``busy_poll`` window (or ``limit`` s). Whenever the I/O thread needs the
-    engine (a worker exited, a cancel, a timer), it gets it before the polling goes on."""
-    window = core.caller_poll.window
-    until = time.perf_counter() + (window if limit is None else min(window, limit))
-    selector = io.loop.engine_selector
-    first = True
-    # Each pass ends with a hit, a miss (past ``until``), or the I/O thread wanting in.
-    while io.run_now(core.busy_poll_results, done, until, first) and not done():
-        first = False
-        while selector.engine_wanted and time.perf_counter() < until:
-            yield_cpu()  # until the I/O thread has the engine; then wait for it
-
-
 class _Deliverable(Protocol):
     def deliver(self) -> None: ...
 
@@ -177,82 +160,9 @@ def _settle(fut: asyncio.Future[Any], cf: JobFuture) -> None:
         fut.set_result(cf.result())
 
 
-class _CallerDrain:
-    """While a coroutine on ``loop`` awaits a ``run()``, that loop reads the results itself.
-
-    The loop watches the pool's data socket; when a result arrives it takes the engine and
-    reads it on its own thread, so the awaiting coroutine resumes without a hand-over from
-    the I/O thread. It lets go at the loop's first waker tick with nothing awaited (within
-    0.1 s), so back-to-back awaits keep it; the I/O thread's hot checks cover a loop that
-    stops turning meanwhile.
-    """
-
-    def __init__(self, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop) -> None:
-        self._io = io
-        self._core = core
-        self._loop = loop
-        self._fd = core.data_fd
-        self._users = 0
-        self._attached = False
-        self._detach_scheduled = False
-        self._take_backs = 0
-
-    @classmethod
-    def acquire(
-        cls, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop, *, flush: bool = True
-    ) -> _CallerDrain | None:
-        if core.data_fd < 0:
-            return None
-        drains = _LoopHub.of(loop).drains
-        drain = drains.get(core)
-        if drain is None:
-            drain = drains[core] = cls(io, core, loop)
-        if not drain._attached:
-            try:
-                loop.add_reader(drain._fd, drain._on_readable)
-            except (NotImplementedError, ValueError, OSError):
-                return None  # a loop without add_reader (Windows proactor): the I/O thread reads
-            drain._attached = True
-            drain._take_backs = core.take_backs
-            io.run_now(core.attach_caller)
-        elif drain._take_backs != core.take_backs:  # the I/O thread took the socket back
-            drain._take_backs = core.take_backs
-            io.run_now(core.reclaim)
-        elif flush:
-            io.flush()
-        drain._users += 1
-        return drain
-
-    def _on_readable(self) -> None:
-        self._io.run_now(self._core.drain_results)
-
-    def busy_poll(self, done: Callable[[], bool]) -> None:
-        """Send the calls queued on this thread, then read results on it for a moment
-        before the loop goes to sleep (one engine borrow for both)."""
-        _busy_poll(self._io, self._core, done, _LOOP_POLL_LIMIT)
-
-    def release(self) -> None:
-        self._users -= 1
-        if not self._users and not self._detach_scheduled:
-            self._detach_scheduled = True
-            _LoopHub.of(self._loop).when_idle(self._detach)
-
-    def _detach(self) -> None:
-        self._detach_scheduled = False
-        if self._users or not self._attached:
-            return
-        self._attached = False
-        self._loop.remove_reader(self._fd)
-        self._io.run_now(self._core.detach_caller)
-        drains = _LoopHub.of(self._loop).drains
-        if drains.get(self._core) is self:
-            del drains[self._core]
-
-
 class _Handle:
-    def __init__(self, io: IOThread, core: PoolCore, job: Job, *, show: bool = True) -> None:
-        self._io = io
-        self._core = core
+    def __init__(self, backend: Backend, job: Job, *, show: bool = True) -> None:
+        self._backend = backend
         self._job = job
         self._future: JobFuture = job.future
         job.future.add_done_callback(self._on_done)
@@ -262,7 +172,7 @@ class _Handle:
 
     def _on_done(self, fut: JobFuture) -> None:
         if fut.cancelled() and not self._job.finished.is_set():
-            self._io.call(self._core.cancel, self._job.id, False)
+            self._backend.cancel(self._job)
 
     # --- inspection -------------------------------------------------------------------
 
@@ -273,9 +183,9 @@ class _Handle:
         self._future.add_done_callback(lambda _: fn(self))
 
     @property
-    def events(self) -> Any:
+    def events(self) -> EventBus:
         """The event bus of the pool this handle's work runs on."""
-        return self._core.bus
+        return self._backend.events
 
     @property
     def job_id(self) -> int:
@@ -328,7 +238,7 @@ class _Handle:
         """
         if self._job.finished.is_set():
             return False
-        self._io.call(self._core.cancel, self._job.id, kill)
+        self._backend.cancel(self._job, kill=kill)
         return True
 
     def wait_finished(self, timeout: float | None = None) -> bool:
@@ -341,7 +251,7 @@ class _Handle:
         loop = asyncio.get_running_loop()
         hub = _LoopHub.of(loop)
         fut = hub.watch(self._future)
-        self._io.flush()  # send pending calls from this thread: no hand-over to wait for
+        self._backend.flush()  # send pending calls from this thread: no hand-over to wait for
         hub.acquire()
         try:
             return self._unwrap(await fut)
@@ -352,11 +262,11 @@ class _Handle:
             hub.release()
 
     def _sync_result(self, timeout: float | None) -> Any:
-        self._io.flush()
+        self._backend.flush()
         try:
-            if not self._future.done() and self._core.caller_poll.window:
+            if not self._future.done():
                 deadline = None if timeout is None else time.monotonic() + timeout
-                _busy_poll(self._io, self._core, self._future.done, timeout)
+                self._backend.assist(self._future.done, timeout)
                 if deadline is not None:
                     timeout = max(0.0, deadline - time.monotonic())
             return self._unwrap(self._future.result(timeout))
@@ -375,7 +285,7 @@ class _Handle:
 
     def __repr__(self) -> str:
         c = self._job.counts
-        done = c[TaskState.SUCCEEDED] + c[TaskState.FAILED] + c[TaskState.CANCELLED]
+        done = done_count(c)
         total = "?" if self._job.total is None else self._job.total
         status = "cancelled" if self.cancelled() else "done" if self.done() else "running"
         return (f"<{type(self).__name__} job={self._job.id} {self._job.name!r} {status} "
@@ -407,17 +317,19 @@ class TaskHandle(_Handle, Generic[T]):
     def _asyncio_future_blocking(self, value: bool) -> None:
         self._blocking = value
 
+    _drain: LoopAttachment | None = None
+
     def __init__(
-        self, io: IOThread, core: PoolCore, job: Job, index: int | None = None,
+        self, backend: Backend, job: Job, index: int | None = None,
         future: JobFuture | None = None,
     ) -> None:
         if index is None:
-            super().__init__(io, core, job)
+            super().__init__(backend, job)
             self._index = 0
             self._batched = False
             return
         assert future is not None
-        self._io, self._core, self._job = io, core, job
+        self._backend, self._job = backend, job
         self._future = future
         self._index = index
         self._batched = True
@@ -427,7 +339,7 @@ class TaskHandle(_Handle, Generic[T]):
         try:
             if self._drain is not None:
                 if aio.done():
-                    self._io.flush()  # calls this loop queued meanwhile
+                    self._backend.flush()  # calls this loop queued meanwhile
                 else:
                     # A short call's result comes back in about a hundred µs: wait for it
                     # awake (bounded by Pool(busy_poll=...)), not in the loop's selector.
@@ -454,9 +366,9 @@ class TaskHandle(_Handle, Generic[T]):
         hub = self._hub = _LoopHub.of(loop)
         aio = self._aio = loop.create_future()
         # Send pending calls from this thread and read results on it: no hand-over.
-        self._drain = _CallerDrain.acquire(self._io, self._core, loop, flush=not polling)
+        self._drain = self._backend.attach_loop(loop, flush=not polling)
         if self._drain is None:
-            self._io.flush()
+            self._backend.flush()
         hub.acquire()
         self._future.watch(self)
         return aio
@@ -487,7 +399,8 @@ class TaskHandle(_Handle, Generic[T]):
         aio = self._aio
         if aio is not None and aio.cancelled():
             return aio.exception()  # raises CancelledError
-        self._io.flush()
+        self._backend.flush()
+        self._backend.assist(self._future.done, timeout)
         return self._future.exception(timeout)
 
     def _make_cancelled_error(self) -> asyncio.CancelledError:
@@ -554,7 +467,7 @@ class TaskHandle(_Handle, Generic[T]):
             return super().cancel(kill)
         if self._future.done():
             return aio is not None and aio.cancelled()
-        self._io.call(self._core.cancel_item, self._job, self._index)
+        self._backend.cancel_item(self._job, self._index)
         return True
 
     def wait_finished(self, timeout: float | None = None) -> bool:
@@ -666,6 +579,7 @@ class MapHandle(_Handle, Generic[T]):
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         self._watch(lambda start, count: loop.call_soon_threadsafe(wake.set))
+        self._backend.flush()
         cursor, yielded = 0, bytearray()
         hub = _LoopHub.of(loop)
         hub.acquire()
@@ -696,6 +610,8 @@ class MapHandle(_Handle, Generic[T]):
                 if self._exhausted(cursor):
                     return
                 if not values:
+                    if self._backend.capabilities.in_process:  # the work runs on waiters
+                        self._backend.assist(lambda: not signals.empty())
                     signals.get()
                     while not signals.empty():  # coalesce: one scan serves many signals
                         signals.get_nowait()
@@ -704,10 +620,4 @@ class MapHandle(_Handle, Generic[T]):
             raise
 
     def _watch(self, fn: Callable[[int, int], object]) -> None:
-        job = self._job
-
-        def register() -> None:
-            job.watchers.append(fn)
-            fn(-2, 0)  # rescan: items may have finished before the watcher existed
-
-        self._io.call(register)
+        self._backend.watch(self._job, fn)

@@ -13,8 +13,9 @@ Each hand-over costs a wake-up, which is most of a round trip on a small machine
 (``benchmarks/README.md``). Work that nobody drives this way is handed over with
 ``call_soon_threadsafe`` and done by the I/O thread, as before.
 
-Workers are spawned from this thread, which lives as long as the process: PDEATHSIG fires
-when the *thread* that forked a child exits (``jupyter-runtime.md`` section 5).
+Workers are spawned from this thread, which lives as long as some pool uses it: PDEATHSIG
+fires when the *thread* that forked a child exits (docs/design.md), so the thread stops only
+once the last pool closed (``release_io_thread``), and the next pool starts a new one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, TypeVarTuple, Unpack
 
-__all__ = ["IOThread", "io_thread"]
+__all__ = ["IOThread", "acquire_io_thread", "release_io_thread"]
 
 T = TypeVar("T")
 _Ts = TypeVarTuple("_Ts")
@@ -228,6 +229,19 @@ class IOThread:
             self.loop.owner = None
             self.loop.engine.release()
 
+    def _stop_loop(self) -> None:
+        self._run_inbox()  # calls handed over before the stop still run
+        self.loop.stop()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and, from another thread, wait for the thread to end."""
+        with contextlib.suppress(RuntimeError):  # closed already
+            self.loop.call_soon_threadsafe(self._stop_loop)
+        if not self.in_thread():
+            self.thread.join(timeout)
+            if not self.thread.is_alive() and not self.loop.is_closed():
+                self.loop.close()
+
     def in_thread(self) -> bool:
         return threading.get_ident() == self.thread.ident
 
@@ -327,14 +341,35 @@ def _nothing() -> None:
 
 _lock = threading.Lock()
 _instance: IOThread | None = None
+_users = 0
 
 
-def io_thread() -> IOThread:
-    """The process's I/O thread, started on first use."""
-    global _instance
-    if _instance is None:
-        with _lock:
-            if _instance is None:
-                _instance = IOThread()
-                atexit.register(_instance._close_all)
-    return _instance
+def acquire_io_thread() -> IOThread:
+    """The process's I/O thread, started if no pool uses one; pair with
+    :func:`release_io_thread`. All open pools share one thread."""
+    global _instance, _users
+    with _lock:
+        if _instance is None:
+            _instance = IOThread()
+        _users += 1
+        return _instance
+
+
+def release_io_thread(io: IOThread) -> bool:
+    """One user less; the last one stops the thread (joined unless called from it) and
+    gets True."""
+    global _instance, _users
+    with _lock:
+        _users -= 1
+        if _users > 0 or _instance is not io:
+            return False
+        _instance = None
+    io.stop()
+    return True
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    io = _instance
+    if io is not None:
+        io._close_all()

@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._events import JobFinished, JobProgress, JobStarted, TaskStateChanged
+from ._feed import FeedBuffer
 from ._policy import RetryPolicy
 from ._state import FINAL_STATES, LEGAL, TaskState, done_count
 
 if TYPE_CHECKING:
     from ._bus import EventBus
 
-__all__ = ["DEFAULT_RETRY", "Chunk", "IllegalTransition", "Job", "JobFuture", "LazyEvent"]
+__all__ = ["DEFAULT_RETRY", "Chunk", "IllegalTransition", "Job", "JobFuture", "LazyEvent", "next_job_id"]
 
 DEFAULT_RETRY = RetryPolicy()
 
@@ -222,7 +223,7 @@ class Job:
         name: str,
         digest: bytes,
         fn_payload: bytes,
-        source: Iterator[Any] | None,
+        source: Iterator[Any] | FeedBuffer | None,
         total: int | None,
         *,
         star: bool = False,
@@ -281,6 +282,23 @@ class Job:
         self.on_finished: Callable[[Job], object] | None = None
         # The callable itself, for backends that run it in this process (inline).
         self.fn: Callable[..., Any] | None = None
+        # A burst of run() calls: closes the burst to new calls (see seal()).
+        self.sealer: Callable[[], object] | None = None
+        # What the input raised (read by a feeder): the job fails with it at the end.
+        self.input_error: BaseException | None = None
+
+    def close_input(self) -> None:
+        """No more items wanted: stop the feeder, if the input has one."""
+        source, self.source = self.source, None
+        if isinstance(source, FeedBuffer):
+            source.close()
+
+    def seal(self) -> None:
+        """Called by the backend when it takes the job, on its own thread, before it reads
+        any item: a burst of ``run`` calls stops taking new calls then, not at submit."""
+        sealer, self.sealer = self.sealer, None
+        if sealer is not None:
+            sealer()
 
     def open(self, bus: EventBus | None) -> None:
         """A backend takes the job: its events go to ``bus`` from now on."""
@@ -298,15 +316,27 @@ class Job:
         return bool(self.requeued) or (self.source is not None and not self.cancelled)
 
     def take(self, size: int, target: int | None = None) -> Chunk | None:
-        """The next chunk of at most ``size`` items (re-queued ones first), or None."""
+        """The next chunk of at most ``size`` items (re-queued ones first), or None.
+
+        Never waits: an input read by a feeder (``_feed``) gives what it has read so far;
+        None then means "nothing yet" until the input has ended (``source`` is None)."""
         if self.requeued:
             return self.requeued.popleft()
-        if self.source is None or self.cancelled:
+        source = self.source
+        if source is None or self.cancelled:
             return None
-        items = list(itertools.islice(self.source, size))
-        if len(items) < size:
-            self.source = None
-            self.total = self.pulled + len(items)
+        if isinstance(source, FeedBuffer):
+            items, ended = source.take(size)
+            if ended:
+                self.source = None
+                self.total = self.pulled + len(items)
+                if source.error is not None:
+                    self.input_error = source.error
+        else:
+            items = list(itertools.islice(source, size))
+            if len(items) < size:
+                self.source = None
+                self.total = self.pulled + len(items)
         if not items:
             return None
         start = self.pulled
@@ -453,7 +483,7 @@ class Job:
         to the worker's answer (or its death). Returns the cancelled indices.
         """
         self.cancelled = True
-        self.source = None
+        self.close_input()
         unread = 0 if self.total is None else max(0, self.total - self.pulled)
         if unread:  # a sized input: its unread items are tasks too, and now cancelled
             self.results.extend([None] * unread)
@@ -464,6 +494,7 @@ class Job:
             self.pulled += unread
         self.total = self.pulled
         self.requeued.clear()
+        self.close_input()
         out: list[int] = []
         for state in (TaskState.PENDING, TaskState.RETRYING, TaskState.SCHEDULED):
             marker = _STATE_BYTES[state]
@@ -498,7 +529,7 @@ class Job:
         not final fails with ``exc``, and so does the job."""
         for index in range(self.pulled):
             self.fail(index, exc)
-        self.source = None
+        self.close_input()
         self.total = self.pulled
         self.requeued.clear()
         for fut in (self.item_futures or [])[self.pulled :]:  # calls of a batch never read
@@ -511,9 +542,14 @@ class Job:
         if self.finished.is_set():
             return
         self.ended_at = time.monotonic()
+        self.close_input()
         if self.on_finished is not None:
             self.on_finished(self)
         fut = self.future
+        if exc is None and self.input_error is not None and not self.cancelled:
+            exc = self.input_error
+            exc.add_note(f"raised by the input of job {self.id} ({self.name!r}) after "
+                         f"{self.pulled} item(s); their results are in partial_results()")
         try:
             if exc is not None:
                 fut.set_exception(exc)
@@ -544,3 +580,10 @@ class Job:
 
     def outcome(self) -> list[Any]:
         return self.results
+
+
+_job_ids = itertools.count(1)
+
+
+def next_job_id() -> int:
+    return next(_job_ids)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -59,7 +58,7 @@ from ._exceptions import (
     WorkerCrashedError,
     describe_exit,
 )
-from ._jobs import Chunk, Job
+from ._jobs import Chunk, Job, next_job_id
 from ._policy import MemoryPolicy
 from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
@@ -254,7 +253,7 @@ class PoolCore:
     def _stop_worker(self, w: WorkerProc) -> None:
         if w.state in ("stopping", "dead"):
             return
-        w.state = "stopping"
+        w.state = WorkerState.STOPPING
         self._send(self.data, w, proto.Shutdown())
         w.close_stdin()
 
@@ -387,7 +386,7 @@ class PoolCore:
             if msg.worker_id != w.id or w.state != "starting":
                 self.bad_messages += 1
                 return
-            w.state = "ready"
+            w.state = WorkerState.READY
             self.start_failures = 0
             for timer in w.timers:
                 timer.cancel()
@@ -557,7 +556,7 @@ class PoolCore:
                 w.proc.stdin.close()
         was_ready = w.state != "starting"
         expected = w.state == "stopping" and w.kill_kind is None
-        w.state = "dead"
+        w.state = WorkerState.DEAD
         self.workers.pop(w.id, None)
         if expected:
             reason = "recycled" if w.retire and self.state == PoolState.RUNNING else "shutdown"
@@ -661,6 +660,7 @@ class PoolCore:
     # --- dispatch ---------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        job.seal()
         if self.state != PoolState.RUNNING:
             exc: BaseException = self.broken or PoolClosedError("the pool is shut down")
             job.open(self.bus)
@@ -690,6 +690,13 @@ class PoolCore:
                     w.assigned.append(chunk)
         self._pump()
         job.check_done()
+
+    def input_ready(self, job: Job) -> None:
+        """The job's feeder read more items (or its input ended): dispatch them."""
+        if job.id in self.jobs:
+            self._mark_ready(job)
+            self._pump()
+            job.check_done()
 
     def add_setup(self, name: str, digest: bytes, payload: bytes, item: Any) -> None:
         """Replay ``fn(*args)`` on every worker that starts from now on, before other work."""
@@ -1018,7 +1025,10 @@ class PoolCore:
             running = w.running_chunk
             cpu, rss = w.sample() if w.state != WorkerState.DEAD else (None, None)
             workers.append(WorkerStatistics(
-                id=w.id, pid=w.pid, state=WorkerState(w.state), stalled=w.stalled,
+                id=w.id, pid=w.pid, stalled=w.stalled,
+                # A retiring worker finishes its chunk, then stops: it takes no new work.
+                state=WorkerState.STOPPING if w.retire and w.state == WorkerState.READY
+                else WorkerState(w.state),
                 tasks_done=w.tasks_done,
                 job=None if running is None else running.job.id,
                 item=None if running is None else running.start,
@@ -1042,14 +1052,8 @@ class PoolCore:
                               tuple(jobs), queued, self.bad_messages)
 
 
-_job_ids = iter(range(1, sys.maxsize))
-
 # Reported to a circuit breaker for an admitted call that never ran: neutral, not a failure.
 _NOT_RUN = asyncio.CancelledError("the task did not run")
-
-
-def next_job_id() -> int:
-    return next(_job_ids)
 
 
 _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])

@@ -26,6 +26,7 @@ from ._exceptions import RemoteError, RemoteTraceback, SerializationError
 
 __all__ = [
     "ErrorRecord",
+    "callable_name",
     "capture_exception",
     "describe_unpicklable_argument",
     "dumps",
@@ -105,8 +106,9 @@ def _plain_call(obj: object) -> bool:
     )
 
 
-def _name_of(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+def callable_name(fn: object) -> str:
+    """What error messages and job names call ``fn``: its qualified name, else its type."""
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
@@ -193,7 +195,7 @@ def _reject_by_reference(fn: object) -> None:
         return
     if getattr(fn, "__module__", None) != "__main__":
         return
-    name = _name_of(fn)
+    name = callable_name(fn)
     if hasattr(fn, "cache_info") and hasattr(fn, "__wrapped__"):
         raise SerializationError(
             f"{name!r} is wrapped by functools.lru_cache/cache in __main__; such wrappers are "
@@ -209,7 +211,7 @@ def _reject_by_reference(fn: object) -> None:
 
 
 def _explain_callable_failure(fn: Callable[..., Any], exc: Exception) -> str:
-    name = _name_of(fn)
+    name = callable_name(fn)
     fallback = None
     for kind, var, value in _captured_values(fn):
         try:
@@ -237,7 +239,7 @@ def _captured_values(fn: object) -> Iterator[tuple[str, str, object]]:
             continue
         seen.add(id(obj))
         if isinstance(obj, types.MethodType):
-            yield "bound instance", _name_of(obj), obj.__self__
+            yield "bound instance", callable_name(obj), obj.__self__
             stack.append(obj.__func__)
             continue
         if isinstance(obj, functools.partial):
@@ -265,7 +267,7 @@ def _captured_values(fn: object) -> Iterator[tuple[str, str, object]]:
                 yield "global", var, value
                 stack.append(value)
         for default in obj.__defaults__ or ():
-            yield "default argument", _name_of(obj), default
+            yield "default argument", callable_name(obj), default
 
 
 def _global_names(code: types.CodeType) -> Iterator[str]:

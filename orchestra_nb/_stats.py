@@ -91,7 +91,8 @@ class PoolStatistics:
             "workers": [
                 {"id": w.id, "pid": w.pid, "state": w.state.value, "activity": w.activity,
                  "job": w.job, "item": w.item,
-                 "current": None if w.job is None else (w.job, w.item), "tasks_done": w.tasks_done, "stalled": w.stalled,
+                 "current": None if w.job is None else (w.job, w.item),
+                 "tasks_done": w.tasks_done, "stalled": w.stalled,
                  "queued_chunks": w.queued_chunks, "cpu_percent": w.cpu_percent,
                  "memory_bytes": w.memory_bytes, "host": w.host}
                 for w in self.workers

@@ -79,3 +79,20 @@ async def apool(request: pytest.FixtureRequest) -> AsyncIterator[orchestra.Pool]
         yield p
     finally:
         await p.aclose(cancel_pending=True)
+
+
+@pytest.fixture
+def make_pool() -> Iterator[object]:
+    """``make_pool(**options)``: started pools, shut down (cancelling) after the test."""
+    pools: list[orchestra.Pool] = []
+
+    def make(**options: object) -> orchestra.Pool:
+        options.setdefault("workers", 2)
+        p = orchestra.Pool(**options)  # type: ignore[arg-type]
+        pools.append(p)
+        p.wait_started(timeout=30)
+        return p
+
+    yield make
+    for p in pools:
+        p.shutdown(cancel_pending=True)

@@ -1,35 +1,62 @@
-"""Backends (layer 2): where jobs run. See :mod:`orchestra_nb.backends._base` for the contract.
+"""Backends: where a pool's work runs (see ``_base.py`` for the interface).
 
-:func:`create_backend` picks one by name (or by the object given) and imports it only then:
-``import orchestra_nb`` never imports dask.
+``create(spec, events, **options)`` is the one way the API makes a backend; each
+implementation is imported only when it is asked for (``dask`` needs the extra).
+
+* ``"local"``: worker processes on this machine (``local.py``);
+* ``"inline"``: one task at a time in this process, for debugging (``inline.py``);
+* ``"dask"`` or a ``distributed.Client``: a Dask cluster (``dask.py``).
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .._bus import EventBus
     from ._base import Backend
 
-__all__ = ["create_backend"]
+__all__ = ["NAMES", "available_cpus", "create"]
+
+NAMES = ("local", "inline", "dask")
 
 
-def create_backend(spec: Any, events: EventBus, **options: Any) -> Backend:
-    """The backend for ``Pool(backend=spec)``: ``"dask"``, or a ``distributed.Client``."""
+def create(spec: Any, events: EventBus, workers: int | None, **options: Any) -> Backend:
+    """A backend for ``spec`` (a name, or a ``distributed.Client``), with ``options``."""
+    if spec == "local":
+        from .local import create_local_backend
+
+        return create_local_backend(events, workers, **options)
+    if spec == "inline":
+        from .inline import InlineBackend
+
+        return InlineBackend(events, workers, **options)
     if spec == "dask" or _is_dask_client(spec):
-        try:
-            module = importlib.import_module(".dask", __name__)
-        except ImportError as exc:
+        if importlib.util.find_spec("distributed") is None:
             raise ImportError(
-                f'backend="dask" needs dask.distributed ({exc}): pip install "orchestra_nb[dask]"'
-            ) from exc
+                "the dask backend needs dask.distributed: pip install \"orchestra_nb[dask]\""
+            )
+        if importlib.util.find_spec(f"{__name__}.dask") is None:
+            raise NotImplementedError("this version of orchestra_nb has no dask backend")
+        from .dask import create_dask_backend  # type: ignore[import-not-found,unused-ignore]
+
         client = None if spec == "dask" else spec
-        backend: Backend = module.create_dask_backend(events, client=client, **options)
+        backend: Backend = create_dask_backend(events, workers=workers, client=client, **options)
         return backend
-    raise ValueError(f"unknown backend {spec!r}; known: 'dask' or a distributed.Client")
+    raise ValueError(f"unknown backend {spec!r}: choose one of {', '.join(map(repr, NAMES))} "
+                     "or pass a distributed.Client")
 
 
-def _is_dask_client(obj: object) -> bool:
-    return any(t.__module__.startswith("distributed") and t.__name__ == "Client" for t in type(obj).__mro__)
+def available_cpus() -> int:
+    """CPUs this process may run on: the local pool's default number of workers."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _is_dask_client(spec: Any) -> bool:
+    cls = type(spec)
+    return cls.__name__ == "Client" and cls.__module__.split(".")[0] == "distributed"

@@ -121,6 +121,11 @@ class Backend(abc.ABC):
         so ``fn`` must only signal."""
 
     @abc.abstractmethod
+    def input_ready(self, job: Job) -> None:
+        """``job``'s feeder (``_feed``) read new items or its input ended: take them (from
+        the feeder's thread; must not block)."""
+
+    @abc.abstractmethod
     def run_on_all(self, job: Job, *, replay: bool) -> None:
         """Run ``job``'s single call once on every live worker (the job's items are set
         here, one per worker); ``replay``: also on every worker started later."""
@@ -156,12 +161,15 @@ class Backend(abc.ABC):
     def close(self, mode: CloseMode, timeout: float = 10.0) -> concurrent.futures.Future[None]:
         """Start closing; the future is done once everything the backend started is gone."""
 
+    def join(self, timeout: float | None = 10.0) -> None:  # noqa: B027  # optional: no threads
+        """After :meth:`close` is done: wait until the threads it stopped have ended."""
+
     # --- optional: the caller's fast path -----------------------------------------------
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027  # optional: nothing queued
         """Send the work this thread queued, now."""
 
-    def assist(self, done: Callable[[], bool], timeout: float | None = None) -> None:
+    def assist(self, done: Callable[[], bool], timeout: float | None = None) -> None:  # noqa: B027
         """The calling thread is about to block until ``done()``; use it meanwhile."""
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop, *, flush: bool = True) -> LoopAttachment | None:

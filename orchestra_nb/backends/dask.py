@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -192,6 +192,7 @@ class DaskBackend(Backend):
         self._close_deadline = math.inf
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._ending: threading.Thread | None = None  # the bus's delivery thread, once closed
         self._admin = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orchestra-dask-admin")
         self._stats_lock = threading.Lock()
         self._stats_workers: tuple[WorkerStatistics, ...] = ()
@@ -203,12 +204,19 @@ class DaskBackend(Backend):
                                               timeout=start_timeout)
             self._owns_client = True
         if self._client is not None:
-            if getattr(self._client, "asynchronous", False):
-                raise ValueError(
-                    "the Dask backend needs a synchronous distributed.Client (asynchronous=False): "
-                    "orchestra drives it from its own thread, so your event loop stays free"
-                )
-            self._connect()
+            try:
+                if getattr(self._client, "asynchronous", False):
+                    raise ValueError(
+                        "the Dask backend needs a synchronous distributed.Client (asynchronous=False): "
+                        "orchestra drives it from its own thread, so your event loop stays free"
+                    )
+                self._connect()
+            except BaseException:
+                self._admin.shutdown(wait=False)
+                if self._owns_client:
+                    with contextlib.suppress(Exception):
+                        self._client.close()
+                raise
         self._cluster_options = dict(cluster_options or {})
         self._threads_per_worker = threads_per_worker
         self._thread = threading.Thread(target=self._drive, name="orchestra-dask", daemon=True)
@@ -323,6 +331,9 @@ class DaskBackend(Backend):
 
         self._post(register)
 
+    def input_ready(self, job: Job) -> None:
+        self._post(self._input_ready, job)
+
     def run_on_all(self, job: Job, *, replay: bool) -> None:
         self._post(self._run_on_all, job, replay)
 
@@ -377,6 +388,12 @@ class DaskBackend(Backend):
             self._closed.set_result(None)
         return self._closed
 
+    def join(self, timeout: float | None = 10.0) -> None:
+        """After :meth:`close`: wait for the driver thread and the bus's delivery thread."""
+        for thread in (self._thread, self._ending):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
+
     @property
     def client(self) -> Any:
         """The ``distributed.Client`` this backend drives (None until connected)."""
@@ -390,12 +407,19 @@ class DaskBackend(Backend):
     # --- submitting -----------------------------------------------------------------------
 
     def _submit(self, job: Job) -> None:
+        job.seal()  # a burst of run() calls takes no more calls from now on
         if self._state not in (PoolState.RUNNING, PoolState.UNOPENED) or self._close_mode is not None:
             job.open(self.events)
             job.fail_all(self._broken or PoolClosedError("the pool is shut down"))
             return
         self._open(job)
         self._ready.append(job)
+
+    def _input_ready(self, job: Job) -> None:
+        """``job``'s feeder read more items (or the input ended): back in the rotation."""
+        if job.id in self._jobs and job not in self._ready:
+            self._ready.append(job)
+        self._touched.add(job.id)  # an ended input may complete the job
 
     def _open(self, job: Job) -> None:
         self._jobs[job.id] = job
@@ -412,7 +436,8 @@ class DaskBackend(Backend):
         if self._state is not PoolState.RUNNING:
             self._submit(job)  # fails it, named
             return
-        item = next(iter(job.source)) if job.source is not None else ((), {})
+        assert isinstance(job.source, Iterator)  # the API's [item]
+        item = next(job.source)
         self._refresh_workers()
         targets = list(self._workers.values())
         job.source = iter([item] * len(targets))
@@ -799,10 +824,10 @@ class DaskBackend(Backend):
         self._touched.add(job.id)
         if flight is not None and flight.count == 1:
             self._drop(flight)  # released: it will not start, or its outcome is ignored
-        if flight is not None and (state == TaskState.RUNNING or flight.count > 1):
-            # On the worker: skip it if it has not started, interrupt it if it runs.
+        if flight is not None:
+            # On the worker: skip it if it has not started, interrupt it if it runs (it may
+            # run although its RUNNING event has not arrived yet).
             self._admin.submit(self._interrupt, job.id, index)
-        if state == TaskState.RUNNING:
             self._later(self.cancel_grace, self._escalate, job.id, index,
                         f"cancelled task {index} of job {job.id} ignored the interrupt for "
                         f"{self.cancel_grace} s")
@@ -1003,6 +1028,8 @@ class DaskBackend(Backend):
         self._workers.clear()
         with self._stats_lock:
             self._stats_workers = ()
+        # Deliver what was published, then let the bus's delivery thread end (joined by join()).
+        self._ending = self.events.close(join=False)
         self._closed.set_result(None)
 
 

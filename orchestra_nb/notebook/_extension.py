@@ -103,7 +103,7 @@ def apply_pool_options(config: Orchestra, changed: str) -> None:
     """A pool option changed (``%config Orchestra.workers = 4``): resize or restart the pool."""
     import orchestra_nb
 
-    from .. import _api
+    from .. import _api, backends
 
     if _state.get("config") is not config:
         return  # not the loaded extension's (e.g. a profile being read)
@@ -126,7 +126,7 @@ def apply_pool_options(config: Orchestra, changed: str) -> None:
         with _api._default_lock:
             _api._default_options.clear()
             _api._default_options.update(options)
-        n = options.get("workers") or _api.available_cpus()
+        n = options.get("workers") or backends.available_cpus()
         pool.resize(n)
         print(f"orchestra: the default pool now has {n} worker(s)")
         return

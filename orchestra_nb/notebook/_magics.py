@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+from .._state import WorkerState
 from . import _progress
 from ._remote import orchestra_cell, orchestra_cell_value
 
@@ -41,7 +42,7 @@ __all__ = ["CELL_FUNCTION", "OrchestraMagics", "run_cell", "transform"]
 CELL_FUNCTION = "__orchestra_cell__"
 _CELL_RE = re.compile(r"^%%orchestra(?:\s|$)")
 
-_pinned: dict[int, int] = {}  # id(pool core) -> worker id that runs foreground cells
+_pinned: dict[int, int] = {}  # id(pool) -> worker id that runs foreground cells
 
 
 def transform(lines: list[str]) -> list[str]:
@@ -105,41 +106,22 @@ def _filename(shell: Any) -> str:
 
 
 def _run_pinned(pool: Any, *args: Any) -> Any:
-    """Run ``orchestra_cell(*args)`` on the pool's foreground worker (a TaskHandle)."""
-    from .._handles import TaskHandle
-    from .._jobs import Job
-    from .._pool import next_job_id
-    from .._serialize import dumps_callable
-
-    payload, digest = dumps_callable(orchestra_cell)
-    item: tuple[tuple[Any, ...], dict[str, Any]] = (args, {})
-
-    async def submit() -> Any:
-        core = pool._core
-        usable = {
-            w.id: w
-            for w in core.workers.values()
-            if w.state in ("starting", "ready") and not getattr(w, "retire", False)
-        }
-        wid = _pinned.get(id(core))
-        if wid is None or wid not in usable:
-            ready = [i for i, w in usable.items() if w.state == "ready"]
-            candidates = ready or list(usable)
-            if not candidates:
-                # No worker alive (respawning): any worker will do.
-                return None
-            wid = _pinned[id(core)] = min(candidates)
-        job = Job(
-            next_job_id(), "%%orchestra", digest, payload, iter([item]), 1, call=True, targets=[wid]
-        )
-        handle: TaskHandle[Any] = TaskHandle(pool._io, core, job)
-        core.submit(job)
-        return handle
-
-    handle = pool._io.run_sync(submit())
-    if handle is None:
-        handle = pool.options(name="%%orchestra").run(orchestra_cell, *args)
-    return handle
+    """Run ``orchestra_cell(*args)`` on the pool's foreground worker (a TaskHandle): the
+    same worker every time while it lives, so state kept in its namespace carries over.
+    Backends that cannot pin a call run it anywhere."""
+    if not pool.capabilities.pinning:
+        return pool.options(name="%%orchestra").run(orchestra_cell, *args)
+    workers = [w for w in pool.statistics().workers
+               if w.state in (WorkerState.STARTING, WorkerState.READY)]
+    usable = {w.id: w for w in workers}
+    wid = _pinned.get(id(pool))
+    if wid is None or wid not in usable:
+        ready = [w.id for w in workers if w.state is WorkerState.READY]
+        candidates = ready or list(usable)
+        if not candidates:  # no worker alive (respawning): any worker will do
+            return pool.options(name="%%orchestra").run(orchestra_cell, *args)
+        wid = _pinned[id(pool)] = min(candidates)
+    return pool.options(name="%%orchestra", worker=wid).run(orchestra_cell, *args)
 
 
 async def run_cell(args: str, body: str) -> Any:

@@ -204,7 +204,7 @@ class JobView:
     ) -> None:
         self.handle: Any = handle
         self.job_id = handle.job_id
-        self.bus = handle._core.bus
+        self.bus = handle.events
         self.ctx = contextvars.copy_context()  # the launching cell's (parent header)
         self.interval = max(0.1, float(_setting("update_interval", 0.1)))
         self.output_mode = output
@@ -585,8 +585,6 @@ def adopt(handle: Any) -> None:
 def on_create(handle: Any) -> None:
     """``_handles.create_hook``: track the handle, show its live view in this cell."""
     try:
-        if handle._io.in_thread():
-            return  # made by the pool itself (run_on_all): whoever asked displays it
         adopt(handle)
         if _suppress.get():
             return
@@ -652,7 +650,6 @@ class StatusView:
         self.ctx = contextvars.copy_context()
         self.due = 0.0
         self.closed = False
-        self._procs: dict[int, Any] = {}
         self._last = ""
         self.widget: Any = None
         if widget:
@@ -661,34 +658,16 @@ class StatusView:
             self.widget = W.HTML(value=self.render())
 
     def snapshot(self) -> dict[str, Any]:
-        import psutil
-
         pool = self.pool_getter()
         if pool is None:
             return {"state": "no pool", "workers": [], "jobs": []}
-        status: dict[str, Any] = pool.status()
-        for w in status["workers"]:
-            proc = self._procs.get(w["pid"])
-            try:
-                if proc is None:
-                    proc = self._procs[w["pid"]] = psutil.Process(w["pid"])
-                    proc.cpu_percent(None)  # first call primes the counter
-                with proc.oneshot():
-                    w["cpu"] = proc.cpu_percent(None)
-                    w["rss"] = proc.memory_info().rss
-            except psutil.Error:
-                w["cpu"] = None
-                w["rss"] = None
-        alive = {w["pid"] for w in status["workers"]}
-        self._procs = {pid: p for pid, p in self._procs.items() if pid in alive}
+        status: dict[str, Any] = pool.status()  # Pool.statistics() as plain data
         names = {j["id"]: j["name"] for j in status["jobs"]}
         for w in status["workers"]:
-            cur = w.get("current")
-            if cur:
-                job_id, start, count = cur
-                w["current_text"] = f"{names.get(job_id, 'job')} (job {job_id}) task {start}" + (
-                    f"..{start + count - 1}" if count > 1 else ""
-                )
+            w["cpu"], w["rss"] = w["cpu_percent"], w["memory_bytes"]
+            w["state"] = w["activity"]  # busy / idle rather than "ready"
+            if w["job"] is not None:
+                w["current_text"] = f"{names.get(w['job'], 'job')} (job {w['job']}) item {w['item']}"
             else:
                 w["current_text"] = ""
         for w in status["workers"]:  # formatted once here, for both views

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +166,7 @@ def no_leaked_processes(request: pytest.FixtureRequest) -> Iterator[None]:
         return mine - (cluster.pids() if cluster is not None else set())
 
     before = children()
+    threads_before = set(_package_threads())
     yield
     orchestra.shutdown()
     new = [pid for pid in children() if pid not in before]
@@ -173,6 +175,14 @@ def no_leaked_processes(request: pytest.FixtureRequest) -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not leaked, f"test left processes alive: {leaked}"
+    for thread in set(_package_threads()) - threads_before:
+        thread.join(10.0)
+    stray = [t.name for t in set(_package_threads()) - threads_before if t.is_alive()]
+    assert not stray, f"test left threads of the package running: {stray}"
+
+
+def _package_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("orchestra")]
 
 
 def _resource_tracker(proc: psutil.Process) -> bool:

@@ -7,7 +7,6 @@ passed to ``loop.call_later``, and the task's own clock proves no retry ran earl
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -117,8 +116,3 @@ def _maybe_flaky(arg: tuple[str, int]) -> int:
     if i == 42:
         return fail_n_times(path, 2, i)
     return i * 2
-
-
-def test_retry_random_defaults_to_real_jitter(make_pool) -> None:
-    pool = make_pool(workers=1)
-    assert pool._core.options.retry_random is random.random

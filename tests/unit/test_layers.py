@@ -30,8 +30,8 @@ LAYERS = {
     "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0,
     "_worker": 1,
     "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_pool": 2,
-    "backends": 2, "backends._base": 2, "backends.dask": 2, "backends._dask_worker": 2,
-    "backends._core_adapter": 2,
+    "_feed": 2, "backends": 2, "backends._base": 2, "backends._caller": 2,
+    "backends.local": 2, "backends.inline": 2, "backends.dask": 2, "backends._dask_worker": 2,
     "_api": 3, "_handles": 3,
 }
 NOTEBOOK_LAYER = 4
@@ -113,6 +113,20 @@ def test_no_upward_imports(path: Path) -> None:
         theirs = layer_of(target.split(".")[0]) if target.split(".")[0] in LAYERS else layer_of(target)
         if theirs is not None and theirs > mine:
             bad.append(f"line {line}: {me} (L{mine}) imports {target} (L{theirs})")
+    assert not bad, "\n".join(bad)
+
+
+# What the layers above the backends may import from layer 2: the interface, the backend
+# registry, the task table, the event bus and the input feeder; never an implementation.
+BACKEND_NEUTRAL = {"_bus", "_jobs", "_feed", "backends", "backends._base"}
+
+
+@pytest.mark.parametrize("path", [p for p in modules() if (layer_of(module_name(p)) or 0) >= 3],
+                         ids=module_name)
+def test_upper_layers_see_the_backend_interface_only(path: Path) -> None:
+    me = module_name(path)
+    bad = [f"line {line}: {me} imports {target}" for line, target in runtime_imports(path)
+           if layer_of(target) == 2 and target not in BACKEND_NEUTRAL]
     assert not bad, "\n".join(bad)
 
 

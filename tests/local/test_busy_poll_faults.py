@@ -10,7 +10,7 @@ lands: the task announces that it started (a marker file), and the fault follows
 The poll must let the I/O thread in for the worker's exit, the cancel or the shutdown, so
 each of these tests ends in milliseconds, not after the window.
 
-An awaiting coroutine polls for at most ``_handles._LOOP_POLL_LIMIT`` (its loop runs
+An awaiting coroutine polls for at most ``backends._caller.LOOP_POLL_LIMIT`` (its loop runs
 nothing else meanwhile); tests of the polling itself lift that cap (``uncapped``).
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from faultkit import assert_serves
+from localkit import local_core, local_io
 
 import orchestra_nb as orchestra
 from orchestra_nb import (
@@ -36,9 +37,9 @@ from orchestra_nb import (
     RemoteTraceback,
     TaskState,
     WorkerCrashedError,
-    _handles,
     _spin,
 )
+from orchestra_nb.backends import _caller
 from orchestra_nb.testing import kill_pid, wait_for
 
 HANG_GUARD = 20.0
@@ -132,7 +133,7 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def uncapped(monkeypatch: pytest.MonkeyPatch) -> None:
     """An awaiting coroutine polls for the pool's whole window."""
-    monkeypatch.setattr(_handles, "_LOOP_POLL_LIMIT", HANG_GUARD)
+    monkeypatch.setattr(_caller, "LOOP_POLL_LIMIT", HANG_GUARD)
 
 
 # --- a task error through the poll ---------------------------------------------------------
@@ -141,7 +142,7 @@ def uncapped(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_task_error_reaches_a_blocking_caller_through_its_poll_as_itself(make_pool) -> None:
     pool = make_pool(workers=1, busy_poll=HANG_GUARD)
     assert pool.run(inc, 0).result(HANG_GUARD) == 1
-    poll = pool._core.caller_poll
+    poll = local_core(pool).caller_poll
     misses = poll.misses
     handle = pool.run(fail_after, 0.1, "bad input 7")
     with pytest.raises(PollError, match="bad input 7") as info:
@@ -179,7 +180,7 @@ def test_a_result_timeout_ends_the_poll_long_before_the_window(make_pool, tmp_pa
         handle.result(timeout=0.2)
     assert time.monotonic() - t0 < HANG_GUARD / 2  # a hang guard, not a timing test
     assert not isinstance(info.value, OrchestraError)  # the wait timed out, not the task
-    assert pool._core.caller_poll.misses == 1  # the poll ran, and gave up at the timeout
+    assert local_core(pool).caller_poll.misses == 1  # the poll ran, and gave up at the timeout
     assert not handle.done()
     assert handle.state == TaskState.RUNNING  # still running: a timed-out wait stops nothing
     assert handle.cancel()
@@ -194,7 +195,7 @@ def test_a_result_timeout_ends_the_poll_long_before_the_window(make_pool, tmp_pa
 
 def test_polls_that_miss_back_off_and_results_arrive_the_normal_way(make_pool) -> None:
     pool = make_pool(workers=1, busy_poll=SHORT_WINDOW)
-    poll = pool._core.caller_poll
+    poll = local_core(pool).caller_poll
     settled_on: list[int] = []
     results = []
     for i in range(3):
@@ -204,7 +205,7 @@ def test_polls_that_miss_back_off_and_results_arrive_the_normal_way(make_pool) -
     assert results == [0, 1, 2]
     # Polled and missed; skipped (backing off after the miss); polled and missed again.
     assert (poll.hits, poll.misses) == (0, 2)
-    assert settled_on == [pool._io.thread.ident] * 3  # read by the I/O thread, not the caller
+    assert settled_on == [local_io(pool).thread.ident] * 3  # read by the I/O thread, not the caller
 
 
 async def test_an_awaited_poll_that_misses_leaves_the_wait_to_the_loop(make_pool) -> None:
@@ -214,7 +215,7 @@ async def test_an_awaited_poll_that_misses_leaves_the_wait_to_the_loop(make_pool
     assert steps.send(None) is handle  # the poll gave up: the coroutine yields to its loop
     steps.close()
     assert await asyncio.wait_for(asyncio.shield(handle), HANG_GUARD) == 7
-    assert (pool._core.caller_poll.hits, pool._core.caller_poll.misses) == (0, 1)
+    assert (local_core(pool).caller_poll.hits, local_core(pool).caller_poll.misses) == (0, 1)
 
 
 # --- a worker killed while the caller polls --------------------------------------------------
@@ -270,7 +271,7 @@ def test_a_cancel_from_another_thread_while_the_caller_polls_stops_the_task(make
 async def test_a_cancel_from_another_task_while_a_coroutine_polls_stops_the_task(
     make_pool, tmp_path: Path
 ) -> None:
-    # The awaiting coroutine's poll is capped (_LOOP_POLL_LIMIT), so the canceller, on the
+    # The awaiting coroutine's poll is capped (backends._caller.LOOP_POLL_LIMIT), so the canceller, on the
     # same loop, gets to run although the pool's window is 20 s.
     pool, pid, handle, marker = sleeper_polled_for(make_pool, tmp_path, cancel_grace=HANG_GUARD)
 

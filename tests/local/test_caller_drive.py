@@ -14,6 +14,7 @@ import asyncio
 import threading
 
 import pytest
+from localkit import local_core
 
 import orchestra_nb as orchestra
 from orchestra_nb.testing import wait_for
@@ -53,7 +54,7 @@ async def test_a_result_left_unread_by_a_stuck_loop_is_read_by_the_io_thread(
     handle = apool.run(inc, 41)
     waiter = asyncio.ensure_future(awaited(handle))
     await asyncio.sleep(0)  # the waiter attaches this loop to the data socket, and sends
-    assert apool._core.caller_drains == 1
+    assert local_core(apool).caller_drains == 1
     # Now this loop is stuck: it cannot read the result it is waiting for.
     wait_for(handle.done, timeout=HANG_GUARD, what="the result read while the loop was stuck")
     assert handle.result() == 42
@@ -74,7 +75,7 @@ async def test_the_io_thread_watches_the_socket_again_when_nothing_is_awaited(
     assert await apool.run(inc, 1) == 2
     # With nothing awaited, the loop lets go at its next waker tick (0.1 s).
     async with asyncio.timeout(HANG_GUARD):
-        while apool._core.caller_drains:  # noqa: ASYNC110  # no event announces it
+        while local_core(apool).caller_drains:  # noqa: ASYNC110  # no event announces it
             await asyncio.sleep(0.01)
     # Results now reach a synchronous waiter through the I/O thread alone.
     handle = apool.run(inc, 2)
@@ -104,16 +105,16 @@ def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(pool: orch
     """A loop that awaited a run() and then stopped (run_until_complete returned) never gets
     to let go of the data socket: the first result left unread through a hot tick makes the
     I/O thread watch the socket again, so later synchronous callers are not held up."""
-    assert pool._core.caller_poll.window == 0  # the pool_options marker took effect
+    assert local_core(pool).caller_poll.window == 0  # the pool_options marker took effect
     loop = asyncio.new_event_loop()
     try:
         assert loop.run_until_complete(awaited(pool.run(inc, 1))) == 2
-        assert pool._core.caller_drains == 1  # still attached: the loop is not turning
+        assert local_core(pool).caller_drains == 1  # still attached: the loop is not turning
         assert pool.run(inc, 2).result(HANG_GUARD) == 3  # read by the I/O thread's check
-        assert pool._core.take_backs == 1 and pool._core._io_reads_data
+        assert local_core(pool).take_backs == 1 and local_core(pool)._io_reads_data
         assert [pool.run(inc, i).result(HANG_GUARD) for i in range(20)] == list(range(1, 21))
         # The loop awaits again: it reads its results itself once more.
         assert loop.run_until_complete(awaited(pool.run(inc, 3))) == 4
-        assert not pool._core._io_reads_data
+        assert not local_core(pool)._io_reads_data
     finally:
         loop.close()

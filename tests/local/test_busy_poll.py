@@ -2,7 +2,7 @@
 
 Each test's window is a hang guard (20 s): the result of ``inc`` always arrives within it,
 so the busy poll always catches it, and the outcome is deterministic. For the same reason
-the cap on an awaiting coroutine's poll (``_LOOP_POLL_LIMIT``, 2 ms) is lifted, except in
+the cap on an awaiting coroutine's poll (``backends._caller.LOOP_POLL_LIMIT``, 2 ms) is lifted, except in
 the test of the cap itself, and so is the give-up on a busy CPU (``_spin.CONTENDED``).
 """
 
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 import orchestra_nb as orchestra
-from orchestra_nb import _handles, _spin
+from orchestra_nb import _spin
+from orchestra_nb.backends import _caller
 
 HANG_GUARD = 20.0
 
@@ -32,7 +33,7 @@ def nap(seconds: float) -> float:
 
 @pytest.fixture
 def polling_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[orchestra.Pool]:
-    monkeypatch.setattr(_handles, "_LOOP_POLL_LIMIT", HANG_GUARD)
+    monkeypatch.setattr(_caller, "LOOP_POLL_LIMIT", HANG_GUARD)
     # A poll that finds the CPUs busy gives up: deterministic here only if it never does.
     monkeypatch.setattr(_spin, "CONTENDED", HANG_GUARD)
     p = orchestra.Pool(workers=1, busy_poll=HANG_GUARD)
