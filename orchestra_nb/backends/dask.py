@@ -362,6 +362,16 @@ class DaskBackend(Backend):
     def statistics(self) -> PoolStatistics:
         with self._stats_lock:
             workers = self._stats_workers
+        # What each worker runs now, from the chunks' RUNNING events (not the last tick).
+        running: dict[str, tuple[int, int]] = {}
+        for flight in list(self._flights.values()):
+            if flight.worker is not None and not flight.cancelled:
+                running.setdefault(flight.worker, (flight.job.id, flight.start))
+        workers = tuple(
+            dataclasses.replace(w, job=running[w.host][0], item=running[w.host][1])
+            if w.host in running else dataclasses.replace(w, job=None, item=None)
+            for w in workers
+        )
         now = time.monotonic()
         jobs = []
         queued = 0
@@ -967,6 +977,10 @@ class DaskBackend(Backend):
 
     def _move(self, job: Job, start: int, count: int, state: TaskState,
               worker_id: int | None = None) -> None:
+        if state is TaskState.CANCELLED:  # no value, ever (partial_results tells it apart)
+            for index in range(start, start + count):
+                if not TaskState(job.states[index]).is_final:
+                    job.results[index] = None
         job.transition(start, count, state, worker_id, unfinished_only=True)
         self._touched.add(job.id)
 

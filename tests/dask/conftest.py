@@ -41,7 +41,8 @@ def cluster_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     # The workers import orchestra_nb from this tree and, by reference, the helpers of
     # these test modules (as a notebook's workers would import the user's modules).
-    env["PYTHONPATH"] = os.pathsep.join([str(WORKTREE), str(Path(__file__).parent)])
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKTREE), str(Path(__file__).parent),
+                                         str(WORKTREE / "tests" / "integration")])
     env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "1"
     env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "True"
     env.update(extra)
@@ -206,3 +207,14 @@ def dpool(dask_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[orc
         yield pool
     finally:
         pool.shutdown(cancel_pending=True)
+
+
+@pytest.fixture
+def pool(dpool: orchestra.Pool) -> orchestra.Pool:
+    """The local pool's API tests, run here on the Dask backend (test_api_on_dask.py)."""
+    return dpool
+
+
+@pytest.fixture
+async def apool(dpool: orchestra.Pool) -> orchestra.Pool:
+    return dpool
