@@ -315,9 +315,10 @@ def _sync_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
 # --- the task function ------------------------------------------------------------------------
 
 
-def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) -> bytes:
-    """Run items ``start..`` of job ``job`` here; returns ``dumps_result((values, errors,
-    elapsed))`` with ``errors`` mapping an offset to an :class:`ErrorRecord` (or None)."""
+def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) -> tuple[float, bytes]:
+    """Run items ``start..`` of job ``job`` here; returns the wall-clock time it ended (the
+    client orders results that arrive together by it) and ``dumps_result((values, errors,
+    elapsed))``, ``errors`` mapping an offset to an :class:`ErrorRecord` (or None)."""
     topic, job, start, count, digest, star, call, timeout = spec
     t0 = time.perf_counter()
     rt = runtime()
@@ -375,10 +376,10 @@ def _align(values: list[Any], offset: int) -> None:
     values.append(None)
 
 
-def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float) -> bytes:
+def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float) -> tuple[float, bytes]:
     body = (values, errors or None, time.perf_counter() - t0)
     try:
-        return dumps_result(body)
+        return time.time(), dumps_result(body)
     except Exception:
         pass
     for offset, value in enumerate(values):
@@ -393,7 +394,7 @@ def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float) -> byt
             )
             errors[offset] = capture_exception(err, "serialization")
             values[offset] = None
-    return dumps_result((values, errors or None, time.perf_counter() - t0))
+    return time.time(), dumps_result((values, errors or None, time.perf_counter() - t0))
 
 
 # --- called through Client.run (on the worker's event loop) -------------------------------------

@@ -376,7 +376,7 @@ class DaskBackend(Backend):
         jobs = []
         queued = 0
         for j in list(self._jobs.values()):
-            if j.internal:
+            if j.internal or j.is_complete():  # complete: finishing on the driver right now
                 continue
             counts = tuple(j.counts)
             queued += counts[TaskState.PENDING] + counts[TaskState.RETRYING]
@@ -658,18 +658,23 @@ class DaskBackend(Backend):
             results = self._client.gather(finished, errors="skip")
         except Exception:
             results = {}
-        for key, future in finished.items():
+        # Done callbacks come in the order the futures were made, not finished: results that
+        # arrived together are applied in the order the workers finished them (ordered=False).
+        ended = {key: value[0] for key, value in results.items() if isinstance(value, tuple)}
+        for key, future in sorted(finished.items(), key=lambda kv: ended.get(kv[0], 0.0)):
             flight = self._flights.get(key)
             if flight is None:
                 continue
-            data = results.get(key)
+            value = results.get(key)
+            data = value[1] if isinstance(value, tuple) else None
             if flight.cancelled:
-                pass
+                self._forget(flight)
             elif data is None:
                 self._on_dask_error(flight, future)
+                self._forget(flight)
             else:
+                self._forget(flight)  # first: the job may finish with this result
                 self._on_result(flight, data)
-            self._forget(flight)
 
     def _forget(self, flight: _Flight) -> None:
         self._flights.pop(flight.key, None)
