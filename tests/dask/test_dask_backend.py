@@ -33,10 +33,16 @@ from dask_tasks import (
 )
 
 import orchestra_nb as orchestra
-from orchestra_nb import RemoteTraceback, TaskOutput, TaskState, TaskStateChanged, WorkerExited
+from orchestra_nb import JobFinished, RemoteTraceback, TaskOutput, TaskState, TaskStateChanged, WorkerExited
 from orchestra_nb.testing import EventRecorder, wait_for
 
 pytestmark = [pytest.mark.dask, pytest.mark.timeout(120)]
+
+
+def delivered(rec: EventRecorder, handle: orchestra.MapHandle[object]) -> None:
+    """Wait until ``handle``'s JobFinished reached ``rec``: events come in order, so every
+    event published before it has been recorded too."""
+    rec.wait(lambda e: isinstance(e, JobFinished) and e.job_id == handle.job_id, HANG_GUARD)
 
 
 def started_pid(d: Path, i: int) -> int:
@@ -106,10 +112,11 @@ def test_numpy_arrays_in_closures_items_and_results(dpool: orchestra.Pool) -> No
 
 
 def test_many_tiny_tasks_are_batched_and_all_accounted_for(dpool: orchestra.Pool) -> None:
-    with EventRecorder(dpool, (TaskStateChanged,)) as rec:
+    with EventRecorder(dpool, (TaskStateChanged, JobFinished)) as rec:
         handle = dpool.map(square, range(10_000))
         assert handle.result(HANG_GUARD) == [x * x for x in range(10_000)]
-        events = [e for e in rec.events if e.job_id == handle.job_id]
+        delivered(rec, handle)
+        events = [e for e in rec.of(TaskStateChanged) if e.job_id == handle.job_id]
     succeeded = sum(e.count for e in events if e.state is TaskState.SUCCEEDED)
     assert succeeded == 10_000
     assert handle.counts()[TaskState.SUCCEEDED] == 10_000
@@ -149,6 +156,7 @@ def test_running_when_a_task_really_starts_and_prints_while_it_runs(
         assert not handle.done()
         mark(str(tmp_path), "go")
         assert handle.result(HANG_GUARD) == [0, 1, 2, 3]
+        delivered(rec, handle)
         runs = [e for e in rec.of(TaskStateChanged) if e.job_id == handle.job_id
                 and e.state is TaskState.RUNNING]
         assert sum(e.count for e in runs) == 4 and all(e.worker_id is not None for e in runs)
@@ -202,10 +210,12 @@ def test_timeout_restarts_a_worker_stuck_in_a_long_call(dpool: orchestra.Pool, t
 
 
 def test_retries(dpool: orchestra.Pool, tmp_path: Path) -> None:
-    with EventRecorder(dpool, (TaskStateChanged,)) as rec:
+    with EventRecorder(dpool, (TaskStateChanged, JobFinished)) as rec:
         handle = dpool.map(flaky, range(3), [str(tmp_path)] * 3, retries=1)
         assert handle.result(HANG_GUARD) == [0, 1, 2]
-    retrying = [e for e in rec.events if e.job_id == handle.job_id and e.state is TaskState.RETRYING]
+        delivered(rec, handle)
+    retrying = [e for e in rec.of(TaskStateChanged)
+                if e.job_id == handle.job_id and e.state is TaskState.RETRYING]
     assert sorted(e.start for e in retrying) == [0, 1, 2]
     assert all(e.attempt == 1 and e.delay is not None for e in retrying)
     (tmp_path / "again").mkdir()
@@ -226,6 +236,7 @@ def test_a_worker_killed_mid_map_and_the_map_completes(dpool: orchestra.Pool, tm
         assert exited.reason == "crashed" and exited.pid == victim
         mark(d, "go")
         assert handle.result(HANG_GUARD) == list(range(6))
+        delivered(rec, handle)
         back = [e for e in rec.of(TaskStateChanged) if e.job_id == handle.job_id
                 and e.state is TaskState.PENDING and e.previous is TaskState.RUNNING]
         assert back, "the killed worker's task went back to PENDING"
@@ -345,3 +356,13 @@ def test_cancel_one_run_call_leaves_the_others(dpool: orchestra.Pool, tmp_path: 
     wait_for((tmp_path / "stopped-0").exists, HANG_GUARD, what="the interrupt reached the call")
     assert kept.result(HANG_GUARD) == 36
     assert doomed.cancelled() and doomed.state is TaskState.CANCELLED
+
+
+def test_the_default_pool_can_be_a_dask_one(dask_cluster: Cluster) -> None:
+    orchestra.configure(backend="dask", address=dask_cluster.address)
+    try:
+        assert orchestra.map(square, range(5)).result(HANG_GUARD) == [0, 1, 4, 9, 16]
+        assert orchestra.status()["backend"] == "dask"
+    finally:
+        orchestra.configure()  # back to the local default for the tests after this one
+        orchestra.shutdown()
