@@ -49,6 +49,7 @@ import random
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -200,8 +201,7 @@ class DaskBackend(Backend):
             self._client = client
         elif address is not None:
             self._client = distributed.Client(  # type: ignore[no-untyped-call]
-                address, security=security, set_as_default=False,
-                                              timeout=start_timeout)
+                address, security=security, set_as_default=False, timeout=start_timeout)
             self._owns_client = True
         if self._client is not None:
             try:
@@ -296,8 +296,6 @@ class DaskBackend(Backend):
         try:
             fn(*args)
         except Exception:  # a bug here must not stop every job of the pool
-            import traceback
-
             traceback.print_exc()
 
     def _break(self, exc: BaseException) -> None:
