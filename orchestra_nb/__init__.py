@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         TaskOutput as TaskOutput,
         TaskStateChanged as TaskStateChanged,
         WorkerExited as WorkerExited,
+        WorkerSpawnFailed as WorkerSpawnFailed,
         WorkerStalled as WorkerStalled,
         WorkerStarted as WorkerStarted,
     )
@@ -96,6 +97,7 @@ _EXPORTS: dict[str, str] = {
     "TaskTimeoutError": "_exceptions",
     "WorkerCrashedError": "_exceptions",
     "WorkerExited": "_events",
+    "WorkerSpawnFailed": "_events",
     "WorkerStalled": "_events",
     "WorkerStartError": "_exceptions",
     "WorkerState": "_state",

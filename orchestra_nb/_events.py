@@ -22,6 +22,7 @@ __all__ = [
     "TaskOutput",
     "TaskStateChanged",
     "WorkerExited",
+    "WorkerSpawnFailed",
     "WorkerStalled",
     "WorkerStarted",
     "replay_counts",
@@ -115,6 +116,18 @@ class WorkerExited:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class WorkerSpawnFailed:
+    """Starting a worker failed (out of descriptors or processes, ...): the pool has
+    ``alive`` of its ``target`` workers and tries again in ``retry_in`` seconds, for as
+    long as it is open."""
+
+    error: str
+    alive: int
+    target: int
+    retry_in: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class WorkerStalled:
     """No heartbeat from a worker for ``silent_for`` seconds (its process is still alive)."""
 
@@ -139,6 +152,7 @@ Event: TypeAlias = (
     | TaskOutput
     | WorkerStarted
     | WorkerExited
+    | WorkerSpawnFailed
     | WorkerStalled
     | CircuitChanged
 )

@@ -112,6 +112,7 @@ class WorkerCrashedError(OrchestraError):
         self.pid = pid
         self.returncode = returncode
         self.task_index = task_index
+        self.cause = cause
         where = f" while running task {task_index}" if task_index is not None else ""
         why = f" ({cause})" if cause else ""
         super().__init__(
@@ -119,7 +120,7 @@ class WorkerCrashedError(OrchestraError):
         )
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.worker_id, self.pid, self.returncode, self.task_index))
+        return (type(self), (self.worker_id, self.pid, self.returncode, self.task_index, self.cause))
 
 
 class MemoryLimitError(WorkerCrashedError):

@@ -23,7 +23,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from ._jobs import _NOT_DONE, Job, JobFuture
+from ._jobs import _NOT_DONE, STREAM_WINDOW, Job, JobFuture
 from ._state import TaskState, done_count
 
 if TYPE_CHECKING:
@@ -581,6 +581,8 @@ class MapHandle(_Handle, Generic[T]):
         self._watch(lambda start, count: loop.call_soon_threadsafe(wake.set))
         self._backend.flush()
         cursor, yielded = 0, bytearray()
+        consumed = 0
+        self._consumed(0)
         hub = _LoopHub.of(loop)
         hub.acquire()
         try:
@@ -589,6 +591,8 @@ class MapHandle(_Handle, Generic[T]):
                 values, cursor = self._scan(cursor, yielded)
                 for value in values:
                     yield value
+                    consumed += 1
+                self._consumed(consumed, waiting=not values)
                 if self._exhausted(cursor):
                     return
                 if not values:
@@ -603,10 +607,15 @@ class MapHandle(_Handle, Generic[T]):
         signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._watch(lambda start, count: signals.put(start))
         cursor, yielded = 0, bytearray()
+        consumed = 0
+        self._consumed(0)
         try:
             while True:
                 values, cursor = self._scan(cursor, yielded)
-                yield from values
+                for value in values:
+                    yield value
+                    consumed += 1
+                self._consumed(consumed, waiting=not values)
                 if self._exhausted(cursor):
                     return
                 if not values:
@@ -618,6 +627,18 @@ class MapHandle(_Handle, Generic[T]):
         except KeyboardInterrupt:
             self.cancel()
             raise
+
+    def _consumed(self, count: int, waiting: bool = False) -> None:
+        """A stream consumer has taken ``count`` results: the backend hands out new items
+        only while fewer than ``STREAM_WINDOW`` wait for it (the job's backpressure).
+        ``waiting``: the consumer is about to wait, so the backend is nudged whatever the
+        flag says (it may have read an older count just before this one was stored)."""
+        job = self._job
+        job.stream_consumed = max(count, job.stream_consumed or 0)
+        if (job.stream_blocked or waiting) and job.source is not None \
+                and job.pulled - count < STREAM_WINDOW:
+            job.stream_blocked = False
+            self._backend.input_ready(job)
 
     def _watch(self, fn: Callable[[int, int], object]) -> None:
         self._backend.watch(self._job, fn)

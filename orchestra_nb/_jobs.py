@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import reprlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +28,15 @@ from ._state import FINAL_STATES, LEGAL, TaskState, done_count
 if TYPE_CHECKING:
     from ._bus import EventBus
 
-__all__ = ["DEFAULT_RETRY", "Chunk", "IllegalTransition", "Job", "JobFuture", "LazyEvent", "next_job_id"]
+__all__ = [
+    "DEFAULT_RETRY", "STREAM_WINDOW", "Chunk", "IllegalTransition", "Job", "JobFuture", "LazyEvent",
+    "describe_input", "next_job_id",
+]
 
 DEFAULT_RETRY = RetryPolicy()
+
+# A job being iterated runs at most this many items ahead of its consumer (backpressure).
+STREAM_WINDOW = 32_768
 
 _NOT_DONE: Any = object()  # placeholder in ``results`` for items without an outcome yet
 
@@ -286,6 +293,10 @@ class Job:
         self.sealer: Callable[[], object] | None = None
         # What the input raised (read by a feeder): the job fails with it at the end.
         self.input_error: BaseException | None = None
+        # Results taken by a stream consumer (None: nobody iterates), and whether take()
+        # stopped because the consumer is STREAM_WINDOW items behind.
+        self.stream_consumed: int | None = None
+        self.stream_blocked = False
 
     def close_input(self) -> None:
         """No more items wanted: stop the feeder, if the input has one."""
@@ -325,6 +336,12 @@ class Job:
         source = self.source
         if source is None or self.cancelled:
             return None
+        if self.stream_consumed is not None:  # backpressure from a stream consumer
+            room = self.stream_consumed + STREAM_WINDOW - self.pulled
+            if room <= 0:
+                self.stream_blocked = True
+                return None
+            size = min(size, room)
         if isinstance(source, FeedBuffer):
             items, ended = source.take(size)
             if ended:
@@ -580,6 +597,23 @@ class Job:
 
     def outcome(self) -> list[Any]:
         return self.results
+
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+
+
+def describe_input(job: Job, item: Any) -> str:
+    """A task's input as error notes show it: ``f(1, x=2)`` for calls, else the item's
+    shortened repr."""
+    try:
+        if job.call:
+            args, kwargs = item
+            parts = [_short.repr(a) for a in args] + [f"{k}={_short.repr(v)}" for k, v in kwargs.items()]
+            return f"({', '.join(parts)})"
+        return _short.repr(item)
+    except Exception:  # a repr that raises must not hide the task's own error
+        return f"<{type(item).__qualname__}>"
 
 
 _job_ids = itertools.count(1)

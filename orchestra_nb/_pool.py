@@ -47,7 +47,7 @@ import zmq
 from . import _protocol as proto
 from ._bus import EventBus
 from ._circuit import CircuitState
-from ._events import TaskOutput, WorkerExited, WorkerStalled, WorkerStarted
+from ._events import TaskOutput, WorkerExited, WorkerSpawnFailed, WorkerStalled, WorkerStarted
 from ._exceptions import (
     BrokenPoolError,
     CircuitOpenError,
@@ -58,7 +58,7 @@ from ._exceptions import (
     WorkerCrashedError,
     describe_exit,
 )
-from ._jobs import Chunk, Job, next_job_id
+from ._jobs import Chunk, Job, describe_input, next_job_id
 from ._policy import MemoryPolicy
 from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
@@ -77,7 +77,9 @@ SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hi
 PREFETCH = 4
 DRAIN_BUDGET = 64  # messages handled per I/O callback before other callbacks get a turn
 FUNCTION_CACHE = 64  # callables cached per worker
-MAX_START_FAILURES = 3  # consecutive workers dying before Ready -> BrokenPoolError
+MAX_START_FAILURES = 3  # consecutive workers exiting by themselves before Ready -> broken
+SPAWN_RETRY_FIRST = 0.05  # seconds before retrying a failed worker start, doubling...
+SPAWN_RETRY_MAX = 5.0  # ... up to this
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +120,9 @@ class PoolCore:
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
         self.start_failures = 0
+        self.spawn_failures = 0  # consecutive failed worker starts (retried with backoff)
+        self.spawn_error: str | None = None
+        self._respawn_handle: asyncio.TimerHandle | None = None
         self.broken: BrokenPoolError | None = None
         self.all_ready: asyncio.Event = asyncio.Event()
         self.closed_event: asyncio.Event = asyncio.Event()
@@ -152,7 +157,8 @@ class PoolCore:
         self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
         self.state = PoolState.RUNNING
         for _ in range(self.target_workers):
-            self._spawn()
+            if self._spawn() is None:
+                break  # retried with backoff
         self._tick_handle = self.loop.call_later(0.25, self._tick)
 
     def _router(self, addr: str) -> zmq.Socket[Any]:
@@ -164,20 +170,67 @@ class PoolCore:
         sock.bind(addr)
         return sock
 
-    def _spawn(self) -> WorkerProc:
+    def _spawn(self) -> WorkerProc | None:
+        """Start one worker; None if that failed (out of descriptors or processes, the run
+        directory gone...): then a retry is scheduled, with backoff, while the pool is open."""
         self._worker_ids += 1
-        w = spawn_worker(
-            self._worker_ids, self.run_dir, self.key, self.shm_dir,
-            python=self.options.python, env=self.options.env,
-            threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
-            max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
-        )
+        try:
+            if not os.path.isdir(self.run_dir):
+                self._restore_run_dir()
+            w = spawn_worker(
+                self._worker_ids, self.run_dir, self.key, self.shm_dir,
+                python=self.options.python, env=self.options.env,
+                threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
+                max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
+            )
+        except (OSError, zmq.ZMQError) as exc:
+            self._spawn_failed(exc)
+            return None
+        try:
+            w.pidfd = os.pidfd_open(w.pid)
+        except OSError as exc:  # started, but cannot be watched: not a worker we can use
+            w.kill("close", "its exit could not be watched")
+            w.close_stdin()
+            w.proc.wait()
+            self._spawn_failed(exc)
+            return None
+        self.spawn_failures = 0
+        self.spawn_error = None
         self.workers[w.id] = w
-        w.pidfd = os.pidfd_open(w.pid)
         self.loop.add_reader(w.pidfd, self._on_exit, w)
         w.timers.append(self.loop.call_later(self.options.start_timeout, self._start_timeout, w))
         self.all_ready.clear()
         return w
+
+    def _spawn_failed(self, exc: BaseException) -> None:
+        self.spawn_failures += 1
+        self.spawn_error = f"{type(exc).__name__}: {exc}"
+        delay = min(SPAWN_RETRY_MAX, SPAWN_RETRY_FIRST * 2 ** (self.spawn_failures - 1))
+        delay *= 0.5 + self.options.retry_random()  # several pools: not all at once
+        alive = sum(1 for x in self.workers.values() if not x.retire)
+        self.bus.publish(WorkerSpawnFailed(self.spawn_error, alive, self.target_workers, delay))
+        if self._respawn_handle is None:
+            self._respawn_handle = self.loop.call_later(delay, self._respawn_missing)
+
+    def _respawn_missing(self) -> None:
+        self._respawn_handle = None
+        if self.state != PoolState.RUNNING:
+            return
+        alive = sum(1 for x in self.workers.values() if not x.retire)
+        for _ in range(self.target_workers - alive):
+            if self._spawn() is None:
+                break  # the next try is scheduled
+        self._pump()
+
+    def _restore_run_dir(self) -> None:
+        """Something deleted the run directory: make it again and bind the sockets anew
+        (connected workers keep their connections; new ones need the socket files)."""
+        os.mkdir(self.run_dir, 0o700)
+        for sock, name in ((self.data, "data"), (self.ctrl, "ctrl")):
+            addr = f"ipc://{self.run_dir}/{name}"
+            with contextlib.suppress(zmq.ZMQError):
+                sock.unbind(addr)
+            sock.bind(addr)
 
     def _start_timeout(self, w: WorkerProc) -> None:
         if w.state == "starting":
@@ -222,6 +275,8 @@ class PoolCore:
     def _teardown(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._respawn_handle is not None:
+            self._respawn_handle.cancel()
         self.loop.remove_hot_check(self._check_unread)
         for fd, sock in ((self.data_fd, self.data), (self.ctrl.FD, self.ctrl)):
             with contextlib.suppress(Exception):
@@ -242,7 +297,8 @@ class PoolCore:
         self.target_workers = workers
         alive = [w for w in self.workers.values() if w.state in ("starting", "ready") and not w.retire]
         for _ in range(workers - len(alive)):
-            self._spawn()
+            if self._spawn() is None:
+                break  # retried with backoff
         # Shrink: idle workers first, busy ones once their chunk is done.
         for w in sorted(alive, key=lambda w: len(w.inflight))[: max(0, len(alive) - workers)]:
             w.retire = True
@@ -284,7 +340,10 @@ class PoolCore:
                 w.last_seen = time.monotonic()
                 if w.stalled:
                     w.stalled = False
-                self._handle(w, msg, payload)
+                try:
+                    self._handle(w, msg, payload)
+                except Exception as exc:  # a bug here must not leave the job RUNNING forever
+                    self._engine_failed(msg, exc)
                 handled = True
             else:
                 self.loop.call_soon(self._drain, sock)  # budget spent: more may be waiting
@@ -397,6 +456,19 @@ class PoolCore:
             if all(x.state != "starting" for x in self.workers.values()):
                 self.all_ready.set()
 
+    def _engine_failed(self, msg: proto.Message, exc: Exception) -> None:
+        """The pool's own code raised while handling ``msg``: fail the job it was about
+        (with that error, as its cause) instead of leaving its tasks unfinished."""
+        job = self.jobs.get(getattr(msg, "job", -1))
+        if job is None:
+            raise exc  # about no job: the loop's exception handler reports it
+        err = RuntimeError(
+            f"orchestra_nb internal error while handling a {type(msg).__name__} message of "
+            f"job {job.id}: {type(exc).__name__}: {exc}"
+        )
+        err.__cause__ = exc
+        job.fail_all(err)
+
     def _on_result(self, w: WorkerProc, msg: proto.Result, payload: list[Any]) -> None:
         chunk = _pop_chunk(w, msg.job, msg.start)
         if chunk is None:
@@ -433,6 +505,7 @@ class PoolCore:
         start, count = chunk.start, chunk.count
         if job.circuit is not None:
             self._circuit_outcome(job, errors, count)
+        errors = errors or {}  # None when every task of the chunk succeeded
         if not errors and not job.cancelled_items:
             job.succeed(start, values, w.id)
         elif errors and count > 1 and len(errors) == count and all(
@@ -440,12 +513,12 @@ class PoolCore:
         ):
             # The worker could not load the chunk's arguments: one item is to blame, unknown
             # which. Re-run them one by one so that only the culprit fails.
-            job.transition(start, count, TaskState.PENDING, unfinished_only=True)
             for offset in reversed(range(count)):
-                if not job.state_of(start + offset).is_final:
-                    self._requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
+                if job.states[start + offset] in _FINAL_BYTES:  # a call cancelled meanwhile
+                    continue
+                job.transition(start + offset, 1, TaskState.PENDING)
+                self._requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
         else:
-            errors = errors or {}
             for offset in range(count):
                 if offset not in errors and job.states[start + offset] not in _FINAL_BYTES:
                     job.succeed(start + offset, [values[offset]], w.id)
@@ -477,7 +550,8 @@ class PoolCore:
             job.results[index] = None
             job.transition(index, 1, TaskState.CANCELLED, w.id)
             return
-        note = f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job {job.id}"
+        note = (f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job "
+                f"{job.id} ({job.name!r}), input {describe_input(job, chunk.items[offset])}")
         exc = rebuild_exception(record, note)
         self._fail_item(job, chunk, offset, exc, w)
 
@@ -565,7 +639,11 @@ class PoolCore:
         else:
             reason = "crashed"
         self.bus.publish(WorkerExited(w.id, w.pid, returncode, reason))
-        if not was_ready and w.kill_kind != "close" and self.state == PoolState.RUNNING:
+        # Only a worker that exited by itself before its handshake (an import error, a bad
+        # interpreter), or hung past start_timeout, says the environment is broken; one
+        # killed by a signal from outside (or by the pool for another reason) is a crash.
+        by_itself = w.kill_kind is None and returncode >= 0
+        if not was_ready and (by_itself or w.kill_kind == "start") and self.state == PoolState.RUNNING:
             self.start_failures += 1
             if self.start_failures >= MAX_START_FAILURES:
                 self._break(w, returncode)
@@ -574,7 +652,8 @@ class PoolCore:
         if self.state == PoolState.RUNNING:
             alive = sum(1 for x in self.workers.values() if not x.retire)
             for _ in range(self.target_workers - alive):
-                self._spawn()
+                if self._spawn() is None:
+                    break  # retried with backoff
         self._pump()
 
     def _recover_chunks(self, w: WorkerProc, returncode: int) -> None:
@@ -605,14 +684,7 @@ class PoolCore:
                 self._fail_range(job, chunk, exc)
             elif running and chunk.count > 1:
                 # Which item killed it is unknown: retry them one by one, blaming none yet.
-                job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
-                for offset in reversed(range(chunk.count)):
-                    if chunk.start + offset in job.cancelled_items:  # cancelled: not re-run
-                        job.transition(chunk.start + offset, 1, TaskState.CANCELLED)
-                        continue
-                    if job.state_of(chunk.start + offset).is_final:
-                        continue
-                    self._requeue(job, Chunk(job, chunk.start + offset, [chunk.items[offset]]), front=True)
+                self._requeue_open_items(job, chunk)
             elif running:
                 crashes = job.crashes.get(chunk.start, 0) + 1
                 job.crashes[chunk.start] = crashes
@@ -623,6 +695,8 @@ class PoolCore:
                 else:
                     job.transition(chunk.start, 1, TaskState.PENDING)
                     self._requeue(job, chunk, front=True)
+            elif any(job.states[chunk.start + k] in _FINAL_BYTES for k in range(chunk.count)):
+                self._requeue_open_items(job, chunk)  # calls of it were cancelled meanwhile
             else:
                 job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
                 self._requeue(job, chunk, front=True)
@@ -631,9 +705,23 @@ class PoolCore:
         w.inflight.clear()
         w.assigned.clear()
 
+    def _requeue_open_items(self, job: Job, chunk: Chunk) -> None:
+        """Re-queue the items of ``chunk`` one by one, except those already final (a
+        cancelled call of a batch) or cancelled since: those are never run again."""
+        for offset in reversed(range(chunk.count)):
+            index = chunk.start + offset
+            if job.states[index] in _FINAL_BYTES:
+                continue
+            if index in job.cancelled_items:
+                job.transition(index, 1, TaskState.CANCELLED)
+                continue
+            job.transition(index, 1, TaskState.PENDING)
+            self._requeue(job, Chunk(job, index, [chunk.items[offset]]), front=True)
+
     def _fail_range(self, job: Job, chunk: Chunk, exc: BaseException) -> None:
         for offset in range(chunk.count):
-            self._fail_item(job, chunk, offset, exc, None)
+            if job.states[chunk.start + offset] not in _FINAL_BYTES:  # e.g. a cancelled call
+                self._fail_item(job, chunk, offset, exc, None)
 
     def _cancel_range(self, job: Job, start: int, count: int) -> None:
         job.transition(start, count, TaskState.CANCELLED, unfinished_only=True)
@@ -1049,7 +1137,7 @@ class PoolCore:
                 finished=j.finished.is_set(), cancelled=j.cancelled,
             ))
         return PoolStatistics("local", PoolState(self.state), self.target_workers, tuple(workers),
-                              tuple(jobs), queued, self.bad_messages)
+                              tuple(jobs), queued, self.bad_messages, self.spawn_error)
 
 
 # Reported to a circuit breaker for an admitted call that never ran: neutral, not a failure.

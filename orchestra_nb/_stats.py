@@ -79,6 +79,8 @@ class PoolStatistics:
     jobs: tuple[JobStatistics, ...]
     queued: int  # tasks read but not sent to a worker yet, over all jobs
     bad_messages: int = 0
+    # Below target_workers because starting workers fails: the last error, while it lasts.
+    spawn_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (enums as their names/values) for JSON, comms and ``status()``."""
@@ -88,6 +90,7 @@ class PoolStatistics:
             "target_workers": self.target_workers,
             "queued": self.queued,
             "bad_messages": self.bad_messages,
+            "spawn_error": self.spawn_error,
             "workers": [
                 {"id": w.id, "pid": w.pid, "state": w.state.value, "activity": w.activity,
                  "job": w.job, "item": w.item,

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -42,9 +43,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _package_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("orchestra")]
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
     before = set(_children())
+    threads_before = set(_package_threads())
     yield
     orchestra.shutdown()  # the default pool, if a test used it
     new = [pid for pid in _children() if pid not in before]
@@ -53,6 +59,11 @@ def no_leaked_processes() -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not leaked, f"test left processes alive: {leaked}"
+    # Every thread of the package ends with the pool that owns it (joined: a hang guard).
+    for thread in set(_package_threads()) - threads_before:
+        thread.join(10.0)
+    stray = [t.name for t in set(_package_threads()) - threads_before if t.is_alive()]
+    assert not stray, f"test left threads of the package running: {stray}"
 
 
 def _pool_options(request: pytest.FixtureRequest) -> dict[str, Any]:

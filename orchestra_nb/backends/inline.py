@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import CircuitOpenError, PoolClosedError
 from .._feed import FeedBuffer
-from .._jobs import Chunk, Job
+from .._jobs import Chunk, Job, describe_input
 from .._state import CloseMode, PoolState, TaskState, WorkerState
 from .._stats import JobStatistics, PoolStatistics, WorkerStatistics
 from ._base import Backend, Capabilities
@@ -192,8 +192,8 @@ class InlineBackend(Backend):
                     self._tasks_done += 1
                     if job.circuit is not None:
                         job.circuit.record_failure(exc)
-                    exc.add_note(f"raised by task {index} of job {job.id} ({job.name!r}), "
-                                 "run inline in this process")
+                    exc.add_note(f"raised by task {index} of job {job.id} ({job.name!r}), input "
+                                 f"{describe_input(job, item)}, run inline in this process")
                     self._failed(job, index, item, exc)
                 return True
             with self._table_lock:

@@ -15,6 +15,8 @@ from traitlets.config import Configurable
 __all__ = ["POOL_OPTIONS", "Orchestra"]
 
 POOL_OPTIONS = (
+    "backend",
+    "dask_address",
     "workers",
     "memory_limit",
     "memory_soft_limit",
@@ -27,6 +29,18 @@ POOL_OPTIONS = (
 class Orchestra(Configurable):
     """Options of orchestra_nb in IPython / Jupyter."""
 
+    backend = CaselessStrEnum(
+        ["local", "inline", "dask"],
+        default_value=None,
+        allow_none=True,
+        help="Where the default pool runs tasks: 'local' worker processes (the default), "
+        "'inline' (one at a time in the kernel, for breakpoint() and %debug), or 'dask'.",
+    ).tag(config=True)
+    dask_address = Unicode(
+        None, allow_none=True,
+        help="Scheduler of the dask backend, e.g. 'tcp://10.0.0.5:8786' (default: the current "
+        "distributed.Client, else a LocalCluster on this machine).",
+    ).tag(config=True)
     workers = Int(
         None, allow_none=True, help="Workers of the default pool (default: all CPUs)."
     ).tag(config=True)
@@ -68,10 +82,13 @@ class Orchestra(Configurable):
     )
 
     def pool_options(self) -> dict[str, Any]:
-        """The pool options that were set (not None)."""
-        return {
+        """The pool options that were set (not None), as ``Pool`` takes them."""
+        options = {
             name: getattr(self, name) for name in POOL_OPTIONS if getattr(self, name) is not None
         }
+        if "dask_address" in options:
+            options["address"] = options.pop("dask_address")
+        return options
 
     @observe(*POOL_OPTIONS)
     def _pool_option_changed(self, change: dict[str, Any]) -> None:

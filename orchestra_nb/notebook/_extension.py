@@ -121,6 +121,7 @@ def apply_pool_options(config: Orchestra, changed: str) -> None:
         changed == "workers"
         and pool is not None
         and pool.state == "running"
+        and pool.capabilities.resize
         and without_workers(options) == without_workers(current)
     ):
         with _api._default_lock:

@@ -178,6 +178,7 @@ async def test_run_await_and_result(pool: orchestra.Pool) -> None:
     assert pool.run(describe, 1, 2, x=3).result(timeout=HANG_GUARD) == ((1, 2), {"x": 3})
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_run_handle_states(pool: orchestra.Pool, tmp_path: Path) -> None:
     d = str(tmp_path)
     h = pool.run(gated, 0, d)
@@ -203,6 +204,7 @@ def test_run_error(pool: orchestra.Pool) -> None:
     assert isinstance(h.exceptions()[0], ValueError)
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 async def test_await_does_not_block_the_loop(apool: orchestra.Pool, tmp_path: Path) -> None:
     """The awaited task finishes only when another coroutine on the same loop releases it."""
     h = apool.run(gated, 0, str(tmp_path))
@@ -216,6 +218,7 @@ async def test_await_does_not_block_the_loop(apool: orchestra.Pool, tmp_path: Pa
     await releaser
 
 
+@pytest.mark.local_only("timeout= stops a running task")
 def test_options_run(pool: orchestra.Pool, tmp_path: Path) -> None:
     h = pool.options(timeout=20, name="custom").run(add, 1, 2)
     assert h.result(timeout=HANG_GUARD) == 3
@@ -254,6 +257,7 @@ def test_map_star(pool: orchestra.Pool) -> None:
         pool.map(add)
 
 
+@pytest.mark.local_only("two tasks must run at once")
 def test_map_unordered(pool: orchestra.Pool, tmp_path: Path) -> None:
     # completion order: item 1 is forced to finish before item 0
     d = str(tmp_path)
@@ -280,6 +284,7 @@ def test_map_return_exceptions(pool: orchestra.Pool) -> None:
     assert partial[:2] == [0, 1] and partial[3:] == [3, 4]
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_partial_results_fill_failed_and_cancelled(pool: orchestra.Pool, tmp_path: Path) -> None:
     """``fill`` stands in for every task without a value: failed and cancelled ones too,
     unless ``return_exceptions=True``, which gives their exceptions instead."""
@@ -313,6 +318,7 @@ def test_partial_results_fill_failed_and_cancelled(pool: orchestra.Pool, tmp_pat
             assert partial == ["-"] * 4
 
 
+@pytest.mark.local_only("chunk sizes are the transport's concern")
 def test_map_chunksize(pool: orchestra.Pool) -> None:
     from orchestra_nb import TaskStateChanged
 
@@ -333,6 +339,7 @@ def test_map_chunksize(pool: orchestra.Pool) -> None:
         pool.map(square, range(3), chunksize=0)
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_map_handle_while_running(pool: orchestra.Pool, tmp_path: Path) -> None:
     d = str(tmp_path)
     h = pool.map(gated, range(4), [d] * 4, [(3,)] * 4, chunksize=1)
@@ -362,6 +369,7 @@ async def test_stream_async_for(apool: orchestra.Pool) -> None:
     assert [x async for x in apool.map(square, _gen(0))] == []
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 async def test_stream_async_for_unordered_yields_as_completed(
     apool: orchestra.Pool, tmp_path: Path
 ) -> None:
@@ -376,6 +384,7 @@ async def test_stream_async_for_unordered_yields_as_completed(
     assert got[0] in (1, 4) and sorted(got) == [0, 1, 4]
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_stream_sync_for_unordered_yields_as_completed(pool: orchestra.Pool, tmp_path: Path) -> None:
     d = str(tmp_path)
     got = []
@@ -392,6 +401,7 @@ def test_stream_sync_for(pool: orchestra.Pool) -> None:
     assert sorted(got) == [x * x for x in range(300)]
 
 
+@pytest.mark.local_only("two tasks must run at once")
 def test_stream_sync_for_ordered_waits_for_slow_item(pool: orchestra.Pool, tmp_path: Path) -> None:
     """Ordered streaming yields item 0 first even though item 1 completed before it."""
     d = str(tmp_path)
@@ -515,6 +525,7 @@ async def test_started_and_wait_started() -> None:
         await p.aclose()
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_status(pool: orchestra.Pool, tmp_path: Path) -> None:
     h = pool.run(gated, 0, str(tmp_path))
     wait_until(lambda: (tmp_path / "started-0").exists())
@@ -531,6 +542,7 @@ def test_status(pool: orchestra.Pool, tmp_path: Path) -> None:
     assert pool.status()["jobs"] == []
 
 
+@pytest.mark.local_only("worker processes")
 def test_worker_pids_and_run_on_all(pool: orchestra.Pool) -> None:
     pids = pool.worker_pids()
     assert len(pids) == 2 and len(set(pids)) == 2
@@ -541,6 +553,7 @@ def test_worker_pids_and_run_on_all(pool: orchestra.Pool) -> None:
     assert pool.run_on_all(add, 1, b=2).result(HANG_GUARD) == [3, 3]
 
 
+@pytest.mark.local_only("worker processes")
 def test_resize(pool: orchestra.Pool) -> None:
     before = pool.worker_pids()
     pool.resize(3)

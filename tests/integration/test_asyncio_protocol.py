@@ -64,6 +64,7 @@ async def test_a_handle_awaited_twice_and_shielded(apool: orchestra.Pool) -> Non
     assert await asyncio.shield(apool.run(inc, 1)) == 2
 
 
+@pytest.mark.local_only("interrupts a running task")
 async def test_wait_for_timeout_cancels_the_remote_task(apool: orchestra.Pool, tmp_path: Path) -> None:
     h = apool.run(block_until_interrupted, str(tmp_path))
     with pytest.raises(TimeoutError):
@@ -75,6 +76,7 @@ async def test_wait_for_timeout_cancels_the_remote_task(apool: orchestra.Pool, t
     assert await apool.run(inc, 1) == 2  # the pool keeps serving
 
 
+@pytest.mark.local_only("interrupts a running task")
 async def test_cancelling_the_awaiting_task_cancels_the_remote_task(
     apool: orchestra.Pool, tmp_path: Path,
 ) -> None:

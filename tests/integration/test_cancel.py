@@ -71,6 +71,7 @@ def markers(d: Path, prefix: str) -> set[int]:
     return {int(p.name.split("-")[1]) for p in d.glob(f"{prefix}-*") if p.stat().st_size}
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_cancel_running_map(pool: orchestra.Pool, tmp_path: Path) -> None:
     pids = sorted(pool.worker_pids())
     exits: list[WorkerExited] = []
@@ -102,6 +103,7 @@ def test_cancel_running_map(pool: orchestra.Pool, tmp_path: Path) -> None:
         sub.close()
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_cancel_generator_map(pool: orchestra.Pool, tmp_path: Path) -> None:
     pulled = []
 
@@ -123,6 +125,7 @@ def test_cancel_generator_map(pool: orchestra.Pool, tmp_path: Path) -> None:
     assert markers(tmp_path, "interrupted") == {0, 1}
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_cancel_run(pool: orchestra.Pool, tmp_path: Path) -> None:
     pids = sorted(pool.worker_pids())
     h = pool.run(blocking, 0, str(tmp_path))
@@ -171,6 +174,7 @@ def test_cancel_kill_true(tmp_path: Path) -> None:
         assert pool.run(getpid).result(HANG_GUARD) not in (old, None)
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 async def test_cancelling_the_await_cancels_remote_work(apool: orchestra.Pool, tmp_path: Path) -> None:
     pids = sorted(apool.worker_pids())
     h = apool.map(blocking, range(10), [str(tmp_path)] * 10, chunksize=1)
@@ -194,6 +198,7 @@ async def _await(h: object) -> object:
     return await h  # type: ignore[misc]
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 async def test_cancelling_async_for_cancels_remote_work(apool: orchestra.Pool, tmp_path: Path) -> None:
     h = apool.map(blocking, range(10), [str(tmp_path)] * 10, [1] * 10, chunksize=1)
 
@@ -229,6 +234,7 @@ def held(i: int, d: str) -> int:
         raise
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_cancel_leaves_other_job_alone(pool: orchestra.Pool, tmp_path: Path) -> None:
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir()

@@ -53,6 +53,7 @@ def inc(x: int) -> int:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.local_only("arguments are copied to the worker")
 def test_numpy_64mb_each_way(pool: orchestra.Pool) -> None:
     a = np.arange(N64, dtype=np.int64)
     assert a.nbytes == 64 * 2**20

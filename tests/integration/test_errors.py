@@ -21,6 +21,10 @@ HANG_GUARD = 30.0
 LOCK = threading.Lock()  # a global no pickle can carry
 
 
+
+# Remote tracebacks, pickling of functions, arguments and results: the process boundary.
+pytestmark = pytest.mark.local_only("errors across the process boundary (pickling, remote tracebacks)")
+
 def square(x: int) -> int:
     return x * x
 
