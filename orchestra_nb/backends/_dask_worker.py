@@ -330,13 +330,13 @@ def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) ->
     except BaseException as exc:
         record = capture_exception(exc, "serialization")
         record = record._replace(evalue=f"cannot load the function in the worker: {record.evalue}")
-        return _result([], dict.fromkeys(range(count), record), t0)
+        return _result([], dict.fromkeys(range(count), record), t0, start)
     try:
         items = pickle.loads(items_payload)
     except BaseException as exc:
         record = capture_exception(exc, "arguments")
         record = record._replace(evalue=f"cannot unpickle the arguments in the worker: {record.evalue}")
-        return _result([], dict.fromkeys(range(count), record), t0)
+        return _result([], dict.fromkeys(range(count), record), t0, start)
     append = values.append
     for offset, item in enumerate(items):
         index = start + offset
@@ -367,7 +367,7 @@ def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) ->
         finally:
             rt.end()
     rt.flush()  # the output of this chunk arrives before its result
-    return _result(values, errors, t0)
+    return _result(values, errors, t0, start)
 
 
 def _align(values: list[Any], offset: int) -> None:
@@ -376,7 +376,8 @@ def _align(values: list[Any], offset: int) -> None:
     values.append(None)
 
 
-def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float) -> tuple[float, bytes]:
+def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float,
+            start: int) -> tuple[float, bytes]:
     body = (values, errors or None, time.perf_counter() - t0)
     try:
         return time.time(), dumps_result(body)
@@ -389,7 +390,7 @@ def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float) -> tup
             dumps_result(value)
         except Exception as exc:
             err = SerializationError(
-                f"cannot pickle the result of item {offset} of this chunk "
+                f"cannot pickle the result of task {start + offset} "
                 f"(type {type(value).__qualname__}): {type(exc).__name__}: {exc}"
             )
             errors[offset] = capture_exception(err, "serialization")

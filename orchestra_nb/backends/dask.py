@@ -75,12 +75,13 @@ from .._exceptions import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from .._jobs import Chunk, Job
+from .._jobs import Chunk, Job, describe_input
 from .._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from .._state import CloseMode, PoolState, TaskState, WorkerState
 from .._stats import JobStatistics, PoolStatistics, WorkerStatistics
 from . import _dask_worker as remote
 from ._base import Backend, Capabilities
+from .local import check_call_arguments
 
 if TYPE_CHECKING:
     from .._bus import EventBus
@@ -395,6 +396,12 @@ class DaskBackend(Backend):
         elif not self._closed.done():
             self._closed.set_result(None)
         return self._closed
+
+    def prepare_call(self, fn: Callable[..., Any], item: Any) -> Any:
+        """Pickle a ``run`` call's arguments in the caller's thread: an unpicklable one raises
+        :class:`SerializationError` at once, naming it (the chunk is pickled again later)."""
+        check_call_arguments(fn, item, None)
+        return None
 
     def join(self, timeout: float | None = 10.0) -> None:
         """After :meth:`close`: wait for the driver thread and the bus's delivery thread."""
@@ -725,9 +732,14 @@ class DaskBackend(Backend):
         self._check_done(job)
 
     def _rebuild(self, record: ErrorRecord, flight: _Flight, index: int) -> BaseException:
-        where = flight.worker or "a dask worker"
-        return rebuild_exception(record, f"raised on dask worker {where} while running task "
-                                         f"{index} of job {flight.job.id}")
+        address = flight.worker or "(unknown address)"
+        w = self._known_workers.get(address)
+        job = flight.job
+        item = describe_input(job, flight.items[index - flight.start])
+        who = (f"worker {w.id} (pid {w.pid}) on dask worker {address}" if w is not None
+               else f"dask worker {address}")
+        return rebuild_exception(record, f"raised in {who} while running task {index} of job "
+                                         f"{job.id} ({job.name!r}), input {item}")
 
     def _failed(self, job: Job, flight: _Flight, index: int, exc: BaseException,
                 worker_id: int | None) -> None:
@@ -976,7 +988,13 @@ class DaskBackend(Backend):
 
     def _check_done(self, job: Job) -> None:
         # Its chunks in flight are in ``job.inflight``: the job finishes once they are back.
-        job.check_done()
+        # Through progress() when its counts changed: the last JobProgress before JobFinished
+        # then has the final counts (the widget and the journal of events rely on it).
+        if job.id in self._touched:
+            self._touched.discard(job.id)
+            job.progress()
+        else:
+            job.check_done()
 
     def _move(self, job: Job, start: int, count: int, state: TaskState,
               worker_id: int | None = None) -> None:
