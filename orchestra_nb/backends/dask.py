@@ -518,7 +518,7 @@ class DaskBackend(Backend):
         est = self._fn_time.get(job.digest)
         if est is None:
             return 1  # a probe: its timing sizes the chunks after it
-        size = int(TARGET_CHUNK_SECONDS / max(est, 1e-7))
+        size = math.ceil(TARGET_CHUNK_SECONDS / max(est, 1e-7))  # at least the target
         remaining = job.remaining()
         if remaining is not None:
             # Several chunks per worker thread to the end, so that the last ones balance.
