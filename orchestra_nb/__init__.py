@@ -27,10 +27,16 @@ if TYPE_CHECKING:
         shutdown as shutdown,
         status as status,
     )
+    from ._callbacks import CallbackWarning as CallbackWarning, wait_callbacks as wait_callbacks
     from ._circuit import (
         CircuitBreaker as CircuitBreaker,
         CircuitGroup as CircuitGroup,
         CircuitState as CircuitState,
+    )
+    from ._driver import (
+        CompositeHandle as CompositeHandle,
+        StepFailed as StepFailed,
+        StepStatus as StepStatus,
     )
     from ._events import (
         CircuitChanged as CircuitChanged,
@@ -59,7 +65,15 @@ if TYPE_CHECKING:
         WorkerStartError as WorkerStartError,
     )
     from ._handles import MapHandle as MapHandle, TaskHandle as TaskHandle
+    from ._pipeline import Map as Map, Parallel as Parallel, Sequence as Sequence, Task as Task
     from ._policy import RetryPolicy as RetryPolicy
+    from ._schedule import (
+        ScheduledHandle as ScheduledHandle,
+        Scheduler as Scheduler,
+        every as every,
+        run_after as run_after,
+        run_at as run_at,
+    )
     from ._state import PoolState as PoolState, TaskState as TaskState, WorkerState as WorkerState
     from ._stats import (
         JobStatistics as JobStatistics,
@@ -69,18 +83,22 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     "BrokenPoolError": "_exceptions",
+    "CallbackWarning": "_callbacks",
     "CircuitBreaker": "_circuit",
     "CircuitChanged": "_events",
     "CircuitGroup": "_circuit",
     "CircuitOpenError": "_exceptions",
     "CircuitState": "_circuit",
+    "CompositeHandle": "_driver",
     "JobFinished": "_events",
     "JobProgress": "_events",
     "JobStarted": "_events",
     "JobStatistics": "_stats",
+    "Map": "_pipeline",
     "MapHandle": "_handles",
     "MemoryLimitError": "_exceptions",
     "OrchestraError": "_exceptions",
+    "Parallel": "_pipeline",
     "Pool": "_api",
     "PoolClosedError": "_exceptions",
     "PoolState": "_state",
@@ -89,7 +107,13 @@ _EXPORTS: dict[str, str] = {
     "RemoteTraceback": "_exceptions",
     "ResultTooLargeError": "_exceptions",
     "RetryPolicy": "_policy",
+    "ScheduledHandle": "_schedule",
+    "Scheduler": "_schedule",
     "SerializationError": "_exceptions",
+    "Sequence": "_pipeline",
+    "StepFailed": "_driver",
+    "StepStatus": "_driver",
+    "Task": "_pipeline",
     "TaskHandle": "_handles",
     "TaskOutput": "_events",
     "TaskState": "_state",
@@ -105,12 +129,16 @@ _EXPORTS: dict[str, str] = {
     "WorkerStarted": "_events",
     "configure": "_api",
     "default_pool": "_api",
+    "every": "_schedule",
     "map": "_api",
     "options": "_api",
     "run": "_api",
+    "run_after": "_schedule",
+    "run_at": "_schedule",
     "run_on_all": "_api",
     "shutdown": "_api",
     "status": "_api",
+    "wait_callbacks": "_callbacks",
 }
 
 __all__ = sorted([*_EXPORTS, "load_ipython_extension", "unload_ipython_extension"])

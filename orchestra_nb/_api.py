@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from . import _feed as feed, _handles, backends
+from . import _driver, _feed as feed, _handles, backends
 from ._bus import EventBus, Subscription
 from ._circuit import CircuitBreaker, CircuitChange
 from ._events import CircuitChanged, Event
@@ -51,6 +52,8 @@ class _CallOptions:
     name: str | None = None
     circuit: CircuitBreaker | None = None
     worker: int | None = None
+    on_success: Callable[[Any], object] | None = None
+    on_error: Callable[[BaseException], object] | None = None
 
 
 class Pool:
@@ -104,7 +107,9 @@ class Pool:
     # --- submitting work --------------------------------------------------------------
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
-        """Run ``fn(*args, **kwargs)`` in a worker; returns an awaitable :class:`TaskHandle`."""
+        """Run ``fn(*args, **kwargs)`` in a worker; returns an awaitable :class:`TaskHandle`.
+        Arguments that are handles or steps are awaited first and replaced by their results
+        (a ``CompositeHandle`` is returned then; see ``_driver``)."""
         return self._run(fn, args, kwargs, _PLAIN_CALL)
 
     def map(
@@ -120,6 +125,10 @@ class Pool:
         retry_on: tuple[type[BaseException], ...] | None = None,
         name: str | None = None,
         circuit: CircuitBreaker | None = None,
+        on_success: Callable[[list[T]], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
+        on_item_success: Callable[[int, T], object] | None = None,
+        on_item_error: Callable[[int, BaseException], object] | None = None,
     ) -> MapHandle[T]:
         """Apply ``fn`` to every item (``fn(*items)`` with several iterables, like ``map``).
 
@@ -133,9 +142,20 @@ class Pool:
         worker if it does not stop; ``retries`` with ``retry_on`` re-runs failed tasks with
         exponential backoff; ``circuit`` (from :meth:`circuit`) admits every task through a
         circuit breaker (tasks run one per chunk).
+        ``on_success(results)``/``on_error(exc)`` once for the job, ``on_item_success(index,
+        value)``/``on_item_error(index, exc)`` once per item: see ``_driver``. Iterables that
+        are steps (``Task``, ``Sequence``...) are awaited first (the handle returned is then
+        a ``CompositeHandle``).
         """
         if not iterables:
             raise TypeError("map() needs at least one iterable")
+        if on_success or on_error or on_item_success or on_item_error or _driver.has_deferred(iterables):
+            plain = {"chunksize": chunksize, "ordered": ordered, "return_exceptions": return_exceptions,
+                     "timeout": timeout, "retries": retries, "retry_on": retry_on, "name": name,
+                     "circuit": circuit}
+            return _driver.map_call(  # type: ignore[no-any-return]
+                self, fn, iterables, plain, name or callable_name(fn),
+                on_success, on_error, on_item_success, on_item_error)
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
         timeout = self._check_timeout(timeout)
@@ -173,14 +193,18 @@ class Pool:
         name: str | None = None,
         circuit: CircuitBreaker | None = None,
         worker: int | None = None,
+        on_success: Callable[[Any], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
     ) -> _Configured:
         """``pool.options(timeout=5, retries=2).run(f, x)``: per-call options for ``run``.
         ``worker``: run on that worker (an id from :meth:`statistics`), where the backend
-        can pin calls; the call fails with ``WorkerCrashedError`` if that worker is gone."""
+        can pin calls; the call fails with ``WorkerCrashedError`` if that worker is gone.
+        ``on_success(value)``/``on_error(exc)`` are called once when the call ends."""
         if worker is not None and not self._backend.capabilities.pinning:
             raise ValueError(f"the {self._backend.name} backend cannot pin a call to a worker")
         return _Configured(self, _CallOptions(self._check_timeout(timeout), _retry(retries, retry_on),
-                                              name, _check_circuit(circuit), worker))
+                                              name, _check_circuit(circuit), worker,
+                                              on_success, on_error))
 
     def circuit(
         self,
@@ -221,6 +245,11 @@ class Pool:
     def _run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], opts: _CallOptions
     ) -> TaskHandle[Any]:
+        if opts.on_success or opts.on_error or _driver.has_deferred(args, kwargs):
+            plain = dataclasses.replace(opts, on_success=None, on_error=None)
+            return _driver.run_call(  # type: ignore[no-any-return]
+                self, args, kwargs, lambda a, k: self._run(fn, a, k, plain),
+                opts.name or callable_name(fn), opts.on_success, opts.on_error)
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         frames = self._backend.prepare_call(fn, item)
@@ -430,6 +459,8 @@ class _Configured:
         kw.setdefault("retries", self._opts.retry)
         kw.setdefault("name", self._opts.name)
         kw.setdefault("circuit", self._opts.circuit)
+        kw.setdefault("on_success", self._opts.on_success)
+        kw.setdefault("on_error", self._opts.on_error)
         return self._pool.map(fn, *iterables, **kw)
 
 
@@ -508,8 +539,18 @@ def status() -> dict[str, Any]:
 
 
 def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:
-    """Shut the default pool down, if it exists; the next call starts a new one."""
+    """Shut the default pool down, if it exists; the next call starts a new one.
+
+    With ``wait`` (the default) the package's service threads stop too, each through its
+    own close (they start again on next use): the default scheduler (its scheduled tasks
+    are cancelled), the composites' driver (running composites are cancelled) and the
+    callback thread (queued callbacks run first)."""
     global _default
+    if wait:
+        for name in ("_schedule", "_driver", "_callbacks"):  # only those that were loaded
+            module = sys.modules.get(f"{__package__}.{name}")
+            if module is not None:
+                module.close_service()
     with _default_lock:
         pool, _default = _default, None
     if pool is not None:

@@ -486,6 +486,18 @@ class MapHandle(_Handle, Generic[T]):
         """Block until every task is done; return the results (or raise the first error)."""
         return self._sync_result(timeout)  # type: ignore[no-any-return]
 
+    def pause(self) -> None:
+        """Start no more of this map's tasks until :meth:`resume`; running ones finish (and so
+        do the few already sent to a worker behind a running one)."""
+        self._backend.pause(self._job, True)
+
+    def resume(self) -> None:
+        self._backend.pause(self._job, False)
+
+    @property
+    def paused(self) -> bool:
+        return self._job.paused
+
     def _unwrap(self, results: list[Any]) -> Any:
         if self._job.ordered:
             return list(results)

@@ -280,6 +280,7 @@ class Job:
         # run(): the arguments as pickled by the caller, used by the first dispatch only.
         self.first_payload: tuple[list[Any], tuple[str | None, ...]] | None = None
         self.queued = False  # in the pool's ready_jobs deque
+        self.paused = False  # no new chunk is handed out while set (PoolCore.set_paused)
         self.completion_order: list[int] = []  # only kept for ordered=False
         # A CircuitBreaker every task goes through (the pool admits each one at dispatch).
         self.circuit: Any = None

@@ -835,6 +835,9 @@ class PoolCore:
         ready = self.ready_jobs
         while ready:
             job = ready.popleft()
+            if job.paused:  # out of the queue until set_paused(..., False) puts it back
+                job.queued = False
+                continue
             chunk = job.take(self._chunk_size(job)) if job.id in self.jobs else None
             if chunk is None:
                 job.queued = False
@@ -969,6 +972,16 @@ class PoolCore:
         if self._ctrl_sent:
             self._ctrl_sent = False
             self._drain(self.ctrl)
+
+    def set_paused(self, job_id: int, paused: bool) -> None:
+        """Pause (hand out no new chunk of the job; sent ones run) or resume a job."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.paused = paused
+        if not paused and job.has_work():
+            self._mark_ready(job)
+            self._pump()
 
     # --- cancellation, deadlines, health ---------------------------------------------
 

@@ -11,7 +11,8 @@ calls ``Job.finish`` when every task is final. Nothing else changes a task's sta
 
 What a backend must provide (the abstract methods below):
 
-* ``submit(job)``, ``cancel(job, kill=)``, ``cancel_item(job, index)``, ``watch(job, fn)``:
+* ``submit(job)``, ``cancel(job, kill=)``, ``cancel_item(job, index)``, ``pause(job, on)``,
+  ``watch(job, fn)``, ``input_ready(job)``:
   callable from any thread, never blocking on the work;
 * ``run_on_all(job, replay=)``: one call per live worker (backends without workers run it
   once); ``resize(n)``; ``worker_pids()``;
@@ -119,6 +120,10 @@ class Backend(abc.ABC):
         """Call ``fn(start, count)`` whenever tasks of ``job`` become final (``(-2, 0)``
         once at registration, ``(-1, 0)`` when the job finishes); on the backend's thread,
         so ``fn`` must only signal."""
+
+    @abc.abstractmethod
+    def pause(self, job: Job, paused: bool) -> None:
+        """Hand out no new task of ``job`` while ``paused`` (running ones finish)."""
 
     @abc.abstractmethod
     def input_ready(self, job: Job) -> None:

@@ -330,6 +330,9 @@ class DaskBackend(Backend):
 
         self._post(register)
 
+    def pause(self, job: Job, paused: bool) -> None:
+        self._post(self._pause, job, paused)
+
     def input_ready(self, job: Job) -> None:
         self._post(self._input_ready, job)
 
@@ -430,6 +433,12 @@ class DaskBackend(Backend):
         self._open(job)
         self._ready.append(job)
 
+    def _pause(self, job: Job, paused: bool) -> None:
+        """No new chunk of ``job`` is submitted while paused (those in flight finish)."""
+        job.paused = paused
+        if not paused:
+            self._input_ready(job)
+
     def _input_ready(self, job: Job) -> None:
         """``job``'s feeder read more items (or the input ended): back in the rotation."""
         if job.id in self._jobs and job not in self._ready:
@@ -493,6 +502,9 @@ class DaskBackend(Backend):
         while self._ready:
             job = self._ready[0]
             if job.id not in self._jobs:
+                self._ready.popleft()
+                continue
+            if job.paused:  # out of the rotation until _pause(job, False) puts it back
                 self._ready.popleft()
                 continue
             if len(self._flights) >= self._inflight_limit(job):

@@ -113,6 +113,14 @@ class InlineBackend(Backend):
             job.watchers.append(fn)
             fn(-2, 0)
 
+    def pause(self, job: Job, paused: bool) -> None:
+        with self._table_lock:
+            job.paused = paused
+            if not paused and job.has_work() and job not in self._ready:
+                self._ready.append(job)
+        if not paused:
+            self.input_ready(job)  # wake the steppers
+
     def input_ready(self, job: Job) -> None:
         for loop in list(self._loops):
             with contextlib.suppress(RuntimeError):  # that loop is closed
@@ -136,6 +144,8 @@ class InlineBackend(Backend):
                 if job not in self._ready:
                     self._ready.append(job)
         for job in list(self._ready):
+            if job.paused:
+                continue
             job.seal()
             chunk = job.take(1)
             if chunk is None:

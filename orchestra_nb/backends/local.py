@@ -130,6 +130,9 @@ class LocalBackend(Backend):
     def cancel_item(self, job: Job, index: int) -> None:
         self._on_engine(self._core.cancel_item, job, index)
 
+    def pause(self, job: Job, paused: bool) -> None:
+        self._on_engine(self._core.set_paused, job.id, paused)
+
     def input_ready(self, job: Job) -> None:
         self._on_engine(self._core.input_ready, job)
 

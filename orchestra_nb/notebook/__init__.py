@@ -8,6 +8,8 @@
 * ``_output``: what tasks print, shown under the cell that launched them;
 * ``_magics``: ``%%orchestra`` (foreground, ``--all``, ``--bg NAME``) and ``%orchestra``;
 * ``_interrupt``: a second "interrupt kernel" within 2 s hard-kills the busy workers;
+* ``_composite``: the composite block (steps, states, counts, Pause/Cancel) for a
+  ``Sequence``/``Parallel``... handle: ``show_composite(handle)``, ``run_composite(step)``;
 * ``_remote``: the worker side of ``%%orchestra`` (no IPython import: workers load it).
 
 Importing this package imports nothing from IPython or ipywidgets.

@@ -11,6 +11,8 @@ Deterministic faults, each tied to one moment of a task's life:
 * :func:`crash` - kill the calling process with a signal (``SIGSEGV`` by default), core dumps
   disabled; :func:`hold_gil_sleep` - block in C with the GIL held and SIGINT blocked (what a
   long native computation looks like to the pool);
+* :class:`FakeClock` - time that moves only on ``advance()``, for exact schedule tests
+  (``orchestra_nb.Scheduler(clock=FakeClock())``);
 * :class:`EventRecorder` - every event of a pool, timestamped on arrival, with a blocking
   :meth:`~EventRecorder.wait` for the first event matching a predicate;
 * :func:`kill_pid` / :func:`stop_pid` / :func:`cont_pid` - signals to one known pid;
@@ -31,6 +33,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._clock import FakeClock
+
 if TYPE_CHECKING:
     from .._api import Pool
 
@@ -38,6 +42,7 @@ __all__ = [
     "CrashAtPickle",
     "CrashAtUnpickle",
     "EventRecorder",
+    "FakeClock",
     "RaiseAtPickle",
     "RaiseAtUnpickle",
     "cont_pid",
