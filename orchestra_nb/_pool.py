@@ -37,7 +37,6 @@ import os
 import pickle
 import random
 import select
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -71,7 +70,18 @@ from ._exceptions import (
 )
 from ._jobs import Chunk, Job
 from ._policy import MemoryPolicy
-from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
+from ._procs import (
+    START_DESCRIPTORS,
+    RunDir,
+    WorkerProc,
+    check_descriptors,
+    crash_cause,
+    delete_worker_buffers,
+    install_sigterm_cleanup,
+    register_run_dir,
+    spawn_worker,
+    unregister_run_dir,
+)
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._state import PoolState, TaskState, WorkerState
@@ -152,33 +162,69 @@ class PoolCore:
         self._io_reads_data = True  # this thread watches the data socket (no loop reads it)
         self.take_backs = 0  # times this thread took the socket back from stopped loops
         self._data_poll = select.poll()
+        install_sigterm_cleanup()  # here, on the caller's (usually the main) thread
 
 
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        self.run_dir, self.shm_dir = make_run_dir()
-        self.segments = proto.Segments(self.run_dir, "p") if self.shm_dir else None
-        self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None  # results' buffers
-        self.ctx = zmq.Context(io_threads=1)
-        self.data = self._router(f"ipc://{self.run_dir}/data")
-        self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
-        self.data_fd = self.data.FD
-        self.loop.add_reader(self.data_fd, self._drain, self.data)
-        self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
+        check_descriptors(START_DESCRIPTORS, "a pool")
+        self.owner = RunDir()
+        self.run_dir, self.shm_dir = self.owner.path, self.owner.shm_dir
+        try:
+            self.segments = proto.Segments(self.run_dir, "p") if self.shm_dir else None
+            self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None  # results'
+            self.ctx = zmq.Context(io_threads=1)
+            self.data = self._router(f"ipc://{self.run_dir}/data")
+            self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
+            self.data_fd = self.data.FD
+            self.loop.add_reader(self.data_fd, self._drain, self.data)
+            self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
+        except BaseException:
+            self._undo_start()  # out of descriptors: nothing of this pool may stay behind
+            raise
+        register_run_dir(self.run_dir, self._emergency_stop)
         self.state = PoolState.RUNNING
         for _ in range(self.target_workers):
             if self._spawn() is None:
                 break  # retried with backoff
         self._tick_handle = self.loop.call_later(0.25, self._tick)
 
+    def _undo_start(self) -> None:
+        for name in ("data", "ctrl"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(sock.FD)
+                sock.close(linger=0)
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.term()
+        for part in (self.segments, self.mappings):
+            if part is not None:
+                part.close()
+        self.owner.remove()
+        self.state = PoolState.CLOSED
+        self.closed_event.set()
+
+    def _emergency_stop(self) -> None:
+        """The process is being terminated (SIGTERM) with no time for a shutdown: SIGKILL
+        the workers and delete the run directory. Runs in a signal handler."""
+        for w in list(self.workers.values()):
+            w.kill("close", "the pool's process was terminated")
+        self.owner.remove()
+
     def _router(self, addr: str) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(addr)
+        try:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(addr)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         return sock
 
     def _spawn(self) -> WorkerProc | None:
@@ -237,6 +283,7 @@ class PoolCore:
         """Something deleted the run directory: make it again and bind the sockets anew
         (connected workers keep their connections; new ones need the socket files)."""
         os.mkdir(self.run_dir, 0o700)
+        self.owner.lock()
         for sock, name in ((self.data, "data"), (self.ctrl, "ctrl")):
             addr = f"ipc://{self.run_dir}/{name}"
             with contextlib.suppress(zmq.ZMQError):
@@ -298,7 +345,8 @@ class PoolCore:
             self.segments.close()
         if self.mappings is not None:
             self.mappings.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        unregister_run_dir(self.run_dir)
+        self.owner.remove()
         self.state = PoolState.CLOSED
         self.closed_event.set()
 
