@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 
 from . import _protocol as proto
-from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutError
+from ._exceptions import ResultTooLargeError, SerializationError, TaskExitError, TaskTimeoutError
 from ._serialize import ErrorRecord, capture_exception, dumps_result
 from ._spin import BusyPoll
 
@@ -302,7 +302,7 @@ class Worker:
                 else:
                     for item in items[offset:]:
                         append(fn(item))
-            except KeyboardInterrupt as exc:
+            except PoolInterrupt as exc:
                 state.deadline = None
                 failed = len(values)
                 if state.reason == "item" and state.target == state.chunk:
@@ -323,6 +323,16 @@ class Worker:
                 for rest in range(failed, n):
                     errors[rest] = _CANCELLED
                 values.extend([None] * (n - failed))
+            except (KeyboardInterrupt, SystemExit) as exc:  # the task's own, not the pool's
+                state.deadline = None
+                index = msg.start + len(values)
+                exit_exc = TaskExitError(
+                    f"task {index} raised {type(exc).__name__}{_args(exc)}: a task's "
+                    f"{type(exc).__name__} is its failure, not a cancel nor the caller's exit"
+                )
+                exit_exc.__cause__ = exc
+                errors[len(values)] = capture_exception(exit_exc, "error")
+                append(None)
             except BaseException as exc:
                 state.deadline = None
                 errors[len(values)] = capture_exception(exc, "error", skip_frames=1)
@@ -463,6 +473,15 @@ class Worker:
         signal.pthread_kill(self.main_ident, signal.SIGINT)
 
 
+class PoolInterrupt(KeyboardInterrupt):
+    """The pool's own interrupt of a task (cancel, timeout): a ``KeyboardInterrupt``, so
+    that a task's cleanup for Ctrl-C runs, but told apart from one the task raises."""
+
+
+def _args(exc: BaseException) -> str:
+    return f"({', '.join(map(repr, exc.args))})" if exc.args else ""
+
+
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect at start-up
 
 
@@ -508,7 +527,7 @@ def main() -> None:
         if state.target is not None and state.target == state.chunk:
             item = state.target_item
             if item is None or item == state.target[1] + len(state.values):
-                raise KeyboardInterrupt
+                raise PoolInterrupt
         return None
 
     signal.signal(signal.SIGINT, on_sigint)

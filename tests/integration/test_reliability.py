@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -77,3 +78,35 @@ def test_cancelling_one_run_of_a_burst_leaves_the_others_to_finish(
     finally:
         shutdown_within(pool)
     assert run_dirs() == before
+
+
+def interrupts_at_five(x: int) -> int:
+    if x == 5:
+        raise KeyboardInterrupt("from the task")
+    return x
+
+
+def exits_at_five(x: int) -> int:
+    if x == 5:
+        sys.exit(3)
+    return x
+
+
+@pytest.mark.parametrize(("fn", "name"), [(interrupts_at_five, "KeyboardInterrupt"),
+                                          (exits_at_five, "SystemExit")])
+def test_a_task_raising_keyboardinterrupt_or_systemexit_fails_only_that_task(
+    pool: orchestra.Pool, fn: object, name: str
+) -> None:
+    handle = pool.map(fn, range(10), chunksize=10)  # one chunk: the rest must still run
+    with pytest.raises(orchestra.TaskExitError, match=f"task 5 raised {name}"):
+        handle.result(timeout=HANG_GUARD)
+    assert not handle.cancelled()
+    assert set(handle.exceptions()) == {5}
+    assert type(handle.exceptions()[5].__cause__).__name__ == "RemoteTraceback"
+    assert handle.partial_results(fill="-") == [0, 1, 2, 3, 4, "-", 6, 7, 8, 9]
+    assert pool.map(abs, range(-3, 0)).result(timeout=HANG_GUARD) == [3, 2, 1]
+
+
+def test_systemexit_of_a_run_is_not_the_callers_exit(pool: orchestra.Pool) -> None:
+    with pytest.raises(orchestra.TaskExitError, match=r"SystemExit\(3\)"):
+        pool.run(sys.exit, 3).result(timeout=HANG_GUARD)
