@@ -550,11 +550,16 @@ class PoolCore:
                 ) if msg.buffers else None,
             )
         except Exception as exc:
-            err = SerializationError(
-                f"cannot unpickle the results of tasks {chunk.start}.."
-                f"{chunk.start + chunk.count - 1} in the pool: {type(exc).__name__}: {exc}"
-            )
-            self._fail_range(job, chunk, err)
+            if chunk.count > 1:
+                # One result is to blame, unknown which: run the tasks again one by one, so
+                # that only the culprit fails (as for arguments that cannot be unpickled).
+                self._requeue_open_items(job, chunk)
+            else:
+                err = SerializationError(
+                    f"cannot unpickle the result of task {chunk.start} in the pool: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                self._fail_range(job, chunk, err)
             self._progress(job)
             return
         if msg.count and msg.elapsed >= 0:

@@ -534,8 +534,14 @@ def main() -> None:
     out_fallback, err_fallback = sys.stdout, sys.stderr
     sys.stdout = _TaskStream("stdout", out_fallback, worker.output)
     sys.stderr = _TaskStream("stderr", err_fallback, worker.output)
+    exit_code = 0
     try:
         worker.serve()
+    except BaseException:  # the worker's own failure: in its log, and not "exit code 0"
+        import traceback
+
+        traceback.print_exc(file=err_fallback)
+        exit_code = 70  # EX_SOFTWARE
     finally:
         # The control thread owns its socket: it stops within one poll, then closes it.
         worker.running = False
@@ -550,7 +556,7 @@ def main() -> None:
         # of stdin, and finalizing under it aborts the process.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
 
 
 if __name__ == "__main__":

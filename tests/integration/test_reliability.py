@@ -110,3 +110,38 @@ def test_a_task_raising_keyboardinterrupt_or_systemexit_fails_only_that_task(
 def test_systemexit_of_a_run_is_not_the_callers_exit(pool: orchestra.Pool) -> None:
     with pytest.raises(orchestra.TaskExitError, match=r"SystemExit\(3\)"):
         pool.run(sys.exit, 3).result(timeout=HANG_GUARD)
+
+
+def unloadable_at_seven(x: int) -> object:
+    from orchestra_nb.testing import RaiseAtUnpickle
+
+    return RaiseAtUnpickle("no such class here") if x == 7 else x
+
+
+def test_a_result_that_cannot_be_unpickled_fails_only_its_task(pool: orchestra.Pool) -> None:
+    handle = pool.map(unloadable_at_seven, range(20), chunksize=20)
+    with pytest.raises(orchestra.SerializationError, match="result of task 7"):
+        handle.result(timeout=HANG_GUARD)
+    assert set(handle.exceptions()) == {7}
+    assert handle.partial_results(fill="-") == [*range(7), "-", *range(8, 20)]
+
+
+def big_result_past_a_file_size_limit(size: int) -> tuple[int, object]:
+    import resource
+    import signal
+
+    import numpy as np
+
+    # Shared-memory files can grow no more than 1 MiB now (EFBIG, like ENOSPC of a full
+    # /dev/shm): the result must travel another way.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    return os.getpid(), np.full(size, 7, dtype=np.uint8)  # pickled out of band
+
+
+def test_a_result_that_shared_memory_cannot_hold_travels_inline() -> None:
+    with orchestra.Pool(workers=1) as pool:
+        pid, data = pool.run(big_result_past_a_file_size_limit, 16 * 2**20).result(
+            timeout=HANG_GUARD)
+        assert data.shape == (16 * 2**20,) and int(data.min()) == int(data.max()) == 7
+        assert [w.pid for w in pool.statistics().workers] == [pid]  # the worker lived on
