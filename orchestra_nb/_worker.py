@@ -159,6 +159,10 @@ class Worker:
         self.output = _OutputBuffer()
         self.main_ident = threading.get_ident()
         self.running = True
+        # Processes a task started are killed when its chunk ends (their group with them,
+        # as orphans come back to this subreaper), unless the pool's env sets this.
+        self.keep_children = os.environ.get(KEEP_CHILDREN_ENV) == "1"
+        self.pid = os.getpid()
         self._async_loop: Any = None  # an asyncio loop, made for the first async def task
 
     # --- main thread -----------------------------------------------------------------
@@ -250,6 +254,10 @@ class Worker:
             else:
                 values = self._call_all(fn, items, msg, errors)
                 del items  # the arguments: their segments are released before the result
+        if os.getpid() != self.pid:
+            os._exit(0)  # a task's fork() child came back here: it must not act as the worker
+        if not self.keep_children:
+            _kill_children()
         self._flush_output(self.send)
         self._send_releases()
         self._send_result(msg, values, errors, time.perf_counter() - t0)
@@ -497,16 +505,59 @@ def _payload_size(frames: list[Any]) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
+KEEP_CHILDREN_ENV = "ORCHESTRA_KEEP_TASK_CHILDREN"
+
+
+def _kill_children() -> None:
+    """SIGKILL every process the tasks left running (and reap them): their children come
+    back to this process (a subreaper) when their parent dies, so none escapes."""
+    try:
+        os.waitpid(-1, os.WNOHANG)  # reaps one that ended, if any
+    except ChildProcessError:
+        return  # the usual case: no child at all (one cheap system call)
+    for _ in range(64):  # each round takes one generation of orphans
+        children = _child_pids()
+        if not children:
+            break
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _child_pids() -> list[int]:
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids.extend(int(p) for p in f.read().split())
+    return pids
+
+
 def _die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
+        PR_SET_CHILD_SUBREAPER = 36
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)
 
+    # The pool's pipe moves off descriptor 0: a task's stdin (and its children's) is
+    # /dev/null, so reading it ends at once instead of blocking on the pool's pipe.
+    watched = os.dup(0)  # not inherited by the tasks' children
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
     def watch_stdin() -> None:
-        while sys.stdin.buffer.read(1):
+        while os.read(watched, 4096):
             pass
         os._exit(0)
 

@@ -145,3 +145,55 @@ def test_a_result_that_shared_memory_cannot_hold_travels_inline() -> None:
             timeout=HANG_GUARD)
         assert data.shape == (16 * 2**20,) and int(data.min()) == int(data.max()) == 7
         assert [w.pid for w in pool.statistics().workers] == [pid]  # the worker lived on
+
+
+def read_stdin() -> tuple[str, str]:
+    import subprocess
+
+    counted = subprocess.run(["wc", "-c"], capture_output=True, timeout=HANG_GUARD, check=True)
+    return sys.stdin.read(), counted.stdout.decode().strip()
+
+
+def test_a_tasks_stdin_is_empty(pool: orchestra.Pool) -> None:
+    assert pool.run(read_stdin).result(timeout=HANG_GUARD) == ("", "0")
+
+
+def start_children() -> tuple[int, int]:
+    """A child, and a grandchild whose parent exits at once (an orphan)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"])
+    orphan = subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+                            capture_output=True, check=True, timeout=HANG_GUARD)
+    return child.pid, int(orphan.stdout)
+
+
+def forks() -> int:
+    return os.fork()  # the child returns 0 into the worker's own code
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_processes_a_task_started_end_with_it(pool: orchestra.Pool) -> None:
+    child, orphan = pool.run(start_children).result(timeout=HANG_GUARD)
+    wait_for(lambda: gone(child) and gone(orphan), HANG_GUARD, what="the task's children gone")
+    forked = pool.run(forks).result(timeout=HANG_GUARD)
+    assert forked > 0  # the parent's answer: the child never sent one
+    wait_for(lambda: gone(forked), HANG_GUARD, what="the task's forked child gone")
+    assert pool.map(abs, range(-3, 0)).result(timeout=HANG_GUARD) == [3, 2, 1]
+
+
+def test_processes_a_task_started_may_be_kept() -> None:
+    with orchestra.Pool(workers=1, env={"ORCHESTRA_KEEP_TASK_CHILDREN": "1"}) as pool:
+        child, orphan = pool.run(start_children).result(timeout=HANG_GUARD)
+        pool.run(abs, 1).result(timeout=HANG_GUARD)  # another chunk ended: still alive
+        assert not gone(child) and not gone(orphan)
+        os.kill(child, 9)
+        os.kill(orphan, 9)
