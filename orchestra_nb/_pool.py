@@ -109,7 +109,9 @@ class PoolOptions:
     start_timeout: float = 30.0
     heartbeat: float = 0.5
     stall_timeout: float | None = 10.0
-    replace_stalled: bool = False
+    # None: replace a stalled worker only if it is stopped (SIGSTOP, a debugger), not one
+    # busy in native code that holds the GIL; True: any stalled worker; False: report only.
+    replace_stalled: bool | None = None
     max_worker_crashes: int = 2
     cancel_grace: float = 1.0
     timeout_grace: float = 1.0
@@ -351,6 +353,8 @@ class PoolCore:
         self.closed_event.set()
 
     def resize(self, workers: int) -> None:
+        if self.state != PoolState.RUNNING:
+            raise self.broken or PoolClosedError(f"cannot resize a pool that is {self.state.value}")
         if workers < 1:
             raise ValueError(f"a pool needs at least 1 worker, got {workers}")
         self.target_workers = workers
@@ -392,6 +396,9 @@ class PoolCore:
                     self.bad_messages += 1
                     continue
                 w = self.workers.get(_worker_id(ident))
+                if w is not None and w.ident != ident:  # an impostor, or a stale token
+                    self.bad_messages += 1
+                    continue
                 if w is None:
                     if isinstance(msg, proto.Result):
                         proto.discard_buffers(msg.buffers, self.shm_dir)
@@ -887,7 +894,10 @@ class PoolCore:
             if w.retire:
                 continue
             while self._has_room(w):
-                chunk = self._next_chunk()
+                budget = self._task_budget(w)
+                if budget == 0:
+                    break  # its last tasks are out: it retires when they are done
+                chunk = self._next_chunk(budget)
                 if chunk is None:
                     break  # not return: later workers may still have assigned chunks
                 if not self._send_chunk(w, chunk):
@@ -905,12 +915,21 @@ class PoolCore:
                 return False
         return True
 
-    def _next_chunk(self) -> Chunk | None:
-        """Round-robin over jobs with work: one chunk from the first, which goes to the back."""
+    def _task_budget(self, w: WorkerProc) -> int | None:
+        """Tasks ``w`` may still be sent under max_tasks_per_worker (None: no limit)."""
+        limit = self.options.max_tasks_per_worker
+        if not limit:
+            return None
+        return max(0, limit - w.tasks_done - sum(c.count for c in w.inflight))
+
+    def _next_chunk(self, budget: int | None = None) -> Chunk | None:
+        """Round-robin over jobs with work: one chunk from the first, which goes to the back;
+        at most ``budget`` tasks in it."""
         ready = self.ready_jobs
         while ready:
             job = ready.popleft()
-            chunk = job.take(self._chunk_size(job)) if job.id in self.jobs else None
+            size = self._chunk_size(job) if budget is None else min(budget, self._chunk_size(job))
+            chunk = job.take(size) if job.id in self.jobs else None
             if chunk is None:
                 job.queued = False
                 self._check_done(job)
@@ -1142,7 +1161,8 @@ class PoolCore:
             if stall is not None and silent > stall and not w.stalled:
                 w.stalled = True
                 self.bus.publish(WorkerStalled(w.id, w.pid, silent))
-                if self.options.replace_stalled:
+                replace = self.options.replace_stalled
+                if replace or (replace is None and _is_stopped(w.pid)):
                     w.kill("stall", f"no heartbeat for {silent:.1f} s")
         self._check_memory()
         if self.mappings is not None:
@@ -1268,9 +1288,19 @@ _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
 
 
+def _is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (state T) or traced (t), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"T", b"t")
+
+
 def _worker_id(ident: proto.Frame) -> int:
     try:
-        return int(ident[1:])
+        return int(bytes(ident)[1:].split(b"-", 1)[0])
     except ValueError:
         return -1
 

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,9 +44,10 @@ __all__ = [
 
 
 class WorkerProc:
-    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str) -> None:
+    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str,
+                 ident: bytes) -> None:
         self.id = worker_id
-        self.ident = f"w{worker_id}".encode()
+        self.ident = ident
         self.proc = proc
         self.pid = proc.pid
         self.log_path = log_path
@@ -143,8 +145,11 @@ def spawn_worker(
 ) -> WorkerProc:
     """Start worker ``worker_id`` (``python -m orchestra_nb._worker``) in its own session."""
     check_descriptors(WORKER_DESCRIPTORS, "starting a worker")
+    # Unpredictable: a process of the same user cannot connect under a worker's name.
+    ident = f"w{worker_id}-{secrets.token_hex(8)}"
     config = {
         "worker_id": worker_id,
+        "ident": ident,
         "key": key.hex(),
         "data_addr": f"ipc://{run_dir}/data",
         "ctrl_addr": f"ipc://{run_dir}/ctrl",
@@ -187,7 +192,7 @@ def spawn_worker(
     with contextlib.suppress(BrokenPipeError):  # died at once: its pidfd will tell
         proc.stdin.write(json.dumps(config).encode() + b"\n")
         proc.stdin.flush()
-    return WorkerProc(worker_id, proc, log_path)
+    return WorkerProc(worker_id, proc, log_path, ident.encode())
 
 
 def crash_cause(w: WorkerProc, returncode: int) -> str:

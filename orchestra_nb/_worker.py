@@ -145,7 +145,7 @@ class Worker:
         # ... and the pool's segments, kept mapped for their next use (see proto.Mappings).
         self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None
         self.ctx = zmq.Context(io_threads=1)
-        ident = f"w{self.worker_id}".encode()
+        ident = config.get("ident", f"w{self.worker_id}").encode()
         self.data = self.ctx.socket(zmq.DEALER)
         self.data.setsockopt(zmq.IDENTITY, ident)
         self.data.setsockopt(zmq.LINGER, 2000)

@@ -3,6 +3,7 @@ found by adversarial use of the pool (each test failed on the code before its fi
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import sys
@@ -197,3 +198,79 @@ def test_processes_a_task_started_may_be_kept() -> None:
         assert not gone(child) and not gone(orphan)
         os.kill(child, 9)
         os.kill(orphan, 9)
+
+
+def test_resize_after_shutdown_says_the_pool_is_closed() -> None:
+    pool = orchestra.Pool(workers=1)
+    pool.shutdown()
+    with pytest.raises(orchestra.PoolClosedError, match="resize"):
+        pool.resize(2)
+
+
+def own_pid(_: int) -> int:
+    return os.getpid()
+
+
+def test_max_tasks_per_worker_bounds_chunks_too() -> None:
+    with orchestra.Pool(workers=2, max_tasks_per_worker=50) as pool:
+        pids = pool.map(own_pid, range(2000)).result(timeout=HANG_GUARD)
+    per_worker = collections.Counter(pids)
+    assert max(per_worker.values()) <= 50, per_worker.most_common(3)
+    assert len(per_worker) >= 2000 // 50
+
+
+def test_a_sigstopped_worker_is_replaced_by_default(tmp_path: Path) -> None:
+    from orchestra_nb.testing import cont_pid, stop_pid
+
+    with orchestra.Pool(workers=1, heartbeat=0.05, stall_timeout=0.5) as pool:
+        pool.wait_started(timeout=HANG_GUARD)
+        gate = str(tmp_path / "gate")
+        handle = pool.run(gated_pid, gate)
+        pid = wait_for(lambda: next((w.pid for w in pool.statistics().workers
+                                     if w.job is not None), None), HANG_GUARD,
+                       what="the task running")
+        stop_pid(pid)
+        try:
+            Path(gate).touch()
+            assert handle.result(timeout=HANG_GUARD) != pid  # re-run on a new worker
+        finally:
+            cont_pid(pid)  # harmless if it is gone already
+
+
+def gated_pid(gate: str) -> int:
+    gated(gate)
+    return os.getpid()
+
+
+def test_a_process_taking_the_next_workers_name_cannot_block_it() -> None:
+    import signal
+
+    import zmq
+
+    from orchestra_nb.testing import EventRecorder, kill_pid
+
+    before = run_dirs()
+    ctx = zmq.Context()
+    try:
+        with orchestra.Pool(workers=1, start_timeout=5) as pool:
+            pool.wait_started(timeout=HANG_GUARD)
+            (run_dir,) = run_dirs() - before
+            impostors = []
+            for name in (b"w2", b"w3", b"w4"):  # the next workers' names, if guessable
+                impostor = ctx.socket(zmq.DEALER)
+                impostor.setsockopt(zmq.IDENTITY, name)
+                impostor.setsockopt(zmq.LINGER, 0)
+                impostor.connect(f"ipc://{run_dir}/data")
+                impostor.send_multipart([b"garbage"])  # connected once this got through
+                impostors.append(impostor)
+            wait_for(lambda: pool.statistics().bad_messages >= 3, HANG_GUARD,
+                     what="the impostors seen")
+            (old,) = [w.pid for w in pool.statistics().workers]
+            with EventRecorder(pool, (orchestra.WorkerStarted,)) as rec:
+                kill_pid(old, signal.SIGKILL)
+                rec.wait(lambda e: e.pid != old, timeout=HANG_GUARD)
+            assert pool.map(abs, range(-5, 0)).result(timeout=HANG_GUARD) == [5, 4, 3, 2, 1]
+            for impostor in impostors:
+                impostor.close()
+    finally:
+        ctx.term()
