@@ -76,7 +76,7 @@ SHARED_THREADS = ("orchestra-io", "orchestra-events")  # one each for all pools
 def _threads() -> set[threading.Thread]:
     # pyzmq's garbage collector thread (zero-copy sends) lives as long as the process.
     return {t for t in threading.enumerate()
-            if not t.name.startswith(SHARED_THREADS) and type(t).__name__ != "GarbageCollector"}
+            if not t.name.startswith(SHARED_THREADS) and type(t).__name__ != "GarbageCollectorThread"}
 
 
 def _open_files() -> set[str]:
