@@ -207,6 +207,14 @@ class Worker:
         try:
             fn = pickle.loads(payload[0])
         except BaseException as exc:  # a crash here is the function's, not the worker's
+            if isinstance(exc, ModuleNotFoundError):
+                missing = SerializationError(
+                    f"the function needs module {exc.name!r}, which the worker cannot import "
+                    "(it exists only in the pool's process, or not on the worker's sys.path); "
+                    "define the function in an importable module or in the notebook itself"
+                )
+                missing.__cause__ = exc
+                exc = missing
             record = capture_exception(exc, "serialization")
             self.functions[msg.digest] = record._replace(
                 evalue=f"cannot load the function in the worker: {record.evalue}"

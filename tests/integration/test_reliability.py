@@ -274,3 +274,19 @@ def test_a_process_taking_the_next_workers_name_cannot_block_it() -> None:
                 impostor.close()
     finally:
         ctx.term()
+
+
+def test_a_function_from_a_module_only_the_parent_has_is_a_serializationerror(
+    pool: orchestra.Pool, tmp_path: Path
+) -> None:
+    (tmp_path / "parent_only_mod.py").write_text("def triple(x):\n    return 3 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import parent_only_mod  # type: ignore[import-not-found]
+
+        os.unlink(tmp_path / "parent_only_mod.py")  # gone before any worker can import it
+        with pytest.raises(orchestra.SerializationError, match="'parent_only_mod'"):
+            pool.map(parent_only_mod.triple, range(3)).result(timeout=HANG_GUARD)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("parent_only_mod", None)
