@@ -20,6 +20,7 @@ and a thread that exits the process on EOF of stdin (the pool holds the write en
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -514,6 +515,7 @@ def _payload_size(frames: list[Any]) -> int:
 
 
 KEEP_CHILDREN_ENV = "ORCHESTRA_KEEP_TASK_CHILDREN"
+_EXIT_GRACE = 5.0  # seconds the main thread has to exit after the pool closed our stdin
 
 
 def _kill_children() -> None:
@@ -567,6 +569,10 @@ def _die_with_parent(parent_pid: int) -> None:
     def watch_stdin() -> None:
         while os.read(watched, 4096):
             pass
+        if os.getppid() == parent_pid:
+            # An orderly stop (Shutdown came first): let the main thread finish its exit
+            # (its atexit work) for a moment; the pool kills a worker that takes longer.
+            threading.Event().wait(_EXIT_GRACE)
         os._exit(0)
 
     threading.Thread(target=watch_stdin, name="orchestra-stdin-watch", daemon=True).start()
@@ -612,7 +618,11 @@ def main() -> None:
             worker.data.close(linger=2000)
             worker.ctx.term()  # sends what is still queued (the last results), within linger
         # No interpreter finalization: the stdin watchdog thread is still blocked in a read
-        # of stdin, and finalizing under it aborts the process.
+        # of stdin, and finalizing under it aborts the process. The exit functions run,
+        # though: those of tasks, and the shutdown of pools that tasks started (nested
+        # pools), which would leave their run directories behind.
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)

@@ -290,3 +290,22 @@ def test_a_function_from_a_module_only_the_parent_has_is_a_serializationerror(
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("parent_only_mod", None)
+
+
+def start_nested_pool() -> str:
+    import glob as glob_
+
+    inner = orchestra.Pool(workers=1)  # left open: the worker's exit must close it
+    assert inner.run(abs, -1).result(timeout=HANG_GUARD) == 1
+    (run_dir,) = glob_.glob(f"/dev/shm/orchestra-{os.getpid()}-*")
+    return run_dir
+
+
+def test_a_pool_started_by_a_task_is_closed_with_its_worker() -> None:
+    pool = orchestra.Pool(workers=1)
+    try:
+        run_dir = pool.run(start_nested_pool).result(timeout=HANG_GUARD)
+        assert os.path.isdir(run_dir)
+    finally:
+        shutdown_within(pool)
+    assert not os.path.exists(run_dir)
