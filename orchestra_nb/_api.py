@@ -78,8 +78,9 @@ class Pool:
     an interrupted task may take to stop before its worker is killed; ``memory_limit`` (kill
     above it) and ``memory_soft_limit`` (recycle after the current task), as bytes or
     strings like ``"2GB"``; ``max_tasks_per_worker``; ``max_result_bytes``; ``heartbeat``
-    and ``stall_timeout`` for stall detection (``replace_stalled=True`` kills stalled
-    workers); ``env`` for extra environment variables of the workers; ``retry_random``, the
+    and ``stall_timeout`` for stall detection (``replace_stalled=True`` replaces any
+    stalled worker; the default, None, only a stopped one, e.g. by SIGSTOP, not one busy in
+    native code holding the GIL); ``env`` for extra environment variables of the workers; ``retry_random``, the
     jitter source of retry backoffs (a callable returning floats in ``[0, 1)``; for exact
     tests); ``busy_poll``, how long (seconds, default 0.0003) a worker that just finished a
     task, and a caller awaiting or waiting on one ``run()``, keep checking for the next

@@ -47,6 +47,7 @@ __all__ = [
     "RemoteTraceback",
     "ResultTooLargeError",
     "SerializationError",
+    "TaskExitError",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "WorkerStartError",
@@ -147,6 +148,11 @@ class CircuitOpenError(OrchestraError):
 
 class TaskTimeoutError(OrchestraError, TimeoutError):
     """A task ran longer than its ``timeout`` and was stopped (interrupted, or its worker killed)."""
+
+
+class TaskExitError(OrchestraError):
+    """A task raised ``KeyboardInterrupt`` or ``SystemExit`` (its ``__cause__``): that is the
+    task's failure, like any exception, never a cancel nor the caller's own exit."""
 
 
 class RemoteTraceback(Exception):

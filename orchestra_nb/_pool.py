@@ -36,7 +36,6 @@ import os
 import pickle
 import random
 import select
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -60,7 +59,18 @@ from ._exceptions import (
 )
 from ._jobs import Chunk, Job, describe_input, next_job_id
 from ._policy import MemoryPolicy
-from ._procs import WorkerProc, crash_cause, delete_worker_buffers, make_run_dir, spawn_worker
+from ._procs import (
+    START_DESCRIPTORS,
+    RunDir,
+    WorkerProc,
+    check_descriptors,
+    crash_cause,
+    delete_worker_buffers,
+    install_sigterm_cleanup,
+    register_run_dir,
+    spawn_worker,
+    unregister_run_dir,
+)
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._state import PoolState, TaskState, WorkerState
@@ -88,7 +98,9 @@ class PoolOptions:
     start_timeout: float = 30.0
     heartbeat: float = 0.5
     stall_timeout: float | None = 10.0
-    replace_stalled: bool = False
+    # None: replace a stalled worker only if it is stopped (SIGSTOP, a debugger), not one
+    # busy in native code that holds the GIL; True: any stalled worker; False: report only.
+    replace_stalled: bool | None = None
     max_worker_crashes: int = 2
     cancel_grace: float = 1.0
     timeout_grace: float = 1.0
@@ -141,33 +153,69 @@ class PoolCore:
         self._io_reads_data = True  # this thread watches the data socket (no loop reads it)
         self.take_backs = 0  # times this thread took the socket back from stopped loops
         self._data_poll = select.poll()
+        install_sigterm_cleanup()  # here, on the caller's (usually the main) thread
 
 
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        self.run_dir, self.shm_dir = make_run_dir()
-        self.segments = proto.Segments(self.run_dir, "p") if self.shm_dir else None
-        self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None  # results' buffers
-        self.ctx = zmq.Context(io_threads=1)
-        self.data = self._router(f"ipc://{self.run_dir}/data")
-        self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
-        self.data_fd = self.data.FD
-        self.loop.add_reader(self.data_fd, self._drain, self.data)
-        self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
+        check_descriptors(START_DESCRIPTORS, "a pool")
+        self.owner = RunDir()
+        self.run_dir, self.shm_dir = self.owner.path, self.owner.shm_dir
+        try:
+            self.segments = proto.Segments(self.run_dir, "p") if self.shm_dir else None
+            self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None  # results'
+            self.ctx = zmq.Context(io_threads=1)
+            self.data = self._router(f"ipc://{self.run_dir}/data")
+            self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
+            self.data_fd = self.data.FD
+            self.loop.add_reader(self.data_fd, self._drain, self.data)
+            self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
+        except BaseException:
+            self._undo_start()  # out of descriptors: nothing of this pool may stay behind
+            raise
+        register_run_dir(self.run_dir, self._emergency_stop)
         self.state = PoolState.RUNNING
         for _ in range(self.target_workers):
             if self._spawn() is None:
                 break  # retried with backoff
         self._tick_handle = self.loop.call_later(0.25, self._tick)
 
+    def _undo_start(self) -> None:
+        for name in ("data", "ctrl"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(sock.FD)
+                sock.close(linger=0)
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.term()
+        for part in (self.segments, self.mappings):
+            if part is not None:
+                part.close()
+        self.owner.remove()
+        self.state = PoolState.CLOSED
+        self.closed_event.set()
+
+    def _emergency_stop(self) -> None:
+        """The process is being terminated (SIGTERM) with no time for a shutdown: SIGKILL
+        the workers and delete the run directory. Runs in a signal handler."""
+        for w in list(self.workers.values()):
+            w.kill("close", "the pool's process was terminated")
+        self.owner.remove()
+
     def _router(self, addr: str) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(addr)
+        try:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(addr)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         return sock
 
     def _spawn(self) -> WorkerProc | None:
@@ -226,6 +274,7 @@ class PoolCore:
         """Something deleted the run directory: make it again and bind the sockets anew
         (connected workers keep their connections; new ones need the socket files)."""
         os.mkdir(self.run_dir, 0o700)
+        self.owner.lock()
         for sock, name in ((self.data, "data"), (self.ctrl, "ctrl")):
             addr = f"ipc://{self.run_dir}/{name}"
             with contextlib.suppress(zmq.ZMQError):
@@ -287,11 +336,14 @@ class PoolCore:
             self.segments.close()
         if self.mappings is not None:
             self.mappings.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        unregister_run_dir(self.run_dir)
+        self.owner.remove()
         self.state = PoolState.CLOSED
         self.closed_event.set()
 
     def resize(self, workers: int) -> None:
+        if self.state != PoolState.RUNNING:
+            raise self.broken or PoolClosedError(f"cannot resize a pool that is {self.state.value}")
         if workers < 1:
             raise ValueError(f"a pool needs at least 1 worker, got {workers}")
         self.target_workers = workers
@@ -333,6 +385,9 @@ class PoolCore:
                     self.bad_messages += 1
                     continue
                 w = self.workers.get(_worker_id(ident))
+                if w is not None and w.ident != ident:  # an impostor, or a stale token
+                    self.bad_messages += 1
+                    continue
                 if w is None:
                     if isinstance(msg, proto.Result):
                         proto.discard_buffers(msg.buffers, self.shm_dir)
@@ -491,11 +546,16 @@ class PoolCore:
                 ) if msg.buffers else None,
             )
         except Exception as exc:
-            err = SerializationError(
-                f"cannot unpickle the results of tasks {chunk.start}.."
-                f"{chunk.start + chunk.count - 1} in the pool: {type(exc).__name__}: {exc}"
-            )
-            self._fail_range(job, chunk, err)
+            if chunk.count > 1:
+                # One result is to blame, unknown which: run the tasks again one by one, so
+                # that only the culprit fails (as for arguments that cannot be unpickled).
+                self._requeue_open_items(job, chunk)
+            else:
+                err = SerializationError(
+                    f"cannot unpickle the result of task {chunk.start} in the pool: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                self._fail_range(job, chunk, err)
             job.progress()
             return
         if msg.count and msg.elapsed >= 0:
@@ -826,7 +886,10 @@ class PoolCore:
             if w.retire:
                 continue
             while self._has_room(w):
-                chunk = self._next_chunk()
+                budget = self._task_budget(w)
+                if budget == 0:
+                    break  # its last tasks are out: it retires when they are done
+                chunk = self._next_chunk(budget)
                 if chunk is None:
                     break  # not return: later workers may still have assigned chunks
                 if chunk.suspect and w.inflight:  # a suspect runs alone: an idle worker's
@@ -849,15 +912,24 @@ class PoolCore:
                 return False
         return True
 
-    def _next_chunk(self) -> Chunk | None:
-        """Round-robin over jobs with work: one chunk from the first, which goes to the back."""
+    def _task_budget(self, w: WorkerProc) -> int | None:
+        """Tasks ``w`` may still be sent under max_tasks_per_worker (None: no limit)."""
+        limit = self.options.max_tasks_per_worker
+        if not limit:
+            return None
+        return max(0, limit - w.tasks_done - sum(c.count for c in w.inflight))
+
+    def _next_chunk(self, budget: int | None = None) -> Chunk | None:
+        """Round-robin over jobs with work: one chunk from the first, which goes to the back;
+        at most ``budget`` tasks in it."""
         ready = self.ready_jobs
         while ready:
             job = ready.popleft()
             if job.paused:  # out of the queue until set_paused(..., False) puts it back
                 job.queued = False
                 continue
-            chunk = job.take(self._chunk_size(job)) if job.id in self.jobs else None
+            size = self._chunk_size(job) if budget is None else min(budget, self._chunk_size(job))
+            chunk = job.take(size) if job.id in self.jobs else None
             if chunk is None:
                 job.queued = False
                 job.check_done()
@@ -1122,7 +1194,8 @@ class PoolCore:
             if stall is not None and silent > stall and not w.stalled:
                 w.stalled = True
                 self.bus.publish(WorkerStalled(w.id, w.pid, silent))
-                if self.options.replace_stalled:
+                replace = self.options.replace_stalled
+                if replace or (replace is None and _is_stopped(w.pid)):
                     w.kill("stall", f"no heartbeat for {silent:.1f} s")
         self._check_memory()
         if self.mappings is not None:
@@ -1209,9 +1282,19 @@ _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
 
 
+def _is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (state T) or traced (t), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"T", b"t")
+
+
 def _worker_id(ident: proto.Frame) -> int:
     try:
-        return int(ident[1:])
+        return int(bytes(ident)[1:].split(b"-", 1)[0])
     except ValueError:
         return -1
 

@@ -1,7 +1,7 @@
 """Worker processes as the pool sees them (layer 2): spawning, the run directory, exits.
 
 :class:`WorkerProc` is the pool's record of one worker process. :func:`spawn_worker` starts
-one (its configuration, with the pool's key, goes on stdin), :func:`make_run_dir` creates the
+one (its configuration, with the pool's key, goes on stdin), :class:`RunDir` creates the
 pool's private run directory (after sweeping those of dead pools), and :func:`crash_cause`
 explains an exit. Nothing here touches a job's task tables: that stays with ``_pool``.
 """
@@ -11,33 +11,43 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._jobs import Chunk
 from ._state import WorkerState
 
 __all__ = [
+    "RunDir",
     "WorkerProc",
+    "check_descriptors",
     "crash_cause",
     "delete_worker_buffers",
-    "make_run_dir",
+    "install_sigterm_cleanup",
     "oom_kill_count",
+    "register_run_dir",
     "spawn_worker",
+    "unregister_run_dir",
 ]
 
 
 class WorkerProc:
-    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str) -> None:
+    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str,
+                 ident: bytes) -> None:
         self.id = worker_id
-        self.ident = f"w{worker_id}".encode()
+        self.ident = ident
         self.proc = proc
         self.pid = proc.pid
         self.log_path = log_path
@@ -94,6 +104,32 @@ class WorkerProc:
 KEEP_FREED_BYTES = 256 * 2**20
 
 
+START_DESCRIPTORS = 32  # free descriptors a pool needs to start (context, sockets, first workers)
+WORKER_DESCRIPTORS = 12  # ... and to start one more worker (pipes, pidfd, its connections)
+
+
+def check_descriptors(needed: int, what: str) -> None:
+    """Raise EMFILE unless ``needed`` more descriptors can be opened.
+
+    ZeroMQ's I/O thread aborts the whole process when it cannot accept a connection for
+    lack of descriptors (a dead kernel, in a notebook): so the pool never starts a worker,
+    whose connections it would have to accept, without room for them.
+    """
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    try:
+        used = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir used
+    except OSError:
+        return
+    if soft - used < needed:
+        raise OSError(errno.EMFILE, f"Too many open files: {used} of this process's limit of "
+                                    f"{soft} are open, and {what} needs {needed} more "
+                                    "(ulimit -n raises the limit)")
+
+
 def spawn_worker(
     worker_id: int,
     run_dir: str,
@@ -108,8 +144,12 @@ def spawn_worker(
     busy_poll: float,
 ) -> WorkerProc:
     """Start worker ``worker_id`` (``python -m orchestra_nb._worker``) in its own session."""
+    check_descriptors(WORKER_DESCRIPTORS, "starting a worker")
+    # Unpredictable: a process of the same user cannot connect under a worker's name.
+    ident = f"w{worker_id}-{secrets.token_hex(8)}"
     config = {
         "worker_id": worker_id,
+        "ident": ident,
         "key": key.hex(),
         "data_addr": f"ipc://{run_dir}/data",
         "ctrl_addr": f"ipc://{run_dir}/ctrl",
@@ -152,7 +192,7 @@ def spawn_worker(
     with contextlib.suppress(BrokenPipeError):  # died at once: its pidfd will tell
         proc.stdin.write(json.dumps(config).encode() + b"\n")
         proc.stdin.flush()
-    return WorkerProc(worker_id, proc, log_path)
+    return WorkerProc(worker_id, proc, log_path, ident.encode())
 
 
 def crash_cause(w: WorkerProc, returncode: int) -> str:
@@ -183,18 +223,101 @@ def oom_kill_count() -> int:
     return -1
 
 
-def make_run_dir() -> tuple[str, str | None]:
-    """Create this pool's private run directory (mode 0700) for sockets, logs and buffers.
+OWNER_LOCK = "owner.lock"
+LEGACY_GRACE = 60.0  # seconds a run directory without a lock file may be half-made
 
-    Returns ``(run_dir, shm_dir)``: in /dev/shm when it is writable, and then ``shm_dir`` is
-    the same directory (shared-memory segments live there too); else in the temp directory,
-    and ``shm_dir`` is None. Run directories of dead pools are swept first.
+
+class RunDir:
+    """A pool's private run directory (mode 0700) for sockets, logs and buffers, owned
+    through an exclusive ``flock`` on its ``owner.lock``, held until :meth:`remove`.
+
+    The kernel drops the lock when the owning process dies, however it dies, so any pool on
+    the machine can tell a live directory from a dead one, also from another PID namespace
+    sharing /dev/shm (a container with ``--ipc=host``, a pod's shared volume), where the
+    owner's pid means nothing. ``shm_dir`` is the directory itself when it is in /dev/shm
+    (shared-memory segments live there too), else None.
     """
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    _sweep_stale_run_dirs(base or tempfile.gettempdir())
-    run_dir = tempfile.mkdtemp(prefix=f"orchestra-{os.getpid()}-", dir=base)
-    os.chmod(run_dir, 0o700)
-    return run_dir, (run_dir if base else None)
+
+    def __init__(self) -> None:
+        usable = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+        base = "/dev/shm" if usable else None
+        _sweep_stale_run_dirs(base or tempfile.gettempdir())
+        self.path = tempfile.mkdtemp(prefix=f"orchestra-{os.getpid()}-", dir=base)
+        self.shm_dir = self.path if base else None
+        self._lock_fd = -1
+        try:
+            os.chmod(self.path, 0o700)
+            self.lock()
+        except BaseException:
+            self.remove()
+            raise
+
+    def lock(self) -> None:
+        """(Re)take the owner lock (again after someone deleted the directory)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        fd = os.open(os.path.join(self.path, OWNER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd >= 0:  # released after the removal: no sweep sees it half-gone
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+
+
+# --- SIGTERM: clean up like a normal exit -----------------------------------------------
+
+_live: dict[str, Callable[[], None]] = {}  # run directory -> its pool's emergency stop
+_previous_sigterm: Any = None
+_installed = False
+
+
+def install_sigterm_cleanup() -> None:
+    """Make SIGTERM (``docker stop``, systemd) clean up this process's pools (workers
+    killed, run directories deleted) before its usual effect. Chained: a handler of the
+    program's own, set before, still decides what SIGTERM means (and its ``sys.exit`` closes
+    the pools as at any exit); set after, it replaces this one. Only from the main thread
+    (where signal handlers are set); elsewhere a no-op."""
+    global _installed, _previous_sigterm
+    if _installed or threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        _installed = True
+
+
+def register_run_dir(path: str, stop: Callable[[], None]) -> None:
+    """``stop()`` kills the workers of the pool owning ``path`` and deletes it, on SIGTERM."""
+    _live[path] = stop
+
+
+def unregister_run_dir(path: str) -> None:
+    _live.pop(path, None)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    previous = _previous_sigterm
+    if callable(previous):  # the program's own handler decides what SIGTERM means
+        previous(signum, frame)
+        return
+    if previous == signal.SIG_IGN:
+        return
+    for stop in list(_live.values()):
+        with contextlib.suppress(Exception):
+            stop()
+    _live.clear()
+    # Terminate by the signal itself, as without this handler (the exit status says so).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def delete_worker_buffers(run_dir: str, worker_id: int) -> None:
@@ -208,11 +331,13 @@ def delete_worker_buffers(run_dir: str, worker_id: int) -> None:
 
 
 def _sweep_stale_run_dirs(base: str) -> None:
-    """Remove run directories whose pool process is dead.
+    """Remove run directories whose pool is gone.
 
-    A pool killed with SIGKILL cannot clean up, and its directory (sockets, and
-    shared-memory segments that still hold memory) would outlive it. Its workers are gone
-    (they die with their parent), so nothing uses it any more.
+    A pool killed with SIGKILL (or ending in ``os._exit``) cannot clean up, and its
+    directory (sockets, and shared-memory segments that still hold memory) would outlive
+    it. Its workers are gone (they die with their parent), so nothing uses it any more:
+    its owner lock is free. A directory without a lock file is from an older version (or
+    is being made): judged by its pid, and only once it is older than ``LEGACY_GRACE``.
     """
     try:
         entries = list(os.scandir(base))
@@ -222,9 +347,29 @@ def _sweep_stale_run_dirs(base: str) -> None:
         parts = entry.name.split("-")
         if len(parts) < 3 or parts[0] != "orchestra" or not parts[1].isdigit():
             continue
-        pid = int(parts[1])
-        if pid == os.getpid() or _pid_alive(pid):
+        try:
+            fd = os.open(os.path.join(entry.path, OWNER_LOCK), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            _sweep_legacy(entry, int(parts[1]))
             continue
+        except OSError:  # not ours to judge (another user's, or not a directory)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: a live pool, maybe in another PID namespace
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _sweep_legacy(entry: os.DirEntry[str], pid: int) -> None:
+    try:
+        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return
+    if age > LEGACY_GRACE and pid != os.getpid() and not _pid_alive(pid):
         shutil.rmtree(entry.path, ignore_errors=True)
 
 

@@ -366,8 +366,14 @@ def pickle_payload(
     names: list[str | None] = []
     for buf in oob:
         raw = buf.raw()
+        name = None
         if shm is not None and raw.nbytes >= SHM_THRESHOLD:
-            names.append(shm.write(raw) if isinstance(shm, Segments) else _write_shm(shm, raw))
+            try:
+                name = shm.write(raw) if isinstance(shm, Segments) else _write_shm(shm, raw)
+            except OSError:  # /dev/shm full (ENOSPC), a file size limit...: send it inline
+                name = None
+        if name is not None:
+            names.append(name)
             frames.append(b"")
         else:
             # A copy: the caller may mutate its array while the frame waits in a queue.
@@ -419,12 +425,16 @@ def _safe_name(name: str) -> str:
 
 def _write_shm(shm_dir: str, raw: memoryview) -> str:
     name = f"buf-{secrets.token_hex(12)}"
-    fd = os.open(os.path.join(shm_dir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    path = os.path.join(shm_dir, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         size = raw.nbytes
         os.posix_fallocate(fd, 0, size)  # allocate every page at once: no fault per page
         with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) as mm:
             mm[:] = raw.cast("B")
+    except BaseException:
+        os.unlink(path)  # no half-made segment left holding memory
+        raise
     finally:
         os.close(fd)
     return name
@@ -483,10 +493,14 @@ class Segments:
                 self._free_bytes -= size
         if segment is None:
             name = f"buf-{self.owner}-{secrets.token_hex(10)}"
-            fd = os.open(os.path.join(self.directory, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            path = os.path.join(self.directory, name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.posix_fallocate(fd, 0, size)
+                os.posix_fallocate(fd, 0, size)  # ENOSPC here, not SIGBUS on a later write
                 mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+            except BaseException:
+                os.unlink(path)
+                raise
             finally:
                 os.close(fd)
         else:

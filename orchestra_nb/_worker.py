@@ -20,6 +20,7 @@ and a thread that exits the process on EOF of stdin (the pool holds the write en
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -37,7 +38,7 @@ from typing import Any
 import zmq
 
 from . import _protocol as proto
-from ._exceptions import ResultTooLargeError, SerializationError, TaskTimeoutError
+from ._exceptions import ResultTooLargeError, SerializationError, TaskExitError, TaskTimeoutError
 from ._namespace import NamespaceLink, link
 from ._serialize import ErrorRecord, capture_exception, dumps_result
 from ._spin import BusyPoll
@@ -160,7 +161,7 @@ class Worker:
         # ... and the pool's segments, kept mapped for their next use (see proto.Mappings).
         self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None
         self.ctx = zmq.Context(io_threads=1)
-        ident = f"w{self.worker_id}".encode()
+        ident = config.get("ident", f"w{self.worker_id}").encode()
         self.data = self.ctx.socket(zmq.DEALER)
         self.data.setsockopt(zmq.IDENTITY, ident)
         self.data.setsockopt(zmq.LINGER, 2000)
@@ -176,6 +177,10 @@ class Worker:
         self.output = _OutputBuffer()
         self.main_ident = threading.get_ident()
         self.running = True
+        # Processes a task started are killed when its chunk ends (their group with them,
+        # as orphans come back to this subreaper), unless the pool's env sets this.
+        self.keep_children = os.environ.get(KEEP_CHILDREN_ENV) == "1"
+        self.pid = os.getpid()
         self._async_loop: Any = None  # an asyncio loop, made for the first async def task
 
     # --- main thread -----------------------------------------------------------------
@@ -221,6 +226,14 @@ class Worker:
         try:
             fn = pickle.loads(payload[0])
         except BaseException as exc:  # a crash here is the function's, not the worker's
+            if isinstance(exc, ModuleNotFoundError):
+                missing = SerializationError(
+                    f"the function needs module {exc.name!r}, which the worker cannot import "
+                    "(it exists only in the pool's process, or not on the worker's sys.path); "
+                    "define the function in an importable module or in the notebook itself"
+                )
+                missing.__cause__ = exc
+                exc = missing
             record = capture_exception(exc, "serialization")
             self.functions[msg.digest] = record._replace(
                 evalue=f"cannot load the function in the worker: {record.evalue}"
@@ -274,6 +287,10 @@ class Worker:
                     ns_link.refresh()
                 values = self._call_all(fn, items, msg, errors)
                 del items  # the arguments: their segments are released before the result
+        if os.getpid() != self.pid:
+            os._exit(0)  # a task's fork() child came back here: it must not act as the worker
+        if not self.keep_children:
+            _kill_children()
         self._flush_output(self.send)
         self._send_releases()
         self._send_result(msg, values, errors, time.perf_counter() - t0)
@@ -326,7 +343,7 @@ class Worker:
                 else:
                     for item in items[offset:]:
                         append(fn(item))
-            except KeyboardInterrupt as exc:
+            except PoolInterrupt as exc:
                 state.deadline = None
                 failed = len(values)
                 if state.reason == "item" and state.target == state.chunk:
@@ -347,6 +364,16 @@ class Worker:
                 for rest in range(failed, n):
                     errors[rest] = _CANCELLED
                 values.extend([None] * (n - failed))
+            except (KeyboardInterrupt, SystemExit) as exc:  # the task's own, not the pool's
+                state.deadline = None
+                index = msg.start + len(values)
+                exit_exc = TaskExitError(
+                    f"task {index} raised {type(exc).__name__}{_args(exc)}: a task's "
+                    f"{type(exc).__name__} is its failure, not a cancel nor the caller's exit"
+                )
+                exit_exc.__cause__ = exc
+                errors[len(values)] = capture_exception(exit_exc, "error")
+                append(None)
             except BaseException as exc:
                 state.deadline = None
                 if isinstance(exc, NameError):
@@ -491,6 +518,15 @@ class Worker:
         signal.pthread_kill(self.main_ident, signal.SIGINT)
 
 
+class PoolInterrupt(KeyboardInterrupt):
+    """The pool's own interrupt of a task (cancel, timeout): a ``KeyboardInterrupt``, so
+    that a task's cleanup for Ctrl-C runs, but told apart from one the task raises."""
+
+
+def _args(exc: BaseException) -> str:
+    return f"({', '.join(map(repr, exc.args))})" if exc.args else ""
+
+
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect at start-up
 
 
@@ -506,17 +542,65 @@ def _payload_size(frames: list[Any]) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
+KEEP_CHILDREN_ENV = "ORCHESTRA_KEEP_TASK_CHILDREN"
+_EXIT_GRACE = 5.0  # seconds the main thread has to exit after the pool closed our stdin
+
+
+def _kill_children() -> None:
+    """SIGKILL every process the tasks left running (and reap them): their children come
+    back to this process (a subreaper) when their parent dies, so none escapes."""
+    try:
+        os.waitpid(-1, os.WNOHANG)  # reaps one that ended, if any
+    except ChildProcessError:
+        return  # the usual case: no child at all (one cheap system call)
+    for _ in range(64):  # each round takes one generation of orphans
+        children = _child_pids()
+        if not children:
+            break
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _child_pids() -> list[int]:
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                pids.extend(int(p) for p in f.read().split())
+    return pids
+
+
 def _die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
+        PR_SET_CHILD_SUBREAPER = 36
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)
 
+    # The pool's pipe moves off descriptor 0: a task's stdin (and its children's) is
+    # /dev/null, so reading it ends at once instead of blocking on the pool's pipe.
+    watched = os.dup(0)  # not inherited by the tasks' children
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
     def watch_stdin() -> None:
-        while sys.stdin.buffer.read(1):
+        while os.read(watched, 4096):
             pass
+        if os.getppid() == parent_pid:
+            # An orderly stop (Shutdown came first): let the main thread finish its exit
+            # (its atexit work) for a moment; the pool kills a worker that takes longer.
+            threading.Event().wait(_EXIT_GRACE)
         os._exit(0)
 
     threading.Thread(target=watch_stdin, name="orchestra-stdin-watch", daemon=True).start()
@@ -536,15 +620,21 @@ def main() -> None:
         if state.target is not None and state.target == state.chunk:
             item = state.target_item
             if item is None or item == state.target[1] + len(state.values):
-                raise KeyboardInterrupt
+                raise PoolInterrupt
         return None
 
     signal.signal(signal.SIGINT, on_sigint)
     out_fallback, err_fallback = sys.stdout, sys.stderr
     sys.stdout = _TaskStream("stdout", out_fallback, worker.output)
     sys.stderr = _TaskStream("stderr", err_fallback, worker.output)
+    exit_code = 0
     try:
         worker.serve()
+    except BaseException:  # the worker's own failure: in its log, and not "exit code 0"
+        import traceback
+
+        traceback.print_exc(file=err_fallback)
+        exit_code = 70  # EX_SOFTWARE
     finally:
         # The control thread owns its socket: it stops within one poll, then closes it.
         worker.running = False
@@ -556,10 +646,14 @@ def main() -> None:
             worker.data.close(linger=2000)
             worker.ctx.term()  # sends what is still queued (the last results), within linger
         # No interpreter finalization: the stdin watchdog thread is still blocked in a read
-        # of stdin, and finalizing under it aborts the process.
+        # of stdin, and finalizing under it aborts the process. The exit functions run,
+        # though: those of tasks, and the shutdown of pools that tasks started (nested
+        # pools), which would leave their run directories behind.
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
 
 
 if __name__ == "__main__":

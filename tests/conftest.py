@@ -1,7 +1,14 @@
-"""Shared fixtures: every test must leave no process behind.
+"""Shared fixtures: every test must leave nothing behind.
 
-The leak check compares this process's children before and after each test; a test that
-leaves a worker (or any child) alive fails, and the stray processes are killed by pid.
+The leak check compares, before and after each test, this process's children, its threads,
+its open files and this process's entries in /dev/shm; a test that leaves a worker (or any
+child) alive, a thread running, a file open or a run directory or segment behind fails, and
+stray processes are killed by pid. The pool engine's own I/O and event-delivery threads are
+shared by all pools and may outlive a test.
+
+Under load: ``--load N`` (or ``ORCHESTRA_TEST_LOAD=N``) keeps N CPU-bound processes running
+for the whole session, started first and killed by pid at its end, so that a test which
+depends on timing fails here rather than on a busy laptop or CI runner.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -43,14 +52,62 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _package_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("orchestra")]
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--load", type=int, default=int(os.environ.get("ORCHESTRA_TEST_LOAD", "0")),
+                     help="keep N CPU-bound processes busy for the whole session")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_load(request: pytest.FixtureRequest) -> Iterator[list[int]]:
+    count = request.config.getoption("--load")
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                              stdin=subprocess.DEVNULL) for _ in range(count)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # by its own pid
+            p.wait()
+
+
+def _threads() -> set[threading.Thread]:
+    # pyzmq's garbage collector thread (zero-copy sends) lives as long as the process. The
+    # package's own threads (the I/O thread and the bus's included) end with their pools.
+    return {t for t in threading.enumerate() if type(t).__name__ != "GarbageCollectorThread"}
+
+
+def _open_files() -> set[str]:
+    """This process's open regular files and directories (not pipes, sockets, epolls)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith("/") and not target.startswith("/dev/"):
+                    found.add(f"{fd} -> {target}")
+    return found
+
+
+def _shm_entries() -> set[str]:
+    with contextlib.suppress(OSError):
+        return {e for e in os.listdir("/dev/shm") if e.startswith(f"orchestra-{os.getpid()}-")}
+    return set()
+
+
+def _settle(check: Any, timeout: float = 5.0) -> Any:
+    """``check()`` until it is empty (things close asynchronously), at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    left = check()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = check()
+    return left
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
     before = set(_children())
-    threads_before = set(_package_threads())
+    threads, files, shm = _threads(), _open_files(), _shm_entries()
     yield
     orchestra.shutdown()  # the default pool, if a test used it
     new = [pid for pid in _children() if pid not in before]
@@ -59,11 +116,12 @@ def no_leaked_processes() -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not leaked, f"test left processes alive: {leaked}"
-    # Every thread of the package ends with the pool that owns it (joined: a hang guard).
-    for thread in set(_package_threads()) - threads_before:
-        thread.join(10.0)
-    stray = [t.name for t in set(_package_threads()) - threads_before if t.is_alive()]
-    assert not stray, f"test left threads of the package running: {stray}"
+    stray_threads = _settle(lambda: {t.name for t in _threads() - threads if t.is_alive()})
+    assert not stray_threads, f"test left threads running: {sorted(stray_threads)}"
+    stray_files = _settle(lambda: _open_files() - files)
+    assert not stray_files, f"test left files open: {sorted(stray_files)}"
+    stray_shm = _settle(lambda: _shm_entries() - shm)
+    assert not stray_shm, f"test left entries in /dev/shm: {sorted(stray_shm)}"
 
 
 def _pool_options(request: pytest.FixtureRequest) -> dict[str, Any]:

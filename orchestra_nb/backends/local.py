@@ -52,7 +52,7 @@ def create_local_backend(
     max_result_bytes: int | None = None,
     heartbeat: float = 0.5,
     stall_timeout: float | None = 10.0,
-    replace_stalled: bool = False,
+    replace_stalled: bool | None = None,
     env: dict[str, str] | None = None,
     python: str | None = None,
     retry_random: Callable[[], float] | None = None,

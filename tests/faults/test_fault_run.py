@@ -15,7 +15,10 @@ def test_randomised_fault_run() -> None:
     c = report.counts
     assert report.violations == []
     assert c["lost"] == 0
+    assert c["hung"] == 0
     assert c["leaked"] == 0
+    assert c["leaked_files"] == 0
+    assert c["leaked_threads"] == 0
     assert c["maps"] >= 10
     assert c["tasks"] >= 1000
     assert c["kills"] >= 10  # faults were really injected

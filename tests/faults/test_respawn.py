@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +109,35 @@ def test_workers_killed_from_outside_before_their_handshake_do_not_break_the_poo
     finally:
         gate.touch()
         pool.shutdown()
+
+
+OUT_OF_DESCRIPTORS = """
+import errno, glob, os, resource
+import orchestra_nb as orchestra
+with orchestra.Pool(workers=1) as warm:  # the I/O thread's descriptors exist from here on
+    warm.wait_started(timeout=60)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+before = sorted(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (24, hard))
+try:
+    orchestra.Pool(workers=4).wait_started(timeout=60)
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+    print("raised:", exc)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+assert sorted(os.listdir("/proc/self/fd")) == before, "descriptors leaked"
+assert not glob.glob(f"/dev/shm/orchestra-{os.getpid()}-*"), "run directory left"
+with orchestra.Pool(workers=2) as pool:
+    assert pool.map(abs, range(-3, 0)).result(timeout=60) == [3, 2, 1]
+print("ok")
+"""
+
+
+def test_a_pool_out_of_descriptors_at_start_leaves_nothing_and_the_next_pool_works() -> None:
+    done = subprocess.run([sys.executable, "-c", OUT_OF_DESCRIPTORS], capture_output=True,
+                          timeout=HANG_GUARD * 2,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = done.stdout.decode()
+    assert done.returncode == 0, (done.returncode, out, done.stderr.decode()[-3000:])
+    assert "raised: [Errno 24] Too many open files" in out
+    assert out.endswith("ok\n")

@@ -29,7 +29,7 @@ def _stalled(pool, pid: int) -> bool:
 
 
 def test_sigstopped_worker_is_reported_stalled_then_recovers(make_pool) -> None:
-    pool = make_pool(workers=2, heartbeat=0.05, stall_timeout=0.4)
+    pool = make_pool(workers=2, heartbeat=0.05, stall_timeout=0.4, replace_stalled=False)
     pids = sorted(pool.worker_pids())
     victim = pids[0]
     with EventRecorder(pool) as rec:

@@ -257,11 +257,21 @@ def test_map_star(pool: orchestra.Pool) -> None:
         pool.map(add)
 
 
+def waits_for_release(i: int, d: str) -> int:
+    """Item 0 returns once the test created ``release-0``; the others at once."""
+    if i == 0:
+        _wait_file(os.path.join(d, "release-0"))
+    return i
+
+
 @pytest.mark.local_only("two tasks must run at once")
 def test_map_unordered(pool: orchestra.Pool, tmp_path: Path) -> None:
-    # completion order: item 1 is forced to finish before item 0
+    # completion order: item 0 is released only once the pool has item 1's result (an
+    # event, not a race between two workers' answers)
     d = str(tmp_path)
-    h = pool.map(first_waits_for_second, [0, 1], [d, d], ordered=False, chunksize=1)
+    h = pool.map(waits_for_release, [0, 1], [d, d], ordered=False, chunksize=1)
+    wait_for(lambda: h.counts()[TaskState.SUCCEEDED] == 1, HANG_GUARD, what="item 1 done")
+    Path(d, "release-0").touch()
     assert h.result(HANG_GUARD) == [1, 0]
     data = range(300)
     out = pool.map(square, data, ordered=False).result(HANG_GUARD)

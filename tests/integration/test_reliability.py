@@ -3,8 +3,10 @@ found by adversarial use of the pool (each test failed on the code before its fi
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -79,3 +81,233 @@ def test_cancelling_one_run_of_a_burst_leaves_the_others_to_finish(
     finally:
         shutdown_within(pool)
     assert run_dirs() == before
+
+
+def interrupts_at_five(x: int) -> int:
+    if x == 5:
+        raise KeyboardInterrupt("from the task")
+    return x
+
+
+def exits_at_five(x: int) -> int:
+    if x == 5:
+        sys.exit(3)
+    return x
+
+
+@pytest.mark.parametrize(("fn", "name"), [(interrupts_at_five, "KeyboardInterrupt"),
+                                          (exits_at_five, "SystemExit")])
+def test_a_task_raising_keyboardinterrupt_or_systemexit_fails_only_that_task(
+    pool: orchestra.Pool, fn: object, name: str
+) -> None:
+    handle = pool.map(fn, range(10), chunksize=10)  # one chunk: the rest must still run
+    with pytest.raises(orchestra.TaskExitError, match=f"task 5 raised {name}"):
+        handle.result(timeout=HANG_GUARD)
+    assert not handle.cancelled()
+    assert set(handle.exceptions()) == {5}
+    assert type(handle.exceptions()[5].__cause__).__name__ == "RemoteTraceback"
+    assert handle.partial_results(fill="-") == [0, 1, 2, 3, 4, "-", 6, 7, 8, 9]
+    assert pool.map(abs, range(-3, 0)).result(timeout=HANG_GUARD) == [3, 2, 1]
+
+
+def test_systemexit_of_a_run_is_not_the_callers_exit(pool: orchestra.Pool) -> None:
+    with pytest.raises(orchestra.TaskExitError, match=r"SystemExit\(3\)"):
+        pool.run(sys.exit, 3).result(timeout=HANG_GUARD)
+
+
+def unloadable_at_seven(x: int) -> object:
+    from orchestra_nb.testing import RaiseAtUnpickle
+
+    return RaiseAtUnpickle("no such class here") if x == 7 else x
+
+
+def test_a_result_that_cannot_be_unpickled_fails_only_its_task(pool: orchestra.Pool) -> None:
+    handle = pool.map(unloadable_at_seven, range(20), chunksize=20)
+    with pytest.raises(orchestra.SerializationError, match="result of task 7"):
+        handle.result(timeout=HANG_GUARD)
+    assert set(handle.exceptions()) == {7}
+    assert handle.partial_results(fill="-") == [*range(7), "-", *range(8, 20)]
+
+
+def big_result_past_a_file_size_limit(size: int) -> tuple[int, object]:
+    import resource
+    import signal
+
+    import numpy as np
+
+    # Shared-memory files can grow no more than 1 MiB now (EFBIG, like ENOSPC of a full
+    # /dev/shm): the result must travel another way.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    return os.getpid(), np.full(size, 7, dtype=np.uint8)  # pickled out of band
+
+
+def test_a_result_that_shared_memory_cannot_hold_travels_inline() -> None:
+    with orchestra.Pool(workers=1) as pool:
+        pid, data = pool.run(big_result_past_a_file_size_limit, 16 * 2**20).result(
+            timeout=HANG_GUARD)
+        assert data.shape == (16 * 2**20,) and int(data.min()) == int(data.max()) == 7
+        assert [w.pid for w in pool.statistics().workers] == [pid]  # the worker lived on
+
+
+def read_stdin() -> tuple[str, str]:
+    import subprocess
+
+    counted = subprocess.run(["wc", "-c"], capture_output=True, timeout=HANG_GUARD, check=True)
+    return sys.stdin.read(), counted.stdout.decode().strip()
+
+
+def test_a_tasks_stdin_is_empty(pool: orchestra.Pool) -> None:
+    assert pool.run(read_stdin).result(timeout=HANG_GUARD) == ("", "0")
+
+
+def start_children() -> tuple[int, int]:
+    """A child, and a grandchild whose parent exits at once (an orphan)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "600"])
+    orphan = subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
+                            capture_output=True, check=True, timeout=HANG_GUARD)
+    return child.pid, int(orphan.stdout)
+
+
+def forks() -> int:
+    return os.fork()  # the child returns 0 into the worker's own code
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_processes_a_task_started_end_with_it(pool: orchestra.Pool) -> None:
+    child, orphan = pool.run(start_children).result(timeout=HANG_GUARD)
+    wait_for(lambda: gone(child) and gone(orphan), HANG_GUARD, what="the task's children gone")
+    forked = pool.run(forks).result(timeout=HANG_GUARD)
+    assert forked > 0  # the parent's answer: the child never sent one
+    wait_for(lambda: gone(forked), HANG_GUARD, what="the task's forked child gone")
+    assert pool.map(abs, range(-3, 0)).result(timeout=HANG_GUARD) == [3, 2, 1]
+
+
+def test_processes_a_task_started_may_be_kept() -> None:
+    with orchestra.Pool(workers=1, env={"ORCHESTRA_KEEP_TASK_CHILDREN": "1"}) as pool:
+        child, orphan = pool.run(start_children).result(timeout=HANG_GUARD)
+        pool.run(abs, 1).result(timeout=HANG_GUARD)  # another chunk ended: still alive
+        assert not gone(child) and not gone(orphan)
+        os.kill(child, 9)
+        os.kill(orphan, 9)
+
+
+def test_resize_after_shutdown_says_the_pool_is_closed() -> None:
+    pool = orchestra.Pool(workers=1)
+    pool.shutdown()
+    with pytest.raises(orchestra.PoolClosedError, match="resize"):
+        pool.resize(2)
+
+
+def own_pid(_: int) -> int:
+    return os.getpid()
+
+
+def test_max_tasks_per_worker_bounds_chunks_too() -> None:
+    with orchestra.Pool(workers=2, max_tasks_per_worker=50) as pool:
+        pids = pool.map(own_pid, range(2000)).result(timeout=HANG_GUARD)
+    per_worker = collections.Counter(pids)
+    assert max(per_worker.values()) <= 50, per_worker.most_common(3)
+    assert len(per_worker) >= 2000 // 50
+
+
+def test_a_sigstopped_worker_is_replaced_by_default(tmp_path: Path) -> None:
+    from orchestra_nb.testing import cont_pid, stop_pid
+
+    with orchestra.Pool(workers=1, heartbeat=0.05, stall_timeout=0.5) as pool:
+        pool.wait_started(timeout=HANG_GUARD)
+        gate = str(tmp_path / "gate")
+        handle = pool.run(gated_pid, gate)
+        pid = wait_for(lambda: next((w.pid for w in pool.statistics().workers
+                                     if w.job is not None), None), HANG_GUARD,
+                       what="the task running")
+        stop_pid(pid)
+        try:
+            Path(gate).touch()
+            assert handle.result(timeout=HANG_GUARD) != pid  # re-run on a new worker
+        finally:
+            cont_pid(pid)  # harmless if it is gone already
+
+
+def gated_pid(gate: str) -> int:
+    gated(gate)
+    return os.getpid()
+
+
+def test_a_process_taking_the_next_workers_name_cannot_block_it() -> None:
+    import signal
+
+    import zmq
+
+    from orchestra_nb.testing import EventRecorder, kill_pid
+
+    before = run_dirs()
+    ctx = zmq.Context()
+    try:
+        with orchestra.Pool(workers=1, start_timeout=5) as pool:
+            pool.wait_started(timeout=HANG_GUARD)
+            (run_dir,) = run_dirs() - before
+            impostors = []
+            for name in (b"w2", b"w3", b"w4"):  # the next workers' names, if guessable
+                impostor = ctx.socket(zmq.DEALER)
+                impostor.setsockopt(zmq.IDENTITY, name)
+                impostor.setsockopt(zmq.LINGER, 0)
+                impostor.connect(f"ipc://{run_dir}/data")
+                impostor.send_multipart([b"garbage"])  # connected once this got through
+                impostors.append(impostor)
+            wait_for(lambda: pool.statistics().bad_messages >= 3, HANG_GUARD,
+                     what="the impostors seen")
+            (old,) = [w.pid for w in pool.statistics().workers]
+            with EventRecorder(pool, (orchestra.WorkerStarted,)) as rec:
+                kill_pid(old, signal.SIGKILL)
+                rec.wait(lambda e: e.pid != old, timeout=HANG_GUARD)
+            assert pool.map(abs, range(-5, 0)).result(timeout=HANG_GUARD) == [5, 4, 3, 2, 1]
+            for impostor in impostors:
+                impostor.close()
+    finally:
+        ctx.term()
+
+
+def test_a_function_from_a_module_only_the_parent_has_is_a_serializationerror(
+    pool: orchestra.Pool, tmp_path: Path
+) -> None:
+    (tmp_path / "parent_only_mod.py").write_text("def triple(x):\n    return 3 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import parent_only_mod  # type: ignore[import-not-found]
+
+        os.unlink(tmp_path / "parent_only_mod.py")  # gone before any worker can import it
+        with pytest.raises(orchestra.SerializationError, match="'parent_only_mod'"):
+            pool.map(parent_only_mod.triple, range(3)).result(timeout=HANG_GUARD)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("parent_only_mod", None)
+
+
+def start_nested_pool() -> str:
+    import glob as glob_
+
+    inner = orchestra.Pool(workers=1)  # left open: the worker's exit must close it
+    assert inner.run(abs, -1).result(timeout=HANG_GUARD) == 1
+    (run_dir,) = glob_.glob(f"/dev/shm/orchestra-{os.getpid()}-*")
+    return run_dir
+
+
+def test_a_pool_started_by_a_task_is_closed_with_its_worker() -> None:
+    pool = orchestra.Pool(workers=1)
+    try:
+        run_dir = pool.run(start_nested_pool).result(timeout=HANG_GUARD)
+        assert os.path.isdir(run_dir)
+    finally:
+        shutdown_within(pool)
+    assert not os.path.exists(run_dir)
