@@ -3,7 +3,7 @@ process table and task table.
 
 Why a thread and not the caller's loop: a notebook kernel's loop stops while a synchronous
 cell runs, and ``result()`` must work from plain scripts without ``nest_asyncio``
-(``jupyter-runtime.md`` section 6).
+(docs/design.md, "Why an I/O thread").
 
 The engine lock: the I/O thread holds :attr:`IOThread.engine` at all times except while it
 waits for events. Another thread that takes the lock (:meth:`IOThread.run_now`) therefore

@@ -6,7 +6,7 @@ IPython does not await what a cell magic returns, so an input transformer rewrit
     <body>
 
 into ``await __orchestra_cell__('-o result', '<body>')``, which IPython awaits like any
-top-level ``await`` (``jupyter-runtime.md`` section 7): the cell runs in the foreground,
+top-level ``await`` (docs/design.md, "`%%orchestra` cells can be awaited"): the cell runs in the foreground,
 streams its prints, and "interrupt kernel" cancels it. Forms:
 
 * ``%%orchestra [-o NAME ...]``: run the cell on one worker (always the same one while it

@@ -11,7 +11,7 @@ Two ways to show a batch, both addressed to the launching cell even after it fin
 
 * into the job's ``ipywidgets.Output`` (widgets are addressed by comm id), or
 * as ``stream`` messages, written inside the launching cell's ``contextvars`` context, which
-  carries ipykernel's parent header (``jupyter-runtime.md`` section 2).
+  carries ipykernel's parent header (docs/design.md, "Output goes to the right cell").
 
 Also: :func:`enrich_traceback` adds the source lines of cell-defined functions, which only
 the kernel knows, to a worker's traceback text.
