@@ -24,6 +24,7 @@ from ._events import JobFinished, JobProgress, JobStarted, TaskStateChanged
 from ._feed import FeedBuffer
 from ._policy import RetryPolicy
 from ._state import FINAL_STATES, LEGAL, TaskState, done_count
+from ._stats import JobStatistics
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -472,6 +473,16 @@ class Job:
                 fut.set_exception(self.errors[index])
             else:
                 fut.cancel()
+
+    def statistics(self, now: float) -> JobStatistics:
+        """This job's line of ``Pool.statistics()`` (``now``: ``time.monotonic()``)."""
+        counts = tuple(self.counts)
+        return JobStatistics(
+            id=self.id, name=self.name, total=self.total, read=self.pulled,
+            counts={s: counts[s] for s in TaskState},
+            elapsed=(self.ended_at or now) - self.started_at,
+            finished=self.finished.is_set(), cancelled=self.cancelled,
+        )
 
     def state_of(self, index: int) -> TaskState:
         return _TASK_STATES[self.states[index]]

@@ -74,7 +74,7 @@ from ._procs import (
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._state import PoolState, TaskState, WorkerState
-from ._stats import JobStatistics, PoolStatistics, WorkerStatistics
+from ._stats import PoolStatistics, WorkerStatistics
 
 if TYPE_CHECKING:
     from ._ioloop import EngineLoop
@@ -1262,14 +1262,8 @@ class PoolCore:
         for j in self.jobs.values():
             if j.internal:
                 continue
-            counts = tuple(j.counts)
-            queued += counts[TaskState.PENDING] + counts[TaskState.RETRYING]
-            jobs.append(JobStatistics(
-                id=j.id, name=j.name, total=j.total, read=j.pulled,
-                counts={s: counts[s] for s in TaskState},
-                elapsed=(j.ended_at or now) - j.started_at,
-                finished=j.finished.is_set(), cancelled=j.cancelled,
-            ))
+            queued += j.counts[TaskState.PENDING] + j.counts[TaskState.RETRYING]
+            jobs.append(j.statistics(now))
         return PoolStatistics("local", PoolState(self.state), self.target_workers, tuple(workers),
                               tuple(jobs), queued, self.bad_messages, self.spawn_error)
 

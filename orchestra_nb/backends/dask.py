@@ -78,7 +78,7 @@ from .._exceptions import (
 from .._jobs import Chunk, Job, describe_input
 from .._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from .._state import CloseMode, PoolState, TaskState, WorkerState
-from .._stats import JobStatistics, PoolStatistics, WorkerStatistics
+from .._stats import PoolStatistics, WorkerStatistics
 from . import _dask_worker as remote
 from ._base import Backend, Capabilities
 from .local import check_call_arguments
@@ -380,14 +380,8 @@ class DaskBackend(Backend):
         for j in list(self._jobs.values()):
             if j.internal or j.is_complete():  # complete: finishing on the driver right now
                 continue
-            counts = tuple(j.counts)
-            queued += counts[TaskState.PENDING] + counts[TaskState.RETRYING]
-            jobs.append(JobStatistics(
-                id=j.id, name=j.name, total=j.total, read=j.pulled,
-                counts={s: counts[s] for s in TaskState},
-                elapsed=(j.ended_at or now) - j.started_at,
-                finished=j.finished.is_set(), cancelled=j.cancelled,
-            ))
+            queued += j.counts[TaskState.PENDING] + j.counts[TaskState.RETRYING]
+            jobs.append(j.statistics(now))
         return PoolStatistics(self.name, self._state, self.target_workers, workers, tuple(jobs), queued)
 
     def started(self, timeout: float | None = None) -> concurrent.futures.Future[None]:

@@ -38,7 +38,7 @@ from .._exceptions import CircuitOpenError, PoolClosedError
 from .._feed import FeedBuffer
 from .._jobs import Chunk, Job, describe_input
 from .._state import CloseMode, PoolState, TaskState, WorkerState
-from .._stats import JobStatistics, PoolStatistics, WorkerStatistics
+from .._stats import PoolStatistics, WorkerStatistics
 from ._base import Backend, Capabilities
 
 if TYPE_CHECKING:
@@ -321,13 +321,7 @@ class InlineBackend(Backend):
                 job=None if current is None else current[0],
                 item=None if current is None else current[1], tasks_done=self._tasks_done,
             )
-            jobs = tuple(
-                JobStatistics(id=j.id, name=j.name, total=j.total, read=j.pulled,
-                              counts={s: j.counts[s] for s in TaskState},
-                              elapsed=(j.ended_at or now) - j.started_at,
-                              finished=j.finished.is_set(), cancelled=j.cancelled)
-                for j in self._jobs.values() if not j.internal
-            )
+            jobs = tuple(j.statistics(now) for j in self._jobs.values() if not j.internal)
         queued = sum(j.waiting for j in jobs)
         return PoolStatistics("inline", self._state, 1, (worker,), jobs, queued)
 
