@@ -171,9 +171,11 @@ def spawn_worker(
     # glibc maps every allocation above its mmap threshold afresh and unmaps it on free, so
     # a task that builds a 64 MB array page-faults all of it, every time (about half the
     # cost of returning one). Workers keep up to KEEP_FREED_BYTES of freed memory in their
-    # heap for the next task instead. Pool(env={...}) overrides either setting.
+    # heap for the next task instead. Pool(env={...}) overrides either setting; what the
+    # parent inherited does not (importing distributed sets MALLOC_TRIM_THRESHOLD_ for its
+    # own workers in os.environ).
     for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        environ.setdefault(var, str(KEEP_FREED_BYTES))
+        environ[var] = str(KEEP_FREED_BYTES)
     environ.update(env)
     log_path = os.path.join(run_dir, f"worker-{worker_id}.log")
     with open(log_path, "wb") as log:

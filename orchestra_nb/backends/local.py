@@ -187,6 +187,9 @@ class LocalBackend(Backend):
         return self._core.target_workers
 
     def resize(self, workers: int) -> None:
+        if self._close_future is not None:
+            raise PoolClosedError(f"cannot resize a pool that is {self._core.state}")
+
         async def resize() -> None:
             if self._core.state != PoolState.RUNNING:
                 raise PoolClosedError(f"cannot resize a pool that is {self._core.state}")

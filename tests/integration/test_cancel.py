@@ -277,6 +277,7 @@ def test_cancel_leaves_other_job_alone(pool: orchestra.Pool, tmp_path: Path) -> 
     assert pool.map(square, range(10)).result(HANG_GUARD) == [x * x for x in range(10)]
 
 
+@pytest.mark.local_only("the test watches a task while it runs; inline tasks run only in the thread that waits")
 def test_calls_cancelled_before_they_are_sent_never_run(pool: orchestra.Pool, tmp_path: Path) -> None:
     """Calls of one burst share a job (a call batch); cancelling some before any worker is
     free must keep them from running at all, and leave the others to run."""
