@@ -30,6 +30,7 @@ from ._exceptions import RemoteError, RemoteTraceback, SerializationError
 
 __all__ = [
     "ErrorRecord",
+    "blame_unpicklable_results",
     "callable_name",
     "capture_exception",
     "describe_unpicklable_argument",
@@ -406,3 +407,21 @@ def rebuild_exception(record: ErrorRecord, note: str) -> BaseException:
         exc = RemoteError(record.ename, record.evalue, record.traceback)
     exc.add_note(note)
     return exc
+
+
+def blame_unpicklable_results(values: list[Any], errors: dict[int, ErrorRecord], start: int) -> None:
+    """A chunk's results could not be pickled together: find the culprits one by one and
+    turn each into a :class:`SerializationError` of its own task (``start`` + offset), in
+    place, so the other results still travel. Used by every worker (local and dask)."""
+    for offset, value in enumerate(values):
+        if offset in errors:
+            continue
+        try:
+            dumps_result(value)
+        except Exception as exc:
+            err = SerializationError(
+                f"cannot pickle the result of task {start + offset} "
+                f"(type {type(value).__qualname__}): {type(exc).__name__}: {exc}"
+            )
+            errors[offset] = capture_exception(err, "serialization")
+            values[offset] = None

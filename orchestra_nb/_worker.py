@@ -40,7 +40,7 @@ import zmq
 from . import _protocol as proto
 from ._exceptions import ResultTooLargeError, SerializationError, TaskExitError, TaskTimeoutError
 from ._namespace import NamespaceLink, link
-from ._serialize import ErrorRecord, capture_exception, dumps_result
+from ._serialize import ErrorRecord, blame_unpicklable_results, capture_exception, dumps_result
 from ._spin import BusyPoll
 
 _OUTPUT_CAP = 1024 * 1024  # bytes of output kept per task; the rest is summarised
@@ -419,18 +419,7 @@ class Worker:
     def _blame_results(
         self, msg: proto.Run, values: list[Any], errors: dict[int, ErrorRecord]
     ) -> tuple[list[Any], tuple[str | None, ...]]:
-        for offset, value in enumerate(values):
-            if offset in errors:
-                continue
-            try:
-                dumps_result(value)
-            except Exception as exc:
-                err = SerializationError(
-                    f"cannot pickle the result of task {msg.start + offset} "
-                    f"(type {type(value).__qualname__}): {type(exc).__name__}: {exc}"
-                )
-                errors[offset] = capture_exception(err, "serialization")
-                values[offset] = None
+        blame_unpicklable_results(values, errors, msg.start)
         return proto.pickle_payload(dumps_result, (values, errors or None), self.segments or self.shm_dir)
 
     def _limit_results(

@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 import orchestra_nb as orchestra
+from orchestra_nb.testing.fault_run import open_files
 
 
 def _children() -> dict[int, psutil.Process]:
@@ -76,18 +77,6 @@ def _threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if type(t).__name__ != "GarbageCollectorThread"}
 
 
-def _open_files() -> set[str]:
-    """This process's open regular files and directories (not pipes, sockets, epolls)."""
-    found = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/self/fd/{fd}")
-                if target.startswith("/") and not target.startswith("/dev/"):
-                    found.add(f"{fd} -> {target}")
-    return found
-
-
 def _shm_entries() -> set[str]:
     with contextlib.suppress(OSError):
         return {e for e in os.listdir("/dev/shm") if e.startswith(f"orchestra-{os.getpid()}-")}
@@ -107,7 +96,7 @@ def _settle(check: Any, timeout: float = 5.0) -> Any:
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
     before = set(_children())
-    threads, files, shm = _threads(), _open_files(), _shm_entries()
+    threads, files, shm = _threads(), open_files(), _shm_entries()
     yield
     orchestra.shutdown()  # the default pool, if a test used it
     new = [pid for pid in _children() if pid not in before]
@@ -118,7 +107,7 @@ def no_leaked_processes() -> Iterator[None]:
     assert not leaked, f"test left processes alive: {leaked}"
     stray_threads = _settle(lambda: {t.name for t in _threads() - threads if t.is_alive()})
     assert not stray_threads, f"test left threads running: {sorted(stray_threads)}"
-    stray_files = _settle(lambda: _open_files() - files)
+    stray_files = _settle(lambda: open_files() - files)
     assert not stray_files, f"test left files open: {sorted(stray_files)}"
     stray_shm = _settle(lambda: _shm_entries() - shm)
     assert not stray_shm, f"test left entries in /dev/shm: {sorted(stray_shm)}"

@@ -37,8 +37,8 @@ from typing import Any
 
 from distributed import WorkerPlugin, get_worker
 
-from .._exceptions import SerializationError, TaskTimeoutError
-from .._serialize import ErrorRecord, capture_exception, dumps_result
+from .._exceptions import TaskTimeoutError
+from .._serialize import ErrorRecord, blame_unpicklable_results, capture_exception, dumps_result
 
 __all__ = [
     "CancelInterrupt",
@@ -383,18 +383,7 @@ def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float,
         return time.time(), dumps_result(body)
     except Exception:
         pass
-    for offset, value in enumerate(values):
-        if offset in errors:
-            continue
-        try:
-            dumps_result(value)
-        except Exception as exc:
-            err = SerializationError(
-                f"cannot pickle the result of task {start + offset} "
-                f"(type {type(value).__qualname__}): {type(exc).__name__}: {exc}"
-            )
-            errors[offset] = capture_exception(err, "serialization")
-            values[offset] = None
+    blame_unpicklable_results(values, errors, start)
     return time.time(), dumps_result((values, errors or None, time.perf_counter() - t0))
 
 

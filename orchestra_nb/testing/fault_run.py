@@ -200,7 +200,7 @@ def run(
     lock = threading.Lock()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     threads_before = set(threading.enumerate())
-    files_before = _open_files()
+    files_before = open_files()
     workdir = tempfile.mkdtemp(prefix="orchestra-fault-run-")
     pool = Pool(workers=workers, max_worker_crashes=3, timeout_grace=0.3,
                 retry_random=random.Random(seed + 1).random, heartbeat=0.1, stall_timeout=1.0)
@@ -304,7 +304,7 @@ def run(
             lambda: [t for t in set(threading.enumerate()) - threads_before
                      if t.is_alive() and not t.name.startswith(("orchestra-io", "orchestra-events"))
                      and type(t).__name__ != "GarbageCollectorThread"]))
-        report.counts["leaked_files"] = len(_settle(lambda: _open_files() - files_before))
+        report.counts["leaked_files"] = len(_settle(lambda: open_files() - files_before))
         for kind in ("leaked_threads", "leaked_files"):
             if report.counts[kind]:
                 report.violation(f"{report.counts[kind]} {kind.replace('_', ' ')}")
@@ -383,7 +383,9 @@ def _injected(exc: BaseException) -> bool:
     return any(s in str(exc) for s in ("from outside the pool", "no heartbeat"))
 
 
-def _open_files() -> set[str]:
+def open_files() -> set[str]:
+    """This process's open regular files and directories (not pipes, sockets, epolls):
+    the leak checks of the fault run and of the test suite."""
     found = set()
     with contextlib.suppress(OSError):
         for fd in os.listdir("/proc/self/fd"):
