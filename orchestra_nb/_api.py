@@ -16,10 +16,11 @@ import inspect
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
-from . import _cache, _driver, _feed as feed, _handles, backends
+from . import _driver, _feed as feed, _handles, backends
 from ._bus import EventBus, Subscription
 from ._circuit import CircuitBreaker, CircuitChange
 from ._events import CircuitChanged, Event
@@ -44,6 +45,20 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def _cache() -> types.ModuleType:
+    # The result cache pulls in sqlite3 and importlib.metadata (tens of ms at a cold start),
+    # so it is imported only by the first call that asks for it.
+    from . import _cache as cache_module
+
+    return cache_module
+
+
+def _is_cached(fn: object) -> bool:
+    """Whether ``fn`` is an ``@orchestra.cached`` function (none exist before the cache loads)."""
+    cache_module = sys.modules.get(f"{__package__}._cache")
+    return cache_module is not None and bool(cache_module.is_cached(fn))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -156,8 +171,8 @@ class Pool:
         only the items it lacks; ``checkpoint="name"`` also records the map as a named run
         (``orchestra.store.runs()``). The handle is then a ``CachedMapHandle`` (docs/store.md).
         """
-        if cache is not False or checkpoint is not None or _cache.is_cached(fn):
-            return cast(MapHandle[T], _cache.cached_map(
+        if cache is not False or checkpoint is not None or _is_cached(fn):
+            return cast(MapHandle[T], _cache().cached_map(
                 self, fn, iterables, cache=cache, checkpoint=checkpoint, chunksize=chunksize,
                 ordered=ordered, return_exceptions=return_exceptions, timeout=timeout,
                 retries=retries, retry_on=retry_on, name=name, circuit=circuit))
@@ -493,7 +508,7 @@ class _Configured:
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
         if self._opts.cache is not False:
-            return cast(TaskHandle[T], _cache.cached_run(
+            return cast(TaskHandle[T], _cache().cached_run(
                 self._pool, fn, args, kwargs, self._opts.cache, timeout=self._opts.timeout,
                 retries=self._opts.retry, name=self._opts.name, circuit=self._opts.circuit))
         return self._pool._run(fn, args, kwargs, self._opts)
@@ -539,7 +554,9 @@ def configure(**options: Any) -> None:
     options is shut down (after its work) so that the next call starts a fresh one.
     """
     global _default
-    rest = _cache.configure_store(options)  # store="path", store_max_bytes=: the result store
+    rest = options
+    if "store" in options or "store_max_bytes" in options:
+        rest = _cache().configure_store(options)  # the result store's options
     if rest is None:
         return  # only the store changed: the default pool stays as it is
     options = rest

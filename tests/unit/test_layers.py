@@ -168,3 +168,22 @@ def test_using_a_pool_loads_no_notebook_stack() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_an_uncached_pool_loads_no_result_store() -> None:
+    # The store's sqlite3 and importlib.metadata cost tens of ms of every cold start; only a
+    # call that asks for the cache may pay for them.
+    code = (
+        "import json, sys\n"
+        "import orchestra_nb as orchestra\n"
+        "orchestra.configure(workers=1)\n"
+        "with orchestra.Pool(workers=1) as p:\n"
+        "    assert p.map(abs, [-1, -2]).result(60) == [1, 2]\n"
+        "    assert p.run(abs, -3).result(60) == 3\n"
+        "store = ('sqlite3', 'importlib.metadata', 'orchestra_nb._cache', 'orchestra_nb._store')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m in store)))\n"
+        "orchestra.shutdown()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
