@@ -535,7 +535,12 @@ class MapHandle(_Handle, Generic[T]):
 
     def pause(self) -> None:
         """Start no more of this map's tasks until :meth:`resume`; running ones finish (and so
-        do the few already sent to a worker behind a running one)."""
+        do the few already sent to a worker behind a running one). Raises ValueError if the
+        pool's backend cannot pause (``Pool.capabilities.pause``) or the map runs once per
+        worker (``run_on_all``)."""
+        from .backends._base import check_pausable
+
+        check_pausable(self._backend, self._job)
         self._backend.pause(self._job, True)
 
     def resume(self) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._events import JobFinished, JobProgress, JobStarted, TaskStateChanged
+from ._events import JobFinished, JobPaused, JobProgress, JobStarted, TaskStateChanged
 from ._feed import FeedBuffer
 from ._policy import RetryPolicy
 from ._state import FINAL_STATES, LEGAL, TaskState, done_count
@@ -285,7 +285,7 @@ class Job:
         # run(): the arguments as pickled by the caller, used by the first dispatch only.
         self.first_payload: tuple[list[Any], tuple[str | None, ...]] | None = None
         self.queued = False  # in the pool's ready_jobs deque
-        self.paused = False  # no new chunk is handed out while set (PoolCore.set_paused)
+        self.paused = False  # no new chunk is handed out while set (set_paused)
         self.completion_order: list[int] = []  # only kept for ordered=False
         # A CircuitBreaker every task goes through (the pool admits each one at dispatch).
         self.circuit: Any = None
@@ -481,8 +481,20 @@ class Job:
             id=self.id, name=self.name, total=self.total, read=self.pulled,
             counts={s: counts[s] for s in TaskState},
             elapsed=(self.ended_at or now) - self.started_at,
-            finished=self.finished.is_set(), cancelled=self.cancelled,
+            finished=self.finished.is_set(), cancelled=self.cancelled, paused=self.paused,
         )
+
+    def set_paused(self, paused: bool) -> bool:
+        """Pause or resume: the backend calls this where it hands out tasks (its dispatch
+        thread, or under its table lock), so that the :class:`JobPaused` it publishes comes
+        before any task handed out after it. False if nothing changed."""
+        if paused == self.paused:
+            return False
+        self.paused = paused
+        bus = self.bus
+        if bus is not None and bus.active:
+            bus.publish(JobPaused(self.id, paused))
+        return True
 
     def state_of(self, index: int) -> TaskState:
         return _TASK_STATES[self.states[index]]

@@ -1098,7 +1098,7 @@ class PoolCore:
         job = self.jobs.get(job_id)
         if job is None:
             return
-        job.paused = paused
+        job.set_paused(paused)  # on the engine thread, which hands out chunks
         if not paused and job.has_work():
             self._mark_ready(job)
             self._pump()

@@ -145,7 +145,7 @@ class DaskBackend(Backend):
 
     name = "dask"
     capabilities = Capabilities(interrupt_running=True, run_on_all=True, shared_memory=False,
-                                in_process=False, resize=True, pinning=False)
+                                in_process=False, resize=True, pinning=False, pause=True)
 
     def __init__(
         self,
@@ -429,7 +429,7 @@ class DaskBackend(Backend):
 
     def _pause(self, job: Job, paused: bool) -> None:
         """No new chunk of ``job`` is submitted while paused (those in flight finish)."""
-        job.paused = paused
+        job.set_paused(paused)
         if not paused:
             self._input_ready(job)
 

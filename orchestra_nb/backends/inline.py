@@ -54,7 +54,7 @@ class InlineBackend(Backend):
     name = "inline"
     capabilities = Capabilities(
         interrupt_running=False, run_on_all=True, shared_memory=False, in_process=True,
-        resize=False, pinning=False,
+        resize=False, pinning=False, pause=True,
     )
 
     def __init__(self, events: EventBus, workers: int | None = None, *,
@@ -118,8 +118,8 @@ class InlineBackend(Backend):
             return self._jobs.get(job_id)
 
     def pause(self, job: Job, paused: bool) -> None:
-        with self._table_lock:
-            job.paused = paused
+        with self._table_lock:  # the lock tasks are handed out under: JobPaused comes first
+            job.set_paused(paused)
             if not paused and job.has_work() and job not in self._ready:
                 self._ready.append(job)
         if not paused:
