@@ -598,13 +598,18 @@ class MapHandle(_Handle, Generic[T]):
         return tuple(it[index] for it in iterables)
 
     def failures(self) -> Failures:
-        """The failed items so far, in input order: index, input, exception, attempts and
-        worker of each (a table in a notebook). ``retry_failed()`` reruns them."""
+        """The failed items so far, in input order: index, input, exception, attempts,
+        worker and how long the failing attempt ran, of each (a table in a notebook).
+        ``retry_failed()`` reruns them."""
         job = self._job
+        durations = dict(job.failed_durations)
+        workers = dict(job.failed_workers)
         rows = []
         for index, exc in sorted(dict(job.errors).items()):
-            rows.append(Failure(index, self._input_of(index), exc,
-                                job.attempts.get(index, 1), _worker_of(exc)))
+            duration, bound = durations.get(index, (None, False))
+            worker = workers.get(index)
+            rows.append(Failure(index, self._input_of(index), exc, job.attempts.get(index, 1),
+                                _worker_of(exc) if worker is None else worker, duration, bound))
         return Failures(rows, job.name)
 
     def retry_failed(self, **options: Any) -> MapHandle[T]:

@@ -267,6 +267,9 @@ class Job:
         self.counts = [0] * len(TaskState)
         self.errors: dict[int, BaseException] = {}
         self.attempts: dict[int, int] = {}  # failures so far, for retries
+        # Of each failed item: how long its failing attempt ran (seconds, at most?), and where
+        self.failed_durations: dict[int, tuple[float, bool]] = {}
+        self.failed_workers: dict[int, int] = {}
         self.crashes: dict[int, int] = {}  # workers killed so far, per item
         self.requeued: collections.deque[Chunk] = collections.deque()
         self.inflight: dict[int, Chunk] = {}  # start -> chunk
@@ -498,11 +501,20 @@ class Job:
         self.results[start : start + len(values)] = values
         self.transition(start, len(values), TaskState.SUCCEEDED, worker_id)
 
-    def fail(self, index: int, exc: BaseException, worker_id: int | None = None) -> bool:
-        """Task ``index`` failed for good with ``exc`` (False: it was final already)."""
+    def fail(
+        self, index: int, exc: BaseException, worker_id: int | None = None,
+        duration: float | None = None, duration_bound: bool = False,
+    ) -> bool:
+        """Task ``index`` failed for good with ``exc`` (False: it was final already).
+        ``duration``: how long the failing attempt ran, when known (``duration_bound``: at
+        most that long)."""
         if self.states[index] in _FINAL:
             return False
         self.errors[index] = exc
+        if duration is not None:
+            self.failed_durations[index] = (duration, duration_bound)
+        if worker_id is not None:
+            self.failed_workers[index] = worker_id
         self.results[index] = exc if self.return_exceptions else None
         if self.first_error is None or index < self.first_error:
             self.first_error = index

@@ -613,12 +613,14 @@ class PoolCore:
         note = (f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job "
                 f"{job.id} ({job.name!r}), input {describe_input(job, chunk.items[offset])}")
         exc = rebuild_exception(record, note)
-        self._fail_item(job, chunk, offset, exc, w)
+        self._fail_item(job, chunk, offset, exc, w, record.duration, record.duration_bound)
 
     def _fail_item(
-        self, job: Job, chunk: Chunk, offset: int, exc: BaseException, w: WorkerProc | None
+        self, job: Job, chunk: Chunk, offset: int, exc: BaseException, w: WorkerProc | None,
+        duration: float | None = None, duration_bound: bool = False,
     ) -> None:
-        """A task failed: retry it if its policy says so, else record the failure."""
+        """A task failed: retry it if its policy says so, else record the failure (with how
+        long the attempt ran, when known)."""
         index = chunk.start + offset
         if job.state_of(index).is_final:
             return  # cancelled one by one meanwhile: that outcome stands
@@ -631,7 +633,7 @@ class PoolCore:
             item = chunk.items[offset]
             self.loop.call_later(delay, self._requeue_one, job, index, item)
             return
-        job.fail(index, exc, worker_id)
+        job.fail(index, exc, worker_id, duration, duration_bound)
 
     def _requeue_one(self, job: Job, index: int, item: Any) -> None:
         if job.cancelled or job.state_of(index) != TaskState.RETRYING:
@@ -725,6 +727,9 @@ class PoolCore:
             suspect = i < sent and (sent > 1 or chunk.count > 1)
             job = chunk.job
             job.inflight.pop(chunk.start, None)
+            # How long it ran, seen from here: exact for a lone item sent alone.
+            ran = (time.monotonic() - chunk.started_at, sent > 1 or chunk.count > 1) if (
+                running and i < sent and chunk.started_at) else None
             if job.circuit is not None and i < sent:  # admitted: report how the call ended
                 job.circuit.record_failure(
                     WorkerCrashedError(w.id, w.pid, returncode, chunk.start) if running else _NOT_RUN
@@ -738,13 +743,13 @@ class PoolCore:
                 self._requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
             elif chunk.target is not None:
                 self._fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
-                                                                crash_cause(w, returncode)))
+                                                                crash_cause(w, returncode)), ran, w)
             elif running and w.kill_kind == "timeout":
                 exc: Exception = TaskTimeoutError(w.kill_reason)
-                self._fail_range(job, chunk, exc)
+                self._fail_range(job, chunk, exc, ran, w)
             elif running and w.kill_kind == "memory":
                 exc = MemoryLimitError(w.id, w.pid, returncode, chunk.start, w.kill_reason)
-                self._fail_range(job, chunk, exc)
+                self._fail_range(job, chunk, exc, ran, w)
             elif suspect:
                 # Which item killed it is unknown: rerun them one by one, each alone on its
                 # worker, blaming none yet.
@@ -765,7 +770,7 @@ class PoolCore:
                 if crashes >= self.options.max_worker_crashes:
                     cause = crash_cause(w, returncode)
                     exc = WorkerCrashedError(w.id, w.pid, returncode, chunk.start, cause)
-                    self._fail_range(job, chunk, exc)
+                    self._fail_range(job, chunk, exc, ran, w)
                 else:
                     job.transition(chunk.start, 1, TaskState.PENDING)
                     self._requeue(job, chunk, front=True)
@@ -792,10 +797,16 @@ class PoolCore:
             job.transition(index, 1, TaskState.PENDING)
             self._requeue(job, Chunk(job, index, [chunk.items[offset]]), front=True)
 
-    def _fail_range(self, job: Job, chunk: Chunk, exc: BaseException) -> None:
+    def _fail_range(
+        self, job: Job, chunk: Chunk, exc: BaseException, ran: tuple[float, bool] | None = None,
+        w: WorkerProc | None = None,
+    ) -> None:
+        """Fail every open item of ``chunk`` with ``exc``; ``ran``: how long the chunk ran
+        (seconds, at most?) on worker ``w``, when it ran."""
+        duration, bound = ran if ran is not None else (None, False)
         for offset in range(chunk.count):
             if job.states[chunk.start + offset] not in _FINAL_BYTES:  # e.g. a cancelled call
-                self._fail_item(job, chunk, offset, exc, None)
+                self._fail_item(job, chunk, offset, exc, w, duration, bound)
 
     def _cancel_range(self, job: Job, start: int, count: int) -> None:
         job.transition(start, count, TaskState.CANCELLED, unfinished_only=True)

@@ -371,6 +371,10 @@ class ErrorRecord(NamedTuple):
     evalue: str
     traceback: str
     kind: str  # "error", "cancelled", "timeout", "serialization"
+    # How long the failing call ran, in seconds (None: not timed); ``duration_bound``: at
+    # most that long (the worker timed a block of fast items, not this one alone).
+    duration: float | None = None
+    duration_bound: bool = False
 
 
 def capture_exception(exc: BaseException, kind: str = "error", skip_frames: int = 0) -> ErrorRecord:

@@ -338,12 +338,14 @@ def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) ->
         record = record._replace(evalue=f"cannot unpickle the arguments in the worker: {record.evalue}")
         return _result([], dict.fromkeys(range(count), record), t0, start)
     append = values.append
+    clock = time.perf_counter
     for offset, item in enumerate(items):
         index = start + offset
         if rt.is_cancelled(topic, job, index):
             errors[offset] = _CANCELLED
             append(None)
             continue
+        started = clock()  # each item is timed: its failure says how long it ran
         try:
             rt.begin(topic, job, index, timeout)
             if call:
@@ -356,13 +358,14 @@ def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) ->
         except TimeoutInterrupt as exc:
             err = TaskTimeoutError(f"task {index} exceeded its timeout of {timeout} s and was interrupted")
             err.__cause__ = exc
-            errors[offset] = capture_exception(err, "timeout")
+            errors[offset] = capture_exception(err, "timeout")._replace(duration=clock() - started)
             _align(values, offset)
         except CancelInterrupt:
             errors[offset] = _CANCELLED
             _align(values, offset)
         except BaseException as exc:
-            errors[offset] = capture_exception(exc, "error", skip_frames=1)
+            ran = clock() - started
+            errors[offset] = capture_exception(exc, "error", skip_frames=1)._replace(duration=ran)
             _align(values, offset)
         finally:
             rt.end()
