@@ -38,9 +38,9 @@ from typing import Any
 import zmq
 
 from . import _protocol as proto
-from ._exceptions import ResultTooLargeError, SerializationError, TaskExitError, TaskTimeoutError
+from ._exceptions import SerializationError, TaskExitError, TaskTimeoutError
 from ._namespace import NamespaceLink, link
-from ._serialize import ErrorRecord, blame_unpicklable_results, capture_exception, dumps_result
+from ._serialize import ErrorRecord, blame_results, capture_exception, dumps_result
 from ._spin import BusyPoll
 
 _OUTPUT_CAP = 1024 * 1024  # bytes of output kept per task; the rest is summarised
@@ -152,6 +152,13 @@ class Worker:
         self.shm_dir: str | None = config.get("shm_dir")
         self.heartbeat: float = config.get("heartbeat", 1.0)
         self.max_result_bytes: int | None = config.get("max_result_bytes")
+        # A chunk's results are pickled together, stopping once they pass the limit: then
+        # they are checked one by one (see _send_result). The memory spent stays near it.
+        self.dumps_result: Callable[..., bytes] = (
+            dumps_result
+            if self.max_result_bytes is None
+            else functools.partial(dumps_result, limit=self.max_result_bytes)
+        )
         self.busy_poll = BusyPoll(config.get("busy_poll", 0.0))
         # Results' large buffers go through warm, reused segments (see proto.Segments).
         self.segments = (
@@ -405,42 +412,16 @@ class Worker:
             values.extend([None] * (msg.count - len(values)))
         for offset in errors:
             values[offset] = None
-        body = (values, errors or None)
+        shm = self.segments or self.shm_dir
         try:
-            frames, names = proto.pickle_payload(dumps_result, body, self.segments or self.shm_dir)
+            frames, names = proto.pickle_payload(self.dumps_result, (values, errors or None), shm)
         except Exception:
-            frames, names = self._blame_results(msg, values, errors)
-        limit = self.max_result_bytes
-        if limit is not None and _payload_size(frames) > limit and msg.count:
-            frames, names = self._limit_results(msg, values, errors, limit)
+            # A result cannot be pickled, or the chunk's passed max_result_bytes (and
+            # pickling stopped there): find the culprits one by one; the others travel.
+            blame_results(values, errors, msg.start, self.max_result_bytes)
+            frames, names = proto.pickle_payload(dumps_result, (values, errors or None), shm)
         result = proto.Result(msg.job, msg.start, msg.count, elapsed, names)
         self.send(result, frames)
-
-    def _blame_results(
-        self, msg: proto.Run, values: list[Any], errors: dict[int, ErrorRecord]
-    ) -> tuple[list[Any], tuple[str | None, ...]]:
-        blame_unpicklable_results(values, errors, msg.start)
-        return proto.pickle_payload(dumps_result, (values, errors or None), self.segments or self.shm_dir)
-
-    def _limit_results(
-        self,
-        msg: proto.Run,
-        values: list[Any],
-        errors: dict[int, ErrorRecord],
-        limit: int,
-    ) -> tuple[list[Any], tuple[str | None, ...]]:
-        for offset, value in enumerate(values):
-            if offset in errors:
-                continue
-            size = _payload_size(proto.pickle_payload(dumps_result, value, None)[0])
-            if size > limit:
-                err = ResultTooLargeError(
-                    f"the result of task {msg.start + offset} is {size:,} bytes, over the "
-                    f"pool's max_result_bytes={limit:,}"
-                )
-                errors[offset] = capture_exception(err, "serialization")
-                values[offset] = None
-        return proto.pickle_payload(dumps_result, (values, errors or None), self.segments or self.shm_dir)
 
     def _flush_output(self, send: Callable[[proto.Message], None]) -> None:
         output = self.output
@@ -525,10 +506,6 @@ def _is_coroutine_function(fn: Any) -> bool:
 
 
 _CANCELLED = ErrorRecord(None, "CancelledError", "cancelled", "", "cancelled")
-
-
-def _payload_size(frames: list[Any]) -> int:
-    return sum(memoryview(f).nbytes for f in frames)
 
 
 KEEP_CHILDREN_ENV = "ORCHESTRA_KEEP_TASK_CHILDREN"

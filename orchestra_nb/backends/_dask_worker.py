@@ -38,7 +38,7 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from .._exceptions import TaskTimeoutError
-from .._serialize import ErrorRecord, blame_unpicklable_results, capture_exception, dumps_result
+from .._serialize import ErrorRecord, blame_results, capture_exception, dumps_result
 
 __all__ = [
     "CancelInterrupt",
@@ -383,7 +383,7 @@ def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float,
         return time.time(), dumps_result(body)
     except Exception:
         pass
-    blame_unpicklable_results(values, errors, start)
+    blame_results(values, errors, start)
     return time.time(), dumps_result((values, errors or None, time.perf_counter() - t0))
 
 
