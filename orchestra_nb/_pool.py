@@ -122,6 +122,7 @@ class PoolCore:
         self.loop = loop
         self.state = PoolState.UNOPENED
         self.key = proto.new_key()
+        self.frame_limit = proto.frame_limit(options.max_result_bytes)  # see _protocol
         self.target_workers = options.workers
         self.workers: dict[int, WorkerProc] = {}
         self.jobs: dict[int, Job] = {}
@@ -212,6 +213,8 @@ class PoolCore:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.LINGER, 0)
+            # A peer sending a larger frame is disconnected before anything is allocated.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.frame_limit)
             sock.bind(addr)
         except BaseException:
             sock.close(linger=0)
@@ -380,7 +383,7 @@ class PoolCore:
                 frames = proto.recv_frames(sock, _NOBLOCK)
                 ident = frames[0]
                 try:
-                    msg, payload = proto.decode(self.key, frames[1:])
+                    msg, payload = proto.decode_message(self.key, frames[1:], self.run_dir)
                 except proto.BadSignature:
                     self.bad_messages += 1
                     continue
@@ -993,14 +996,21 @@ class PoolCore:
             forget: list[bytes] = []
             while len(w.functions) >= FUNCTION_CACHE:
                 forget.append(w.functions.popitem(last=False)[0])
-            self._send(self.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+            try:
+                self._send(self.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+            except OSError as exc:
+                return self._unsendable_chunk(job, chunk, names, "function", exc)
             w.functions[job.digest] = None
         run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
                         job.timeout, names)
         if job.circuit is not None and not self._admit(job, chunk):
             self._discard(names)
             return True
-        if not self._send(self.data, w, run, frames):
+        try:
+            sent = self._send(self.data, w, run, frames)
+        except OSError as exc:
+            return self._unsendable_chunk(job, chunk, names, "arguments", exc)
+        if not sent:
             self._discard(names)
             self._requeue(job, chunk, front=True)
             if job.circuit is not None:
@@ -1012,6 +1022,20 @@ class PoolCore:
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
         job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id)
+        return True
+
+    def _unsendable_chunk(
+        self, job: Job, chunk: Chunk, names: tuple[str | None, ...], what: str, exc: OSError
+    ) -> bool:
+        """The chunk's message has a frame above the frame limit, and the file that would
+        carry it could not be written (ENOSPC...): its tasks fail, naming that."""
+        self._discard(names)
+        self._fail_range(job, chunk, SerializationError(
+            f"cannot send the {what} of {proto.task_range(chunk.start, chunk.count)} to "
+            f"a worker: a frame carries at most {self.frame_limit:,} bytes, and writing the "
+            f"message to {self.run_dir} failed: {type(exc).__name__}: {exc}"
+        ))
+        job.progress()
         return True
 
     def _drop_cancelled_calls(self, job: Job, chunk: Chunk) -> Chunk | None:
@@ -1070,8 +1094,10 @@ class PoolCore:
 
     def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
               payload: list[Any] | None = None) -> bool:
+        if payload and w.spill is None:
+            w.spill = proto.Spill(self.run_dir, self.frame_limit, f"w{w.id}")  # deleted with w
         try:
-            proto.send_message(sock, self.key, msg, payload or (), w.ident)
+            proto.send_message(sock, self.key, msg, payload or (), w.ident, w.spill if payload else None)
         except zmq.ZMQError:  # EHOSTUNREACH: gone; its exit will be seen through its pidfd
             return False
         # Sending can leave inbound messages on the same socket unsignalled on its

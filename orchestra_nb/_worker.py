@@ -167,15 +167,21 @@ class Worker:
         self.released: list[str] = []  # argument segments the pool may reuse now
         # ... and the pool's segments, kept mapped for their next use (see proto.Mappings).
         self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None
+        # Frames above the limit go through a file of the run directory (see _protocol).
+        self.run_dir: str = config["run_dir"]
+        limit = proto.frame_limit(self.max_result_bytes)
+        self.spill = proto.Spill(self.run_dir, limit, f"w{self.worker_id}")
         self.ctx = zmq.Context(io_threads=1)
         ident = config.get("ident", f"w{self.worker_id}").encode()
         self.data = self.ctx.socket(zmq.DEALER)
         self.data.setsockopt(zmq.IDENTITY, ident)
         self.data.setsockopt(zmq.LINGER, 2000)
+        self.data.setsockopt(zmq.MAXMSGSIZE, limit)
         self.data.connect(config["data_addr"])
         self.ctrl = self.ctx.socket(zmq.DEALER)
         self.ctrl.setsockopt(zmq.IDENTITY, ident)
         self.ctrl.setsockopt(zmq.LINGER, 0)
+        self.ctrl.setsockopt(zmq.MAXMSGSIZE, limit)
         self.ctrl.connect(config["ctrl_addr"])
         self.functions: dict[bytes, Callable[..., Any] | ErrorRecord] = {}
         # Notebook functions using names of the %%orchestra namespace (see _namespace).
@@ -193,7 +199,7 @@ class Worker:
     # --- main thread -----------------------------------------------------------------
 
     def send(self, msg: proto.Message, payload: list[Any] | None = None) -> None:
-        proto.send_message(self.data, self.key, msg, payload or ())
+        proto.send_message(self.data, self.key, msg, payload or (), spill=self.spill)
 
     def serve(self) -> None:
         self.send(proto.Ready(self.worker_id, os.getpid(), sys.version.split()[0]))
@@ -211,7 +217,7 @@ class Worker:
                 mappings.sweep()  # about to sleep: unmap segments the pool deleted
             frames = proto.recv_frames(data)
             try:
-                msg, payload = proto.decode(self.key, frames)
+                msg, payload = proto.decode_message(self.key, frames, self.run_dir)
             except proto.BadSignature:
                 continue  # the pool counts drops on its side; a worker just ignores them
             if isinstance(msg, proto.Run):
@@ -420,8 +426,20 @@ class Worker:
             # pickling stopped there): find the culprits one by one; the others travel.
             blame_results(values, errors, msg.start, self.max_result_bytes)
             frames, names = proto.pickle_payload(dumps_result, (values, errors or None), shm)
-        result = proto.Result(msg.job, msg.start, msg.count, elapsed, names)
-        self.send(result, frames)
+        try:
+            self.send(proto.Result(msg.job, msg.start, msg.count, elapsed, names), frames)
+        except OSError as exc:  # too large for a frame, and its file could not be written
+            if self.segments is not None:
+                self.segments.release([n for n in names if n is not None])
+            size = sum(memoryview(f).nbytes for f in frames)
+            err = SerializationError(
+                f"the results of {proto.task_range(msg.start, msg.count)} take {size:,} "
+                f"bytes, more than a message frame carries ({self.spill.limit:,} bytes), and "
+                f"writing them to {self.run_dir} failed: {type(exc).__name__}: {exc}"
+            )
+            record = capture_exception(err, "serialization")
+            body = ([None] * msg.count, dict.fromkeys(range(msg.count), record))
+            self.send(proto.Result(msg.job, msg.start, msg.count, elapsed, ()), [dumps_result(body)])
 
     def _flush_output(self, send: Callable[[proto.Message], None]) -> None:
         output = self.output
@@ -460,7 +478,7 @@ class Worker:
             if not poller.poll(max(1, int(wait * 1000))):
                 continue
             try:
-                msg, _ = proto.decode(self.key, proto.recv_frames(self.ctrl))
+                msg, _ = proto.decode_message(self.key, proto.recv_frames(self.ctrl), self.run_dir)
             except proto.BadSignature:
                 continue
             if isinstance(msg, proto.Cancel) and msg.start >= 0:
