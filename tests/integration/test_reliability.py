@@ -437,3 +437,30 @@ def test_a_result_too_large_for_a_frame_and_for_a_file_fails_naming_why() -> Non
         assert "File too large" in str(info.value)  # EFBIG, as ENOSPC of a full /dev/shm
         assert pool.worker_pids() == pids  # the worker lives on
         assert pool.run(abs, -4).result(timeout=HANG_GUARD) == 4
+
+
+ARGUMENT_PAST_A_FILE_SIZE_LIMIT = r"""
+import resource, signal
+import orchestra_nb as orchestra
+
+with orchestra.Pool(workers=1) as pool:
+    pool.wait_started(timeout=60)
+    # Files can grow no more than 1 MiB now (EFBIG, like ENOSPC of a full /dev/shm).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    try:
+        pool.run(len, b"x" * (80 * 2**20)).result(timeout=60)
+    except orchestra.SerializationError as exc:
+        print(exc)
+    print(pool.run(abs, -5).result(timeout=60))
+"""
+
+
+def test_an_argument_too_large_for_a_frame_and_for_a_file_fails_naming_why() -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", ARGUMENT_PAST_A_FILE_SIZE_LIMIT],
+                         capture_output=True, text=True, timeout=HANG_GUARD, check=True).stdout
+    assert "cannot send the arguments of task 0 to a worker" in out
+    assert "File too large" in out
+    assert out.splitlines()[-1] == "5"  # the pool serves on
