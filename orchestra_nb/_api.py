@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import functools
 import inspect
+import itertools
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "default_pool",
     "map",
     "options",
+    "pools",
     "run",
     "run_on_all",
     "shutdown",
@@ -87,6 +89,10 @@ class Pool:
     task are not available); ``"dask"`` or a ``distributed.Client``, a Dask cluster
     (``address=`` names a scheduler; needs the ``dask`` extra).
 
+    ``name`` labels the pool in views (the side panel); the default is ``pool-<id>``
+    (``id``: 1, 2, ... in this process), the default pool's is ``"default"``. Every open
+    pool is listed by :func:`pools`.
+
     Options of the local pool (all keyword-only): ``start_timeout`` for each worker's
     ready handshake; ``max_worker_crashes``, how many workers a single task may kill before
     it fails with ``WorkerCrashedError``; ``cancel_grace`` and ``timeout_grace``, how long
@@ -115,12 +121,20 @@ class Pool:
     ``CircuitBreaker`` inside the worker (each process then has its own).
     """
 
-    def __init__(self, workers: int | None = None, *, backend: Any = "local", **options: Any) -> None:
+    def __init__(
+        self, workers: int | None = None, *, backend: Any = "local", name: str | None = None, **options: Any
+    ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"a pool's name must be a string, got {name!r}")
         self.events = EventBus()
         self._backend: Backend = backends.create(backend, self.events, workers, **options)
         self._batch_lock = threading.Lock()
         self._open_batches: dict[bytes, _CallBatch] = {}
         self._circuits: dict[str, CircuitBreaker] = {}
+        self.id: int = next(_pool_ids)
+        self.name: str = name if name is not None else f"pool-{self.id}"
+        with _registry_lock:
+            _registry[self.id] = self
 
     # --- submitting work --------------------------------------------------------------
 
@@ -423,6 +437,18 @@ class Pool:
 
         return self._backend.cancel_job(job_id, kill=kill)
 
+    def pause_job(self, job_id: int, paused: bool = True) -> bool:
+        """Pause (``paused=False``: resume) the job ``job_id`` as its handle's ``pause()``
+        would, for a job known only by its id: no new task of it starts until it is resumed;
+        running ones finish. A ``JobPaused`` event says when it took effect. Returns False if
+        this pool has no unfinished job with that id; raises ValueError if the backend
+        cannot pause (:attr:`capabilities`) or the job runs once per worker."""
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise TypeError(f"job_id must be an int, got {job_id!r}")
+        if not isinstance(paused, bool):
+            raise TypeError(f"paused must be True or False, got {paused!r}")
+        return self._backend.pause_job(job_id, paused)
+
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot: workers (pid, state, current job and item, CPU, memory), jobs
         with per-state counts, and the queue length."""
@@ -448,6 +474,7 @@ class Pool:
         mode = CloseMode.CANCEL if cancel_pending else CloseMode.GRACEFUL
         await asyncio.wrap_future(self._backend.close(mode))
         self._backend.join()
+        _forget_closed()
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
         """Synchronous :meth:`aclose`; ``wait=False`` returns while the workers stop."""
@@ -456,11 +483,13 @@ class Pool:
         if wait:
             fut.result()
             self._backend.join()
+            _forget_closed()
 
     def kill(self) -> None:
         """SIGKILL every worker now; unfinished work fails with ``PoolClosedError``."""
         self._backend.close(CloseMode.KILL).result()
         self._backend.join()
+        _forget_closed()
 
     async def __aenter__(self) -> Pool:
         return self
@@ -475,7 +504,32 @@ class Pool:
         self.shutdown(cancel_pending=exc[0] is not None)
 
     def __repr__(self) -> str:
-        return f"<orchestra_nb.Pool backend={self.backend} workers={self.workers} state={self.state}>"
+        return (f"<orchestra_nb.Pool {self.name!r} backend={self.backend} workers={self.workers} "
+                f"state={self.state}>")
+
+
+# --- every open pool (what the side panel lists) ----------------------------------------------
+
+_registry_lock = threading.Lock()
+_registry: dict[int, Pool] = {}  # by id, in creation order; a pool leaves it once closed
+_pool_ids = itertools.count(1)
+_GONE = (PoolState.CLOSED, PoolState.BROKEN)
+
+
+def _forget_closed() -> None:
+    with _registry_lock:
+        for pool_id in [i for i, p in _registry.items() if p.state in _GONE]:
+            del _registry[pool_id]
+
+
+def pools() -> list[Pool]:
+    """Every open pool of this process, oldest first: the default pool (once created) and
+    each ``Pool(...)`` not yet shut down. A pool stays listed while it runs, even if no
+    variable refers to it any more (its workers do run), and drops out once it is closed
+    or broken."""
+    _forget_closed()
+    with _registry_lock:
+        return list(_registry.values())
 
 
 class _CallBatch:
@@ -576,7 +630,7 @@ def default_pool() -> Pool:
         return pool
     with _default_lock:
         if _default is None or _default.state != PoolState.RUNNING:
-            _default = Pool(**_default_options)
+            _default = Pool(**{"name": "default", **_default_options})
         return _default
 
 

@@ -601,7 +601,8 @@ def _pause_handle(handle: Any, paused: bool) -> None:
     """Pause or resume a running map, where the pool's handles support it."""
     method = getattr(handle, "pause" if paused else "resume", None)
     if method is not None and not handle.done():
-        method()
+        with contextlib.suppress(ValueError):  # it cannot pause: the gate still holds the rest
+            method()
 
 
 async def wait_outcome(outcome: concurrent.futures.Future[T], cancel: Callable[[], object], name: str) -> T:

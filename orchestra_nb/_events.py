@@ -17,6 +17,7 @@ __all__ = [
     "CircuitChanged",
     "Event",
     "JobFinished",
+    "JobPaused",
     "JobProgress",
     "JobStarted",
     "TaskOutput",
@@ -92,6 +93,19 @@ class JobFinished:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class JobPaused:
+    """Job ``job_id`` was paused (``paused``: no new task of it is handed out) or resumed.
+
+    Published by the backend when the change takes effect, so that no task of a paused job
+    is published RUNNING between this event and the one that resumes it. Tasks already
+    handed to a worker finish; on Dask, where RUNNING comes from the worker, a task handed
+    out before the pause may still report RUNNING after it."""
+
+    job_id: int
+    paused: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TaskOutput:
     """Text a task wrote to ``stream`` (``'stdout'`` or ``'stderr'``) in its worker."""
 
@@ -163,6 +177,7 @@ Event: TypeAlias = (
     | TasksCached
     | JobProgress
     | JobFinished
+    | JobPaused
     | TaskOutput
     | WorkerStarted
     | WorkerExited

@@ -535,7 +535,12 @@ class MapHandle(_Handle, Generic[T]):
 
     def pause(self) -> None:
         """Start no more of this map's tasks until :meth:`resume`; running ones finish (and so
-        do the few already sent to a worker behind a running one)."""
+        do the few already sent to a worker behind a running one). Raises ValueError if the
+        pool's backend cannot pause (``Pool.capabilities.pause``) or the map runs once per
+        worker (``run_on_all``)."""
+        from .backends._base import check_pausable
+
+        check_pausable(self._backend, self._job)
         self._backend.pause(self._job, True)
 
     def resume(self) -> None:
@@ -598,13 +603,18 @@ class MapHandle(_Handle, Generic[T]):
         return tuple(it[index] for it in iterables)
 
     def failures(self) -> Failures:
-        """The failed items so far, in input order: index, input, exception, attempts and
-        worker of each (a table in a notebook). ``retry_failed()`` reruns them."""
+        """The failed items so far, in input order: index, input, exception, attempts,
+        worker and how long the failing attempt ran, of each (a table in a notebook).
+        ``retry_failed()`` reruns them."""
         job = self._job
+        durations = dict(job.failed_durations)
+        workers = dict(job.failed_workers)
         rows = []
         for index, exc in sorted(dict(job.errors).items()):
-            rows.append(Failure(index, self._input_of(index), exc,
-                                job.attempts.get(index, 1), _worker_of(exc)))
+            duration, bound = durations.get(index, (None, False))
+            worker = workers.get(index)
+            rows.append(Failure(index, self._input_of(index), exc, job.attempts.get(index, 1),
+                                _worker_of(exc) if worker is None else worker, duration, bound))
         return Failures(rows, job.name)
 
     def retry_failed(self, **options: Any) -> MapHandle[T]:

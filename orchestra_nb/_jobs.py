@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._events import JobFinished, JobProgress, JobStarted, TaskStateChanged
+from ._events import JobFinished, JobPaused, JobProgress, JobStarted, TaskStateChanged
 from ._feed import FeedBuffer
 from ._policy import RetryPolicy
 from ._state import FINAL_STATES, LEGAL, TaskState, done_count
@@ -267,6 +267,9 @@ class Job:
         self.counts = [0] * len(TaskState)
         self.errors: dict[int, BaseException] = {}
         self.attempts: dict[int, int] = {}  # failures so far, for retries
+        # Of each failed item: how long its failing attempt ran (seconds, at most?), and where
+        self.failed_durations: dict[int, tuple[float, bool]] = {}
+        self.failed_workers: dict[int, int] = {}
         self.crashes: dict[int, int] = {}  # workers killed so far, per item
         self.requeued: collections.deque[Chunk] = collections.deque()
         self.inflight: dict[int, Chunk] = {}  # start -> chunk
@@ -285,7 +288,7 @@ class Job:
         # run(): the arguments as pickled by the caller, used by the first dispatch only.
         self.first_payload: tuple[list[Any], tuple[str | None, ...]] | None = None
         self.queued = False  # in the pool's ready_jobs deque
-        self.paused = False  # no new chunk is handed out while set (PoolCore.set_paused)
+        self.paused = False  # no new chunk is handed out while set (set_paused)
         self.completion_order: list[int] = []  # only kept for ordered=False
         # A CircuitBreaker every task goes through (the pool admits each one at dispatch).
         self.circuit: Any = None
@@ -481,8 +484,20 @@ class Job:
             id=self.id, name=self.name, total=self.total, read=self.pulled,
             counts={s: counts[s] for s in TaskState},
             elapsed=(self.ended_at or now) - self.started_at,
-            finished=self.finished.is_set(), cancelled=self.cancelled,
+            finished=self.finished.is_set(), cancelled=self.cancelled, paused=self.paused,
         )
+
+    def set_paused(self, paused: bool) -> bool:
+        """Pause or resume: the backend calls this where it hands out tasks (its dispatch
+        thread, or under its table lock), so that the :class:`JobPaused` it publishes comes
+        before any task handed out after it. False if nothing changed."""
+        if paused == self.paused:
+            return False
+        self.paused = paused
+        bus = self.bus
+        if bus is not None and bus.active:
+            bus.publish(JobPaused(self.id, paused))
+        return True
 
     def state_of(self, index: int) -> TaskState:
         return _TASK_STATES[self.states[index]]
@@ -498,11 +513,20 @@ class Job:
         self.results[start : start + len(values)] = values
         self.transition(start, len(values), TaskState.SUCCEEDED, worker_id)
 
-    def fail(self, index: int, exc: BaseException, worker_id: int | None = None) -> bool:
-        """Task ``index`` failed for good with ``exc`` (False: it was final already)."""
+    def fail(
+        self, index: int, exc: BaseException, worker_id: int | None = None,
+        duration: float | None = None, duration_bound: bool = False,
+    ) -> bool:
+        """Task ``index`` failed for good with ``exc`` (False: it was final already).
+        ``duration``: how long the failing attempt ran, when known (``duration_bound``: at
+        most that long)."""
         if self.states[index] in _FINAL:
             return False
         self.errors[index] = exc
+        if duration is not None:
+            self.failed_durations[index] = (duration, duration_bound)
+        if worker_id is not None:
+            self.failed_workers[index] = worker_id
         self.results[index] = exc if self.return_exceptions else None
         if self.first_error is None or index < self.first_error:
             self.first_error = index

@@ -127,22 +127,49 @@ class JobInterrupted(_TrimmedInIPython, KeyboardInterrupt):
 class Failure:
     """One failed item of a map. ``input`` is the item's argument (``MISSING`` when the
     handle did not keep its input: a one-shot iterator); ``worker`` the id of the worker it
-    failed on, when known; ``attempts`` how many times it ran."""
+    failed on, when known; ``attempts`` how many times it ran; ``duration`` how long its
+    failing attempt ran, in seconds (None: it never ran, or nobody timed it), and
+    ``duration_bound`` whether that is an upper bound (the item was one of a block of fast
+    items timed together, or of a chunk that died with its worker)."""
 
     index: int
     input: Any
     exception: BaseException
     attempts: int
     worker: int | None
+    duration: float | None = None
+    duration_bound: bool = False
 
     @property
     def error(self) -> str:
         return f"{type(self.exception).__name__}: {self.exception}"
 
+    @property
+    def duration_text(self) -> str:
+        """``'1.24 s'``, ``'≤ 0.8 ms'`` (an upper bound) or ``'?'``."""
+        if self.duration is None:
+            return "?"
+        return ("≤ " if self.duration_bound else "") + _seconds(self.duration)
+
+
+def _seconds(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
 
 _short = reprlib.Repr()
 _short.maxstring = 60
 _short.maxother = 60
+
+
+_HEAD = ("index", "input", "exception", "attempts", "worker", "duration")
 
 
 class Failures(list[Failure]):
@@ -156,7 +183,7 @@ class Failures(list[Failure]):
     def indices(self) -> list[int]:
         return [f.index for f in self]
 
-    def _rows(self) -> list[tuple[str, str, str, str, str]]:
+    def _rows(self) -> list[tuple[str, ...]]:
         return [
             (
                 str(f.index),
@@ -164,6 +191,7 @@ class Failures(list[Failure]):
                 _short.repr(f.error)[1:-1] if len(f.error) > 120 else f.error,
                 str(f.attempts),
                 "?" if f.worker is None else f"w{f.worker}",
+                f.duration_text,
             )
             for f in self
         ]
@@ -171,7 +199,7 @@ class Failures(list[Failure]):
     def __repr__(self) -> str:
         if not self:
             return f"<no failed items in {self.name!r}>"
-        head = ("index", "input", "exception", "attempts", "worker")
+        head = _HEAD
         rows = [head, *self._rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"{len(self)} failed item(s) of {self.name!r}:"]
@@ -181,7 +209,7 @@ class Failures(list[Failure]):
     def _repr_html_(self) -> str:
         if not self:
             return f"<i>no failed items in {html.escape(self.name)}</i>"
-        head = "".join(f"<th>{h}</th>" for h in ("index", "input", "exception", "attempts", "worker"))
+        head = "".join(f"<th>{h}</th>" for h in _HEAD)
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
             for row in self._rows()

@@ -122,6 +122,7 @@ class PoolCore:
         self.loop = loop
         self.state = PoolState.UNOPENED
         self.key = proto.new_key()
+        self.frame_limit = proto.frame_limit(options.max_result_bytes)  # see _protocol
         self.target_workers = options.workers
         self.workers: dict[int, WorkerProc] = {}
         self.jobs: dict[int, Job] = {}
@@ -212,6 +213,8 @@ class PoolCore:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.LINGER, 0)
+            # A peer sending a larger frame is disconnected before anything is allocated.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.frame_limit)
             sock.bind(addr)
         except BaseException:
             sock.close(linger=0)
@@ -380,7 +383,7 @@ class PoolCore:
                 frames = proto.recv_frames(sock, _NOBLOCK)
                 ident = frames[0]
                 try:
-                    msg, payload = proto.decode(self.key, frames[1:])
+                    msg, payload = proto.decode_message(self.key, frames[1:], self.run_dir)
                 except proto.BadSignature:
                     self.bad_messages += 1
                     continue
@@ -613,12 +616,14 @@ class PoolCore:
         note = (f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job "
                 f"{job.id} ({job.name!r}), input {describe_input(job, chunk.items[offset])}")
         exc = rebuild_exception(record, note)
-        self._fail_item(job, chunk, offset, exc, w)
+        self._fail_item(job, chunk, offset, exc, w, record.duration, record.duration_bound)
 
     def _fail_item(
-        self, job: Job, chunk: Chunk, offset: int, exc: BaseException, w: WorkerProc | None
+        self, job: Job, chunk: Chunk, offset: int, exc: BaseException, w: WorkerProc | None,
+        duration: float | None = None, duration_bound: bool = False,
     ) -> None:
-        """A task failed: retry it if its policy says so, else record the failure."""
+        """A task failed: retry it if its policy says so, else record the failure (with how
+        long the attempt ran, when known)."""
         index = chunk.start + offset
         if job.state_of(index).is_final:
             return  # cancelled one by one meanwhile: that outcome stands
@@ -631,7 +636,7 @@ class PoolCore:
             item = chunk.items[offset]
             self.loop.call_later(delay, self._requeue_one, job, index, item)
             return
-        job.fail(index, exc, worker_id)
+        job.fail(index, exc, worker_id, duration, duration_bound)
 
     def _requeue_one(self, job: Job, index: int, item: Any) -> None:
         if job.cancelled or job.state_of(index) != TaskState.RETRYING:
@@ -725,6 +730,9 @@ class PoolCore:
             suspect = i < sent and (sent > 1 or chunk.count > 1)
             job = chunk.job
             job.inflight.pop(chunk.start, None)
+            # How long it ran, seen from here: exact for a lone item sent alone.
+            ran = (time.monotonic() - chunk.started_at, sent > 1 or chunk.count > 1) if (
+                running and i < sent and chunk.started_at) else None
             if job.circuit is not None and i < sent:  # admitted: report how the call ended
                 job.circuit.record_failure(
                     WorkerCrashedError(w.id, w.pid, returncode, chunk.start) if running else _NOT_RUN
@@ -738,13 +746,13 @@ class PoolCore:
                 self._requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
             elif chunk.target is not None:
                 self._fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
-                                                                crash_cause(w, returncode)))
+                                                                crash_cause(w, returncode)), ran, w)
             elif running and w.kill_kind == "timeout":
                 exc: Exception = TaskTimeoutError(w.kill_reason)
-                self._fail_range(job, chunk, exc)
+                self._fail_range(job, chunk, exc, ran, w)
             elif running and w.kill_kind == "memory":
                 exc = MemoryLimitError(w.id, w.pid, returncode, chunk.start, w.kill_reason)
-                self._fail_range(job, chunk, exc)
+                self._fail_range(job, chunk, exc, ran, w)
             elif suspect:
                 # Which item killed it is unknown: rerun them one by one, each alone on its
                 # worker, blaming none yet.
@@ -765,7 +773,7 @@ class PoolCore:
                 if crashes >= self.options.max_worker_crashes:
                     cause = crash_cause(w, returncode)
                     exc = WorkerCrashedError(w.id, w.pid, returncode, chunk.start, cause)
-                    self._fail_range(job, chunk, exc)
+                    self._fail_range(job, chunk, exc, ran, w)
                 else:
                     job.transition(chunk.start, 1, TaskState.PENDING)
                     self._requeue(job, chunk, front=True)
@@ -792,10 +800,16 @@ class PoolCore:
             job.transition(index, 1, TaskState.PENDING)
             self._requeue(job, Chunk(job, index, [chunk.items[offset]]), front=True)
 
-    def _fail_range(self, job: Job, chunk: Chunk, exc: BaseException) -> None:
+    def _fail_range(
+        self, job: Job, chunk: Chunk, exc: BaseException, ran: tuple[float, bool] | None = None,
+        w: WorkerProc | None = None,
+    ) -> None:
+        """Fail every open item of ``chunk`` with ``exc``; ``ran``: how long the chunk ran
+        (seconds, at most?) on worker ``w``, when it ran."""
+        duration, bound = ran if ran is not None else (None, False)
         for offset in range(chunk.count):
             if job.states[chunk.start + offset] not in _FINAL_BYTES:  # e.g. a cancelled call
-                self._fail_item(job, chunk, offset, exc, None)
+                self._fail_item(job, chunk, offset, exc, w, duration, bound)
 
     def _cancel_range(self, job: Job, start: int, count: int) -> None:
         job.transition(start, count, TaskState.CANCELLED, unfinished_only=True)
@@ -993,14 +1007,21 @@ class PoolCore:
             forget: list[bytes] = []
             while len(w.functions) >= FUNCTION_CACHE:
                 forget.append(w.functions.popitem(last=False)[0])
-            self._send(self.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+            try:
+                self._send(self.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+            except OSError as exc:
+                return self._unsendable_chunk(job, chunk, names, "function", exc)
             w.functions[job.digest] = None
         run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
                         job.timeout, names)
         if job.circuit is not None and not self._admit(job, chunk):
             self._discard(names)
             return True
-        if not self._send(self.data, w, run, frames):
+        try:
+            sent = self._send(self.data, w, run, frames)
+        except OSError as exc:
+            return self._unsendable_chunk(job, chunk, names, "arguments", exc)
+        if not sent:
             self._discard(names)
             self._requeue(job, chunk, front=True)
             if job.circuit is not None:
@@ -1012,6 +1033,20 @@ class PoolCore:
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
         job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id)
+        return True
+
+    def _unsendable_chunk(
+        self, job: Job, chunk: Chunk, names: tuple[str | None, ...], what: str, exc: OSError
+    ) -> bool:
+        """The chunk's message has a frame above the frame limit, and the file that would
+        carry it could not be written (ENOSPC...): its tasks fail, naming that."""
+        self._discard(names)
+        self._fail_range(job, chunk, SerializationError(
+            f"cannot send the {what} of {proto.task_range(chunk.start, chunk.count)} to "
+            f"a worker: a frame carries at most {self.frame_limit:,} bytes, and writing the "
+            f"message to {self.run_dir} failed: {type(exc).__name__}: {exc}"
+        ))
+        job.progress()
         return True
 
     def _drop_cancelled_calls(self, job: Job, chunk: Chunk) -> Chunk | None:
@@ -1070,8 +1105,10 @@ class PoolCore:
 
     def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
               payload: list[Any] | None = None) -> bool:
+        if payload and w.spill is None:
+            w.spill = proto.Spill(self.run_dir, self.frame_limit, f"w{w.id}")  # deleted with w
         try:
-            proto.send_message(sock, self.key, msg, payload or (), w.ident)
+            proto.send_message(sock, self.key, msg, payload or (), w.ident, w.spill if payload else None)
         except zmq.ZMQError:  # EHOSTUNREACH: gone; its exit will be seen through its pidfd
             return False
         # Sending can leave inbound messages on the same socket unsignalled on its
@@ -1098,7 +1135,7 @@ class PoolCore:
         job = self.jobs.get(job_id)
         if job is None:
             return
-        job.paused = paused
+        job.set_paused(paused)  # on the engine thread, which hands out chunks
         if not paused and job.has_work():
             self._mark_ready(job)
             self._pump()

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import _protocol as proto
 from ._jobs import Chunk
 from ._state import WorkerState
 
@@ -65,6 +66,7 @@ class WorkerProc:
         self.timers: list[asyncio.TimerHandle] = []
         self.pidfd: int | None = None
         self.held: set[str] = set()  # the pool's argument segments this worker may map
+        self.spill: proto.Spill | None = None  # where its messages above the frame limit go
         self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
         self._ps: Any = None  # psutil.Process, made by the first sample()
 
@@ -153,6 +155,7 @@ def spawn_worker(
         "key": key.hex(),
         "data_addr": f"ipc://{run_dir}/data",
         "ctrl_addr": f"ipc://{run_dir}/ctrl",
+        "run_dir": run_dir,
         "parent_pid": os.getpid(),
         "sys_path": sys.path,
         "cwd": os.getcwd(),

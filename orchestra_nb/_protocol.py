@@ -20,6 +20,11 @@ Every message is one ZeroMQ multipart message, usually of a single frame::
   (>= :data:`SHM_THRESHOLD`) as files in the pool's private shared-memory directory (mode
   0700), whose names sit in the signed header. The receiver maps such a file and unlinks it,
   so the data is copied once, by the sender.
+* Every socket refuses frames above a limit (ZeroMQ's MAXMSGSIZE, :func:`frame_limit`), so a
+  stray peer cannot make a pool allocate what it likes: it is disconnected after the size
+  in a frame's header. A message with a larger frame (a result or an argument held in the
+  pickle stream itself: bytes, text, big lists) goes through a file of the run directory
+  instead, announced by a small :class:`Spilled` message (see :func:`send_message`).
 """
 
 from __future__ import annotations
@@ -54,9 +59,13 @@ __all__ = [
     "Run",
     "Segments",
     "Shutdown",
+    "Spill",
+    "Spilled",
     "Started",
     "decode",
+    "decode_message",
     "encode",
+    "frame_limit",
     "has_input",
     "read_buffers",
     "recv_frames",
@@ -160,8 +169,17 @@ class Release(NamedTuple):
     names: tuple[str, ...]
 
 
+class Spilled(NamedTuple):
+    """A message with a frame above the receiver's frame limit: its frames (``sizes``
+    bytes each, signed as usual) wait in the file ``name`` of the run directory, which the
+    receiver maps, deletes and decodes (:func:`decode_message`)."""
+
+    name: str
+    sizes: tuple[int, ...]
+
+
 Message: TypeAlias = (
-    Define | Run | Cancel | Shutdown | Ready | Started | Result | Output | Heartbeat | Release
+    Define | Run | Cancel | Shutdown | Ready | Started | Result | Output | Heartbeat | Release | Spilled
 )
 
 MESSAGE_TYPES: tuple[type[Any], ...] = (
@@ -174,7 +192,8 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     Result,
     Output,
     Heartbeat,
-    Release,  # tags are positions: new kinds go at the end
+    Release,
+    Spilled,  # tags are positions: new kinds go at the end
 )
 _TAG_OF: dict[type[Any], int] = {cls: i + 1 for i, cls in enumerate(MESSAGE_TYPES)}
 _TYPE_OF: dict[int, type[Any]] = {i + 1: cls for i, cls in enumerate(MESSAGE_TYPES)}
@@ -294,18 +313,115 @@ def decode(key: bytes, frames: Sequence[Frame]) -> tuple[Message, list[Frame]]:
     return msg, rest
 
 
+# --- the frame limit, and messages too large for it --------------------------------------
+
+FRAME_LIMIT = 64 * 2**20  # the least frame limit: what one message from a peer may allocate
+FRAME_SLACK = 2**20  # room for a result's header and error records next to the result
+
+
+def frame_limit(max_result_bytes: int | None) -> int:
+    """The largest frame a pool's and its workers' sockets accept (ZeroMQ MAXMSGSIZE).
+
+    Every legitimate frame is either small (control messages, a task's output, capped at
+    a MiB of text), a buffer below :data:`SHM_THRESHOLD` (larger ones go through shared
+    memory), or a pickle stream: a result's or an argument's bytes, text and containers,
+    of any size. Frames above the limit travel through a file (:class:`Spilled`), so the
+    limit can be modest; it still lets one result of up to ``max_result_bytes`` (which the
+    worker enforces, see ``_serialize.dumps_result``) travel as a frame, without a file, so
+    that a full /dev/shm does not fail a result the pool's options allow.
+    """
+    if max_result_bytes is None:
+        return FRAME_LIMIT
+    return max(FRAME_LIMIT, max_result_bytes + FRAME_SLACK)
+
+
+def task_range(start: int, count: int) -> str:
+    """How an error names the tasks of a chunk: ``task 4`` or ``tasks 4..9``."""
+    return f"task {start}" if count == 1 else f"tasks {start}..{start + count - 1}"
+
+
+class Spill(NamedTuple):
+    """Where a sender puts a message whose frames pass ``limit``: a file in ``directory``
+    (the run directory) named after ``owner``, the worker at the other end (``"w3"``), so
+    that the file is deleted with that worker if it is never read."""
+
+    directory: str
+    limit: int
+    owner: str
+
+
+def _frame_size(frame: Frame) -> int:
+    return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+
+
+def _spill(key: bytes, frames: list[Frame], spill: Spill) -> list[Frame]:
+    """Write ``frames`` to a file; the frames of the :class:`Spilled` message naming it.
+    Raises OSError (ENOSPC...) with no file left behind."""
+    sizes = tuple(_frame_size(f) for f in frames)
+    name = f"buf-{spill.owner}-spill-{secrets.token_hex(10)}"
+    path = os.path.join(spill.directory, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, sum(sizes))  # ENOSPC here, not SIGBUS on a later write
+        with mmap.mmap(fd, sum(sizes), flags=mmap.MAP_SHARED) as mm:
+            at = 0
+            for frame, size in zip(frames, sizes, strict=True):
+                mm[at : at + size] = memoryview(frame).cast("B")
+                at += size
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return encode(key, Spilled(name, sizes))
+
+
+def decode_message(key: bytes, frames: Sequence[Frame], spill_dir: str) -> tuple[Message, list[Frame]]:
+    """:func:`decode`, reading a :class:`Spilled` message's frames from its file (mapped,
+    and deleted at once: the memory lives as long as the returned views)."""
+    msg, payload = decode(key, frames)
+    if type(msg) is not Spilled:
+        return msg, payload
+    mm = _map_shm(spill_dir, msg.name)  # the name was signed: it is the sender's own file
+    if len(mm) != sum(msg.sizes):
+        raise BadSignature(f"spilled message {msg.name}: {len(mm)} bytes, not {sum(msg.sizes)}")
+    view = memoryview(mm)
+    spilled: list[Frame] = []
+    at = 0
+    for size in msg.sizes:
+        spilled.append(view[at : at + size])
+        at += size
+    inner, payload = decode(key, spilled)
+    if type(inner) is Spilled:
+        raise BadSignature("a spilled message inside a spilled message")
+    return inner, payload
+
+
 _SNDMORE = 2  # zmq.SNDMORE (libzmq's ZMQ_SNDMORE): this layer imports no zmq
 
 
 def send_message(
-    sock: Any, key: bytes, msg: Message, payload: Sequence[Frame] = (), ident: bytes | None = None
+    sock: Any,
+    key: bytes,
+    msg: Message,
+    payload: Sequence[Frame] = (),
+    ident: bytes | None = None,
+    spill: Spill | None = None,
 ) -> None:
     """``sock.send_multipart([*([ident] if ident else []), *encode(key, msg, payload)],
     copy=False)``, cheaper: a message of one frame (most are) is one ``send`` call, and
     pyzmq's multipart sugar (a Python loop with enum flag arithmetic per frame) is skipped.
     The first frame is copied (it is small); the others go zero-copy. ``ident`` is the
-    receiver's identity frame, for a ROUTER socket. Raises what ``sock.send`` raises."""
+    receiver's identity frame, for a ROUTER socket. With ``spill``, a message with a frame
+    above ``spill.limit`` goes through a file (:class:`Spilled`). Raises what ``sock.send``
+    raises, and OSError if that file cannot be written."""
     frames = encode(key, msg, payload)
+    if (
+        spill is not None
+        and (len(frames) > 1 or len(frames[0]) > spill.limit)
+        and any(_frame_size(f) > spill.limit for f in frames)
+    ):
+        frames = _spill(key, frames, spill)
     if ident is not None:
         sock.send(ident, _SNDMORE)
     if len(frames) == 1:

@@ -18,6 +18,7 @@ import linecache
 import marshal
 import os
 import pickle
+import sys
 import traceback
 import types
 import weakref
@@ -26,11 +27,12 @@ from typing import Any, NamedTuple
 
 import cloudpickle
 
-from ._exceptions import RemoteError, RemoteTraceback, SerializationError
+from ._exceptions import RemoteError, RemoteTraceback, ResultTooLargeError, SerializationError
 
 __all__ = [
     "ErrorRecord",
-    "blame_unpicklable_results",
+    "ResultLimitExceeded",
+    "blame_results",
     "callable_name",
     "capture_exception",
     "describe_unpicklable_argument",
@@ -51,7 +53,9 @@ def dumps(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
     return data
 
 
-def dumps_result(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
+def dumps_result(
+    obj: object, protocol: int = 5, buffer_callback: Any = None, limit: int | None = None
+) -> bytes:
     """:func:`dumps` for what a *worker* sends back: plain pickle when it is exact, which it
     is for nearly every result, else cloudpickle (whose Pickler set-up is most of the cost of
     pickling a small result).
@@ -69,7 +73,13 @@ def dumps_result(obj: object, protocol: int = 5, buffer_callback: Any = None) ->
     ``buffer_callback`` sees only the pass whose stream is returned: the first pass collects
     the out-of-band buffers itself, and a result that has any is pickled again for the caller.
     (That pass copies no buffer data, so a second one costs a walk of the object.)
+
+    ``limit``: raise :class:`ResultLimitExceeded` as soon as the stream and the out-of-band
+    buffers together pass this many bytes, so that an oversized result costs the worker
+    about ``limit`` bytes of pickle, not its whole size.
     """
+    if limit is not None:
+        return _dump_limited(obj, protocol, buffer_callback, limit)
     if not _by_value_modules:
         found: list[pickle.PickleBuffer] = []
         try:
@@ -85,6 +95,91 @@ def dumps_result(obj: object, protocol: int = 5, buffer_callback: Any = None) ->
                 return data
     out: bytes = cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
     return out
+
+
+class ResultLimitExceeded(Exception):  # a signal to the caller, not an error
+    """A result's pickle passed its limit; pickling stopped there (``size`` bytes so far)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the pickled result passed {limit:,} bytes (stopped at {size:,})")
+        self.size = size
+        self.limit = limit
+
+
+class _LimitedFile:
+    """The file a Pickler writes to: keeps the stream (or only counts it, ``keep=False``)
+    and raises :class:`ResultLimitExceeded` once it and the out-of-band buffers counted by
+    :meth:`add` pass ``limit``. The C pickler writes a frame at a time (64 KiB) and hands a
+    large bytes object over whole, uncopied, so the check comes before the memory is spent."""
+
+    __slots__ = ("keep", "limit", "names_main", "parts", "size")
+
+    def __init__(self, limit: int, keep: bool = True) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.keep = keep
+        self.names_main = False
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.add(n)  # before any copy: past the limit, nothing more is spent
+        if type(data) is not bytes:
+            data = bytes(data)  # (a bytearray or a view, at most ``limit`` bytes)
+        if not self.names_main and data.find(b"__main__") >= 0:
+            self.names_main = True
+        if self.keep:
+            self.parts.append(data)
+        return n
+
+    def add(self, n: int) -> None:
+        self.size += n
+        if self.size > self.limit:
+            raise ResultLimitExceeded(self.size, self.limit)
+
+    def counting(self, callback: Any) -> Any:
+        """``callback`` (a pickler's ``buffer_callback``), counting what goes out of band."""
+
+        def on_buffer(buf: pickle.PickleBuffer) -> Any:
+            in_band = callback(buf)
+            if not in_band:
+                self.add(memoryview(buf).nbytes)
+            return in_band
+
+        return on_buffer
+
+    def getvalue(self) -> bytes:
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+
+def _dump_limited(obj: object, protocol: int, buffer_callback: Any, limit: int, keep: bool = True) -> bytes:
+    """:func:`dumps_result` (same choice of pickler) into a :class:`_LimitedFile`."""
+    if not _by_value_modules:
+        found: list[pickle.PickleBuffer] = []
+        file = _LimitedFile(limit, keep)
+        try:
+            pickle.Pickler(
+                file, protocol, buffer_callback=file.counting(found.append) if buffer_callback else None
+            ).dump(obj)
+        except ResultLimitExceeded:
+            raise
+        except Exception:
+            pass
+        else:
+            if not file.names_main:
+                if found:
+                    file = _LimitedFile(limit, keep)
+                    callback = file.counting(buffer_callback)
+                    pickle.Pickler(file, protocol, buffer_callback=callback).dump(obj)
+                return file.getvalue()
+    file = _LimitedFile(limit, keep)
+    callback = file.counting(buffer_callback) if buffer_callback else None
+    cloudpickle.Pickler(file, protocol=protocol, buffer_callback=callback).dump(obj)
+    return file.getvalue()
+
+
+def _out_of_band(buf: pickle.PickleBuffer) -> bool:
+    return False  # a buffer_callback that keeps every buffer out of the stream (uncopied)
 
 
 # Modules whose objects cloudpickle pickles by value (cloudpickle.register_pickle_by_value);
@@ -371,6 +466,10 @@ class ErrorRecord(NamedTuple):
     evalue: str
     traceback: str
     kind: str  # "error", "cancelled", "timeout", "serialization"
+    # How long the failing call ran, in seconds (None: not timed); ``duration_bound``: at
+    # most that long (the worker timed a block of fast items, not this one alone).
+    duration: float | None = None
+    duration_bound: bool = False
 
 
 def capture_exception(exc: BaseException, kind: str = "error", skip_frames: int = 0) -> ErrorRecord:
@@ -409,19 +508,32 @@ def rebuild_exception(record: ErrorRecord, note: str) -> BaseException:
     return exc
 
 
-def blame_unpicklable_results(values: list[Any], errors: dict[int, ErrorRecord], start: int) -> None:
-    """A chunk's results could not be pickled together: find the culprits one by one and
-    turn each into a :class:`SerializationError` of its own task (``start`` + offset), in
-    place, so the other results still travel. Used by every worker (local and dask)."""
+def blame_results(
+    values: list[Any], errors: dict[int, ErrorRecord], start: int, limit: int | None = None
+) -> None:
+    """A chunk's results could not be pickled together (one cannot be pickled at all, or,
+    with ``limit`` (the pool's ``max_result_bytes``), they passed it): check them one by one
+    and turn each culprit into the error of its own task (``start`` + offset), in place, so
+    the other results still travel. A result is only counted, not kept, and its counting
+    stops at the limit. Used by every worker (local and dask)."""
     for offset, value in enumerate(values):
         if offset in errors:
             continue
+        err: SerializationError
         try:
-            dumps_result(value)
+            _dump_limited(value, 5, _out_of_band, sys.maxsize if limit is None else limit, False)
+        except ResultLimitExceeded as exc:
+            err = ResultTooLargeError(
+                f"the result of task {start + offset} (type {_type_name(value)}) is larger "
+                f"than the pool's max_result_bytes={exc.limit:,} (pickling it stopped at "
+                f"{exc.size:,} bytes)"
+            )
         except Exception as exc:
             err = SerializationError(
                 f"cannot pickle the result of task {start + offset} "
                 f"(type {type(value).__qualname__}): {type(exc).__name__}: {exc}"
             )
-            errors[offset] = capture_exception(err, "serialization")
-            values[offset] = None
+        else:
+            continue
+        errors[offset] = capture_exception(err, "serialization")
+        values[offset] = None

@@ -48,7 +48,8 @@ class WorkerStatistics:
 @dataclasses.dataclass(frozen=True, slots=True)
 class JobStatistics:
     """One job. ``counts`` has every :class:`TaskState`; ``total`` is None while a lazy
-    input has not been read to its end; ``read`` is how many items were read so far."""
+    input has not been read to its end; ``read`` is how many items were read so far;
+    ``paused``: no new task of it is handed out (``Pool.pause_job``, ``MapHandle.pause``)."""
 
     id: int
     name: str
@@ -58,6 +59,7 @@ class JobStatistics:
     elapsed: float
     finished: bool = False
     cancelled: bool = False
+    paused: bool = False
 
     @property
     def done(self) -> int:
@@ -103,7 +105,8 @@ class PoolStatistics:
             "jobs": [
                 {"id": j.id, "name": j.name, "total": j.total, "read": j.read,
                  "counts": {s.name: j.counts[s] for s in TaskState}, "done": j.done,
-                 "elapsed": j.elapsed, "finished": j.finished, "cancelled": j.cancelled}
+                 "elapsed": j.elapsed, "finished": j.finished, "cancelled": j.cancelled,
+                 "paused": j.paused}
                 for j in self.jobs
             ],
         }

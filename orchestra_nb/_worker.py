@@ -38,9 +38,9 @@ from typing import Any
 import zmq
 
 from . import _protocol as proto
-from ._exceptions import ResultTooLargeError, SerializationError, TaskExitError, TaskTimeoutError
+from ._exceptions import SerializationError, TaskExitError, TaskTimeoutError
 from ._namespace import NamespaceLink, link
-from ._serialize import ErrorRecord, blame_unpicklable_results, capture_exception, dumps_result
+from ._serialize import ErrorRecord, blame_results, capture_exception, dumps_result
 from ._spin import BusyPoll
 
 _OUTPUT_CAP = 1024 * 1024  # bytes of output kept per task; the rest is summarised
@@ -152,6 +152,13 @@ class Worker:
         self.shm_dir: str | None = config.get("shm_dir")
         self.heartbeat: float = config.get("heartbeat", 1.0)
         self.max_result_bytes: int | None = config.get("max_result_bytes")
+        # A chunk's results are pickled together, stopping once they pass the limit: then
+        # they are checked one by one (see _send_result). The memory spent stays near it.
+        self.dumps_result: Callable[..., bytes] = (
+            dumps_result
+            if self.max_result_bytes is None
+            else functools.partial(dumps_result, limit=self.max_result_bytes)
+        )
         self.busy_poll = BusyPoll(config.get("busy_poll", 0.0))
         # Results' large buffers go through warm, reused segments (see proto.Segments).
         self.segments = (
@@ -160,15 +167,21 @@ class Worker:
         self.released: list[str] = []  # argument segments the pool may reuse now
         # ... and the pool's segments, kept mapped for their next use (see proto.Mappings).
         self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None
+        # Frames above the limit go through a file of the run directory (see _protocol).
+        self.run_dir: str = config["run_dir"]
+        limit = proto.frame_limit(self.max_result_bytes)
+        self.spill = proto.Spill(self.run_dir, limit, f"w{self.worker_id}")
         self.ctx = zmq.Context(io_threads=1)
         ident = config.get("ident", f"w{self.worker_id}").encode()
         self.data = self.ctx.socket(zmq.DEALER)
         self.data.setsockopt(zmq.IDENTITY, ident)
         self.data.setsockopt(zmq.LINGER, 2000)
+        self.data.setsockopt(zmq.MAXMSGSIZE, limit)
         self.data.connect(config["data_addr"])
         self.ctrl = self.ctx.socket(zmq.DEALER)
         self.ctrl.setsockopt(zmq.IDENTITY, ident)
         self.ctrl.setsockopt(zmq.LINGER, 0)
+        self.ctrl.setsockopt(zmq.MAXMSGSIZE, limit)
         self.ctrl.connect(config["ctrl_addr"])
         self.functions: dict[bytes, Callable[..., Any] | ErrorRecord] = {}
         # Notebook functions using names of the %%orchestra namespace (see _namespace).
@@ -186,7 +199,7 @@ class Worker:
     # --- main thread -----------------------------------------------------------------
 
     def send(self, msg: proto.Message, payload: list[Any] | None = None) -> None:
-        proto.send_message(self.data, self.key, msg, payload or ())
+        proto.send_message(self.data, self.key, msg, payload or (), spill=self.spill)
 
     def serve(self) -> None:
         self.send(proto.Ready(self.worker_id, os.getpid(), sys.version.split()[0]))
@@ -204,7 +217,7 @@ class Worker:
                 mappings.sweep()  # about to sleep: unmap segments the pool deleted
             frames = proto.recv_frames(data)
             try:
-                msg, payload = proto.decode(self.key, frames)
+                msg, payload = proto.decode_message(self.key, frames, self.run_dir)
             except proto.BadSignature:
                 continue  # the pool counts drops on its side; a worker just ignores them
             if isinstance(msg, proto.Run):
@@ -307,13 +320,21 @@ class Worker:
         msg: proto.Run,
         errors: dict[int, ErrorRecord],
     ) -> list[Any]:
-        """Call ``fn`` on every item; failures become ``errors[offset]``, values stay aligned."""
+        """Call ``fn`` on every item; failures become ``errors[offset]``, values stay aligned.
+
+        A failure carries how long its call ran. Items are timed one by one where a clock
+        read costs nothing next to the call (timeouts, call batches, chunks of at most
+        ``_TIMED_ITEMS``); a large chunk is one of fast items, timed per block of
+        ``_CLOCK_BLOCK`` (a clock read per item would slow the fastest maps by about 10%),
+        so a failure inside a block carries an upper bound."""
         state = self.state
         values: list[Any] = []
         append = values.append
         n = len(items)
         watched = msg.timeout is not None
         state.values = values
+        clock = time.perf_counter
+        mark, mark_offset = clock(), 0  # the call of item ``mark_offset`` started at ``mark``
         while len(values) < n:
             offset = len(values)
             self.output.begin(msg.job, msg.start + offset, values)
@@ -326,6 +347,7 @@ class Worker:
                     state.item = index
                     state.deadline = time.monotonic() + msg.timeout
                     self.send(proto.Started(msg.job, index))
+                    mark, mark_offset = clock(), offset
                     append(self._call_one(fn, items[offset], msg))
                     state.deadline = None
                 elif msg.call:
@@ -336,14 +358,21 @@ class Worker:
                             errors[len(values)] = _CANCELLED
                             append(None)
                             continue
+                        mark, mark_offset = clock(), len(values)
                         append(fn(*args, **kwargs))
-                elif msg.star:
-                    for item in items[offset:]:
-                        append(fn(*item))
                 else:
-                    for item in items[offset:]:
-                        append(fn(item))
+                    step = 1 if n - offset <= _TIMED_ITEMS else _CLOCK_BLOCK
+                    star = msg.star
+                    for block in range(offset, n, step):
+                        mark, mark_offset = clock(), block
+                        if star:
+                            for item in items[block : block + step]:
+                                append(fn(*item))
+                        else:
+                            for item in items[block : block + step]:
+                                append(fn(item))
             except PoolInterrupt as exc:
+                ran = clock() - mark
                 state.deadline = None
                 failed = len(values)
                 if state.reason == "item" and state.target == state.chunk:
@@ -358,13 +387,15 @@ class Worker:
                         "and was interrupted"
                     )
                     timeout_exc.__cause__ = exc
-                    errors[failed] = capture_exception(timeout_exc, "timeout")
+                    record = capture_exception(timeout_exc, "timeout")
+                    errors[failed] = _timed(record, ran, failed != mark_offset)
                     append(None)
                     continue
                 for rest in range(failed, n):
                     errors[rest] = _CANCELLED
                 values.extend([None] * (n - failed))
             except (KeyboardInterrupt, SystemExit) as exc:  # the task's own, not the pool's
+                ran = clock() - mark
                 state.deadline = None
                 index = msg.start + len(values)
                 exit_exc = TaskExitError(
@@ -372,15 +403,18 @@ class Worker:
                     f"{type(exc).__name__} is its failure, not a cancel nor the caller's exit"
                 )
                 exit_exc.__cause__ = exc
-                errors[len(values)] = capture_exception(exit_exc, "error")
+                record = capture_exception(exit_exc, "error")
+                errors[len(values)] = _timed(record, ran, len(values) != mark_offset)
                 append(None)
             except BaseException as exc:
+                ran = clock() - mark
                 state.deadline = None
                 if isinstance(exc, NameError):
                     ns_link = self.namespace_links.get(msg.digest)
                     if ns_link is not None:
                         ns_link.explain(exc)
-                errors[len(values)] = capture_exception(exc, "error", skip_frames=1)
+                record = capture_exception(exc, "error", skip_frames=1)
+                errors[len(values)] = _timed(record, ran, len(values) != mark_offset)
                 append(None)
             finally:
                 state.chunk = None
@@ -405,42 +439,28 @@ class Worker:
             values.extend([None] * (msg.count - len(values)))
         for offset in errors:
             values[offset] = None
-        body = (values, errors or None)
+        shm = self.segments or self.shm_dir
         try:
-            frames, names = proto.pickle_payload(dumps_result, body, self.segments or self.shm_dir)
+            frames, names = proto.pickle_payload(self.dumps_result, (values, errors or None), shm)
         except Exception:
-            frames, names = self._blame_results(msg, values, errors)
-        limit = self.max_result_bytes
-        if limit is not None and _payload_size(frames) > limit and msg.count:
-            frames, names = self._limit_results(msg, values, errors, limit)
-        result = proto.Result(msg.job, msg.start, msg.count, elapsed, names)
-        self.send(result, frames)
-
-    def _blame_results(
-        self, msg: proto.Run, values: list[Any], errors: dict[int, ErrorRecord]
-    ) -> tuple[list[Any], tuple[str | None, ...]]:
-        blame_unpicklable_results(values, errors, msg.start)
-        return proto.pickle_payload(dumps_result, (values, errors or None), self.segments or self.shm_dir)
-
-    def _limit_results(
-        self,
-        msg: proto.Run,
-        values: list[Any],
-        errors: dict[int, ErrorRecord],
-        limit: int,
-    ) -> tuple[list[Any], tuple[str | None, ...]]:
-        for offset, value in enumerate(values):
-            if offset in errors:
-                continue
-            size = _payload_size(proto.pickle_payload(dumps_result, value, None)[0])
-            if size > limit:
-                err = ResultTooLargeError(
-                    f"the result of task {msg.start + offset} is {size:,} bytes, over the "
-                    f"pool's max_result_bytes={limit:,}"
-                )
-                errors[offset] = capture_exception(err, "serialization")
-                values[offset] = None
-        return proto.pickle_payload(dumps_result, (values, errors or None), self.segments or self.shm_dir)
+            # A result cannot be pickled, or the chunk's passed max_result_bytes (and
+            # pickling stopped there): find the culprits one by one; the others travel.
+            blame_results(values, errors, msg.start, self.max_result_bytes)
+            frames, names = proto.pickle_payload(dumps_result, (values, errors or None), shm)
+        try:
+            self.send(proto.Result(msg.job, msg.start, msg.count, elapsed, names), frames)
+        except OSError as exc:  # too large for a frame, and its file could not be written
+            if self.segments is not None:
+                self.segments.release([n for n in names if n is not None])
+            size = sum(memoryview(f).nbytes for f in frames)
+            err = SerializationError(
+                f"the results of {proto.task_range(msg.start, msg.count)} take {size:,} "
+                f"bytes, more than a message frame carries ({self.spill.limit:,} bytes), and "
+                f"writing them to {self.run_dir} failed: {type(exc).__name__}: {exc}"
+            )
+            record = capture_exception(err, "serialization")
+            body = ([None] * msg.count, dict.fromkeys(range(msg.count), record))
+            self.send(proto.Result(msg.job, msg.start, msg.count, elapsed, ()), [dumps_result(body)])
 
     def _flush_output(self, send: Callable[[proto.Message], None]) -> None:
         output = self.output
@@ -479,7 +499,7 @@ class Worker:
             if not poller.poll(max(1, int(wait * 1000))):
                 continue
             try:
-                msg, _ = proto.decode(self.key, proto.recv_frames(self.ctrl))
+                msg, _ = proto.decode_message(self.key, proto.recv_frames(self.ctrl), self.run_dir)
             except proto.BadSignature:
                 continue
             if isinstance(msg, proto.Cancel) and msg.start >= 0:
@@ -526,9 +546,14 @@ def _is_coroutine_function(fn: Any) -> bool:
 
 _CANCELLED = ErrorRecord(None, "CancelledError", "cancelled", "", "cancelled")
 
+# Chunks up to this size time every item; larger ones (fast items) time blocks of items.
+_TIMED_ITEMS = 16
+_CLOCK_BLOCK = 64
 
-def _payload_size(frames: list[Any]) -> int:
-    return sum(memoryview(f).nbytes for f in frames)
+
+def _timed(record: ErrorRecord, seconds: float, bound: bool) -> ErrorRecord:
+    """``record`` with how long its call ran (``bound``: at most that long)."""
+    return record._replace(duration=seconds, duration_bound=bound)
 
 
 KEEP_CHILDREN_ENV = "ORCHESTRA_KEEP_TASK_CHILDREN"

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from .._jobs import Job
     from .._stats import PoolStatistics
 
-__all__ = ["Backend", "Capabilities", "LoopAttachment"]
+__all__ = ["Backend", "Capabilities", "LoopAttachment", "check_pausable"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,7 +70,9 @@ class Capabilities:
     ``shared_memory``: large buffers travel without copies through the pipe;
     ``in_process``: tasks run in the caller's process (``breakpoint()`` works, nothing is
     pickled); ``resize``: the number of workers can change; ``pinning``: a call can be
-    pinned to one worker (``%%orchestra``)."""
+    pinned to one worker (``%%orchestra``); ``pause``: :meth:`Backend.pause` holds a job's
+    tasks back (a backend without it must still accept the call, and refuses nothing
+    silently: the API checks this first)."""
 
     interrupt_running: bool
     run_on_all: bool
@@ -78,6 +80,7 @@ class Capabilities:
     in_process: bool
     resize: bool
     pinning: bool
+    pause: bool
 
 
 class LoopAttachment(Protocol):
@@ -123,7 +126,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def pause(self, job: Job, paused: bool) -> None:
-        """Hand out no new task of ``job`` while ``paused`` (running ones finish)."""
+        """Hand out no new task of ``job`` while ``paused`` (running ones finish). The change
+        is made with ``job.set_paused`` where tasks are handed out, which publishes
+        ``JobPaused``."""
 
     @abc.abstractmethod
     def input_ready(self, job: Job) -> None:
@@ -146,6 +151,16 @@ class Backend(abc.ABC):
         if job is None or job.internal or job.finished.is_set():
             return False
         self.cancel(job, kill=kill)
+        return True
+
+    def pause_job(self, job_id: int, paused: bool) -> bool:
+        """Pause (or resume) the job ``job_id``; False if there is no such unfinished job.
+        Raises ValueError, saying why, for a job that cannot be paused."""
+        job = self.find_job(job_id)
+        if job is None or job.internal or job.finished.is_set():
+            return False
+        check_pausable(self, job)
+        self.pause(job, paused)
         return True
 
     def publish(self, event: Event) -> None:
@@ -198,3 +213,13 @@ class Backend(abc.ABC):
         """Check one call's arguments in the caller's thread; what it returns is stored as
         ``job.first_payload`` (None: nothing prepared)."""
         return None
+
+
+def check_pausable(backend: Backend, job: Job) -> None:
+    """Raise ValueError, naming the reason, if ``job`` cannot be paused on ``backend``."""
+    if not backend.capabilities.pause:
+        raise ValueError(f"the {backend.name} backend cannot pause a job")
+    if job.targets is not None:
+        raise ValueError(
+            f"job {job.id} ({job.name}) runs on chosen workers, one call each: it cannot be paused"
+        )

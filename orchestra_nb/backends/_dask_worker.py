@@ -38,7 +38,7 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from .._exceptions import TaskTimeoutError
-from .._serialize import ErrorRecord, blame_unpicklable_results, capture_exception, dumps_result
+from .._serialize import ErrorRecord, blame_results, capture_exception, dumps_result
 
 __all__ = [
     "CancelInterrupt",
@@ -338,12 +338,14 @@ def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) ->
         record = record._replace(evalue=f"cannot unpickle the arguments in the worker: {record.evalue}")
         return _result([], dict.fromkeys(range(count), record), t0, start)
     append = values.append
+    clock = time.perf_counter
     for offset, item in enumerate(items):
         index = start + offset
         if rt.is_cancelled(topic, job, index):
             errors[offset] = _CANCELLED
             append(None)
             continue
+        started = clock()  # each item is timed: its failure says how long it ran
         try:
             rt.begin(topic, job, index, timeout)
             if call:
@@ -356,13 +358,14 @@ def run_chunk(spec: tuple[Any, ...], fn_payload: bytes, items_payload: bytes) ->
         except TimeoutInterrupt as exc:
             err = TaskTimeoutError(f"task {index} exceeded its timeout of {timeout} s and was interrupted")
             err.__cause__ = exc
-            errors[offset] = capture_exception(err, "timeout")
+            errors[offset] = capture_exception(err, "timeout")._replace(duration=clock() - started)
             _align(values, offset)
         except CancelInterrupt:
             errors[offset] = _CANCELLED
             _align(values, offset)
         except BaseException as exc:
-            errors[offset] = capture_exception(exc, "error", skip_frames=1)
+            ran = clock() - started
+            errors[offset] = capture_exception(exc, "error", skip_frames=1)._replace(duration=ran)
             _align(values, offset)
         finally:
             rt.end()
@@ -383,7 +386,7 @@ def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float,
         return time.time(), dumps_result(body)
     except Exception:
         pass
-    blame_unpicklable_results(values, errors, start)
+    blame_results(values, errors, start)
     return time.time(), dumps_result((values, errors or None, time.perf_counter() - t0))
 
 

@@ -145,7 +145,7 @@ class DaskBackend(Backend):
 
     name = "dask"
     capabilities = Capabilities(interrupt_running=True, run_on_all=True, shared_memory=False,
-                                in_process=False, resize=True, pinning=False)
+                                in_process=False, resize=True, pinning=False, pause=True)
 
     def __init__(
         self,
@@ -429,7 +429,7 @@ class DaskBackend(Backend):
 
     def _pause(self, job: Job, paused: bool) -> None:
         """No new chunk of ``job`` is submitted while paused (those in flight finish)."""
-        job.paused = paused
+        job.set_paused(paused)
         if not paused:
             self._input_ready(job)
 
@@ -734,7 +734,8 @@ class DaskBackend(Backend):
                 elif record.kind == "cancelled":
                     self._move(job, index, 1, TaskState.CANCELLED, worker_id)
                 else:
-                    self._failed(job, flight, index, self._rebuild(record, flight, index), worker_id)
+                    self._failed(job, flight, index, self._rebuild(record, flight, index), worker_id,
+                                 record.duration)
         self._check_done(job)
 
     def _rebuild(self, record: ErrorRecord, flight: _Flight, index: int) -> BaseException:
@@ -748,7 +749,7 @@ class DaskBackend(Backend):
                                          f"{job.id} ({job.name!r}), input {item}")
 
     def _failed(self, job: Job, flight: _Flight, index: int, exc: BaseException,
-                worker_id: int | None) -> None:
+                worker_id: int | None, ran: float | None = None) -> None:
         """Item ``index`` (RUNNING) failed: retry it if its policy says so, else record it."""
         attempt = job.attempts.get(index, 0) + 1
         job.attempts[index] = attempt
@@ -759,7 +760,7 @@ class DaskBackend(Backend):
             item = flight.items[index - flight.start]
             self._later(delay, self._retry_now, job, index, item)
             return
-        job.fail(index, exc, worker_id)
+        job.fail(index, exc, worker_id, ran)
         self._touched.add(job.id)
 
     def _retry_now(self, job: Job, index: int, item: Any) -> None:

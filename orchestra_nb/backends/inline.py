@@ -54,7 +54,7 @@ class InlineBackend(Backend):
     name = "inline"
     capabilities = Capabilities(
         interrupt_running=False, run_on_all=True, shared_memory=False, in_process=True,
-        resize=False, pinning=False,
+        resize=False, pinning=False, pause=True,
     )
 
     def __init__(self, events: EventBus, workers: int | None = None, *,
@@ -118,8 +118,8 @@ class InlineBackend(Backend):
             return self._jobs.get(job_id)
 
     def pause(self, job: Job, paused: bool) -> None:
-        with self._table_lock:
-            job.paused = paused
+        with self._table_lock:  # the lock tasks are handed out under: JobPaused comes first
+            job.set_paused(paused)
             if not paused and job.has_work() and job not in self._ready:
                 self._ready.append(job)
         if not paused:
@@ -185,6 +185,7 @@ class InlineBackend(Backend):
                 self._current = (job.id, index)
             fn = job.fn
             assert fn is not None, "the API sets job.fn"
+            started = time.perf_counter()
             try:
                 if job.call:
                     args, kwargs = item
@@ -201,6 +202,7 @@ class InlineBackend(Backend):
                 self.cancel(job)
                 raise
             except BaseException as exc:  # SystemExit too: the task's failure
+                ran = time.perf_counter() - started
                 with self._table_lock:
                     self._current = None
                     self._tasks_done += 1
@@ -208,7 +210,7 @@ class InlineBackend(Backend):
                         job.circuit.record_failure(exc)
                     exc.add_note(f"raised by task {index} of job {job.id} ({job.name!r}), input "
                                  f"{describe_input(job, item)}, run inline in this process")
-                    self._failed(job, index, item, exc)
+                    self._failed(job, index, item, exc, ran)
                 return True
             with self._table_lock:
                 self._current = None
@@ -222,7 +224,9 @@ class InlineBackend(Backend):
         finally:
             self._run_lock.release()
 
-    def _failed(self, job: Job, index: int, item: Any, exc: BaseException) -> None:
+    def _failed(
+        self, job: Job, index: int, item: Any, exc: BaseException, ran: float | None = None
+    ) -> None:
         attempt = job.attempts.get(index, 0) + 1
         job.attempts[index] = attempt
         if not job.cancelled and isinstance(exc, Exception) and job.retry.should_retry(exc, attempt):
@@ -230,7 +234,7 @@ class InlineBackend(Backend):
             job.transition(index, 1, TaskState.RETRYING, WORKER_ID, attempt, delay)
             heapq.heappush(self._retries, (time.monotonic() + delay, next(self._seq), job, index, item))
         else:
-            job.fail(index, exc, WORKER_ID)
+            job.fail(index, exc, WORKER_ID, ran)
         job.progress()
 
     def _idle_wait(self, until: float | None) -> bool:

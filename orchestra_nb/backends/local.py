@@ -97,7 +97,7 @@ class LocalBackend(Backend):
     name = "local"
     capabilities = Capabilities(
         interrupt_running=True, run_on_all=True, shared_memory=True, in_process=False,
-        resize=True, pinning=True,
+        resize=True, pinning=True, pause=True,
     )
 
     def __init__(self, options: PoolOptions, events: EventBus) -> None:

@@ -1,4 +1,5 @@
-"""The local pool's API tests (tests/integration/test_api.py) run on the Dask backend: the
+"""The local pool's API tests (tests/integration/test_api.py, and the failure table's of
+test_failures.py) run on the Dask backend: the
 ``pool`` and ``apool`` fixtures of this directory are Dask pools (conftest.py). Left out:
 ``test_resize`` (a cluster orchestra did not start is scaled by its own manager),
 ``test_status`` (it reads the counts as soon as the task's marker file exists; on Dask, RUNNING
@@ -34,10 +35,12 @@ from test_api import (
     test_stream_sync_for_unordered_yields_as_completed,
     test_worker_pids_and_run_on_all,
 )
+from test_failures import test_a_failure_row_says_how_long_its_failing_attempt_ran
 
 pytestmark = [pytest.mark.dask, pytest.mark.timeout(120)]
 
 __all__ = [  # re-exported: pytest collects them here, with this directory's fixtures
+    "test_a_failure_row_says_how_long_its_failing_attempt_ran",
     "test_await_does_not_block_the_loop",
     "test_map_chunksize",
     "test_map_handle_while_running",

@@ -99,3 +99,44 @@ def test_result_too_large_fails_that_task_only(make_pool) -> None:
         pool.run(sized, 50_000).result(timeout=30)
     assert sorted(pool.worker_pids()) == pids  # the workers keep serving
     assert_serves(pool)
+
+
+def peak_rss_mib() -> float:
+    """This worker's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sized_and_peak(n: int) -> tuple[int, float]:
+    return os.getpid(), peak_rss_mib()
+
+
+RESULT_MIB = 100
+LIMIT = 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize("how", ["run", "map"])
+def test_a_result_over_max_result_bytes_stops_pickling_at_the_limit(make_pool, how: str) -> None:
+    """The limit bounds the worker's memory: pickling stops once it passes the limit, instead
+    of pickling the whole result (twice) and comparing its size afterwards."""
+    pool = make_pool(workers=1, max_result_bytes=LIMIT)
+    pid, before = pool.run(sized_and_peak, 0).result(timeout=30)
+    if how == "run":
+        with pytest.raises(ResultTooLargeError) as info:
+            pool.run(sized, RESULT_MIB << 20).result(timeout=30)
+        err = info.value
+    else:
+        out = pool.map(sized, [10, RESULT_MIB << 20, 20], chunksize=3, return_exceptions=True).result(
+            timeout=30
+        )
+        assert out[0] == b"x" * 10 and out[2] == b"x" * 20
+        err = out[1]
+    assert isinstance(err, ResultTooLargeError)
+    assert f"task {0 if how == 'run' else 1}" in str(err)
+    assert f"max_result_bytes={LIMIT:,}" in str(err)
+    same_pid, after = pool.run(sized_and_peak, 0).result(timeout=30)
+    assert same_pid == pid  # the same worker, whose peak includes the failed task
+    # The result itself is RESULT_MIB; pickling it whole would add as much again at least.
+    assert after - before < RESULT_MIB + 40, (before, after)
+    assert_serves(pool)

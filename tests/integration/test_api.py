@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import orchestra_nb as orchestra
-from orchestra_nb import MapHandle, PoolClosedError, TaskHandle, TaskState, TaskTimeoutError
+from orchestra_nb import JobPaused, MapHandle, PoolClosedError, TaskHandle, TaskState, TaskTimeoutError
 from orchestra_nb.testing import wait_for
 
 HANG_GUARD = 30.0
@@ -161,6 +161,29 @@ def test_default_pool_shutdown_and_configure() -> None:
         orchestra.configure()
         orchestra.shutdown()
     assert pids_gone([*second.worker_pids(), *pids]) if second.state == "running" else True
+
+
+def test_pools_lists_every_open_pool_until_it_closes() -> None:
+    """orchestra.pools(): what the side panel shows (the default pool and every Pool(...)),
+    oldest first, each with an id and a name; a closed pool drops out."""
+    a = orchestra.Pool(1, name="sweep")
+    b = orchestra.Pool(backend="inline")
+    try:
+        default = orchestra.default_pool()
+        assert default.name == "default"
+        assert [p for p in orchestra.pools() if p in (a, b, default)] == [a, b, default]
+        assert a.id < b.id < default.id
+        assert (a.name, b.name) == ("sweep", f"pool-{b.id}")
+        assert repr(a).startswith("<orchestra_nb.Pool 'sweep' backend=local")
+        a.shutdown()
+        assert a not in orchestra.pools() and b in orchestra.pools()
+    finally:
+        a.shutdown()
+        b.shutdown()
+        orchestra.shutdown()
+    assert not {a, b, default} & set(orchestra.pools())
+    with pytest.raises(TypeError, match="a pool's name must be a string, got 3"):
+        orchestra.Pool(1, name=3)  # type: ignore[arg-type]
 
 
 # --- run ------------------------------------------------------------------------------------------
@@ -551,6 +574,38 @@ def test_status(pool: orchestra.Pool, tmp_path: Path) -> None:
     (tmp_path / "release").touch()
     h.result(HANG_GUARD)
     assert pool.status()["jobs"] == []
+
+
+def test_pause_job_by_id_and_its_events(pool: orchestra.Pool, tmp_path: Path) -> None:
+    """Pool.pause_job(job_id): the handle's pause()/resume() for a job known by id; a
+    JobPaused event says when it took effect, and the statistics show it."""
+    d = str(tmp_path)
+    seen: list[object] = []
+    sub = pool.subscribe(seen.append, types=(JobPaused,))
+    try:
+        h = pool.map(gated, range(4), [d] * 4, chunksize=1)  # item 0 waits for d/release
+        # known by id once the pool lists it (the local pool takes a job on its I/O thread)
+        wait_until(lambda: h.job_id in {j.id for j in pool.statistics().jobs}, what="the job listed")
+        assert pool.pause_job(h.job_id) is True
+        wait_until(lambda: JobPaused(h.job_id, True) in seen, what="JobPaused(paused=True)")
+        assert h.paused
+        assert [j.paused for j in pool.statistics().jobs if j.id == h.job_id] == [True]
+        assert [j["paused"] for j in pool.status()["jobs"] if j["id"] == h.job_id] == [True]
+        assert pool.pause_job(h.job_id) is True  # paused already: no second event
+        assert pool.pause_job(h.job_id, paused=False) is True
+        wait_until(lambda: JobPaused(h.job_id, False) in seen, what="JobPaused(paused=False)")
+        assert not h.paused
+        Path(d, "release").touch()
+        assert h.result(HANG_GUARD) == [0, 1, 4, 9]
+    finally:
+        sub.close()
+    assert seen == [JobPaused(h.job_id, True), JobPaused(h.job_id, False)]
+    assert pool.pause_job(h.job_id) is False  # finished: nothing to pause
+    assert pool.pause_job(10**9) is False  # never existed
+    with pytest.raises(TypeError, match="job_id"):
+        pool.pause_job("1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="paused must be True or False, got 1"):
+        pool.pause_job(h.job_id, 1)  # type: ignore[arg-type]
 
 
 @pytest.mark.local_only("worker processes")

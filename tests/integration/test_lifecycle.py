@@ -143,6 +143,7 @@ class RawWorker:
             "key": key.hex(),
             "data_addr": f"ipc://{self.dir}/data",
             "ctrl_addr": f"ipc://{self.dir}/ctrl",
+            "run_dir": self.dir,
             "parent_pid": os.getpid(),
             "sys_path": sys.path,
             "cwd": os.getcwd(),

@@ -506,6 +506,17 @@ def test_pause_a_map_hands_out_no_new_item(pool: orchestra.Pool, tmp_path: Path)
         assert h.result(HANG_GUARD) == list(range(6))
 
 
+def test_a_call_on_every_worker_cannot_be_paused(pool: orchestra.Pool, tmp_path: Path) -> None:
+    h = pool.run_on_all(gated, 0, str(tmp_path))
+    with pytest.raises(ValueError, match=rf"job {h.job_id} \(on all workers: gated\) runs on chosen workers"):
+        pool.pause_job(h.job_id)
+    with pytest.raises(ValueError, match="cannot be paused"):
+        h.pause()
+    assert not h.paused
+    release(tmp_path, 0)
+    assert h.result(HANG_GUARD) == [0, 0]
+
+
 # --- one circuit breaker for a group -----------------------------------------------------------------
 
 

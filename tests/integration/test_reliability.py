@@ -311,3 +311,156 @@ def test_a_pool_started_by_a_task_is_closed_with_its_worker() -> None:
     finally:
         shutdown_within(pool)
     assert not os.path.exists(run_dir)
+
+
+# A pool in a process of its own, so that its peak memory is its own: it prints a line of
+# JSON at the start and for each "status" line read on stdin; "check" runs a map first.
+POOL_SERVER = r"""
+import json, os, resource, sys
+import orchestra_nb as orchestra
+
+def report(**extra):
+    stats = pool.statistics()
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "bad": stats.bad_messages, "pids": sorted(w.pid for w in stats.workers),
+                      "run_dir": pool._backend._core.run_dir, **extra}), flush=True)
+
+with orchestra.Pool(workers=1) as pool:
+    pool.wait_started(timeout=60)
+    report()
+    for line in sys.stdin:
+        if line.strip() == "check":
+            report(squares=pool.map(abs, range(-3, 0)).result(timeout=60))
+        else:
+            report()
+"""
+
+
+def refused(monitor: object) -> bool:
+    """A disconnection was reported on ``monitor`` (a socket monitor)."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    assert isinstance(monitor, zmq.Socket)
+    return bool(monitor.poll(0)) and recv_monitor_message(monitor) is not None
+
+
+def test_garbage_frames_from_a_stray_process_cost_the_pool_nothing() -> None:
+    import json
+    import subprocess
+
+    import zmq
+
+    server = subprocess.Popen([sys.executable, "-c", POOL_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdin is not None and server.stdout is not None
+
+    def status(command: str = "status") -> dict[str, object]:
+        assert server.stdin is not None and server.stdout is not None
+        server.stdin.write(command + "\n")
+        server.stdin.flush()
+        reply: dict[str, object] = json.loads(server.stdout.readline())
+        return reply
+
+    ctx = zmq.Context()
+    try:
+        first = json.loads(server.stdout.readline())
+        garbage = bytes(256 * 2**20)  # four of these raised a pool's memory by 513 MiB
+        for sent, name in enumerate(["data", "ctrl", "data", "ctrl"], start=1):
+            stray = ctx.socket(zmq.DEALER)
+            stray.setsockopt(zmq.LINGER, 0)
+            monitor = stray.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            try:
+                stray.connect(f"ipc://{first['run_dir']}/{name}")
+                stray.send(garbage, copy=False)
+
+                # Either the pool refused the frame (disconnecting the stray) or read it.
+                wait_for(lambda m=monitor, n=sent: refused(m) or status()["bad"] == n, HANG_GUARD,
+                         what="the garbage frame refused or read")
+            finally:
+                stray.disable_monitor()
+                monitor.close()
+                stray.close()
+        after = status("check")
+        assert after["squares"] == [3, 2, 1]
+        assert after["pids"] == first["pids"]  # the same worker serves on
+        grown = float(after["peak_mib"]) - float(first["peak_mib"])  # type: ignore[arg-type]
+        assert grown < 128, f"the pool's peak memory grew by {grown:.0f} MiB"
+        assert after["bad"] == 0  # refused before it was read
+    finally:
+        ctx.term()
+        server.stdin.close()
+        server.wait(timeout=HANG_GUARD)
+        server.stdout.close()
+
+
+def length_and_head(data: bytes) -> tuple[int, bytes]:
+    return len(data), data[:3]
+
+
+def text_of(n: int) -> str:
+    return "é" * n
+
+
+def test_messages_above_the_frame_limit_travel_through_the_run_directory() -> None:
+    """A 100 MiB bytes argument and result (held in the pickle stream itself, not as
+    buffers) are above the sockets' frame limit: they travel through files, read once and
+    deleted, and the limit stays small."""
+    with orchestra.Pool(workers=1) as pool:
+        pool.wait_started(timeout=HANG_GUARD)
+        (run_dir,) = run_dirs()
+        big = b"x" * (100 * 2**20)
+        assert pool.run(length_and_head, big).result(timeout=HANG_GUARD) == (len(big), b"xxx")
+        assert pool.run(text_of, 40 * 2**20).result(timeout=HANG_GUARD) == "é" * (40 * 2**20)
+        assert pool.map(length_and_head, [big, b"yy"], chunksize=2).result(
+            timeout=HANG_GUARD) == [(len(big), b"xxx"), (2, b"yy")]
+        assert not glob.glob(os.path.join(run_dir, "buf-*")), "spilled messages left behind"
+        assert pool.statistics().bad_messages == 0
+
+
+def big_text_past_a_file_size_limit(n: int) -> str:
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    return "x" * n
+
+
+def test_a_result_too_large_for_a_frame_and_for_a_file_fails_naming_why() -> None:
+    with orchestra.Pool(workers=1) as pool:
+        pool.wait_started(timeout=HANG_GUARD)
+        pids = pool.worker_pids()
+        with pytest.raises(orchestra.SerializationError) as info:
+            pool.run(big_text_past_a_file_size_limit, 80 * 2**20).result(timeout=HANG_GUARD)
+        assert "the results of task 0 take" in str(info.value)
+        assert "File too large" in str(info.value)  # EFBIG, as ENOSPC of a full /dev/shm
+        assert pool.worker_pids() == pids  # the worker lives on
+        assert pool.run(abs, -4).result(timeout=HANG_GUARD) == 4
+
+
+ARGUMENT_PAST_A_FILE_SIZE_LIMIT = r"""
+import resource, signal
+import orchestra_nb as orchestra
+
+with orchestra.Pool(workers=1) as pool:
+    pool.wait_started(timeout=60)
+    # Files can grow no more than 1 MiB now (EFBIG, like ENOSPC of a full /dev/shm).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+    try:
+        pool.run(len, b"x" * (80 * 2**20)).result(timeout=60)
+    except orchestra.SerializationError as exc:
+        print(exc)
+    print(pool.run(abs, -5).result(timeout=60))
+"""
+
+
+def test_an_argument_too_large_for_a_frame_and_for_a_file_fails_naming_why() -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", ARGUMENT_PAST_A_FILE_SIZE_LIMIT],
+                         capture_output=True, text=True, timeout=HANG_GUARD, check=True).stdout
+    assert "cannot send the arguments of task 0 to a worker" in out
+    assert "File too large" in out
+    assert out.splitlines()[-1] == "5"  # the pool serves on

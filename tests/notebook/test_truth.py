@@ -122,12 +122,15 @@ def test_failures_table_and_retry_failed_through_the_exception(kernel: Kernel) -
         """)
     )
     rows = k.value("[(f.index, f.input, type(f.exception).__name__, f.attempts, "
-                   "f.worker in (1, 2)) for f in h.failures()]")
-    assert rows == [[3, 3, "ValueError", 1, True], [7, 7, "ValueError", 1, True]]
+                   "f.worker in (1, 2), f.duration is not None) for f in h.failures()]")
+    assert rows == [[3, 3, "ValueError", 1, True, True], [7, 7, "ValueError", 1, True, True]]
+    durations = k.value("[f.duration_text for f in h.failures()]")
     mid, _ = k.execute("h.failures()")
-    html = [m["content"]["data"].get("text/html", "") for m in k.for_cell(mid)
-            if m["msg_type"] == "execute_result"]
-    assert html and "<table>" in html[0] and "item 3 is bad" in html[0]
+    [shown] = [m["content"]["data"] for m in k.for_cell(mid) if m["msg_type"] == "execute_result"]
+    html, text = shown.get("text/html", ""), shown["text/plain"]
+    assert "<table>" in html and "item 3 is bad" in html and "<th>duration</th>" in html
+    assert all(f"<td>{d}</td>" in html and d in text for d in durations), (durations, html)
+    assert "duration" in text and "item 7 is bad" in text, text
     # The error raised by the awaited map says where the table is.
     assert "handle.failures()" in k.value("'\\n'.join(err.__notes__)")
     k.execute("FLAKY.clear()")  # the cause is fixed: rerun only the failed items

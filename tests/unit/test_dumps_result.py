@@ -161,3 +161,61 @@ def test_through_pickle_payload(fallback: bool) -> None:
     values, errors = pickle.loads(frames[0], buffers=proto.read_buffers(frames, names, None))
     assert np.array_equal(values[0], a) and errors is None
     assert values[1].norm1() == 2 if fallback else values[1] is None
+
+
+# --- the limit (max_result_bytes): checked while pickling ---------------------------------------
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["plain", "cloudpickle"])
+def test_under_the_limit_the_stream_is_the_same(fallback: bool) -> None:
+    result: list[Any] = [b"x" * 100_000, [str(i) for i in range(1000)]]
+    if fallback:
+        result.append(_cell()["Point"](1, 2))
+    data = dumps_result(result, limit=10_000_000)
+    assert data == dumps_result(result)
+    assert _load_without_main(data)[:2] == result[:2]
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["plain", "cloudpickle"])
+def test_pickling_stops_soon_after_the_limit(fallback: bool) -> None:
+    """Many small objects: the pickler hands over a frame (64 KiB) at a time, and the first
+    one past the limit stops it; the rest of the result is never pickled."""
+    result: list[Any] = [str(i) * 50 for i in range(200_000)]  # ~50 MB of pickle
+    if fallback:
+        result.append(_cell()["scale"])
+    with pytest.raises(_serialize.ResultLimitExceeded) as info:
+        dumps_result(result, limit=1_000_000)
+    assert 1_000_000 < info.value.size < 1_000_000 + 200_000
+    assert info.value.limit == 1_000_000
+
+
+def test_a_large_bytes_object_is_refused_without_a_copy() -> None:
+    with pytest.raises(_serialize.ResultLimitExceeded) as info:
+        dumps_result([1, b"x" * 5_000_000], limit=1_000_000)
+    assert info.value.size > 5_000_000  # counted whole, as the pickler handed it over
+
+
+def test_out_of_band_buffers_count_towards_the_limit() -> None:
+    a = np.zeros(1_000_000)  # 8 MB, out of band (a frame or shared memory), not in the stream
+    seen: list[pickle.PickleBuffer] = []
+    with pytest.raises(_serialize.ResultLimitExceeded):
+        dumps_result([a], buffer_callback=seen.append, limit=1_000_000)
+    frames, _ = proto.pickle_payload(dumps_result, [a], None)  # no limit: it travels
+    assert len(frames) == 2
+
+
+def test_blame_results_names_the_task_over_the_limit() -> None:
+    from orchestra_nb._exceptions import ResultTooLargeError
+
+    values: list[Any] = [b"x" * 10, b"x" * 2_000_000, threading.Lock(), np.zeros(500_000)]
+    errors: dict[int, ErrorRecord] = {}
+    _serialize.blame_results(values, errors, 10, limit=1_000_000)
+    assert sorted(errors) == [1, 2, 3]
+    assert errors[1].ename == "orchestra_nb._exceptions.ResultTooLargeError"
+    assert "task 11 (type bytes)" in errors[1].evalue
+    assert "max_result_bytes=1,000,000" in errors[1].evalue
+    assert errors[2].ename == "orchestra_nb._exceptions.SerializationError"
+    assert "task 12" in errors[2].evalue
+    assert "task 13 (type numpy.ndarray)" in errors[3].evalue
+    assert values == [b"x" * 10, None, None, None]
+    assert isinstance(pickle.loads(errors[1].pickled or b""), ResultTooLargeError)

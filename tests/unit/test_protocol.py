@@ -29,6 +29,7 @@ SAMPLES = [
     proto.Output(7, 101, "stdout", "hello\n"),
     proto.Heartbeat(3, True),
     *([proto.Release(("buf-a", "buf-b"))] if hasattr(proto, "Release") else []),
+    proto.Spilled("buf-w1-spill-abc", (100, 200)),
 ]
 
 
@@ -355,3 +356,58 @@ def test_kept_mappings_are_bounded_oldest_first(tmp_path: Path) -> None:
     writer.close()
     reader.close()
     assert reader.names == []
+
+
+def test_frame_limit_follows_max_result_bytes() -> None:
+    assert proto.frame_limit(None) == proto.FRAME_LIMIT
+    assert proto.frame_limit(10_000) == proto.FRAME_LIMIT  # a modest floor
+    assert proto.frame_limit(500 * 2**20) > 500 * 2**20  # one allowed result fits a frame
+
+
+def test_a_frame_above_the_limit_travels_through_a_file(tmp_path: Path) -> None:
+    spill = proto.Spill(str(tmp_path), 1000, "w1")
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.setsockopt(zmq.MAXMSGSIZE, spill.limit)
+        router.bind("inproc://spill-test")
+        dealer.setsockopt(zmq.IDENTITY, b"w1")
+        dealer.connect("inproc://spill-test")
+        cases: list[tuple[proto.Message, list[bytes], bool]] = [
+            (proto.Result(1, 0, 1, 0.1, ()), [b"s" * 500], False),  # fits: sent as it is
+            (proto.Result(1, 0, 1, 0.1, ()), [b"s" * 5000], True),
+            (proto.Result(1, 0, 2, 0.1, (None,)), [b"s" * 10, b"b" * 5000], True),
+            (proto.Output(1, 0, "stdout", "t" * 5000), [], True),  # a large header
+        ]
+        for msg, payload, expect_spilled in cases:
+            proto.send_message(dealer, KEY, msg, payload, spill=spill)
+            assert router.poll(5000)
+            frames = proto.recv_frames(router)[1:]
+            assert all(len(f) <= spill.limit for f in frames)
+            spilled = type(proto.decode(KEY, frames)[0]) is proto.Spilled
+            assert spilled == expect_spilled
+            got, out = proto.decode_message(KEY, frames, str(tmp_path))
+            assert got == msg and [bytes(p) for p in out] == payload
+            assert not list(tmp_path.iterdir())  # read once, deleted at once
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        ctx.term()
+
+
+def test_a_spilled_file_is_signed_with_its_message(tmp_path: Path) -> None:
+    spill = proto.Spill(str(tmp_path), 100, "w1")
+    frames = proto._spill(KEY, proto.encode(KEY, proto.Result(1, 0, 1, 0.1, ()), [b"s" * 500]), spill)
+    (path,) = tmp_path.iterdir()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(data)
+    with pytest.raises(proto.BadSignature):
+        proto.decode_message(KEY, frames, str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_spilled_file_that_cannot_be_written_leaves_nothing(tmp_path: Path) -> None:
+    spill = proto.Spill(str(tmp_path / "missing"), 100, "w1")
+    with pytest.raises(OSError):
+        proto.send_message(None, KEY, proto.Result(1, 0, 1, 0.1, ()), [b"s" * 500], spill=spill)
