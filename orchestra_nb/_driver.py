@@ -185,6 +185,8 @@ async def wait_foreign(handle: Any) -> Any:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         handle.on_done(lambda _: loop.call_soon_threadsafe(_wake, ready))
+        if isinstance(handle, TaskHandle | MapHandle):
+            handle.lend_loop()  # a backend without workers (inline) runs the work on this loop
         await ready
     try:
         return handle.result(0)
@@ -192,6 +194,15 @@ async def wait_foreign(handle: Any) -> Any:
         # That handle was cancelled (JobCancelled is also asyncio's CancelledError), not
         # this coroutine: report it as an outcome, or asyncio would cancel the waiter.
         raise concurrent.futures.CancelledError(str(exc)) from exc
+
+
+def lend_driver_loop(handle: Any) -> None:
+    """Wait for ``handle`` on the driver's loop, as an awaiting caller would: work submitted
+    from a thread without an event loop (the scheduler's) then runs on every backend,
+    including one that runs tasks only where they are waited for (inline)."""
+    if isinstance(handle, TaskHandle | MapHandle) and not handle.done():
+        with contextlib.suppress(RuntimeError):  # the driver is closing: nothing runs any more
+            _driver.loop().call_soon_threadsafe(handle.lend_loop)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

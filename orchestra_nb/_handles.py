@@ -198,6 +198,13 @@ class _Handle:
         the pool's I/O thread: ``fn`` must be quick and must not block or wait for work."""
         self._future.add_done_callback(lambda _: fn(self))
 
+    def lend_loop(self) -> None:
+        """The running event loop (of the calling thread) is about to wait for this handle
+        through :meth:`on_done`, not with ``await``: let the backend use that loop meanwhile,
+        as an ``await`` would (the inline backend runs its tasks on it; the others send
+        what this thread queued). Safe to call for a handle someone else awaits too."""
+        self._backend.flush()
+
     @property
     def events(self) -> EventBus:
         """The event bus of the pool this handle's work runs on."""

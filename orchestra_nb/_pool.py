@@ -123,6 +123,10 @@ class PoolCore:
         self.state = PoolState.UNOPENED
         self.key = proto.new_key()
         self.frame_limit = proto.frame_limit(options.max_result_bytes)  # see _protocol
+        # The caller's sys.path as last seen by a submit (set by the backend, in the caller's
+        # thread): a worker whose sys_path_version is older gets it before its next chunk.
+        self.sys_path: list[str] = list(sys.path)
+        self.sys_path_version = 0
         self.target_workers = options.workers
         self.workers: dict[int, WorkerProc] = {}
         self.jobs: dict[int, Job] = {}
@@ -233,7 +237,9 @@ class PoolCore:
                 python=self.options.python, env=self.options.env,
                 threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
                 max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
+                sys_path=self.sys_path,
             )
+            w.sys_path_version = self.sys_path_version
         except (OSError, zmq.ZMQError) as exc:
             self._spawn_failed(exc)
             return None
@@ -991,6 +997,12 @@ class PoolCore:
             if trimmed is None:
                 return True
             chunk = trimmed
+        if w.sys_path_version != self.sys_path_version:
+            version = self.sys_path_version  # read first: the paths are at least as new
+            if not self._send(self.data, w, proto.SysPath(tuple(self.sys_path))):
+                self._requeue(job, chunk, front=True)
+                return False
+            w.sys_path_version = version
         try:
             if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
                 (frames, names), chunk.payload = chunk.payload, None

@@ -67,6 +67,7 @@ class WorkerProc:
         self.pidfd: int | None = None
         self.held: set[str] = set()  # the pool's argument segments this worker may map
         self.spill: proto.Spill | None = None  # where its messages above the frame limit go
+        self.sys_path_version = 0  # of the pool's sys.path this worker has (see PoolCore)
         self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
         self._ps: Any = None  # psutil.Process, made by the first sample()
 
@@ -144,6 +145,7 @@ def spawn_worker(
     heartbeat: float,
     max_result_bytes: int | None,
     busy_poll: float,
+    sys_path: list[str] | None = None,
 ) -> WorkerProc:
     """Start worker ``worker_id`` (``python -m orchestra_nb._worker``) in its own session."""
     check_descriptors(WORKER_DESCRIPTORS, "starting a worker")
@@ -157,7 +159,7 @@ def spawn_worker(
         "ctrl_addr": f"ipc://{run_dir}/ctrl",
         "run_dir": run_dir,
         "parent_pid": os.getpid(),
-        "sys_path": sys.path,
+        "sys_path": sys.path if sys_path is None else sys_path,
         "cwd": os.getcwd(),
         "shm_dir": shm_dir,
         "heartbeat": heartbeat,

@@ -62,6 +62,7 @@ __all__ = [
     "Spill",
     "Spilled",
     "Started",
+    "SysPath",
     "decode",
     "decode_message",
     "encode",
@@ -122,6 +123,13 @@ class Shutdown(NamedTuple):
     """Finish the current chunk, then exit."""
 
 
+class SysPath(NamedTuple):
+    """The pool's ``sys.path`` changed (since the worker started, or since the last one):
+    modules of directories added since are importable from the next message on."""
+
+    paths: tuple[str, ...]
+
+
 # --- messages: worker -> pool -------------------------------------------------------------
 
 
@@ -179,7 +187,18 @@ class Spilled(NamedTuple):
 
 
 Message: TypeAlias = (
-    Define | Run | Cancel | Shutdown | Ready | Started | Result | Output | Heartbeat | Release | Spilled
+    Define
+    | Run
+    | Cancel
+    | Shutdown
+    | Ready
+    | Started
+    | Result
+    | Output
+    | Heartbeat
+    | Release
+    | Spilled
+    | SysPath
 )
 
 MESSAGE_TYPES: tuple[type[Any], ...] = (
@@ -193,7 +212,8 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     Output,
     Heartbeat,
     Release,
-    Spilled,  # tags are positions: new kinds go at the end
+    Spilled,
+    SysPath,  # tags are positions: new kinds go at the end
 )
 _TAG_OF: dict[type[Any], int] = {cls: i + 1 for i, cls in enumerate(MESSAGE_TYPES)}
 _TYPE_OF: dict[int, type[Any]] = {i + 1: cls for i, cls in enumerate(MESSAGE_TYPES)}

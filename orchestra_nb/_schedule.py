@@ -38,7 +38,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._api import default_pool
-from ._driver import Deferred, wait_outcome
+from ._driver import Deferred, lend_driver_loop, wait_outcome
 from ._state import TaskState
 
 if TYPE_CHECKING:
@@ -372,6 +372,7 @@ class Scheduler:
         if handle._outcome.cancelled():  # cancelled while it was starting
             run.cancel()
         run.on_done(lambda r: self._run_ended(handle, r))
+        lend_driver_loop(run)  # nobody else may wait for the run: the driver does
 
     def _run_ended(self, handle: ScheduledHandle, run: Any) -> None:
         """A run finished (on whatever thread finished it): quick, hand it to the thread."""

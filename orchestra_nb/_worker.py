@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import ctypes
 import functools
+import importlib
 import io
 import json
 import os
@@ -152,6 +153,7 @@ class Worker:
         self.shm_dir: str | None = config.get("shm_dir")
         self.heartbeat: float = config.get("heartbeat", 1.0)
         self.max_result_bytes: int | None = config.get("max_result_bytes")
+        self.pool_paths: set[str] = set(config["sys_path"])  # the pool's sys.path, as sent
         # A chunk's results are pickled together, stopping once they pass the limit: then
         # they are checked one by one (see _send_result). The memory spent stays near it.
         self.dumps_result: Callable[..., bytes] = (
@@ -229,8 +231,17 @@ class Worker:
                     self.segments.release(msg.names)
             elif isinstance(msg, proto.Define):
                 self._define(msg, payload)
+            elif isinstance(msg, proto.SysPath):
+                self._set_sys_path(msg.paths)
             elif isinstance(msg, proto.Shutdown):
                 self.running = False
+
+    def _set_sys_path(self, paths: tuple[str, ...]) -> None:
+        """The pool's ``sys.path`` now, followed by the entries tasks added here."""
+        added_here = [p for p in sys.path if p not in self.pool_paths and p not in paths]
+        sys.path[:] = [*paths, *added_here]
+        self.pool_paths = set(paths)
+        importlib.invalidate_caches()  # directories may be new since their finders looked
 
     def _define(self, msg: proto.Define, payload: list[Any]) -> None:
         for digest in msg.forget:

@@ -6,6 +6,7 @@ import {
   KernelMessage,
   PanelMessage,
   parseKernelMessage,
+  pauseMessage,
   ProtocolError,
   resizeMessage,
   StateMessage,
@@ -30,10 +31,11 @@ export class PanelController {
   ) {
     this.view = new PanelView(doc, {
       cancel: jobId => this.send(cancelMessage(jobId)),
-      resize: workers => {
-        const max = this.lastState?.pool?.max_workers ?? 1;
-        this.send(resizeMessage(workers, max));
-        this.view.showNotice(`resizing to ${workers} worker(s)…`);
+      pause: (jobId, paused) => this.send(pauseMessage(jobId, paused)),
+      resize: (poolId, workers, maxWorkers) => {
+        this.send(resizeMessage(poolId, workers, maxWorkers));
+        const name = this.lastState?.pools.find(p => p.id === poolId)?.name ?? `pool ${poolId}`;
+        this.view.showNotice(`resizing ${name} to ${workers} worker(s)…`);
       },
       traceback: (jobId, item) => this.send(tracebackMessage(jobId, item))
     });
@@ -58,6 +60,9 @@ export class PanelController {
         break;
       case 'result':
         this.view.showNotice(message.message, !message.ok);
+        if (message.request === 'pause' && !message.ok && message.job_id !== undefined) {
+          this.view.pauseRefused(message.job_id);
+        }
         break;
       case 'traceback':
         this.view.showTraceback(message.job_id, message.item, message.exception, message.text);
@@ -79,7 +84,7 @@ export class PanelController {
   private onState(state: StateMessage): void {
     this.lastState = state;
     const alive = new Set<number>();
-    for (const w of state.workers) {
+    for (const w of state.pools.flatMap(p => p.workers)) {
       if (w.pid === null) {
         continue;
       }

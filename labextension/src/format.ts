@@ -50,20 +50,20 @@ export function jobRate(job: Job): number | null {
   return job.done / job.elapsed;
 }
 
-/** Seconds left at the job's average rate; null when unknown or the job is over. */
+/** Seconds left at the job's average rate; null when unknown, paused or over. */
 export function jobEta(job: Job): number | null {
   const rate = jobRate(job);
-  if (job.finished || rate === null || job.total === null) {
+  if (job.finished || job.paused || rate === null || job.total === null) {
     return null;
   }
   return Math.max(0, job.total - job.done) / rate;
 }
 
-export type JobStatus = 'running' | 'cancelled' | 'failed' | 'done';
+export type JobStatus = 'running' | 'paused' | 'cancelled' | 'failed' | 'done';
 
 export function jobStatus(job: Job): JobStatus {
   if (!job.finished) {
-    return 'running';
+    return job.paused ? 'paused' : 'running';
   }
   if (job.cancelled) {
     return 'cancelled';

@@ -2,7 +2,7 @@
 // renders it, and what the panel sends is built (and checked) here. No JupyterLab imports.
 
 export const TARGET = 'orchestra_nb.panel';
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 export const TASK_STATES = [
   'PENDING',
@@ -24,6 +24,8 @@ export interface Failure {
 
 export interface Job {
   id: number;
+  /** the id of the pool it runs on (a PoolInfo's id) */
+  pool: number;
   name: string;
   total: number | null;
   read: number;
@@ -32,6 +34,7 @@ export interface Job {
   elapsed: number | null;
   finished: boolean;
   cancelled: boolean;
+  paused: boolean;
   failures: Failure[];
 }
 
@@ -49,21 +52,29 @@ export interface Worker {
 }
 
 export interface PoolInfo {
+  id: number;
+  name: string;
+  /** the pool `orchestra.map` uses */
+  default: boolean;
   backend: string;
   state: string;
   target_workers: number;
   queued: number;
   can_pause: boolean;
   pause_reason: string;
+  can_resize: boolean;
+  resize_reason: string;
   max_workers: number;
+  workers: Worker[];
 }
 
 export interface StateMessage {
   type: 'state';
   version: number;
   seq: number;
-  pool: PoolInfo | null;
-  workers: Worker[];
+  /** every open pool of the kernel, the default one first */
+  pools: PoolInfo[];
+  /** every job shown, newest first, each naming its pool */
   jobs: Job[];
 }
 
@@ -73,6 +84,8 @@ export interface ResultMessage {
   ok: boolean;
   message: string;
   job_id?: number;
+  pool?: number;
+  paused?: boolean;
 }
 
 export interface TracebackMessage {
@@ -93,7 +106,8 @@ export type KernelMessage = StateMessage | ResultMessage | TracebackMessage | Er
 export type PanelMessage =
   | { type: 'hello'; version: number }
   | { type: 'cancel'; job_id: number }
-  | { type: 'resize'; workers: number }
+  | { type: 'pause'; job_id: number; paused: boolean }
+  | { type: 'resize'; pool: number; workers: number }
   | { type: 'traceback'; job_id: number; item: number }
   | { type: 'ack'; seq: number };
 
@@ -183,6 +197,7 @@ function parseJob(value: unknown, path: string): Job {
   const o = object(value, path);
   return {
     id: int(o, 'id', path),
+    pool: int(o, 'pool', path, 1),
     name: str(o, 'name', path),
     total: intOrNull(o, 'total', path),
     read: int(o, 'read', path),
@@ -191,6 +206,7 @@ function parseJob(value: unknown, path: string): Job {
     elapsed: numOrNull(o, 'elapsed', path),
     finished: bool(o, 'finished', path),
     cancelled: bool(o, 'cancelled', path),
+    paused: bool(o, 'paused', path),
     failures: array(o, 'failures', path).map((f, i) => {
       const p = `${path}.failures[${i}]`;
       const fo = object(f, p);
@@ -215,19 +231,22 @@ function parseWorker(value: unknown, path: string): Worker {
   };
 }
 
-function parsePool(value: unknown, path: string): PoolInfo | null {
-  if (value === null) {
-    return null;
-  }
+function parsePool(value: unknown, path: string): PoolInfo {
   const o = object(value, path);
   return {
+    id: int(o, 'id', path, 1),
+    name: str(o, 'name', path),
+    default: bool(o, 'default', path),
     backend: str(o, 'backend', path),
     state: str(o, 'state', path),
     target_workers: int(o, 'target_workers', path),
     queued: int(o, 'queued', path),
     can_pause: bool(o, 'can_pause', path),
     pause_reason: str(o, 'pause_reason', path),
-    max_workers: int(o, 'max_workers', path, 1)
+    can_resize: bool(o, 'can_resize', path),
+    resize_reason: str(o, 'resize_reason', path),
+    max_workers: int(o, 'max_workers', path, 1),
+    workers: array(o, 'workers', path).map((w, i) => parseWorker(w, `${path}.workers[${i}]`))
   };
 }
 
@@ -245,8 +264,7 @@ export function parseKernelMessage(data: unknown): KernelMessage {
         type,
         version,
         seq: int(o, 'seq', 'state', 1),
-        pool: parsePool(o.pool, 'state.pool'),
-        workers: array(o, 'workers', 'state').map((w, i) => parseWorker(w, `state.workers[${i}]`)),
+        pools: array(o, 'pools', 'state').map((p, i) => parsePool(p, `state.pools[${i}]`)),
         jobs: array(o, 'jobs', 'state').map((j, i) => parseJob(j, `state.jobs[${i}]`))
       };
     }
@@ -259,6 +277,12 @@ export function parseKernelMessage(data: unknown): KernelMessage {
       };
       if (o.job_id !== undefined) {
         msg.job_id = int(o, 'job_id', 'result');
+      }
+      if (o.pool !== undefined) {
+        msg.pool = int(o, 'pool', 'result');
+      }
+      if (o.paused !== undefined) {
+        msg.paused = bool(o, 'paused', 'result');
       }
       return msg;
     }
@@ -292,8 +316,15 @@ export function cancelMessage(jobId: number): PanelMessage {
   return { type: 'cancel', job_id: checkInt(jobId, 'job_id', 0) };
 }
 
-export function resizeMessage(workers: number, maxWorkers: number): PanelMessage {
-  return { type: 'resize', workers: checkInt(workers, 'workers', 1, maxWorkers) };
+export function pauseMessage(jobId: number, paused: boolean): PanelMessage {
+  if (typeof paused !== 'boolean') {
+    throw new TypeError(`paused must be true or false, got ${describe(paused)}`);
+  }
+  return { type: 'pause', job_id: checkInt(jobId, 'job_id', 0), paused };
+}
+
+export function resizeMessage(poolId: number, workers: number, maxWorkers: number): PanelMessage {
+  return { type: 'resize', pool: checkInt(poolId, 'pool', 1), workers: checkInt(workers, 'workers', 1, maxWorkers) };
 }
 
 export function tracebackMessage(jobId: number, item: number): PanelMessage {

@@ -1,5 +1,6 @@
-// The panel's DOM, built and updated in place: rows are kept by job and worker id, so a button
-// under the mouse survives the next update (a rebuilt one would swallow the click).
+// The panel's DOM, built and updated in place: one section per open pool (its line, resize
+// control, workers and jobs), rows kept by pool, job and worker id, so a button under the mouse
+// survives the next update (a rebuilt one would swallow the click).
 // No JupyterLab imports: the unit tests render it in jsdom.
 import {
   barSegments,
@@ -15,8 +16,10 @@ import { Job, PoolInfo, StateMessage, Worker } from './protocol';
 
 export interface ViewCallbacks {
   cancel(jobId: number): void;
-  resize(workers: number): void;
+  pause(jobId: number, paused: boolean): void;
+  resize(poolId: number, workers: number, maxWorkers: number): void;
   traceback(jobId: number, item: number): void;
+  notice(text: string, error: boolean): void;
 }
 
 export interface History {
@@ -70,6 +73,10 @@ class JobRow {
   private failuresSummary: HTMLElement;
   private failuresList: HTMLElement;
   private failuresKey = '';
+  /** what a click on Pause/Resume asked for, until a state shows it (or it is refused) */
+  private pausePending: boolean | null = null;
+  private paused = false;
+  private last: { job: Job; pool: PoolInfo | undefined } | null = null;
   readonly traceback: HTMLPreElement;
 
   constructor(
@@ -90,6 +97,16 @@ class JobRow {
       callbacks.cancel(id);
     });
     this.pause = el(doc, 'button', 'orchestra-button orchestra-pause', 'Pause');
+    this.pause.addEventListener('click', () => {
+      if (this.pause.disabled) {
+        return; // a synthetic click on a disabled button (a browser sends none)
+      }
+      const want = !this.paused;
+      this.pausePending = want;
+      this.pause.disabled = true;
+      setText(this.pause, want ? 'Pausing…' : 'Resuming…');
+      callbacks.pause(id, want);
+    });
     head.append(this.name, this.status, this.pause, this.cancel);
     this.bar = el(doc, 'div', 'orchestra-bar');
     this.count = el(doc, 'span', 'orchestra-job-count');
@@ -113,16 +130,24 @@ class JobRow {
     this.node.append(head, this.bar, line, this.states, this.failures, this.traceback);
   }
 
-  update(job: Job, pool: PoolInfo | null): void {
+  /** The kernel refused a Pause/Resume: show the state as it is again. */
+  pauseRefused(): void {
+    this.pausePending = null;
+    if (this.last) {
+      this.updatePause(this.last.job, this.last.pool);
+    }
+  }
+
+  update(job: Job, pool: PoolInfo | undefined): void {
+    this.last = { job, pool };
     const status = jobStatus(job);
     this.node.dataset.status = status;
+    this.node.dataset.paused = String(job.paused);
     setText(this.name, `${job.name} #${job.id}`);
     this.name.title = `job ${job.id}: ${job.name}`;
     setText(this.status, status);
     this.cancel.hidden = job.finished;
-    this.pause.hidden = job.finished;
-    this.pause.disabled = !pool?.can_pause;
-    this.pause.title = pool?.can_pause ? 'Pause this job' : pool?.pause_reason || 'pausing is not available';
+    this.updatePause(job, pool);
     for (const { state, percent } of barSegments(job.counts, job.total)) {
       let seg = this.segments.get(state);
       if (!seg) {
@@ -137,7 +162,7 @@ class JobRow {
     setText(this.count, `${job.done}/${job.total ?? `${job.read}+`}`);
     const c = job.counts;
     const parts = [formatRate(jobRate(job))];
-    if (!job.finished) {
+    if (!job.finished && !job.paused) {
       parts.push(`ETA ${formatDuration(jobEta(job))}`);
     }
     parts.push(`elapsed ${formatDuration(job.elapsed)}`);
@@ -148,6 +173,29 @@ class JobRow {
       .map(state => `${state.toLowerCase()} ${c[state]}`);
     setText(this.states, states.join(' · '));
     this.updateFailures(job);
+  }
+
+  private updatePause(job: Job, pool: PoolInfo | undefined): void {
+    this.paused = job.paused;
+    if (this.pausePending === job.paused) {
+      this.pausePending = null; // the state shows what was asked
+    }
+    this.pause.hidden = job.finished;
+    this.pause.dataset.paused = String(job.paused);
+    if (!pool?.can_pause) {
+      this.pause.disabled = true;
+      setText(this.pause, 'Pause');
+      this.pause.title = pool?.pause_reason || 'pausing is not available';
+      return;
+    }
+    if (this.pausePending !== null) {
+      return; // "Pausing…" until the kernel's state says so
+    }
+    this.pause.disabled = false;
+    setText(this.pause, job.paused ? 'Resume' : 'Pause');
+    this.pause.title = job.paused
+      ? 'Resume this job: its waiting tasks start again'
+      : 'Pause this job: no new task starts, running ones finish';
   }
 
   private updateFailures(job: Job): void {
@@ -221,33 +269,33 @@ class WorkerRow {
   }
 }
 
-export class PanelView {
+/** One open pool: its line, its resize control, its workers and its jobs. */
+class PoolSection {
   readonly node: HTMLElement;
-  private statusLine: HTMLElement;
-  private notice: HTMLElement;
-  private poolLine: HTMLElement;
+  private title: HTMLElement;
+  private badge: HTMLElement;
+  private line: HTMLElement;
   private resizeInput: HTMLInputElement;
   private resizeButton: HTMLButtonElement;
   private workersBody: HTMLElement;
   private jobsList: HTMLElement;
   private emptyJobs: HTMLElement;
-  private jobRows = new Map<number, JobRow>();
   private workerRows = new Map<number, WorkerRow>();
   private maxWorkers = 1;
   private resizeDirty = false;
 
   constructor(
     private doc: Document,
-    private callbacks: ViewCallbacks
+    readonly id: number,
+    callbacks: ViewCallbacks
   ) {
-    this.node = el(doc, 'div', 'orchestra-panel');
-    this.statusLine = el(doc, 'div', 'orchestra-status', 'Not connected');
-    this.notice = el(doc, 'div', 'orchestra-notice');
-    this.notice.hidden = true;
-
-    const pool = el(doc, 'section', 'orchestra-pool');
-    pool.append(el(doc, 'h3', undefined, 'Pool'));
-    this.poolLine = el(doc, 'div', 'orchestra-pool-line', 'no pool running');
+    this.node = el(doc, 'section', 'orchestra-pool');
+    this.node.dataset.poolId = String(id);
+    const head = el(doc, 'h3', 'orchestra-pool-head');
+    this.title = el(doc, 'span', 'orchestra-pool-name');
+    this.badge = el(doc, 'span', 'orchestra-pool-badge');
+    head.append(this.title, this.badge);
+    this.line = el(doc, 'div', 'orchestra-pool-line');
     const resize = el(doc, 'div', 'orchestra-resize');
     this.resizeInput = el(doc, 'input', 'orchestra-resize-input');
     this.resizeInput.type = 'number';
@@ -258,11 +306,11 @@ export class PanelView {
     const submit = (): void => {
       const n = Number(this.resizeInput.value);
       if (!Number.isInteger(n) || n < 1 || n > this.maxWorkers) {
-        this.showNotice(`workers must be an integer from 1 to ${this.maxWorkers}`, true);
+        callbacks.notice(`workers must be an integer from 1 to ${this.maxWorkers}`, true);
         return;
       }
       this.resizeDirty = false;
-      this.callbacks.resize(n);
+      callbacks.resize(id, n, this.maxWorkers);
     };
     this.resizeButton.addEventListener('click', submit);
     this.resizeInput.addEventListener('keydown', e => {
@@ -271,28 +319,104 @@ export class PanelView {
       }
     });
     resize.append(el(doc, 'span', undefined, 'workers'), this.resizeInput, this.resizeButton);
-    pool.append(this.poolLine, resize);
 
-    const workers = el(doc, 'section', 'orchestra-workers');
-    workers.append(el(doc, 'h3', undefined, 'Workers'));
     const table = el(doc, 'table', 'orchestra-worker-table');
-    const head = el(doc, 'tr');
+    const row = el(doc, 'tr');
     for (const title of ['pid', 'state', 'task', 'CPU', 'mem', '']) {
-      head.append(el(doc, 'th', undefined, title));
+      row.append(el(doc, 'th', undefined, title));
     }
     const thead = el(doc, 'thead');
-    thead.append(head);
+    thead.append(row);
     this.workersBody = el(doc, 'tbody');
     table.append(thead, this.workersBody);
-    workers.append(table);
 
-    const jobs = el(doc, 'section', 'orchestra-jobs');
-    jobs.append(el(doc, 'h3', undefined, 'Jobs'));
     this.emptyJobs = el(doc, 'div', 'orchestra-empty', 'No jobs yet');
     this.jobsList = el(doc, 'div', 'orchestra-job-list');
-    jobs.append(this.emptyJobs, this.jobsList);
+    this.node.append(
+      head,
+      this.line,
+      resize,
+      el(doc, 'h4', undefined, 'Workers'),
+      table,
+      el(doc, 'h4', undefined, 'Jobs'),
+      this.emptyJobs,
+      this.jobsList
+    );
+  }
 
-    this.node.append(this.statusLine, this.notice, pool, workers, jobs);
+  update(pool: PoolInfo, histories: Map<number, History>, jobNodes: Element[]): void {
+    this.node.dataset.poolName = pool.name;
+    this.node.dataset.default = String(pool.default);
+    setText(this.title, pool.name);
+    setText(this.badge, pool.default ? `${pool.backend} · orchestra.map` : pool.backend);
+    this.badge.title = pool.default ? 'the default pool: orchestra.map and orchestra.run use it' : '';
+    const alive = pool.workers.filter(w => w.state !== 'dead').length;
+    setText(
+      this.line,
+      `${pool.state} · ${alive} of ${pool.target_workers} worker(s) · ${pool.queued} queued`
+    );
+    this.maxWorkers = pool.max_workers;
+    this.resizeInput.max = String(pool.max_workers);
+    if (!this.resizeDirty && this.doc.activeElement !== this.resizeInput) {
+      this.resizeInput.value = String(pool.target_workers);
+    }
+    this.resizeInput.disabled = this.resizeButton.disabled = !pool.can_resize;
+    this.resizeButton.title = pool.can_resize ? `Change the number of workers of ${pool.name}` : pool.resize_reason;
+
+    const seen = new Set<number>();
+    for (const w of pool.workers) {
+      seen.add(w.id);
+      let row = this.workerRows.get(w.id);
+      if (!row) {
+        row = new WorkerRow(this.doc, w.id);
+        this.workerRows.set(w.id, row);
+      }
+      row.update(w, w.pid === null ? undefined : histories.get(w.pid));
+    }
+    prune(this.workerRows, seen);
+    const workerNodes = pool.workers.map(w => this.workerRows.get(w.id)!.node);
+    if (!sameNodes(this.workersBody, workerNodes)) {
+      this.workersBody.replaceChildren(...workerNodes);
+    }
+    // Move nodes only when the order changed: moving one under the mouse would lose a click.
+    if (!sameNodes(this.jobsList, jobNodes)) {
+      this.jobsList.replaceChildren(...jobNodes);
+    }
+    this.emptyJobs.hidden = jobNodes.length > 0;
+  }
+}
+
+function prune<R extends { node: Element }>(rows: Map<number, R>, keep: Set<number>): void {
+  for (const [id, row] of rows) {
+    if (!keep.has(id)) {
+      row.node.remove();
+      rows.delete(id);
+    }
+  }
+}
+
+export class PanelView {
+  readonly node: HTMLElement;
+  private statusLine: HTMLElement;
+  private notice: HTMLElement;
+  private poolsList: HTMLElement;
+  private noPools: HTMLElement;
+  private sections = new Map<number, PoolSection>();
+  private jobRows = new Map<number, JobRow>();
+  private callbacks: ViewCallbacks;
+
+  constructor(
+    private doc: Document,
+    callbacks: Omit<ViewCallbacks, 'notice'>
+  ) {
+    this.callbacks = { ...callbacks, notice: (text, error) => this.showNotice(text, error) };
+    this.node = el(doc, 'div', 'orchestra-panel');
+    this.statusLine = el(doc, 'div', 'orchestra-status', 'Not connected');
+    this.notice = el(doc, 'div', 'orchestra-notice');
+    this.notice.hidden = true;
+    this.noPools = el(doc, 'div', 'orchestra-empty orchestra-no-pool', 'no pool running (the default pool starts on first use)');
+    this.poolsList = el(doc, 'div', 'orchestra-pools');
+    this.node.append(this.statusLine, this.notice, this.noPools, this.poolsList);
   }
 
   setStatus(text: string, connected: boolean): void {
@@ -316,42 +440,20 @@ export class PanelView {
     row.traceback.textContent = `item ${item}: ${exception}\n\n${text}`;
   }
 
+  /** The kernel refused a Pause/Resume of this job. */
+  pauseRefused(jobId: number): void {
+    this.jobRows.get(jobId)?.pauseRefused();
+  }
+
   update(state: StateMessage, histories: Map<number, History>): void {
-    const pool = state.pool;
-    this.maxWorkers = pool?.max_workers ?? 1;
-    if (pool) {
-      const alive = state.workers.filter(w => w.state !== 'dead').length;
-      setText(
-        this.poolLine,
-        `${pool.backend} · ${pool.state} · ${alive} of ${pool.target_workers} worker(s) · ${pool.queued} queued`
-      );
-      this.resizeInput.max = String(pool.max_workers);
-      if (!this.resizeDirty && this.doc.activeElement !== this.resizeInput) {
-        this.resizeInput.value = String(pool.target_workers);
-      }
-    } else {
-      setText(this.poolLine, 'no pool running (it starts on first use)');
-    }
-    this.resizeInput.disabled = this.resizeButton.disabled = pool === null;
-
-    const seenWorkers = new Set<number>();
-    state.workers.forEach(w => {
-      seenWorkers.add(w.id);
-      let row = this.workerRows.get(w.id);
-      if (!row) {
-        row = new WorkerRow(this.doc, w.id);
-        this.workerRows.set(w.id, row);
-      }
-      row.update(w, w.pid === null ? undefined : histories.get(w.pid));
-    });
-    this.prune(this.workerRows, seenWorkers);
-    const workerNodes = state.workers.map(w => this.workerRows.get(w.id)!.node);
-    if (!sameNodes(this.workersBody, workerNodes)) {
-      this.workersBody.replaceChildren(...workerNodes);
-    }
-
+    const pools = new Map(state.pools.map(p => [p.id, p]));
     const seenJobs = new Set<number>();
-    for (const job of state.jobs) {
+    const jobsOf = new Map<number, Element[]>();
+    for (const job of [...state.jobs].sort((a, b) => b.id - a.id)) {
+      const pool = pools.get(job.pool);
+      if (!pool) {
+        continue; // its pool closed: it goes with it
+      }
       seenJobs.add(job.id);
       let row = this.jobRows.get(job.id);
       if (!row) {
@@ -359,22 +461,27 @@ export class PanelView {
         this.jobRows.set(job.id, row);
       }
       row.update(job, pool);
+      const nodes = jobsOf.get(job.pool) ?? [];
+      nodes.push(row.node);
+      jobsOf.set(job.pool, nodes);
     }
-    this.prune(this.jobRows, seenJobs);
-    const ordered = [...state.jobs].sort((a, b) => b.id - a.id).map(j => this.jobRows.get(j.id)!.node);
-    // Move nodes only when the order changed: moving one under the mouse would lose a click.
-    if (!sameNodes(this.jobsList, ordered)) {
-      this.jobsList.replaceChildren(...ordered);
-    }
-    this.emptyJobs.hidden = state.jobs.length > 0;
-  }
+    prune(this.jobRows, seenJobs);
 
-  private prune<R extends { node: Element }>(rows: Map<number, R>, keep: Set<number>): void {
-    for (const [id, row] of rows) {
-      if (!keep.has(id)) {
-        row.node.remove();
-        rows.delete(id);
+    const seenPools = new Set<number>();
+    for (const pool of state.pools) {
+      seenPools.add(pool.id);
+      let section = this.sections.get(pool.id);
+      if (!section) {
+        section = new PoolSection(this.doc, pool.id, this.callbacks);
+        this.sections.set(pool.id, section);
       }
+      section.update(pool, histories, jobsOf.get(pool.id) ?? []);
     }
+    prune(this.sections, seenPools);
+    const sectionNodes = state.pools.map(p => this.sections.get(p.id)!.node);
+    if (!sameNodes(this.poolsList, sectionNodes)) {
+      this.poolsList.replaceChildren(...sectionNodes);
+    }
+    this.noPools.hidden = state.pools.length > 0;
   }
 }

@@ -7,7 +7,14 @@ import { JSDOM } from 'jsdom';
 
 import { ACK_INTERVAL_MS, HISTORY_LENGTH, PanelController } from '../src/controller';
 import { barSegments, formatBytes, formatDuration, jobEta, jobRate, sparklinePoints } from '../src/format';
-import { cancelMessage, PanelMessage, parseKernelMessage, ProtocolError, resizeMessage } from '../src/protocol';
+import {
+  cancelMessage,
+  PanelMessage,
+  parseKernelMessage,
+  pauseMessage,
+  ProtocolError,
+  resizeMessage
+} from '../src/protocol';
 
 type Json = Record<string, unknown>;
 
@@ -18,6 +25,7 @@ function counts(partial: Record<string, number> = {}): Json {
 function job(id: number, over: Json = {}): Json {
   return {
     id,
+    pool: 1,
     name: `job${id}`,
     total: 100,
     read: 100,
@@ -26,6 +34,7 @@ function job(id: number, over: Json = {}): Json {
     elapsed: 4,
     finished: false,
     cancelled: false,
+    paused: false,
     failures: [],
     ...over
   };
@@ -47,21 +56,31 @@ function worker(id: number, over: Json = {}): Json {
   };
 }
 
+function pool(id: number, over: Json = {}): Json {
+  return {
+    id,
+    name: id === 1 ? 'default' : `pool-${id}`,
+    default: id === 1,
+    backend: 'local',
+    state: 'running',
+    target_workers: 2,
+    queued: 58,
+    can_pause: true,
+    pause_reason: '',
+    can_resize: true,
+    resize_reason: '',
+    max_workers: 1024,
+    workers: [worker(0), worker(1)],
+    ...over
+  };
+}
+
 function state(seq: number, over: Json = {}): Json {
   return {
     type: 'state',
-    version: 1,
+    version: 2,
     seq,
-    pool: {
-      backend: 'local',
-      state: 'running',
-      target_workers: 2,
-      queued: 58,
-      can_pause: false,
-      pause_reason: 'pausing a job is not supported by this pool\'s backend',
-      max_workers: 1024
-    },
-    workers: [worker(0), worker(1)],
+    pools: [pool(1)],
     jobs: [job(1)],
     ...over
   };
@@ -97,8 +116,11 @@ describe('parseKernelMessage', () => {
     if (msg.type === 'state') {
       assert.equal(msg.seq, 3);
       assert.equal(msg.jobs[0].counts.SUCCEEDED, 40);
-      assert.equal(msg.workers[1].pid, 1001);
-      assert.equal(msg.pool?.can_pause, false);
+      assert.equal(msg.jobs[0].pool, 1);
+      assert.equal(msg.jobs[0].paused, false);
+      assert.equal(msg.pools[0].workers[1].pid, 1001);
+      assert.equal(msg.pools[0].name, 'default');
+      assert.equal(msg.pools[0].can_pause, true);
     }
   });
 
@@ -110,17 +132,28 @@ describe('parseKernelMessage', () => {
       assert.match(e.message, /must be an integer >= 0, got -1/);
       return true;
     });
-    assert.throws(() => parseKernelMessage({ type: 'state', version: 2, seq: 1 }), /state.version is 2/);
+    assert.throws(() => parseKernelMessage({ type: 'state', version: 1, seq: 1 }), /state.version is 1, this panel speaks 2/);
     assert.throws(() => parseKernelMessage({ type: 'gossip' }), /message.type is unknown: "gossip"/);
     assert.throws(() => parseKernelMessage([]), /message must be an object/);
-    assert.throws(() => parseKernelMessage(state(1, { workers: [worker(0, { pid: 'x' })] })), /state.workers\[0\].pid/);
+    assert.throws(
+      () => parseKernelMessage(state(1, { pools: [pool(1, { workers: [worker(0, { pid: 'x' })] })] })),
+      /state.pools\[0\].workers\[0\].pid/
+    );
+    assert.throws(() => parseKernelMessage(state(1, { jobs: [job(1, { paused: 'no' })] })), /state.jobs\[0\].paused must be true or false/);
+    assert.throws(() => parseKernelMessage(state(1, { jobs: [job(1, { pool: 0 })] })), /state.jobs\[0\].pool must be an integer >= 1/);
+    assert.throws(() => parseKernelMessage(state(1, { pools: [pool(1, { can_resize: 1 })] })), /state.pools\[0\].can_resize/);
   });
 
-  test('accepts a null pool, results, tracebacks and errors', () => {
-    assert.equal((parseKernelMessage(state(1, { pool: null })) as { pool: unknown }).pool, null);
+  test('accepts no pool, results, tracebacks and errors', () => {
+    assert.deepEqual((parseKernelMessage(state(1, { pools: [], jobs: [] })) as { pools: unknown }).pools, []);
     assert.deepEqual(parseKernelMessage({ type: 'result', request: 'cancel', ok: true, message: 'cancelling', job_id: 4 }), {
       type: 'result', request: 'cancel', ok: true, message: 'cancelling', job_id: 4
     });
+    assert.deepEqual(
+      parseKernelMessage({ type: 'result', request: 'pause', ok: true, message: 'pausing job 4', job_id: 4, paused: true }),
+      { type: 'result', request: 'pause', ok: true, message: 'pausing job 4', job_id: 4, paused: true }
+    );
+    assert.throws(() => parseKernelMessage({ type: 'result', request: 'pause', ok: true, message: '', paused: 1 }), /result.paused/);
     assert.equal(parseKernelMessage({ type: 'error', message: 'no' }).type, 'error');
     assert.throws(() => parseKernelMessage({ type: 'traceback', job_id: 1, item: 2, exception: 'E' }), /traceback.text/);
   });
@@ -129,10 +162,15 @@ describe('parseKernelMessage', () => {
 describe('outgoing messages', () => {
   test('are checked before they are sent', () => {
     assert.deepEqual(cancelMessage(7), { type: 'cancel', job_id: 7 });
-    assert.deepEqual(resizeMessage(3, 8), { type: 'resize', workers: 3 });
-    assert.throws(() => resizeMessage(0, 8), /workers must be an integer from 1 to 8, got 0/);
-    assert.throws(() => resizeMessage(2.5, 8), RangeError);
+    assert.deepEqual(resizeMessage(2, 3, 8), { type: 'resize', pool: 2, workers: 3 });
+    assert.throws(() => resizeMessage(2, 0, 8), /workers must be an integer from 1 to 8, got 0/);
+    assert.throws(() => resizeMessage(2, 2.5, 8), RangeError);
+    assert.throws(() => resizeMessage(0, 2, 8), /pool must be an integer from 1/);
     assert.throws(() => cancelMessage(-1), /job_id/);
+    assert.deepEqual(pauseMessage(7, true), { type: 'pause', job_id: 7, paused: true });
+    assert.deepEqual(pauseMessage(7, false), { type: 'pause', job_id: 7, paused: false });
+    assert.throws(() => pauseMessage(7, 'yes' as never), /paused must be true or false, got "yes"/);
+    assert.throws(() => pauseMessage(-1, true), /job_id/);
   });
 });
 
@@ -168,7 +206,9 @@ describe('format', () => {
 describe('rendering', () => {
   test('a state renders the pool, the workers and the jobs newest first', () => {
     controller.handle(state(1, { jobs: [job(1), job(3, { name: 'sweep' }), job(2)] }));
-    assert.match($('.orchestra-pool-line').textContent!, /local · running · 2 of 2 worker\(s\) · 58 queued/);
+    assert.equal($('.orchestra-pool-name').textContent, 'default');
+    assert.equal($('.orchestra-pool-badge').textContent, 'local · orchestra.map');
+    assert.match($('.orchestra-pool-line').textContent!, /running · 2 of 2 worker\(s\) · 58 queued/);
     assert.equal(($('.orchestra-resize-input') as HTMLInputElement).value, '2');
     const rows = [...controller.view.node.querySelectorAll('.orchestra-job')] as HTMLElement[];
     assert.deepEqual(rows.map(r => r.dataset.jobId), ['3', '2', '1']);
@@ -181,7 +221,32 @@ describe('rendering', () => {
     const w = [...controller.view.node.querySelectorAll('.orchestra-worker')].map(r =>
       [...r.querySelectorAll('td')].slice(0, 5).map(td => td.textContent));
     assert.deepEqual(w, [['1000', 'busy', '#1[0]', '50%', '50.0 MiB'], ['1001', 'busy', '#1[1]', '50%', '50.0 MiB']]);
-    assert.equal($('.orchestra-empty').hidden, true);
+    assert.equal($('.orchestra-pool .orchestra-empty').hidden, true);
+    assert.equal($('.orchestra-no-pool').hidden, true);
+  });
+
+  test('every open pool has its section with its own workers and jobs; a closed one goes', () => {
+    const side = pool(2, { name: 'side', target_workers: 1, queued: 0, workers: [worker(0, { pid: 2000, job: 5, item: 0 })] });
+    controller.handle(state(1, { pools: [pool(1), side], jobs: [job(5, { pool: 2 }), job(4), job(1)] }));
+    const sections = [...controller.view.node.querySelectorAll('.orchestra-pool')] as HTMLElement[];
+    assert.deepEqual(sections.map(s => [s.dataset.poolId, s.dataset.poolName, s.dataset.default]),
+      [['1', 'default', 'true'], ['2', 'side', 'false']]);
+    const jobsIn = (s: Element): string[] =>
+      [...s.querySelectorAll('.orchestra-job')].map(r => (r as HTMLElement).dataset.jobId!);
+    assert.deepEqual(jobsIn(sections[0]), ['4', '1']);
+    assert.deepEqual(jobsIn(sections[1]), ['5']);
+    assert.equal(sections[1].querySelector('.orchestra-pool-badge')!.textContent, 'local');
+    assert.deepEqual([...sections[1].querySelectorAll('.orchestra-worker-pid')].map(td => td.textContent), ['2000']);
+    assert.equal(sections[0].querySelectorAll('.orchestra-worker').length, 2);
+    // the side pool closes: its section and its jobs go, the default pool's stay
+    controller.handle(state(2, { pools: [pool(1)], jobs: [job(5, { pool: 2 }), job(4), job(1)] }));
+    assert.deepEqual([...controller.view.node.querySelectorAll('.orchestra-pool')].map(s => (s as HTMLElement).dataset.poolId), ['1']);
+    assert.equal(controller.view.node.querySelector('.orchestra-job[data-job-id="5"]'), null);
+    assert.equal(controller.histories.has(2000), false);
+    // no pool at all
+    controller.handle(state(3, { pools: [], jobs: [] }));
+    assert.equal($('.orchestra-no-pool').hidden, false);
+    assert.equal(controller.view.node.querySelectorAll('.orchestra-pool').length, 0);
   });
 
   test('rows are updated in place, so a button keeps its identity across updates', () => {
@@ -212,20 +277,70 @@ describe('rendering', () => {
   });
 
   test('Pause is disabled with the reason as its tooltip when the backend cannot pause', () => {
-    controller.handle(state(1));
+    controller.handle(state(1, { pools: [pool(1, { can_pause: false, pause_reason: 'the odd backend cannot pause a job' })] }));
     const pause = $('.orchestra-pause') as HTMLButtonElement;
     assert.equal(pause.disabled, true);
-    assert.equal(pause.title, 'pausing a job is not supported by this pool\'s backend');
+    assert.equal(pause.textContent, 'Pause');
+    assert.equal(pause.title, 'the odd backend cannot pause a job');
+    sent.length = 0;
+    click(pause);
+    assert.deepEqual(sent, []);
   });
 
-  test('Resize sends the number typed, and refuses one out of range', () => {
+  test('Pause sends a pause, the state shows the job paused, Resume sends a resume', () => {
+    controller.handle(state(1));
+    sent.length = 0;
+    const pause = $('.orchestra-job[data-job-id="1"] .orchestra-pause') as HTMLButtonElement;
+    assert.equal(pause.disabled, false);
+    assert.equal(pause.textContent, 'Pause');
+    click(pause);
+    assert.deepEqual(sent, [{ type: 'pause', job_id: 1, paused: true }]);
+    assert.equal(pause.disabled, true);
+    assert.equal(pause.textContent, 'Pausing…');
+    // the kernel accepted, but its next state still shows the job running: keep waiting
+    controller.handle({ type: 'result', request: 'pause', ok: true, message: 'pausing job 1', job_id: 1, paused: true });
+    controller.handle(state(2));
+    assert.equal(pause.textContent, 'Pausing…');
+    controller.handle(state(3, { jobs: [job(1, { paused: true, counts: counts({ SUCCEEDED: 42, PENDING: 58 }), done: 42 })] }));
+    const row = $('.orchestra-job[data-job-id="1"]');
+    assert.equal(row.dataset.status, 'paused');
+    assert.equal(row.dataset.paused, 'true');
+    assert.equal(row.querySelector('.orchestra-job-status')!.textContent, 'paused');
+    assert.doesNotMatch(row.querySelector('.orchestra-job-stats')!.textContent!, /ETA/);
+    assert.equal($('.orchestra-job[data-job-id="1"] .orchestra-pause'), pause); // same button
+    assert.equal(pause.disabled, false);
+    assert.equal(pause.textContent, 'Resume');
+    sent.length = 0;
+    click(pause);
+    assert.deepEqual(sent, [{ type: 'pause', job_id: 1, paused: false }]);
+    assert.equal(pause.textContent, 'Resuming…');
+    controller.handle(state(4, { jobs: [job(1)] }));
+    assert.equal(pause.textContent, 'Pause');
+    assert.equal(row.dataset.status, 'running');
+  });
+
+  test('a refused Pause shows why and gives the button back', () => {
+    controller.handle(state(1));
+    const pause = $('.orchestra-pause') as HTMLButtonElement;
+    click(pause);
+    assert.equal(pause.disabled, true);
+    controller.handle({ type: 'result', request: 'pause', ok: false, job_id: 1, paused: true,
+      message: 'job 1 (on all workers: f) runs on chosen workers, one call each: it cannot be paused' });
+    assert.match($('.orchestra-notice').textContent!, /cannot be paused/);
+    assert.equal($('.orchestra-notice').classList.contains('orchestra-notice-error'), true);
+    assert.equal(pause.disabled, false);
+    assert.equal(pause.textContent, 'Pause');
+  });
+
+  test('Resize sends the number typed for that pool, and refuses one out of range', () => {
     controller.handle(state(1));
     sent.length = 0;
     const input = $('.orchestra-resize-input') as HTMLInputElement;
     input.value = '5';
     input.dispatchEvent(new dom.window.Event('input'));
     click($('.orchestra-resize-button'));
-    assert.deepEqual(sent, [{ type: 'resize', workers: 5 }]);
+    assert.deepEqual(sent, [{ type: 'resize', pool: 1, workers: 5 }]);
+    assert.equal($('.orchestra-notice').textContent, 'resizing default to 5 worker(s)…');
     input.value = '0';
     input.dispatchEvent(new dom.window.Event('input'));
     click($('.orchestra-resize-button'));
@@ -234,6 +349,22 @@ describe('rendering', () => {
     // the value being edited is not overwritten by the next state
     controller.handle(state(2));
     assert.equal(input.value, '0');
+  });
+
+  test('Resize applies to the pool whose control is used; a pool that cannot resize says why', () => {
+    const dbg = pool(3, { name: 'dbg', backend: 'inline', can_resize: false, resize_reason: 'the inline backend cannot resize', workers: [] });
+    controller.handle(state(1, { pools: [pool(1), pool(2, { name: 'side' }), dbg] }));
+    sent.length = 0;
+    const side = $('.orchestra-pool[data-pool-id="2"]');
+    const input = side.querySelector('.orchestra-resize-input') as HTMLInputElement;
+    input.value = '3';
+    input.dispatchEvent(new dom.window.Event('input'));
+    click(side.querySelector('.orchestra-resize-button')!);
+    assert.deepEqual(sent, [{ type: 'resize', pool: 2, workers: 3 }]);
+    assert.equal(($('.orchestra-pool[data-pool-id="1"] .orchestra-resize-input') as HTMLInputElement).value, '2');
+    const button = $('.orchestra-pool[data-pool-id="3"] .orchestra-resize-button') as HTMLButtonElement;
+    assert.equal(button.disabled, true);
+    assert.equal(button.title, 'the inline backend cannot resize');
   });
 
   test('failures list item, exception, and show the traceback on request', () => {
@@ -258,12 +389,12 @@ describe('rendering', () => {
 
   test('worker history feeds the sparklines, bounded, and forgets workers that left', () => {
     for (let seq = 1; seq <= HISTORY_LENGTH + 5; seq++) {
-      controller.handle(state(seq, { workers: [worker(0, { cpu_percent: seq % 2 ? 100 : 0 }), worker(1)] }));
+      controller.handle(state(seq, { pools: [pool(1, { workers: [worker(0, { cpu_percent: seq % 2 ? 100 : 0 }), worker(1)] })] }));
     }
     assert.equal(controller.histories.get(1000)!.cpu.length, HISTORY_LENGTH);
     const line = controller.view.node.querySelector('.orchestra-worker[data-worker-id="0"] .orchestra-spark-cpu')!;
     assert.equal(line.getAttribute('points')!.split(' ').length, HISTORY_LENGTH);
-    controller.handle(state(100, { workers: [worker(1)] }));
+    controller.handle(state(100, { pools: [pool(1, { workers: [worker(1)] })] }));
     assert.equal(controller.histories.has(1000), false);
     assert.equal(controller.view.node.querySelectorAll('.orchestra-worker').length, 1);
   });
@@ -278,8 +409,8 @@ describe('rendering', () => {
 
   test('a malformed message is shown, not rendered', () => {
     controller.handle(state(1));
-    assert.equal(controller.handle({ type: 'state', version: 1, seq: 2, pool: null, workers: 'x', jobs: [] }), null);
-    assert.match($('.orchestra-notice').textContent!, /state.workers must be a list/);
+    assert.equal(controller.handle({ type: 'state', version: 2, seq: 2, pools: 'x', jobs: [] }), null);
+    assert.match($('.orchestra-notice').textContent!, /state.pools must be a list/);
     assert.equal(controller.view.node.querySelectorAll('.orchestra-job').length, 1);
   });
 });

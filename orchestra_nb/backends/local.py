@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -106,6 +107,7 @@ class LocalBackend(Backend):
         self._core = PoolCore(options, events, self._io.loop)
         self._close_future: concurrent.futures.Future[None] | None = None
         self._close_lock = threading.Lock()
+        self._sys_path_lock = threading.Lock()
         self._ending: list[threading.Thread] = []
         self._engine_gone = False  # closed, and the I/O thread let go of
 
@@ -122,7 +124,19 @@ class LocalBackend(Backend):
     # --- work -------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        self._note_sys_path()
         self._on_engine(self._core.submit, job)
+
+    def _note_sys_path(self) -> None:
+        """Directories the caller added to ``sys.path`` since the last submit reach the
+        workers before this job's chunks (and those of the batch of calls it joins). A
+        comparison per submit when nothing changed."""
+        core = self._core
+        if sys.path != core.sys_path:
+            with self._sys_path_lock:
+                if sys.path != core.sys_path:
+                    core.sys_path = list(sys.path)  # a new list: the I/O thread reads it whole
+                    core.sys_path_version += 1
 
     def cancel(self, job: Job, *, kill: bool = False) -> None:
         self._on_engine(self._core.cancel, job.id, kill)
@@ -156,6 +170,8 @@ class LocalBackend(Backend):
         fn(*args)
 
     def run_on_all(self, job: Job, *, replay: bool) -> None:
+        self._note_sys_path()
+
         async def submit() -> None:
             core = self._core
             job.targets = [w.id for w in core.workers.values()
@@ -300,6 +316,7 @@ class LocalBackend(Backend):
         frames are what the first dispatch sends: the arguments are pickled (and copied)
         once."""
         core = self._core
+        self._note_sys_path()  # a call may join a batch submitted before sys.path changed
         return check_call_arguments(fn, item, core.segments or core.shm_dir)
 
     def in_engine_thread(self) -> bool:

@@ -9,13 +9,16 @@ What it costs:
 * no comm open (panel closed, or a front end without the extension): nothing but one weak
   reference per job handle (so that a panel opened later can list the job's failures and
   final counts); no thread, no timer, no event subscription;
-* a comm open: one thread (``orchestra-panel``) that reads ``Pool.statistics()`` and sends
-  one ``state`` message per panel at most every :data:`SEND_INTERVAL` seconds while jobs
-  run, and about once a second otherwise (only if something changed), whatever the number
-  of jobs; plus a subscription to the pool's job and worker events, which only wakes it.
+* a comm open: one thread (``orchestra-panel``) that reads every open pool's
+  ``statistics()`` and sends one ``state`` message per panel at most every
+  :data:`SEND_INTERVAL` seconds while jobs run, and about once a second otherwise (only if
+  something changed), whatever the number of pools and jobs; plus a subscription to each
+  pool's job and worker events, which only wakes it.
 
-It reads the default pool through its public API only: ``statistics()``, ``events``,
-``resize()``, ``cancel_job()``, and the job handles' ``exceptions()`` / ``counts()``.
+It reads the pools (``orchestra.pools()``: the default pool and every ``Pool(...)`` not shut
+down) through their public API only: ``statistics()``, ``capabilities``, ``subscribe()``,
+``resize()``, ``cancel_job()``, ``pause_job()``, and the job handles' ``exceptions()`` /
+``counts()`` / ``events`` (which tells a handle's pool).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .._events import JobFinished, JobStarted, WorkerExited, WorkerStarted
+from .._events import JobFinished, JobPaused, JobStarted, WorkerExited, WorkerStarted
 from .._state import TaskState, done_count
 
 __all__ = [
@@ -44,7 +47,7 @@ __all__ = [
 ]
 
 TARGET = "orchestra_nb.panel"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SEND_INTERVAL = 0.25  # seconds between state messages to one panel: at most 4/s
 IDLE_INTERVAL = 1.0  # no job running: poll once a second (worker CPU and memory move)
 ACK_TIMEOUT = 30.0  # a panel that acknowledged nothing for this long is probably gone...
@@ -53,7 +56,6 @@ MAX_JOBS = 50  # jobs listed (newest first); older finished ones are forgotten
 MAX_FAILURES = 20  # failures listed per job (the count is always exact)
 MAX_TEXT = 300  # characters of an exception message in a state message
 MAX_WORKERS = 1024  # the largest pool the panel may ask for
-PAUSE_UNSUPPORTED = "pausing a job is not supported by this pool's backend"
 
 
 class PanelProtocolError(ValueError):
@@ -64,13 +66,17 @@ class PanelProtocolError(ValueError):
 
 _COMMANDS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "cancel": {"job_id": lambda v: _is_int(v) and v >= 0},
-    "resize": {"workers": lambda v: _is_int(v) and 1 <= v <= MAX_WORKERS},
+    "pause": {"job_id": lambda v: _is_int(v) and v >= 0, "paused": lambda v: isinstance(v, bool)},
+    "resize": {"pool": lambda v: _is_int(v) and v >= 1,
+               "workers": lambda v: _is_int(v) and 1 <= v <= MAX_WORKERS},
     "traceback": {"job_id": lambda v: _is_int(v) and v >= 0, "item": lambda v: _is_int(v) and v >= 0},
     "ack": {"seq": lambda v: _is_int(v) and v >= 0},
 }
 _EXPECTED = {
     "job_id": "an integer >= 0",
     "item": "an integer >= 0",
+    "paused": "true or false",
+    "pool": "an integer >= 1 (a pool's id)",
     "workers": f"an integer from 1 to {MAX_WORKERS}",
     "seq": "an integer >= 0",
 }
@@ -135,13 +141,30 @@ def _tracked() -> list[Any]:
         return list(_by_job.values())
 
 
-def _current_pool() -> Any:
-    """The default pool if it runs (the one the notebook's ``orchestra.map`` uses), else
-    None; never starts one."""
+def _open_pools() -> list[Any]:
+    """Every open pool, the default one (the pool ``orchestra.map`` uses) first, then by
+    age; never starts one."""
     from .. import _api
 
-    pool = _api._default
-    return pool if pool is not None and pool.state == "running" else None
+    default = _api._default
+    return sorted(_api.pools(), key=lambda pool: (pool is not default, pool.id))
+
+
+def _pool_by_id(pool_id: int) -> Any:
+    return next((pool for pool in _open_pools() if pool.id == pool_id), None)
+
+
+def _pool_of(handle: Any, pools: list[Any]) -> Any:
+    """The pool a handle's job runs on (a handle's ``events`` is its pool's bus)."""
+    return next((pool for pool in pools if pool.events is handle.events), None)
+
+
+def _pause_reason(pool: Any) -> str:
+    return "" if pool.capabilities.pause else f"the {pool.backend} backend cannot pause a job"
+
+
+def _resize_reason(pool: Any) -> str:
+    return "" if pool.capabilities.resize else f"the {pool.backend} backend cannot resize"
 
 
 # --- what a state message carries ----------------------------------------------------------
@@ -188,29 +211,29 @@ def _failures(handle: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _record_from_handle(handle: Any) -> dict[str, Any]:
+def _record_from_handle(handle: Any, pool_id: int) -> dict[str, Any]:
     """A job the panel learns of only from its handle (it finished before the panel opened)."""
     counts = handle.counts()
     done = done_count([counts[s] for s in TaskState])
     return {
-        "id": handle.job_id, "name": handle.name, "total": handle.total, "read": done,
-        "counts": {s.name: counts[s] for s in TaskState}, "done": done, "elapsed": None,
-        "finished": handle.done(), "cancelled": handle.cancelled(),
-        "failures": _failures(handle) if counts[TaskState.FAILED] else [],
+        "id": handle.job_id, "pool": pool_id, "name": handle.name, "total": handle.total,
+        "read": done, "counts": {s.name: counts[s] for s in TaskState}, "done": done,
+        "elapsed": None, "finished": handle.done(), "cancelled": handle.cancelled(),
+        "paused": False, "failures": _failures(handle) if counts[TaskState.FAILED] else [],
     }
 
 
 def _finished_record(record: dict[str, Any], event: JobFinished | None, handle: Any) -> dict[str, Any]:
     """A job left the pool's table between two polls: its final state, as a new record (a
     panel's last state message may share the old one)."""
-    record = dict(record, finished=True)
+    record = dict(record, finished=True, paused=False)
     if event is not None:
         record.update(
             counts={s.name: event.counts[s] for s in TaskState}, done=done_count(event.counts),
             elapsed=event.elapsed, cancelled=event.cancelled,
         )
     elif handle is not None:
-        fresh = _record_from_handle(handle)
+        fresh = _record_from_handle(handle, record["pool"])
         record.update(counts=fresh["counts"], done=fresh["done"], cancelled=fresh["cancelled"])
     if record["counts"][TaskState.FAILED.name]:
         record["failures"] = _failures(handle)
@@ -268,8 +291,7 @@ class _Hub:
         self._wake = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._pool: Any = None
-        self._subscription: Any = None
+        self._followed: dict[int, tuple[Any, Any]] = {}  # pool id -> (pool, subscription)
         self._finished: dict[int, JobFinished] = {}
         self._jobs: dict[int, dict[str, Any]] = {}  # every job shown, by id
         self._catch_up = True  # list the tracked handles' jobs at the next poll
@@ -323,19 +345,21 @@ class _Hub:
         self.poke()
 
     def _unsubscribe(self) -> None:
-        sub, self._subscription, self._pool = self._subscription, None, None
-        if sub is not None:
+        followed, self._followed = self._followed, {}
+        for _pool, sub in followed.values():
             sub.close()
 
-    def _follow(self, pool: Any) -> None:
-        if pool is self._pool:
-            return
-        self._unsubscribe()
-        self._pool = pool
-        if pool is not None:
-            self._subscription = pool.subscribe(
-                self._on_event, types=(JobStarted, JobFinished, WorkerStarted, WorkerExited)
-            )
+    def _follow(self, pools: list[Any]) -> None:
+        """Subscribe to the pools opened since the last poll, let go of those closed."""
+        open_ids = {pool.id for pool in pools}
+        for pool_id in [i for i in self._followed if i not in open_ids]:
+            self._followed.pop(pool_id)[1].close()
+        for pool in pools:
+            if pool.id not in self._followed:
+                sub = pool.subscribe(
+                    self._on_event, types=(JobStarted, JobFinished, JobPaused, WorkerStarted, WorkerExited)
+                )
+                self._followed[pool.id] = (pool, sub)
 
     def _run(self) -> None:
         last_tick = 0.0
@@ -363,15 +387,20 @@ class _Hub:
         self._unsubscribe()
 
     def _collect(self) -> tuple[dict[str, Any], bool]:
-        pool = _current_pool()
-        self._follow(pool)
-        stats = None
-        if pool is not None:
-            with contextlib.suppress(Exception):  # closed between the check and the call
-                stats = pool.statistics().as_dict()
+        from .. import _api
+
+        pools = _open_pools()
+        self._follow(pools)
+        default = _api._default
+        entries: list[dict[str, Any]] = []
         live: set[int] = set()
-        if stats is not None:
+        for pool in pools:
+            try:
+                stats = pool.statistics().as_dict()
+            except Exception:  # closed between the listing and the call
+                continue
             for job in stats["jobs"]:
+                job["pool"] = pool.id
                 live.add(job["id"])
                 previous = self._jobs.get(job["id"])
                 failed = job["counts"][TaskState.FAILED.name]
@@ -380,17 +409,36 @@ class _Hub:
                 else:
                     job["failures"] = _failures(_handle(job["id"])) if failed else []
                 self._jobs[job["id"]] = job
+            entries.append({
+                "id": pool.id, "name": pool.name, "default": pool is default,
+                "backend": stats["backend"], "state": stats["state"],
+                "target_workers": stats["target_workers"], "queued": stats["queued"],
+                "can_pause": pool.capabilities.pause, "pause_reason": _pause_reason(pool),
+                "can_resize": pool.capabilities.resize, "resize_reason": _resize_reason(pool),
+                "max_workers": MAX_WORKERS,
+                "workers": [
+                    {key: w[key] for key in ("id", "pid", "state", "activity", "job", "item",
+                                             "tasks_done", "cpu_percent", "memory_bytes", "stalled")}
+                    for w in stats["workers"]
+                ],
+            })
         with self._cond:
             finished = dict(self._finished)
+        open_ids = {pool.id for pool in pools}
         for job_id, record in list(self._jobs.items()):
-            if job_id not in live and not record["finished"]:
+            if record["pool"] not in open_ids:  # its pool was shut down: it drops out with it
+                del self._jobs[job_id]
+            elif job_id not in live and not record["finished"]:
                 self._jobs[job_id] = _finished_record(record, finished.get(job_id), _handle(job_id))
         if self._catch_up:  # jobs that ended before this panel opened
             self._catch_up = False
             for handle in _tracked():
-                if handle.job_id not in self._jobs:
+                if handle.job_id in self._jobs:
+                    continue
+                pool = _pool_of(handle, pools)
+                if pool is not None:
                     with contextlib.suppress(Exception):
-                        self._jobs[handle.job_id] = _record_from_handle(handle)
+                        self._jobs[handle.job_id] = _record_from_handle(handle, pool.id)
         for job_id in sorted(self._jobs)[:-MAX_JOBS]:
             if self._jobs[job_id]["finished"]:
                 del self._jobs[job_id]
@@ -400,20 +448,13 @@ class _Hub:
                 if shown is None or shown["finished"]:
                     del self._finished[job_id]
         jobs = [self._jobs[j] for j in sorted(self._jobs, reverse=True)]
-        payload: dict[str, Any] = {"pool": None, "workers": [], "jobs": jobs}
-        if stats is not None:
-            payload["pool"] = {
-                "backend": stats["backend"], "state": stats["state"],
-                "target_workers": stats["target_workers"], "queued": stats["queued"],
-                "can_pause": False, "pause_reason": PAUSE_UNSUPPORTED, "max_workers": MAX_WORKERS,
-            }
-            payload["workers"] = [
-                {key: w[key] for key in ("id", "pid", "state", "activity", "job", "item",
-                                         "tasks_done", "cpu_percent", "memory_bytes", "stalled")}
-                for w in stats["workers"]
-            ]
         busy = any(not job["finished"] for job in jobs)
-        return payload, busy
+        return {"pools": entries, "jobs": jobs}, busy
+
+    def pool_of_job(self, job_id: int) -> int | None:
+        """The id of the pool a shown job runs on (from any thread: one dict read)."""
+        record = self._jobs.get(job_id)
+        return None if record is None else int(record["pool"])
 
 
 _hub = _Hub()
@@ -438,7 +479,6 @@ def _handle_command(session: _Session, data: Any) -> None:
     if kind == "ack":
         session.last_ack = time.monotonic()
         return
-    pool = _current_pool()
     reply: dict[str, Any] = {"type": "result", "request": kind, "ok": False, "message": ""}
     if kind == "traceback":
         handle = _handle(command["job_id"])
@@ -450,17 +490,46 @@ def _handle_command(session: _Session, data: Any) -> None:
                           "exception": f"{_exception_type(error)}: {_exception_message(error)}",
                           "text": traceback_text(error)})
             return
-    elif pool is None:
-        reply["message"] = "no pool is running"
     elif kind == "cancel":
-        reply["job_id"] = command["job_id"]
-        reply["ok"] = pool.cancel_job(command["job_id"])
-        reply["message"] = "cancelling" if reply["ok"] else f"job {command['job_id']} is not running"
+        job_id = reply["job_id"] = command["job_id"]
+        reply["ok"] = any(pool.cancel_job(job_id) for pool in _pools_to_ask(job_id))
+        reply["message"] = "cancelling" if reply["ok"] else f"job {job_id} is not running"
+    elif kind == "pause":
+        job_id = reply["job_id"] = command["job_id"]
+        reply["paused"] = paused = command["paused"]
+        verb = "pausing" if paused else "resuming"
+        reply["message"] = f"job {job_id} is not running"
+        try:
+            reply["ok"] = any(pool.pause_job(job_id, paused) for pool in _pools_to_ask(job_id))
+        except ValueError as exc:  # this backend (or this job) cannot pause
+            reply["message"] = str(exc)
+        if reply["ok"]:
+            reply["message"] = f"{verb} job {job_id}"
     elif kind == "resize":
-        pool.resize(command["workers"])
-        reply["ok"], reply["message"] = True, f"the pool now keeps {command['workers']} worker(s)"
+        reply["pool"] = command["pool"]
+        pool = _pool_by_id(command["pool"])
+        if pool is None:
+            reply["message"] = f"pool {command['pool']} is not open"
+        elif not pool.capabilities.resize:
+            reply["message"] = _resize_reason(pool)
+        else:
+            try:
+                pool.resize(command["workers"])
+            except Exception as exc:  # closed meanwhile, or the backend refused: say so
+                reply["message"] = f"resizing {pool.name} failed: {exc}"
+            else:
+                reply["ok"] = True
+                reply["message"] = f"{pool.name} now keeps {command['workers']} worker(s)"
     session.send(reply)
     _hub.poke()
+
+
+def _pools_to_ask(job_id: int) -> list[Any]:
+    """The pool the panel shows the job in, else every open pool (job ids are unique in
+    the process, so at most one has it)."""
+    pools = _open_pools()
+    shown = _hub.pool_of_job(job_id)
+    return [pool for pool in pools if pool.id == shown] or pools
 
 
 def _on_open(comm: Any, msg: dict[str, Any]) -> None:

@@ -18,10 +18,14 @@ truth; the event bus wakes the thread when a job finishes and carries what tasks
 
 What a notebook keeps: the widget is displayed with a display id, and when the job ends its
 plain-text form is replaced by the final one-line summary (what a notebook viewer, a saved
-file or ``jupyter execute`` shows where widgets do not render). Task output is written as
-ordinary ``stream`` output of the launching cell (addressed by its parent header), so
-headless runs (nbclient, papermill) save it too; for a job that finished before its cell
-ends, the output and the summary are flushed before the cell completes. While a job runs,
+file or ``jupyter execute`` shows where widgets do not render). While the launching cell
+runs, task output is written as ordinary ``stream`` output of that cell (addressed by its
+parent header), so headless runs (nbclient, papermill) save it too; for a job that finished
+before its cell ends, the output and the summary are flushed before the cell completes. A
+job still running when its cell ends gets a second display in that cell, empty at first:
+what its tasks print later updates it by display id, sent as the cell running then (a
+headless runner reads only that cell, and applies the update to the earlier one; JupyterLab
+applies display updates by id in every cell). See docs/design.md. While a job runs,
 the view greys out and says so if no update came for a few seconds (a restarted kernel
 leaves its widgets behind, and they must not look live).
 
@@ -358,6 +362,11 @@ class JobView:
         self.finished_seen = threading.Event()
         self.widget: Any = None
         self.display: Any = None  # the DisplayHandle, once shown
+        # Set when the launching cell ended with the job still running: from then on task
+        # output goes to ``late``, a display of that cell updated by display id.
+        self.cell_ended = False
+        self.late: Any = None
+        self.late_text = ""
         if widgets:
             self._build()
 
@@ -483,10 +492,10 @@ class JobView:
 
         self.ctx.copy().run(apply)
         if snap.finished and self.display is not None and self.cell != _execution_count():
-            # A front end takes a display update only through the cell that owns the
-            # display (sent above, in its context); a headless runner (nbclient) only while
-            # that cell runs. A job that ends under a later cell: once more for the cell
-            # running now (a front end ignores it there).
+            # A headless runner (nbclient) reads only the cell running now, and applies a
+            # display update found there to the display's earlier cell by its id. A job that
+            # ends under a later cell: once more as that cell (JupyterLab applies both
+            # copies by display id; they are the same).
             self.display.update(self._bundle(snap.line(cancelled)), raw=True)
 
     def _flush_output(self, in_context: bool = True) -> None:
@@ -494,6 +503,13 @@ class JobView:
             return
         batch = self.out.take()
         if not batch:
+            return
+        if self.late is not None:
+            # The launching cell is over: update its display (sent as the cell running now,
+            # the only one a headless runner still reads; a front end applies a display
+            # update by its id, whichever cell carries it).
+            self.late_text += "".join(text for _stream, text in batch)
+            self.late.update({"text/plain": self.late_text}, raw=True)
             return
 
         def apply() -> None:
@@ -512,6 +528,26 @@ class JobView:
         self.closed = True
         _unroute(self)
         self.handle = None  # the finished job's handle may be collected now
+
+    def end_of_cell(self) -> None:
+        """The launching cell ends with the job still running. A headless runner (nbclient,
+        papermill) saves only what arrives for a cell until the kernel is idle after it, so
+        what the tasks print later cannot be stream output of that cell. Instead the cell
+        gets an (empty) display now, which later output updates by its display id, and the
+        widget's text form says how far the job got."""
+        with self._lock:
+            handle = self.handle
+            if handle is None or self.closed or self.cell_ended:
+                return
+            self._flush_output()  # what the tasks printed so far: still the cell's stream output
+            self.cell_ended = True
+            if self.output_mode == "none" or not _kernel_present():
+                return  # no front end: output is printed as it comes (terminal IPython)
+            self.late = self.ctx.copy().run(_show_late_output)
+            if self.display is not None:
+                line = Snapshot(handle).line(bool(handle.cancelled()))
+                bundle = self._bundle(f"{line} · still running when its cell ended")
+                self.ctx.copy().run(self.display.update, bundle, raw=True)
 
     def cancel_pending(self) -> bool:
         """Cancelled, with tasks still stopping: the view stays live (its Kill button)."""
@@ -564,6 +600,23 @@ class JobView:
         if handle is None:
             return ""
         return Snapshot(handle, self.finished_seen.is_set()).line(handle.cancelled())
+
+
+def _show_late_output() -> Any:
+    """An empty display for a job's later task output (see ``JobView.end_of_cell``)."""
+    from IPython.display import display
+
+    return display({"text/plain": ""}, raw=True, display_id=True)  # type: ignore[no-untyped-call]
+
+
+def _kernel_present() -> bool:
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except Exception:
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _execution_count() -> int | None:
@@ -760,10 +813,11 @@ def start_view(handle: Any, **kw: Any) -> JobView:
 
 
 def finish_cell(_result: Any = None) -> None:
-    """``post_run_cell``: jobs of this cell that are over (awaited, or quick) send their
-    last output, final state and summary now, while the cell is still the current one:
-    nbclient and papermill save only what arrives before the cell completes. Jobs still
-    running keep streaming to their cell (JupyterLab shows it)."""
+    """``post_run_cell``: jobs that are over (awaited, or quick; this cell's and earlier
+    ones) send their last output, final state and summary now, while the cell is still the
+    current one: nbclient and papermill save only what arrives before the cell completes.
+    Jobs of this cell still running get a display for what their tasks print later
+    (``JobView.end_of_cell``)."""
     with _routes_lock:
         views = list(_routes.values())  # every open view, this cell's and earlier ones
     for view in views:
@@ -773,6 +827,8 @@ def finish_cell(_result: Any = None) -> None:
         try:
             if handle.done() and not view.cancel_pending():
                 view.finish_now()
+            else:
+                view.end_of_cell()
         except Exception:  # the end of a cell must never fail because of a view
             pass
 

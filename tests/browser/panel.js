@@ -1,13 +1,18 @@
 #!/usr/bin/env node
 // Drives the Orchestra side panel in JupyterLab (or Notebook 7) with Debian's headless chromium:
 // runs the notebook's cells one by one, opens the panel, watches a background job's count rise,
-// cancels it and resizes the pool from the panel, and counts the panel comm's websocket frames
-// while 10 jobs run. Prints one JSON result line on stdout (exit 0 ok, 1 failed, 2 bad config).
+// cancels it and resizes the default pool from the panel, pauses a job (its count stops while
+// another job runs) and resumes it, watches a second pool appear in its own section and resizes
+// that one, counts the panel comm's websocket frames while 10 jobs run, and sees the second pool
+// drop out once it is shut down. Prints one JSON result line on stdout (exit 0 ok, 1 failed,
+// 2 bad config).
 //
 // Usage: node panel.js CONFIG   (a JSON string or file) with keys url, token, notebook (relative to
 // the server root), ui ('lab' or 'notebook'), screenshot, docs_screenshot (optional), chromium.
-// The notebook's cells: 0 set-up (%load_ext, pool ready), 1 a background map `bg`,
-// 2 ten background maps `jobs`, 3 `bg` and `jobs` final state printed as JSON.
+// The notebook's cells (test_panel_browser.py's CELLS): 0 set-up (%load_ext, pool ready), 1 a
+// background map `bg`, 2 a background map `bg2` (paused and resumed), 3 a short map `check` run
+// to its end while `bg2` is paused, 4 a pool `side` with a background map, 5 ten background maps
+// `jobs`, 6 `side` shut down, 7 the final state printed as JSON.
 'use strict';
 const fs = require('fs');
 const os = require('os');
@@ -61,6 +66,7 @@ async function main() {
   const result = {
     ok: false, phase: 'launch', message: '', ui: cfg.ui, counts_seen: [], cancelled_status: null, cell_label: null,
     workers_before: null, workers_after: null, rate: null, frames: 0, window_s: null, jobs_seen: 0,
+    paused: null, resumed: null, pools_seen: null, side: null, pools_after_shutdown: null,
     final: null, console_errors: [], screenshot: cfg.screenshot, elapsed_s: 0,
   };
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'orchestra-chromium-'));
@@ -122,6 +128,23 @@ async function main() {
     }
     const panel = page.locator('#orchestra-nb-panel');
     await panel.waitFor({ state: 'visible', timeout: TIMEOUT });
+    const DEFAULT = '#orchestra-nb-panel .orchestra-pool[data-default="true"]';
+    const SIDE = '#orchestra-nb-panel .orchestra-pool[data-pool-name="side"]';
+    const READY = '.orchestra-worker[data-activity="idle"], .orchestra-worker[data-activity="busy"]';
+    const readyIn = (section, n) => page.waitForFunction(([sel, n]) => {
+      const s = document.querySelector(sel);
+      return s && s.querySelectorAll('.orchestra-worker[data-activity="idle"], .orchestra-worker[data-activity="busy"]').length === n;
+    }, [section, n], { timeout: TIMEOUT, polling: 50 });
+    // the newest job row of a pool's section that is not one of `known`: its job id
+    const newJob = async (section, known) => {
+      const handle = await page.waitForFunction(([sel, known]) => {
+        const row = [...document.querySelectorAll(`${sel} .orchestra-job`)].find((r) => !known.includes(r.dataset.jobId));
+        return row ? row.dataset.jobId : null;
+      }, [section, known], { timeout: TIMEOUT, polling: 50 });
+      return handle.jsonValue();
+    };
+    const jobRow = (id) => panel.locator(`.orchestra-job[data-job-id="${id}"]`);
+    const jobCount = async (id) => (await jobRow(id).locator('.orchestra-job-count').textContent()).trim();
     if (cfg.ui === 'lab') {
       // widen the right sidebar (drag its split handle) so the screenshots show every column
       const handle = page.locator('#jp-main-split-panel > .lm-SplitPanel-handle:not(.lm-mod-hidden)').last();
@@ -141,11 +164,12 @@ async function main() {
     commId = await panel.getAttribute('data-comm-id');
     await page.waitForFunction(() => document.querySelectorAll('#orchestra-nb-panel .orchestra-worker').length > 0,
       null, { timeout: TIMEOUT, polling: 50 });
-    result.workers_before = await panel.locator('.orchestra-worker').count();
+    result.workers_before = await page.locator(`${DEFAULT} .orchestra-worker`).count();
 
     result.phase = 'background-map';
     await runCell(1);
-    const job = panel.locator('.orchestra-job').first();
+    const bgId = await newJob(DEFAULT, []);
+    const job = jobRow(bgId);
     await job.waitFor({ timeout: TIMEOUT });
     const count = job.locator('.orchestra-job-count');
     // the count rises: wait for three different values
@@ -160,10 +184,10 @@ async function main() {
 
     result.phase = 'cancel';
     await job.locator('.orchestra-cancel').click();
-    await page.waitForFunction(() => {
-      const row = document.querySelector('#orchestra-nb-panel .orchestra-job');
+    await page.waitForFunction((id) => {
+      const row = document.querySelector(`#orchestra-nb-panel .orchestra-job[data-job-id="${id}"]`);
       return row && row.dataset.status !== 'running';
-    }, null, { timeout: TIMEOUT, polling: 50 });
+    }, bgId, { timeout: TIMEOUT, polling: 50 });
     result.cancelled_status = await job.getAttribute('data-status');
     // the cell's own progress widget ends cancelled too
     await page.waitForFunction((sel) => {
@@ -174,44 +198,89 @@ async function main() {
 
     result.phase = 'resize';
     const target = result.workers_before + 1;
-    await panel.locator('.orchestra-resize-input').fill(String(target));
-    await panel.locator('.orchestra-resize-button').click();
-    await page.waitForFunction((n) => {
-      const rows = document.querySelectorAll('#orchestra-nb-panel .orchestra-worker');
-      const ready = [...rows].filter((r) => ['idle', 'busy'].includes(r.dataset.activity));
-      return ready.length === n;
-    }, target, { timeout: TIMEOUT, polling: 50 });
-    result.workers_after = await panel.locator('.orchestra-worker[data-activity="idle"], .orchestra-worker[data-activity="busy"]').count();
+    await page.locator(`${DEFAULT} .orchestra-resize-input`).fill(String(target));
+    await page.locator(`${DEFAULT} .orchestra-resize-button`).click();
+    await readyIn(DEFAULT, target);
+    result.workers_after = await page.locator(`${DEFAULT}`).locator(READY).count();
+
+    result.phase = 'pause';
+    await runCell(2);
+    const bg2Id = await newJob(DEFAULT, [bgId]);
+    const bg2 = jobRow(bg2Id);
+    const pause = bg2.locator('.orchestra-pause');
+    result.paused = { title_before: await pause.getAttribute('title'), label_before: (await pause.textContent()).trim() };
+    await pause.click();
+    // the job's state says paused, and once its running tasks are done none runs
+    await page.waitForFunction((id) => {
+      const row = document.querySelector(`#orchestra-nb-panel .orchestra-job[data-job-id="${id}"]`);
+      return row && row.dataset.paused === 'true' && !/running/.test(row.querySelector('.orchestra-job-states').textContent);
+    }, bg2Id, { timeout: TIMEOUT, polling: 50 });
+    result.paused.status = await bg2.getAttribute('data-status');
+    result.paused.label = (await pause.textContent()).trim();
+    result.paused.count = await jobCount(bg2Id);
+    // another job runs to its end on the same workers meanwhile: the paused count stays put
+    await runCell(3);
+    const checkId = await newJob(DEFAULT, [bgId, bg2Id]);
+    await page.waitForFunction((id) => {
+      const row = document.querySelector(`#orchestra-nb-panel .orchestra-job[data-job-id="${id}"]`);
+      return row && row.dataset.status === 'done';
+    }, checkId, { timeout: TIMEOUT, polling: 50 });
+    result.paused.count_after_other_job = await jobCount(bg2Id);
+    result.paused.status_after_other_job = await bg2.getAttribute('data-status');
+
+    result.phase = 'second-pool';
+    await runCell(4);
+    await page.locator(SIDE).waitFor({ timeout: TIMEOUT });
+    result.pools_seen = await page.$$eval('#orchestra-nb-panel .orchestra-pool', (ss) => ss.map((s) => s.dataset.poolName));
+    const sideJobId = await newJob(SIDE, []);
+    await readyIn(SIDE, 1);
+    await page.locator(`${SIDE} .orchestra-resize-input`).fill('2');
+    await page.locator(`${SIDE} .orchestra-resize-button`).click();
+    await readyIn(SIDE, 2);
+    result.side = {
+      job_in_side: await page.locator(`${SIDE} .orchestra-job[data-job-id="${sideJobId}"]`).count(),
+      job_in_default: await page.locator(`${DEFAULT} .orchestra-job[data-job-id="${sideJobId}"]`).count(),
+      side_workers: await page.locator(SIDE).locator(READY).count(),
+      default_workers: await page.locator(DEFAULT).locator(READY).count(),
+    };
+    // for the README's picture: two pools, a paused job, a cancelled one, one under way
+    if (cfg.docs_screenshot) await page.screenshot({ path: cfg.docs_screenshot });
+
+    result.phase = 'resume';
+    await pause.click();
+    await page.waitForFunction((id) => {
+      const row = document.querySelector(`#orchestra-nb-panel .orchestra-job[data-job-id="${id}"]`);
+      return row && row.dataset.status === 'done';
+    }, bg2Id, { timeout: 2 * TIMEOUT, polling: 50 });
+    result.resumed = { count: await jobCount(bg2Id), paused: await bg2.getAttribute('data-paused') };
 
     result.phase = 'ten-jobs';
-    await runCell(2);
+    await runCell(5);
     // the window: from the moment the panel lists the ten jobs running until the first state
     // that shows them all finished
-    await page.waitForFunction(() =>
-      document.querySelectorAll('#orchestra-nb-panel .orchestra-job[data-status="running"]').length === 10,
-    null, { timeout: TIMEOUT, polling: 20 });
+    await page.waitForFunction((sel) =>
+      document.querySelectorAll(`${sel} .orchestra-job[data-status="running"]`).length === 10,
+    DEFAULT, { timeout: TIMEOUT, polling: 20 });
     const start = Date.now();
     const startFrames = frames.length;
-    // for the README's picture: some jobs done, some under way
-    await page.waitForFunction(() => {
-      const rows = [...document.querySelectorAll('#orchestra-nb-panel .orchestra-job')].slice(0, 10);
-      const started = rows.filter((r) => !/^0\//.test(r.querySelector('.orchestra-job-count').textContent));
-      return started.length >= 3 && rows.some((r) => r.dataset.status === 'running');
-    }, null, { timeout: TIMEOUT, polling: 50 });
-    if (cfg.docs_screenshot) await page.screenshot({ path: cfg.docs_screenshot });
-    await page.waitForFunction(() =>
-      document.querySelectorAll('#orchestra-nb-panel .orchestra-job[data-status="running"]').length === 0,
-    null, { timeout: 2 * TIMEOUT, polling: 20 });
+    await page.waitForFunction((sel) =>
+      document.querySelectorAll(`${sel} .orchestra-job[data-status="running"]`).length === 0,
+    DEFAULT, { timeout: 2 * TIMEOUT, polling: 20 });
     const end = Date.now();
     result.frames = frames.filter((t) => t >= start && t <= end).length;
     result.window_s = (end - start) / 1000;
     result.rate = result.frames / result.window_s;
     result.frames_total = frames.length - startFrames;
-    result.jobs_seen = await panel.locator('.orchestra-job').count();
+    result.jobs_seen = await page.locator(`${DEFAULT} .orchestra-job`).count();
+
+    result.phase = 'shutdown-second-pool';
+    await runCell(6);
+    await page.locator(SIDE).waitFor({ state: 'detached', timeout: TIMEOUT });
+    result.pools_after_shutdown = await page.$$eval('#orchestra-nb-panel .orchestra-pool', (ss) => ss.map((s) => s.dataset.poolName));
 
     result.phase = 'final';
-    await runCell(3);
-    const out = await cell(3).locator('.jp-OutputArea-output').first().textContent();
+    await runCell(7);
+    const out = await cell(7).locator('.jp-OutputArea-output').first().textContent();
     result.final = JSON.parse(out.trim());
     result.ok = true;
     result.phase = 'done';

@@ -1,6 +1,8 @@
 """The Orchestra side panel (labextension/) in real JupyterLab, and Notebook 7, in headless
 chromium: a background job appears with a rising count, Cancel in the panel cancels it (the
-cell's widget agrees), Resize changes the workers, and the panel's comm carries < 20 messages/s
+cell's widget agrees), Resize changes the workers, Pause stops a job's count (while another job
+runs to its end) and Resume lets it finish, a second pool gets its own section (its workers, its
+job, its Resize) and drops out once shut down, and the panel's comm carries < 20 messages/s
 while 10 jobs run. Setup: .ci/browser-setup.sh; the extension comes with `pip install -e .`."""
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ CELLS = [
     "orchestra.default_pool().wait_started(60)",
     "import time\n\ndef slow(i, dt):\n    time.sleep(dt)\n    return i\n\n"
     "bg = orchestra.map(slow, range(2000), [0.05] * 2000, chunksize=1)",
+    "bg2 = orchestra.map(slow, range(400), [0.05] * 400, chunksize=1)",
+    "check = orchestra.map(slow, range(30), [0.01] * 30, chunksize=1)\ncheck.wait_finished(60)",
+    "side = orchestra.Pool(1, name='side')\nside.wait_started(60)\n"
+    "side_job = side.map(slow, range(400), [0.05] * 400, chunksize=1)",
     "jobs = [orchestra.map(slow, range(40), [0.03] * 40, chunksize=1) for _ in range(10)]",
+    "side.shutdown(cancel_pending=True)",
     "import json\nfor h in jobs:\n    h.wait_finished(60)\n"
     "print(json.dumps({'bg_cancelled': bg.cancelled(), 'bg_finished': bg.finished(),\n"
+    "                  'bg2_ok': bg2.result(60) == list(range(400)) and not bg2.paused,\n"
+    "                  'check_ok': check.result(60) == list(range(30)),\n"
     "                  'jobs_ok': [h.done() and not h.cancelled() for h in jobs],\n"
-    "                  'workers': orchestra.default_pool().workers}))",
+    "                  'workers': orchestra.default_pool().workers, 'side': side.state,\n"
+    "                  'pools': [p.name for p in orchestra.pools()]}))",
 ]
 
 
@@ -72,8 +82,23 @@ def _check(result: dict[str, Any], screenshot: Path) -> None:
     assert result["cancelled_status"] == "cancelled"
     assert "cancelled in" in result["cell_label"], result["cell_label"]
     assert (result["workers_before"], result["workers_after"]) == (2, 3)
-    assert result["jobs_seen"] >= 11  # the ten jobs and the cancelled one, all listed
-    assert result["final"] == {"bg_cancelled": True, "bg_finished": True, "jobs_ok": [True] * 10, "workers": 3}
+    # Pause: the button was enabled, the job's state showed it paused, and its count did not
+    # move while another job ran to its end on the same workers; Resume let it finish.
+    paused = result["paused"]
+    assert paused["label_before"] == "Pause" and paused["title_before"].startswith("Pause this job"), paused
+    assert (paused["status"], paused["label"]) == ("paused", "Resume"), paused
+    assert re.fullmatch(r"\d+/400", paused["count"]) and paused["count"] != "400/400", paused
+    assert paused["count_after_other_job"] == paused["count"], paused
+    assert paused["status_after_other_job"] == "paused", paused
+    assert result["resumed"] == {"count": "400/400", "paused": "false"}, result["resumed"]
+    # Every open pool in its own section; Resize applied to the pool chosen only.
+    assert result["pools_seen"] == ["default", "side"], result["pools_seen"]
+    assert result["side"] == {"job_in_side": 1, "job_in_default": 0, "side_workers": 2, "default_workers": 3}
+    assert result["pools_after_shutdown"] == ["default"]
+    assert result["jobs_seen"] >= 13  # the ten jobs, the cancelled one, the paused one, the check
+    assert result["final"] == {
+        "bg_cancelled": True, "bg_finished": True, "bg2_ok": True, "check_ok": True,
+        "jobs_ok": [True] * 10, "workers": 3, "side": "closed", "pools": ["default"]}
     print(f"panel ({result['ui']}): {result['frames']} comm frames in {result['window_s']:.2f} s "
           f"with 10 jobs running = {result['rate']:.1f}/s")
     assert result["frames"] >= 2, "no panel traffic seen while the jobs ran"

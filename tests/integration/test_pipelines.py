@@ -34,10 +34,6 @@ from orchestra_nb import (
 )
 from orchestra_nb.testing import EventRecorder, wait_for
 
-# Composites and schedules gate tasks from other threads (the driver, the scheduler): the
-# inline backend runs a task only in the thread that waits for it.
-pytestmark = pytest.mark.local_only("tasks gated from other threads")
-
 HANG_GUARD = 30.0
 FINAL = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
 
@@ -176,6 +172,7 @@ def test_parallel_results_in_the_order_given(pool: orchestra.Pool) -> None:
 
 
 @pytest.mark.pool_options(workers=4)
+@pytest.mark.local_only("the limit is checked with children running at once")
 def test_parallel_limit_two_never_more_than_two_running(pool: orchestra.Pool, tmp_path: Path) -> None:
     n = 5
     with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
@@ -239,6 +236,7 @@ def test_failing_map_step(pool: orchestra.Pool) -> None:
     assert isinstance(info.value.__cause__, ValueError)
 
 
+@pytest.mark.local_only("a sibling running at the same time is interrupted")
 def test_parallel_fails_fast_and_cancels_running_siblings(pool: orchestra.Pool, tmp_path: Path) -> None:
     with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
         h = Parallel(Task(wait_forever, 0, str(tmp_path)), Sequence(
@@ -298,10 +296,13 @@ def test_map_without_input_fails_naming_the_step(pool: orchestra.Pool) -> None:
     assert info.value.step == "s / 0:map(inc)"
 
 
-async def test_await_a_composite_and_cancel_it_by_cancelling_the_await(
-    apool: orchestra.Pool, tmp_path: Path
-) -> None:
+async def test_await_a_composite(apool: orchestra.Pool) -> None:
     assert await Sequence(Task(inc, 1), Task(double)).run(apool) == 4
+    assert await Parallel(Task(inc, 1), Map(square, [1, 2])).run(apool) == [2, [1, 4]]
+
+
+@pytest.mark.local_only("two parts running at once are interrupted")
+async def test_cancel_a_composite_by_cancelling_the_await(apool: orchestra.Pool, tmp_path: Path) -> None:
     with EventRecorder(apool, types=(JobStarted, TaskStateChanged)) as rec:
         h = Parallel(Task(wait_forever, 0, str(tmp_path)), Task(wait_forever, 1, str(tmp_path))).run(apool)
         waiter = asyncio.ensure_future(h)
@@ -317,6 +318,7 @@ async def test_await_a_composite_and_cancel_it_by_cancelling_the_await(
     assert h.state is TaskState.CANCELLED and h.cancelled()
 
 
+@pytest.mark.local_only("two parts running at once are interrupted")
 def test_cancel_a_composite_cancels_every_part(pool: orchestra.Pool, tmp_path: Path) -> None:
     with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
         h = Sequence(Parallel(Task(wait_forever, 0, str(tmp_path)), Task(wait_forever, 1, str(tmp_path))),
@@ -346,6 +348,7 @@ def test_a_handle_as_argument_is_awaited_first(pool: orchestra.Pool, tmp_path: P
         wait_for(lambda: second.state is TaskState.SCHEDULED, HANG_GUARD, what="SCHEDULED")
         release(tmp_path, 3)
         assert second.result(HANG_GUARD) == 13
+        rec.wait(lambda e: isinstance(e, JobStarted) and e.name == "add", HANG_GUARD)  # delivered later
         names = [e.name for e in rec.of(JobStarted)]
         assert names.index("gated") < names.index("add")
     # a map over a handle's result, a step as an argument, a keyword argument
@@ -363,6 +366,7 @@ def test_a_failed_dependency_fails_the_call_naming_the_argument(pool: orchestra.
     assert isinstance(info.value.__cause__, ValueError)
 
 
+@pytest.mark.local_only("the argument runs in a worker while the test cancels the call waiting for it")
 def test_cancelling_a_waiting_call_leaves_its_argument_running(pool: orchestra.Pool, tmp_path: Path) -> None:
     first = pool.run(gated, 0, str(tmp_path))
     waiting = pool.run(inc, first)
@@ -479,6 +483,7 @@ def test_pause_a_composite_starts_nothing_until_resumed(pool: orchestra.Pool, tm
         assert gated_starts[0] < paused_until < gated_starts[1]  # nothing started while paused
 
 
+@pytest.mark.local_only("two items running at once while the map is paused")
 def test_pause_a_map_hands_out_no_new_item(pool: orchestra.Pool, tmp_path: Path) -> None:
     d = str(tmp_path)
     with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
@@ -532,6 +537,7 @@ def test_every_task_of_a_composite_goes_through_one_breaker(pool: orchestra.Pool
 # --- the threads' shutdown path ------------------------------------------------------------------------
 
 
+@pytest.mark.local_only("a running task is interrupted")
 def test_closing_the_driver_cancels_what_runs_and_it_starts_again(pool: orchestra.Pool, tmp_path: Path) -> None:
     with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
         h = Sequence(Task(wait_forever, 0, str(tmp_path)), Task(inc)).run(pool, on_error=lambda e: None)

@@ -464,3 +464,57 @@ def test_an_argument_too_large_for_a_frame_and_for_a_file_fails_naming_why() -> 
     assert "cannot send the arguments of task 0 to a worker" in out
     assert "File too large" in out
     assert out.splitlines()[-1] == "5"  # the pool serves on
+
+
+LATER_MODULE = '''
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+def triple(x):
+    return 3 * (x.value if isinstance(x, Box) else x)
+
+def where():
+    return __file__
+'''
+
+
+def test_a_directory_added_to_sys_path_after_the_pool_started_reaches_the_workers(
+    pool: orchestra.Pool, tmp_path: Path
+) -> None:
+    assert pool.map(abs, [-1, -2]).result(timeout=HANG_GUARD) == [1, 2]  # workers started
+    (tmp_path / "added_later_mod.py").write_text(LATER_MODULE)
+    sys.path.append(str(tmp_path))
+    try:
+        import added_later_mod  # type: ignore[import-not-found]
+
+        assert pool.map(added_later_mod.triple, range(4)).result(timeout=HANG_GUARD) == [0, 3, 6, 9]
+        assert pool.run(added_later_mod.triple, added_later_mod.Box(5)).result(timeout=HANG_GUARD) == 15
+        where = pool.run(added_later_mod.where).result(timeout=HANG_GUARD)
+        assert where == str(tmp_path / "added_later_mod.py")
+        boxes = pool.map(added_later_mod.Box, range(3)).result(timeout=HANG_GUARD)
+        assert [b.value for b in boxes] == [0, 1, 2]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("added_later_mod", None)
+
+
+def path_of_worker() -> list[str]:
+    return list(sys.path)
+
+
+def adds_to_path(entry: str) -> None:
+    sys.path.append(entry)
+
+
+def test_sys_path_follows_the_pool_and_keeps_what_tasks_added(tmp_path: Path) -> None:
+    with orchestra.Pool(workers=1) as pool:
+        pool.run(adds_to_path, "/task/added").result(timeout=HANG_GUARD)
+        sys.path.insert(0, str(tmp_path))
+        try:
+            seen = pool.run(path_of_worker).result(timeout=HANG_GUARD)
+            assert seen[0] == str(tmp_path) and "/task/added" in seen
+        finally:
+            sys.path.remove(str(tmp_path))
+        seen = pool.run(path_of_worker).result(timeout=HANG_GUARD)
+        assert str(tmp_path) not in seen and "/task/added" in seen

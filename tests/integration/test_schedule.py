@@ -20,10 +20,6 @@ import orchestra_nb as orchestra
 from orchestra_nb import JobStarted, Map, Scheduler, Sequence, Task, TaskState
 from orchestra_nb.testing import EventRecorder, FakeClock, wait_for
 
-# Composites and schedules gate tasks from other threads (the driver, the scheduler): the
-# inline backend runs a task only in the thread that waits for it.
-pytestmark = pytest.mark.local_only("tasks gated from other threads")
-
 HANG_GUARD = 30.0
 WALL = datetime.datetime(2030, 1, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -164,6 +160,7 @@ def test_cancel_before_it_starts(pool: orchestra.Pool, clock: FakeClock, schedul
         assert len(rec.of(JobStarted)) == 1
 
 
+@pytest.mark.local_only("the running run is interrupted")
 def test_cancel_stops_a_running_periodic_task(pool: orchestra.Pool, clock: FakeClock,
                                               scheduler: Scheduler, tmp_path: Path) -> None:
     h = scheduler.every(10, gated, 0, str(tmp_path), pool=pool)

@@ -125,6 +125,25 @@ class Kernel:
                 out.append(str(c["data"].get("text/plain", "")) + "\n")
         return "".join(out)
 
+    def late_output(self, mid: str) -> str:
+        """What cell ``mid``'s jobs printed after the cell ended: the latest text of its
+        displays without a widget (each job still running at the cell's end has one, which
+        later output updates by display id, whichever cell the update comes with)."""
+        ids = [
+            m["content"]["transient"]["display_id"]
+            for m in self.for_cell(mid)
+            if m["msg_type"] == "display_data"
+            and "application/vnd.jupyter.widget-view+json" not in m["content"]["data"]
+            and m["content"].get("transient", {}).get("display_id")
+        ]
+        latest = dict.fromkeys(ids, "")
+        for _, m in self.snapshot():
+            if m["msg_type"] in ("display_data", "update_display_data"):
+                display_id = m["content"].get("transient", {}).get("display_id")
+                if display_id in latest:
+                    latest[display_id] = m["content"]["data"].get("text/plain", "")
+        return "".join(latest.values())
+
     def wait_for(
         self, pred: Callable[[dict[str, Any]], bool], timeout: float = 30
     ) -> dict[str, Any]:

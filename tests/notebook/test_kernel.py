@@ -288,20 +288,26 @@ def test_task_prints_arrive_under_the_launching_cell(kernel: Kernel) -> None:
     mid1, _ = k.execute("h = orchestra.map(chatty, range(30), chunksize=1)")
     mid2, _ = k.execute("time.sleep(0.3)\nprint('cell two')")  # runs while the job prints
     k.execute("await h")
-    # Ordinary stream output of the launching cell (saved by headless runs too), each line
-    # tagged with its worker and item; none of it in cell two.
+    # All of it under the launching cell, each line tagged with its worker and item: while
+    # the cell ran, as its stream output; after it ended, in its display for later output
+    # (both saved by headless runs too). None of it in cell two.
+    def printed() -> str:
+        return k.stream(mid1) + k.late_output(mid1)
+
     deadline = time.monotonic() + 30
-    while not all(f"] out-{i}\n" in k.stream(mid1, "stdout") for i in range(30)):
-        assert time.monotonic() < deadline, k.stream(mid1)
-        time.sleep(0.01)
-    while not all(f"] err-{i}\n" in k.stream(mid1, "stderr") for i in range(30)):
-        assert time.monotonic() < deadline, k.stream(mid1)
+    while not all(f"] out-{i}\n" in printed() and f"] err-{i}\n" in printed() for i in range(30)):
+        assert time.monotonic() < deadline, printed()
         time.sleep(0.01)
     for i in range(30):
-        assert f"item {i}] out-{i}\n" in k.stream(mid1, "stdout")
-    lines = k.stream(mid1, "stdout").splitlines()
+        assert f"item {i}] out-{i}\n" in printed()
+    assert k.late_output(mid1), "the job ran on after its cell"
+    assert not [line for line in k.stream(mid1, "stdout").splitlines() if "err-" in line]
+    assert not [line for line in k.stream(mid1, "stderr").splitlines() if "out-" in line]
+    lines = printed().splitlines()
     assert all(line.startswith("[w") and " item " in line for line in lines), lines[:3]
+    assert printed().count("out-") == 30 and printed().count("err-") == 30
     assert "out-" not in k.stream(mid2) and k.stream(mid2) == "cell two\n"
+    assert k.late_output(mid2) == ""
 
     # A flood is capped (200 lines per job) and rate-limited.
     mid3, _ = k.execute(

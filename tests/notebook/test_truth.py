@@ -153,15 +153,23 @@ def test_one_widget_per_job_and_its_saved_text_is_the_final_state(kernel: Kernel
     # The handle is the cell's value: still one widget.
     mid, _ = k.execute("h = orchestra.map(slow, range(40), chunksize=1, return_exceptions=True)\nh")
     assert len(k.comms(mid, "HTMLModel")) == 1 and len(k.comms(mid, "ButtonModel")) == 1
-    shown = [m for m in k.for_cell(mid) if m["msg_type"] == "display_data"]
+    shown = [m for m in k.for_cell(mid) if m["msg_type"] == "display_data"
+             and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
     assert len(shown) == 1 and not [m for m in k.for_cell(mid) if m["msg_type"] == "execute_result"]
     display_id = shown[0]["content"]["transient"]["display_id"]
     k.execute("r = await h")
     # When the job ends, the display's text form (what a saved notebook keeps where the
-    # widget cannot render) becomes the final state, in one line.
+    # widget cannot render) becomes the final state, in one line (at the cell's end, it
+    # said how far the job had got).
+    updates = [m["content"]["data"]["text/plain"] for m in k.for_cell(mid)
+               if m["msg_type"] == "update_display_data"
+               and m["content"]["transient"]["display_id"] == display_id]
+    assert updates and updates[0].endswith(" · still running when its cell ended"), updates
+    assert updates[0].startswith("[") and "slow: " in updates[0] and "\n" not in updates[0]
     update = k.wait_for(
         lambda m: m["msg_type"] == "update_display_data"
         and m["content"]["transient"]["display_id"] == display_id
+        and "still running" not in m["content"]["data"]["text/plain"]
     )
     text = update["content"]["data"]["text/plain"]
     assert "\n" not in text and text.startswith("[")

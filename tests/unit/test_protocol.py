@@ -30,6 +30,7 @@ SAMPLES = [
     proto.Heartbeat(3, True),
     *([proto.Release(("buf-a", "buf-b"))] if hasattr(proto, "Release") else []),
     proto.Spilled("buf-w1-spill-abc", (100, 200)),
+    proto.SysPath(("/a", "/b")),
 ]
 
 
