@@ -511,6 +511,7 @@ def test_pause_a_map_hands_out_no_new_item(pool: orchestra.Pool, tmp_path: Path)
         assert h.result(HANG_GUARD) == list(range(6))
 
 
+@pytest.mark.local_only("two workers held by gates opened from the test thread")
 def test_a_call_on_every_worker_cannot_be_paused(pool: orchestra.Pool, tmp_path: Path) -> None:
     h = pool.run_on_all(gated, 0, str(tmp_path))
     with pytest.raises(ValueError, match=rf"job {h.job_id} \(on all workers: gated\) runs on chosen workers"):
