@@ -139,51 +139,49 @@ def test_the_checker_sees_imports() -> None:
     assert "_pool" not in dict(runtime_imports(PACKAGE / "_handles.py")).values()  # TYPE_CHECKING
 
 
+HEAVY = ("IPython", "ipywidgets", "ipykernel", "dask", "distributed", "joblib", "sklearn")
+
+
+def loaded_modules(code: str, wanted: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; return the loaded modules that ``wanted`` (an
+    expression over ``m``, a module name) selects."""
+    script = f"import json, sys\n{code}print(json.dumps(sorted(m for m in sys.modules if {wanted})))\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
 def test_import_loads_no_notebook_stack() -> None:
     code = (
-        "import json, sys\n"
         "import orchestra_nb\n"
         "orchestra_nb.Pool, orchestra_nb.map, orchestra_nb.TaskState, orchestra_nb.RetryPolicy\n"
         "orchestra_nb.Executor\n"
         "import orchestra_nb._worker\n"
-        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed', 'joblib', 'sklearn')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == []
+    assert loaded_modules(code, f"m.split('.')[0] in {HEAVY!r}") == []
 
 
 def test_using_a_pool_loads_no_notebook_stack() -> None:
     code = (
-        "import json, sys\n"
         "import orchestra_nb as orchestra\n"
         "with orchestra.Pool(workers=1) as p:\n"
         "    assert p.map(abs, [-1, -2]).result(60) == [1, 2]\n"
         "    with orchestra.Executor(pool=p) as ex:\n"
         "        assert ex.submit(abs, -3).result(60) == 3\n"
-        "heavy = ('IPython', 'ipywidgets', 'ipykernel', 'dask', 'distributed', 'joblib', 'sklearn')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert loaded_modules(code, f"m.split('.')[0] in {HEAVY!r}") == []
 
 
 def test_an_uncached_pool_loads_no_result_store() -> None:
     # The store's sqlite3 and importlib.metadata cost tens of ms of every cold start; only a
     # call that asks for the cache may pay for them.
     code = (
-        "import json, sys\n"
         "import orchestra_nb as orchestra\n"
         "orchestra.configure(workers=1)\n"
         "with orchestra.Pool(workers=1) as p:\n"
         "    assert p.map(abs, [-1, -2]).result(60) == [1, 2]\n"
         "    assert p.run(abs, -3).result(60) == 3\n"
-        "store = ('sqlite3', 'importlib.metadata', 'orchestra_nb._cache', 'orchestra_nb._store')\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m in store)))\n"
         "orchestra.shutdown()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    store = ("sqlite3", "importlib.metadata", "orchestra_nb._cache", "orchestra_nb._store")
+    assert loaded_modules(code, f"m in {store!r}") == []
