@@ -110,6 +110,11 @@ class _LoopHub:
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 self._ready.clear()
 
+    def deliver_pending(self) -> None:
+        """On the loop's thread: deliver what was handed over so far, without waiting for
+        the scheduled delivery (which then finds nothing, or what came after)."""
+        self._deliver()
+
     def _deliver(self) -> None:
         self._scheduled = False
         ready = self._ready
@@ -387,6 +392,11 @@ class TaskHandle(_Handle, Generic[T]):
                     # Until the job is done, not ``aio``: a result read by the I/O thread
                     # reaches ``aio`` only through this loop.
                     self._drain.busy_poll(self._future.done)
+            if not aio.done() and self._future.done():
+                # Done, but read on the I/O thread (under load it may take the socket back
+                # from a poll, or read it after a send of its own): its hand-over to this
+                # loop is queued; take it now rather than after a turn of the loop.
+                self._hub.deliver_pending()
             if not aio.done():
                 self._asyncio_future_blocking = True
                 yield self  # the Task waits for our done callbacks
