@@ -1065,11 +1065,12 @@ class PoolCore:
         """The chunk's message has a frame above the frame limit, and the file that would
         carry it could not be written (ENOSPC...): its tasks fail, naming that."""
         self._discard(names)
-        self._fail_range(job, chunk, SerializationError(
+        err = SerializationError(
             f"cannot send the {what} of {proto.task_range(chunk.start, chunk.count)} to "
             f"a worker: a frame carries at most {self.frame_limit:,} bytes, and writing the "
             f"message to {self.run_dir} failed: {type(exc).__name__}: {exc}"
-        ))
+        )
+        self._fail_range(job, chunk, err)
         job.progress()
         return True
 

@@ -576,9 +576,7 @@ def _write_shm(shm_dir: str, raw: memoryview) -> str:
     return name
 
 
-def _map_shm(
-    shm_dir: str, name: str, on_release: Callable[[str], object] | None = None
-) -> mmap.mmap:
+def _map_shm(shm_dir: str, name: str, on_release: Callable[[str], object] | None = None) -> mmap.mmap:
     path = os.path.join(shm_dir, _safe_name(name))
     try:
         mm = _map_file(path)

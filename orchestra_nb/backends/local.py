@@ -97,8 +97,12 @@ def _total_memory() -> int:
 class LocalBackend(Backend):
     name = "local"
     capabilities = Capabilities(
-        interrupt_running=True, run_on_all=True, shared_memory=True, in_process=False,
-        resize=True, pinning=True,
+        interrupt_running=True,
+        run_on_all=True,
+        shared_memory=True,
+        in_process=False,
+        resize=True,
+        pinning=True,
     )
 
     def __init__(self, options: PoolOptions, events: EventBus) -> None:
@@ -174,8 +178,11 @@ class LocalBackend(Backend):
 
         async def submit() -> None:
             core = self._core
-            job.targets = [w.id for w in core.workers.values()
-                           if w.state in (WorkerState.STARTING, WorkerState.READY) and not w.retire]
+            job.targets = [
+                w.id
+                for w in core.workers.values()
+                if w.state in (WorkerState.STARTING, WorkerState.READY) and not w.retire
+            ]
             assert isinstance(job.source, Iterator)  # the API's [item]
             item = next(job.source)
             job.source = iter([item] * len(job.targets))

@@ -137,8 +137,9 @@ def test_inline_stream_cannot_be_moved_out() -> None:
         proto.decode(KEY, [first[: proto.MAC_SIZE] + moved, b"payload"])
 
 
-@pytest.mark.parametrize("size", [proto.SMALL_MAC_LIMIT - 1, proto.SMALL_MAC_LIMIT,
-                                  proto.SMALL_MAC_LIMIT + 1, 70_000])
+@pytest.mark.parametrize(
+    "size", [proto.SMALL_MAC_LIMIT - 1, proto.SMALL_MAC_LIMIT, proto.SMALL_MAC_LIMIT + 1, 70_000]
+)
 def test_mac_either_side_of_the_limit(size: int) -> None:
     """Both ends pick the MAC (keyed BLAKE2b, HMAC-SHA256) from the signed length."""
     header = pickle.dumps((1, 2), protocol=5)
