@@ -402,7 +402,10 @@ def decode_message(key: bytes, frames: Sequence[Frame], spill_dir: str) -> tuple
     msg, payload = decode(key, frames)
     if type(msg) is not Spilled:
         return msg, payload
-    mm = _map_shm(spill_dir, msg.name)  # the name was signed: it is the sender's own file
+    try:
+        mm = _map_shm(spill_dir, msg.name)  # the name was signed: it is the sender's own file
+    except OSError as exc:  # deleted with its (dead) worker before it was read: dropped
+        raise BadSignature(f"spilled message {msg.name} unreadable: {exc}") from None
     if len(mm) != sum(msg.sizes):
         raise BadSignature(f"spilled message {msg.name}: {len(mm)} bytes, not {sum(msg.sizes)}")
     view = memoryview(mm)
