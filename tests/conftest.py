@@ -54,15 +54,21 @@ def _alive(pid: int) -> bool:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--load", type=int, default=int(os.environ.get("ORCHESTRA_TEST_LOAD", "0")),
-                     help="keep N CPU-bound processes busy for the whole session")
+    parser.addoption(
+        "--load",
+        type=int,
+        default=int(os.environ.get("ORCHESTRA_TEST_LOAD", "0")),
+        help="keep N CPU-bound processes busy for the whole session",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_load(request: pytest.FixtureRequest) -> Iterator[list[int]]:
     count = request.config.getoption("--load")
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                              stdin=subprocess.DEVNULL) for _ in range(count)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
     try:
         yield [p.pid for p in procs]
     finally:
