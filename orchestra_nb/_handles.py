@@ -110,6 +110,11 @@ class _LoopHub:
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 self._ready.clear()
 
+    def deliver_pending(self) -> None:
+        """On the loop's thread: deliver what was handed over so far, without waiting for
+        the scheduled delivery (which then finds nothing, or what came after)."""
+        self._deliver()
+
     def _deliver(self) -> None:
         self._scheduled = False
         ready = self._ready
@@ -336,8 +341,10 @@ class _Handle:
         done = done_count(c)
         total = "?" if self._job.total is None else self._job.total
         status = "cancelled" if self.cancelled() else "done" if self.done() else "running"
-        return (f"<{type(self).__name__} job={self._job.id} {self._job.name!r} {status} "
-                f"{done}/{total} failed={c[TaskState.FAILED]}>")
+        return (
+            f"<{type(self).__name__} job={self._job.id} {self._job.name!r} {status} "
+            f"{done}/{total} failed={c[TaskState.FAILED]}>"
+        )
 
 
 class TaskHandle(_Handle, Generic[T]):
@@ -368,7 +375,10 @@ class TaskHandle(_Handle, Generic[T]):
     _drain: LoopAttachment | None = None
 
     def __init__(
-        self, backend: Backend, job: Job, index: int | None = None,
+        self,
+        backend: Backend,
+        job: Job,
+        index: int | None = None,
         future: JobFuture | None = None,
     ) -> None:
         if index is None:
@@ -394,6 +404,11 @@ class TaskHandle(_Handle, Generic[T]):
                     # Until the job is done, not ``aio``: a result read by the I/O thread
                     # reaches ``aio`` only through this loop.
                     self._drain.busy_poll(self._future.done)
+            if not aio.done() and self._future.done():
+                # Done, but read on the I/O thread (under load it may take the socket back
+                # from a poll, or read it after a send of its own): its hand-over to this
+                # loop is queued; take it now rather than after a turn of the loop.
+                self._hub.deliver_pending()
             if not aio.done():
                 self._asyncio_future_blocking = True
                 yield self  # the Task waits for our done callbacks
@@ -764,8 +779,7 @@ class MapHandle(_Handle, Generic[T]):
         flag says (it may have read an older count just before this one was stored)."""
         job = self._job
         job.stream_consumed = max(count, job.stream_consumed or 0)
-        if (job.stream_blocked or waiting) and job.source is not None \
-                and job.pulled - count < STREAM_WINDOW:
+        if (job.stream_blocked or waiting) and job.source is not None and job.pulled - count < STREAM_WINDOW:
             job.stream_blocked = False
             self._backend.input_ready(job)
 
@@ -774,8 +788,8 @@ class MapHandle(_Handle, Generic[T]):
 
 
 def _indexable(obj: object) -> bool:
-    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(
-        obj, dict | set | frozenset
+    return (
+        hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, dict | set | frozenset)
     )
 
 

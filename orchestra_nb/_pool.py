@@ -36,7 +36,9 @@ import os
 import pickle
 import random
 import select
+import selectors
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -154,6 +156,7 @@ class PoolCore:
         self.mappings: proto.Mappings | None = None
         self.data_fd = -1
         self.caller_drains = 0  # loops reading the data socket themselves (under the engine)
+        self.caller_threads: collections.Counter[int] = collections.Counter()  # ... their threads
         self._unread_seen = False
         self._io_reads_data = True  # this thread watches the data socket (no loop reads it)
         self.take_backs = 0  # times this thread took the socket back from stopped loops
@@ -450,8 +453,10 @@ class PoolCore:
         race that loop for each result and hand it over. It only checks, at each hot tick,
         for results left unread; if a result waits through a whole tick, that loop is not
         turning (stopped, or stuck in synchronous code), and this thread takes the socket
-        back (``take_backs`` counts it) until a loop awaits again (:meth:`reclaim`)."""
+        back (``take_backs`` counts it) until a loop awaits again (:meth:`reclaim`). Runs on
+        the loop's thread."""
         self.caller_drains += 1
+        self.caller_threads[threading.get_ident()] += 1
         self.reclaim()
 
     def reclaim(self) -> None:
@@ -464,7 +469,12 @@ class PoolCore:
             self.loop.add_hot_check(self._check_unread)
 
     def detach_caller(self) -> None:
+        """The loop of this thread lets go of the socket."""
         self.caller_drains -= 1
+        ident = threading.get_ident()
+        self.caller_threads[ident] -= 1
+        if self.caller_threads[ident] <= 0:
+            del self.caller_threads[ident]
         if not self.caller_drains:
             self._read_data_here()
 
@@ -482,11 +492,24 @@ class PoolCore:
     def _check_unread(self) -> None:
         # The FD stays readable until someone reads the socket.
         unread = bool(self._data_poll.poll(0))
-        if unread and self._unread_seen:
+        if unread and self._unread_seen and not self._a_caller_loop_is_waking():
             self.take_backs += 1
             self._read_data_here()
             unread = False
         self._unread_seen = unread
+
+    def _a_caller_loop_is_waking(self) -> bool:
+        """Whether an attached loop's thread is turning: asleep in its selector (which the
+        unread socket wakes), between callbacks, or taking or handing back the engine (to
+        read). That loop reads the socket however long it then waits for a CPU (under load,
+        longer than a tick). A loop in synchronous code, or stopped, is elsewhere."""
+        frames = sys._current_frames()
+        turning = _TURNING_CODES | {type(self.loop).borrow.__code__, type(self.loop).give_back.__code__}
+        for ident in self.caller_threads:
+            frame = frames.get(ident)
+            if frame is not None and frame.f_code in turning:
+                return True
+        return False
 
     def _handle(self, w: WorkerProc, msg: proto.Message, payload: list[Any]) -> None:
         if isinstance(msg, proto.Result):
@@ -1053,11 +1076,12 @@ class PoolCore:
         """The chunk's message has a frame above the frame limit, and the file that would
         carry it could not be written (ENOSPC...): its tasks fail, naming that."""
         self._discard(names)
-        self._fail_range(job, chunk, SerializationError(
+        err = SerializationError(
             f"cannot send the {what} of {proto.task_range(chunk.start, chunk.count)} to "
             f"a worker: a frame carries at most {self.frame_limit:,} bytes, and writing the "
             f"message to {self.run_dir} failed: {type(exc).__name__}: {exc}"
-        ))
+        )
+        self._fail_range(job, chunk, err)
         job.progress()
         return True
 
@@ -1323,6 +1347,18 @@ _NOT_RUN = asyncio.CancelledError("the task did not run")
 
 _FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
+# Where the thread of a turning asyncio loop is: asleep in its selector (the default ones),
+# or between callbacks (see PoolCore._a_caller_loop_is_waking).
+_TURNING_CODES = frozenset(
+    [
+        *(
+            cls.select.__code__
+            for name in ("EpollSelector", "PollSelector", "DevpollSelector", "KqueueSelector", "SelectSelector")
+            if (cls := getattr(selectors, name, None)) is not None
+        ),
+        asyncio.BaseEventLoop._run_once.__code__,  # type: ignore[attr-defined]
+    ]
+)
 
 
 def _is_stopped(pid: int) -> bool:

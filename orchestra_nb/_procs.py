@@ -45,8 +45,7 @@ __all__ = [
 
 
 class WorkerProc:
-    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str,
-                 ident: bytes) -> None:
+    def __init__(self, worker_id: int, proc: subprocess.Popen[bytes], log_path: str, ident: bytes) -> None:
         self.id = worker_id
         self.ident = ident
         self.proc = proc
@@ -128,9 +127,12 @@ def check_descriptors(needed: int, what: str) -> None:
     except OSError:
         return
     if soft - used < needed:
-        raise OSError(errno.EMFILE, f"Too many open files: {used} of this process's limit of "
-                                    f"{soft} are open, and {what} needs {needed} more "
-                                    "(ulimit -n raises the limit)")
+        raise OSError(
+            errno.EMFILE,
+            f"Too many open files: {used} of this process's limit of "
+            f"{soft} are open, and {what} needs {needed} more "
+            "(ulimit -n raises the limit)",
+        )
 
 
 def spawn_worker(
@@ -168,9 +170,7 @@ def spawn_worker(
     }
     environ = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (package_root, environ.get("PYTHONPATH", "")) if p
-    )
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, environ.get("PYTHONPATH", "")) if p)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         environ.setdefault(var, str(threads))  # N workers x N BLAS threads would oversubscribe
     # glibc maps every allocation above its mmap threshold afresh and unmaps it on free, so
@@ -208,8 +208,10 @@ def crash_cause(w: WorkerProc, returncode: int) -> str:
         return w.kill_reason
     if returncode == -signal.SIGKILL:
         if oom_kill_count() > w.oom_kills:
-            return ("killed by the kernel's OOM killer: the machine ran out of memory; "
-                    "memory_limit= lets the pool stop a worker before that happens")
+            return (
+                "killed by the kernel's OOM killer: the machine ran out of memory; "
+                "memory_limit= lets the pool stop a worker before that happens"
+            )
         return "killed by SIGKILL from outside the pool (a kill -9, or the OOM killer)"
     if returncode == -signal.SIGSEGV:
         return "a segmentation fault, usually in native code"
@@ -277,8 +279,6 @@ class RunDir:
         if self._lock_fd >= 0:  # released after the removal: no sweep sees it half-gone
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
 
 
 # --- SIGTERM: clean up like a normal exit -----------------------------------------------

@@ -402,7 +402,10 @@ def decode_message(key: bytes, frames: Sequence[Frame], spill_dir: str) -> tuple
     msg, payload = decode(key, frames)
     if type(msg) is not Spilled:
         return msg, payload
-    mm = _map_shm(spill_dir, msg.name)  # the name was signed: it is the sender's own file
+    try:
+        mm = _map_shm(spill_dir, msg.name)  # the name was signed: it is the sender's own file
+    except OSError as exc:  # deleted with its (dead) worker before it was read: dropped
+        raise BadSignature(f"spilled message {msg.name} unreadable: {exc}") from None
     if len(mm) != sum(msg.sizes):
         raise BadSignature(f"spilled message {msg.name}: {len(mm)} bytes, not {sum(msg.sizes)}")
     view = memoryview(mm)
@@ -576,9 +579,7 @@ def _write_shm(shm_dir: str, raw: memoryview) -> str:
     return name
 
 
-def _map_shm(
-    shm_dir: str, name: str, on_release: Callable[[str], object] | None = None
-) -> mmap.mmap:
+def _map_shm(shm_dir: str, name: str, on_release: Callable[[str], object] | None = None) -> mmap.mmap:
     path = os.path.join(shm_dir, _safe_name(name))
     try:
         mm = _map_file(path)

@@ -320,9 +320,7 @@ def _code_is_closed(code: types.CodeType) -> bool:
     """No global names and no nested code: decided once per code object (it is immutable)."""
     closed = _closed_codes.get(code)
     if closed is None:
-        closed = not code.co_names and not any(
-            isinstance(c, types.CodeType) for c in code.co_consts
-        )
+        closed = not code.co_names and not any(isinstance(c, types.CodeType) for c in code.co_consts)
         _closed_codes[code] = closed
     return closed
 
@@ -432,9 +430,7 @@ def _global_names(code: types.CodeType) -> Iterator[str]:
 
 def _type_name(value: object) -> str:
     t = type(value)
-    return t.__qualname__ if t.__module__ in ("builtins", "__main__") else (
-        f"{t.__module__}.{t.__qualname__}"
-    )
+    return t.__qualname__ if t.__module__ in ("builtins", "__main__") else (f"{t.__module__}.{t.__qualname__}")
 
 
 def describe_unpicklable_argument(items: list[Any], start: int, exc: Exception) -> dict[int, str]:

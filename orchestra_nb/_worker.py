@@ -163,9 +163,7 @@ class Worker:
         )
         self.busy_poll = BusyPoll(config.get("busy_poll", 0.0))
         # Results' large buffers go through warm, reused segments (see proto.Segments).
-        self.segments = (
-            proto.Segments(self.shm_dir, f"w{self.worker_id}") if self.shm_dir else None
-        )
+        self.segments = proto.Segments(self.shm_dir, f"w{self.worker_id}") if self.shm_dir else None
         self.released: list[str] = []  # argument segments the pool may reuse now
         # ... and the pool's segments, kept mapped for their next use (see proto.Mappings).
         self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None
@@ -205,9 +203,7 @@ class Worker:
 
     def serve(self) -> None:
         self.send(proto.Ready(self.worker_id, os.getpid(), sys.version.split()[0]))
-        self.control = threading.Thread(
-            target=self._control_loop, name="orchestra-control", daemon=True
-        )
+        self.control = threading.Thread(target=self._control_loop, name="orchestra-control", daemon=True)
         self.control.start()
         data = self.data
         poll = self.busy_poll
@@ -295,15 +291,13 @@ class Worker:
             try:
                 items = pickle.loads(
                     payload[0],
-                    buffers=proto.read_buffers(
-                        payload, msg.buffers, self.mappings, self.released.append
-                    ) if msg.buffers else None,
+                    buffers=proto.read_buffers(payload, msg.buffers, self.mappings, self.released.append)
+                    if msg.buffers
+                    else None,
                 )
             except BaseException as exc:
                 record = capture_exception(exc, "arguments")  # the pool isolates the culprit
-                record = record._replace(
-                    evalue=f"cannot unpickle the arguments in the worker: {record.evalue}"
-                )
+                record = record._replace(evalue=f"cannot unpickle the arguments in the worker: {record.evalue}")
                 errors = dict.fromkeys(range(count), record)
             else:
                 ns_link = self.namespace_links.get(msg.digest)
@@ -394,8 +388,7 @@ class Worker:
                 if state.reason == "timeout" and state.target == state.chunk:
                     state.target = None
                     timeout_exc = TaskTimeoutError(
-                        f"task {msg.start + failed} exceeded its timeout of {msg.timeout} s "
-                        "and was interrupted"
+                        f"task {msg.start + failed} exceeded its timeout of {msg.timeout} s and was interrupted"
                     )
                     timeout_exc.__cause__ = exc
                     record = capture_exception(timeout_exc, "timeout")
@@ -519,8 +512,7 @@ class Worker:
                 if len(state.cancelled_items) > 4096:
                     state.cancelled_items.discard(min(state.cancelled_items))
                 chunk = state.chunk
-                if (chunk is not None and chunk[0] == msg.job
-                        and chunk[1] + len(state.values) == msg.start):
+                if chunk is not None and chunk[0] == msg.job and chunk[1] + len(state.values) == msg.start:
                     self._interrupt(chunk, "item", msg.start)
             elif isinstance(msg, proto.Cancel):
                 if msg.start == -1:

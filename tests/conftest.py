@@ -54,15 +54,21 @@ def _alive(pid: int) -> bool:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--load", type=int, default=int(os.environ.get("ORCHESTRA_TEST_LOAD", "0")),
-                     help="keep N CPU-bound processes busy for the whole session")
+    parser.addoption(
+        "--load",
+        type=int,
+        default=int(os.environ.get("ORCHESTRA_TEST_LOAD", "0")),
+        help="keep N CPU-bound processes busy for the whole session",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_load(request: pytest.FixtureRequest) -> Iterator[list[int]]:
     count = request.config.getoption("--load")
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                              stdin=subprocess.DEVNULL) for _ in range(count)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
     try:
         yield [p.pid for p in procs]
     finally:
@@ -83,7 +89,13 @@ def _shm_entries() -> set[str]:
     return set()
 
 
-def _settle(check: Any, timeout: float = 5.0) -> Any:
+# How long the leak check waits for what a test left to end by itself (a pool's callback
+# thread, a worker exiting): a hang guard, generous because the wait ends as soon as it
+# is all gone, and a loaded machine (--load) may take seconds to get there.
+SETTLE_GUARD = 30.0
+
+
+def _settle(check: Any, timeout: float = SETTLE_GUARD) -> Any:
     """``check()`` until it is empty (things close asynchronously), at most ``timeout``."""
     deadline = time.monotonic() + timeout
     left = check()
@@ -100,7 +112,7 @@ def no_leaked_processes() -> Iterator[None]:
     yield
     orchestra.shutdown()  # the default pool, if a test used it
     new = [pid for pid in _children() if pid not in before]
-    leaked = wait_gone(new, timeout=5.0)
+    leaked = wait_gone(new, timeout=SETTLE_GUARD)
     for pid in leaked:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -140,9 +140,7 @@ class Runtime:
         self.lock = threading.Lock()
         self.running: dict[int, _Running] = {}  # thread id -> the item it runs
         self.output: list[tuple[str, int, int, str, str]] = []
-        self.cancelled: collections.OrderedDict[tuple[str, int], set[int] | None] = (
-            collections.OrderedDict()
-        )
+        self.cancelled: collections.OrderedDict[tuple[str, int], set[int] | None] = collections.OrderedDict()
         self.functions: collections.OrderedDict[bytes, Callable[..., Any]] = collections.OrderedDict()
         self._stop = threading.Event()
         self._streams = (sys.stdout, sys.stderr)
@@ -239,8 +237,12 @@ class Runtime:
                 self.cancelled.popitem(last=False)
             hit = 0
             for thread_id, running in self.running.items():
-                if (running.topic == topic and running.job == job and not running.interrupted
-                        and (index is None or running.index == index)):
+                if (
+                    running.topic == topic
+                    and running.job == job
+                    and not running.interrupted
+                    and (index is None or running.index == index)
+                ):
                     running.interrupted = True
                     _raise_in(thread_id, CancelInterrupt)
                     hit += 1
@@ -248,8 +250,11 @@ class Runtime:
 
     def still_running(self, topic: str, job: int, index: int | None) -> list[int]:
         with self.lock:
-            return [r.index for r in self.running.values()
-                    if r.topic == topic and r.job == job and (index is None or r.index == index)]
+            return [
+                r.index
+                for r in self.running.values()
+                if r.topic == topic and r.job == job and (index is None or r.index == index)
+            ]
 
     def function(self, digest: bytes, payload: bytes) -> Callable[..., Any]:
         fn = self.functions.get(digest)
@@ -379,8 +384,7 @@ def _align(values: list[Any], offset: int) -> None:
     values.append(None)
 
 
-def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float,
-            start: int) -> tuple[float, bytes]:
+def _result(values: list[Any], errors: dict[int, ErrorRecord], t0: float, start: int) -> tuple[float, bytes]:
     body = (values, errors or None, time.perf_counter() - t0)
     try:
         return time.time(), dumps_result(body)
@@ -414,8 +418,9 @@ class ReplayPlugin(WorkerPlugin):
     """``run_on_all(replay=True)``: run the call on every worker that starts later (those
     in ``skip``, by ``Worker.id``, had it as a task), before the worker takes work."""
 
-    def __init__(self, name: str, topic: str, digest: bytes, fn_payload: bytes, item: Any,
-                 skip: frozenset[str]) -> None:
+    def __init__(
+        self, name: str, topic: str, digest: bytes, fn_payload: bytes, item: Any, skip: frozenset[str]
+    ) -> None:
         self.name = name
         self.topic = topic
         self.digest = digest

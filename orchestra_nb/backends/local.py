@@ -174,8 +174,11 @@ class LocalBackend(Backend):
 
         async def submit() -> None:
             core = self._core
-            job.targets = [w.id for w in core.workers.values()
-                           if w.state in (WorkerState.STARTING, WorkerState.READY) and not w.retire]
+            job.targets = [
+                w.id
+                for w in core.workers.values()
+                if w.state in (WorkerState.STARTING, WorkerState.READY) and not w.retire
+            ]
             assert isinstance(job.source, Iterator)  # the API's [item]
             item = next(job.source)
             job.source = iter([item] * len(job.targets))

@@ -18,6 +18,7 @@ import pytest
 import orchestra_nb as orchestra
 
 BACKENDS = ["local", "inline"]
+CANCEL_GRACE = 60.0  # s: a hang guard, see _options
 
 
 def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
@@ -27,8 +28,13 @@ def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
         pytest.skip(f"local pool only: {marker.args[0] if marker.args else 'needs workers'}")
     extra = request.node.get_closest_marker("pool_options")
     options: dict[str, Any] = {"workers": 2, "backend": backend}
-    if extra is not None and backend == "local":
-        options.update(extra.kwargs)
+    if backend == "local":
+        # A cancelled task stops on the interrupt (what these tests check), however long a
+        # loaded machine takes to deliver it: the kill after cancel_grace, which would race
+        # that, is tested with pools of its own (test_cancel's stubborn tasks).
+        options["cancel_grace"] = CANCEL_GRACE
+        if extra is not None:
+            options.update(extra.kwargs)
     return options
 
 

@@ -67,10 +67,13 @@ async def test_a_handle_awaited_twice_and_shielded(apool: orchestra.Pool) -> Non
 @pytest.mark.local_only("interrupts a running task")
 async def test_wait_for_timeout_cancels_the_remote_task(apool: orchestra.Pool, tmp_path: Path) -> None:
     h = apool.run(block_until_interrupted, str(tmp_path))
+    # Running first: under load, a timeout before the task started would cancel it unrun.
+    await asyncio.to_thread(wait_for, (tmp_path / "started").exists, HANG_GUARD)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(h, timeout=0.5)
-    wait_for(lambda: (tmp_path / "interrupted").exists(), timeout=HANG_GUARD,
-             what="the remote task interrupted")
+    wait_for(
+        lambda: (tmp_path / "interrupted").exists(), timeout=HANG_GUARD, what="the remote task interrupted"
+    )
     wait_for(h.done, timeout=HANG_GUARD, what="the handle settled")
     assert h.cancelled()
     assert await apool.run(inc, 1) == 2  # the pool keeps serving
@@ -78,7 +81,8 @@ async def test_wait_for_timeout_cancels_the_remote_task(apool: orchestra.Pool, t
 
 @pytest.mark.local_only("interrupts a running task")
 async def test_cancelling_the_awaiting_task_cancels_the_remote_task(
-    apool: orchestra.Pool, tmp_path: Path,
+    apool: orchestra.Pool,
+    tmp_path: Path,
 ) -> None:
     h = apool.run(block_until_interrupted, str(tmp_path))
     waiter = asyncio.ensure_future(awaited(h))

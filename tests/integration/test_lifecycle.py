@@ -66,8 +66,13 @@ PARENT_SCRIPT = textwrap.dedent(
 def start_parent(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], list[int]]:
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), mode], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
@@ -155,9 +160,14 @@ class RawWorker:
         root = str(Path(orchestra.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         self.log = open(os.path.join(self.dir, "worker.log"), "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestra_nb._worker"],
-                                     stdin=subprocess.PIPE, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestra_nb._worker"],
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(config).encode() + b"\n")
         self.proc.stdin.flush()
@@ -237,8 +247,9 @@ def test_worker_drops_badly_signed_messages(tmp_path: Path) -> None:
         assert first.endswith(b"harmless")
         forge([first[: -len(b"harmless")] + bomb_payload])
         untagged = bytes([first[proto.MAC_SIZE] & 0x7F])  # the inline bit cleared
-        forge([first[: proto.MAC_SIZE] + untagged + first[proto.MAC_SIZE + 1 : -len(b"harmless")],
-               bomb_payload])
+        forge(
+            [first[: proto.MAC_SIZE] + untagged + first[proto.MAC_SIZE + 1 : -len(b"harmless")], bomb_payload]
+        )
         # 3. a header changed after signing: its tag (to an unknown one), or a byte of it
         first = bytes(proto.encode(key, proto.Define(bomb_digest, ()), [bomb_payload])[0])
         tag = first[proto.MAC_SIZE]

@@ -58,9 +58,7 @@ def shutdown_within(pool: orchestra.Pool, timeout: float = HANG_GUARD) -> None:
 
 
 @pytest.mark.parametrize("calls", [50, 200])
-def test_cancelling_one_run_of_a_burst_leaves_the_others_to_finish(
-    calls: int, tmp_path: Path
-) -> None:
+def test_cancelling_one_run_of_a_burst_leaves_the_others_to_finish(calls: int, tmp_path: Path) -> None:
     gate = str(tmp_path / "gate")
     before = run_dirs()
     pool = orchestra.Pool(workers=2)
@@ -95,8 +93,9 @@ def exits_at_five(x: int) -> int:
     return x
 
 
-@pytest.mark.parametrize(("fn", "name"), [(interrupts_at_five, "KeyboardInterrupt"),
-                                          (exits_at_five, "SystemExit")])
+@pytest.mark.parametrize(
+    ("fn", "name"), [(interrupts_at_five, "KeyboardInterrupt"), (exits_at_five, "SystemExit")]
+)
 def test_a_task_raising_keyboardinterrupt_or_systemexit_fails_only_that_task(
     pool: orchestra.Pool, fn: object, name: str
 ) -> None:
@@ -144,8 +143,7 @@ def big_result_past_a_file_size_limit(size: int) -> tuple[int, object]:
 
 def test_a_result_that_shared_memory_cannot_hold_travels_inline() -> None:
     with orchestra.Pool(workers=1) as pool:
-        pid, data = pool.run(big_result_past_a_file_size_limit, 16 * 2**20).result(
-            timeout=HANG_GUARD)
+        pid, data = pool.run(big_result_past_a_file_size_limit, 16 * 2**20).result(timeout=HANG_GUARD)
         assert data.shape == (16 * 2**20,) and int(data.min()) == int(data.max()) == 7
         assert [w.pid for w in pool.statistics().workers] == [pid]  # the worker lived on
 
@@ -166,8 +164,9 @@ def start_children() -> tuple[int, int]:
     import subprocess
 
     child = subprocess.Popen(["sleep", "600"])
-    orphan = subprocess.run(["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"],
-                            capture_output=True, check=True, timeout=HANG_GUARD)
+    orphan = subprocess.run(
+        ["sh", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"], capture_output=True, check=True, timeout=HANG_GUARD
+    )
     return child.pid, int(orphan.stdout)
 
 
@@ -228,9 +227,11 @@ def test_a_sigstopped_worker_is_replaced_by_default(tmp_path: Path) -> None:
         pool.wait_started(timeout=HANG_GUARD)
         gate = str(tmp_path / "gate")
         handle = pool.run(gated_pid, gate)
-        pid = wait_for(lambda: next((w.pid for w in pool.statistics().workers
-                                     if w.job is not None), None), HANG_GUARD,
-                       what="the task running")
+        pid = wait_for(
+            lambda: next((w.pid for w in pool.statistics().workers if w.job is not None), None),
+            HANG_GUARD,
+            what="the task running",
+        )
         stop_pid(pid)
         try:
             Path(gate).touch()
@@ -265,8 +266,7 @@ def test_a_process_taking_the_next_workers_name_cannot_block_it() -> None:
                 impostor.connect(f"ipc://{run_dir}/data")
                 impostor.send_multipart([b"garbage"])  # connected once this got through
                 impostors.append(impostor)
-            wait_for(lambda: pool.statistics().bad_messages >= 3, HANG_GUARD,
-                     what="the impostors seen")
+            wait_for(lambda: pool.statistics().bad_messages >= 3, HANG_GUARD, what="the impostors seen")
             (old,) = [w.pid for w in pool.statistics().workers]
             with EventRecorder(pool, (orchestra.WorkerStarted,)) as rec:
                 kill_pid(old, signal.SIGKILL)
@@ -351,8 +351,9 @@ def test_garbage_frames_from_a_stray_process_cost_the_pool_nothing() -> None:
 
     import zmq
 
-    server = subprocess.Popen([sys.executable, "-c", POOL_SERVER], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", POOL_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert server.stdin is not None and server.stdout is not None
 
     def status(command: str = "status") -> dict[str, object]:
@@ -375,8 +376,11 @@ def test_garbage_frames_from_a_stray_process_cost_the_pool_nothing() -> None:
                 stray.send(garbage, copy=False)
 
                 # Either the pool refused the frame (disconnecting the stray) or read it.
-                wait_for(lambda m=monitor, n=sent: refused(m) or status()["bad"] == n, HANG_GUARD,
-                         what="the garbage frame refused or read")
+                wait_for(
+                    lambda m=monitor, n=sent: refused(m) or status()["bad"] == n,
+                    HANG_GUARD,
+                    what="the garbage frame refused or read",
+                )
             finally:
                 stray.disable_monitor()
                 monitor.close()
@@ -412,8 +416,10 @@ def test_messages_above_the_frame_limit_travel_through_the_run_directory() -> No
         big = b"x" * (100 * 2**20)
         assert pool.run(length_and_head, big).result(timeout=HANG_GUARD) == (len(big), b"xxx")
         assert pool.run(text_of, 40 * 2**20).result(timeout=HANG_GUARD) == "é" * (40 * 2**20)
-        assert pool.map(length_and_head, [big, b"yy"], chunksize=2).result(
-            timeout=HANG_GUARD) == [(len(big), b"xxx"), (2, b"yy")]
+        assert pool.map(length_and_head, [big, b"yy"], chunksize=2).result(timeout=HANG_GUARD) == [
+            (len(big), b"xxx"),
+            (2, b"yy"),
+        ]
         assert not glob.glob(os.path.join(run_dir, "buf-*")), "spilled messages left behind"
         assert pool.statistics().bad_messages == 0
 
@@ -459,14 +465,19 @@ with orchestra.Pool(workers=1) as pool:
 def test_an_argument_too_large_for_a_frame_and_for_a_file_fails_naming_why() -> None:
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", ARGUMENT_PAST_A_FILE_SIZE_LIMIT],
-                         capture_output=True, text=True, timeout=HANG_GUARD, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", ARGUMENT_PAST_A_FILE_SIZE_LIMIT],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        check=True,
+    ).stdout
     assert "cannot send the arguments of task 0 to a worker" in out
     assert "File too large" in out
     assert out.splitlines()[-1] == "5"  # the pool serves on
 
 
-LATER_MODULE = '''
+LATER_MODULE = """
 class Box:
     def __init__(self, value):
         self.value = value
@@ -476,7 +487,7 @@ def triple(x):
 
 def where():
     return __file__
-'''
+"""
 
 
 def test_a_directory_added_to_sys_path_after_the_pool_started_reaches_the_workers(

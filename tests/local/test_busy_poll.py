@@ -9,11 +9,14 @@ the test of the cap itself, and so is the give-up on a busy CPU (``_spin.CONTEND
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from localkit import local_core
 
 import orchestra_nb as orchestra
 from orchestra_nb import _spin
@@ -55,14 +58,27 @@ async def test_an_awaited_call_completes_without_the_loop_waiting(
     assert finished.value.value == 2
 
 
-async def test_without_busy_poll_an_awaited_call_waits_in_the_loop() -> None:
+def gated_inc(x: int, gate: str) -> int:
+    deadline = time.monotonic() + HANG_GUARD
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return x + 1
+
+
+async def test_without_busy_poll_an_awaited_call_waits_in_the_loop(tmp_path: Path) -> None:
     async with orchestra.Pool(workers=1, busy_poll=0) as pool:
         assert await pool.run(inc, 0) == 1
-        handle = pool.run(inc, 1)
+        # Gated: its result cannot be there before the first step (a result that is, read
+        # by the I/O thread meanwhile, would be taken at once, polling or not).
+        gate = tmp_path / "gate"
+        handle = pool.run(gated_inc, 1, str(gate))
         steps = handle.__await__()
         assert steps.send(None) is handle  # yielded: the Task would wait on the handle
         steps.close()
+        gate.touch()
         assert await asyncio.wait_for(asyncio.shield(handle), HANG_GUARD) == 2
+        poll = local_core(pool).caller_poll
+        assert (poll.hits, poll.misses) == (0, 0)  # it never polled
 
 
 def test_blocking_results_are_read_by_their_callers(polling_pool: orchestra.Pool) -> None:

@@ -21,7 +21,7 @@ import pytest
 from orchestra_nb import _protocol as proto, _serialize
 from orchestra_nb._serialize import ErrorRecord, dumps_result
 
-CELL = '''
+CELL = """
 class Point:
     def __init__(self, x, y):
         self.x, self.y = x, y
@@ -30,7 +30,7 @@ class Point:
         return abs(self.x) + abs(self.y)
 
 scale = lambda v: 10 * v
-'''
+"""
 
 
 def _cell() -> dict[str, Any]:

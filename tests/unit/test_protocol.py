@@ -137,8 +137,9 @@ def test_inline_stream_cannot_be_moved_out() -> None:
         proto.decode(KEY, [first[: proto.MAC_SIZE] + moved, b"payload"])
 
 
-@pytest.mark.parametrize("size", [proto.SMALL_MAC_LIMIT - 1, proto.SMALL_MAC_LIMIT,
-                                  proto.SMALL_MAC_LIMIT + 1, 70_000])
+@pytest.mark.parametrize(
+    "size", [proto.SMALL_MAC_LIMIT - 1, proto.SMALL_MAC_LIMIT, proto.SMALL_MAC_LIMIT + 1, 70_000]
+)
 def test_mac_either_side_of_the_limit(size: int) -> None:
     """Both ends pick the MAC (keyed BLAKE2b, HMAC-SHA256) from the signed length."""
     header = pickle.dumps((1, 2), protocol=5)
@@ -412,3 +413,12 @@ def test_a_spilled_file_that_cannot_be_written_leaves_nothing(tmp_path: Path) ->
     spill = proto.Spill(str(tmp_path / "missing"), 100, "w1")
     with pytest.raises(OSError):
         proto.send_message(None, KEY, proto.Result(1, 0, 1, 0.1, ()), [b"s" * 500], spill=spill)
+
+
+def test_a_spilled_message_whose_file_is_gone_is_dropped(tmp_path: Path) -> None:
+    spill = proto.Spill(str(tmp_path), 100, "w1")
+    frames = proto._spill(KEY, proto.encode(KEY, proto.Result(1, 0, 1, 0.1, ()), [b"s" * 500]), spill)
+    for path in tmp_path.iterdir():
+        path.unlink()  # deleted with its worker
+    with pytest.raises(proto.BadSignature, match="unreadable"):
+        proto.decode_message(KEY, frames, str(tmp_path))
