@@ -430,6 +430,12 @@ class _Hub:
                 del self._jobs[job_id]
             elif job_id not in live and not record["finished"]:
                 self._jobs[job_id] = _finished_record(record, finished.get(job_id), _handle(job_id))
+        for job_id, event in finished.items():  # started and ended between two polls
+            handle = _handle(job_id)
+            pool = None if handle is None or job_id in self._jobs else _pool_of(handle, pools)
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    self._jobs[job_id] = _finished_record(_record_from_handle(handle, pool.id), event, handle)
         if self._catch_up:  # jobs that ended before this panel opened
             self._catch_up = False
             for handle in _tracked():

@@ -228,6 +228,23 @@ def test_cancel_resize_failures_and_catch_up(kernel: Kernel) -> None:
     assert panel_threads(k) == []
 
 
+def test_jobs_that_start_and_end_between_two_updates_are_listed(kernel: Kernel) -> None:
+    """The panel polls the pools' statistics a few times a second; a job that ran in
+    between is listed from its JobFinished event and its handle."""
+    k = kernel
+    k.execute("orchestra.default_pool().wait_started(30)")
+    k.execute(TASKS)
+    panel = Panel(k)
+    panel.wait("state")
+    k.execute("quick = []\nfor i in range(20):\n    quick.append(orchestra.map(slow, [i], [0]))\n"
+              "    assert quick[-1].result(30) == [i]")
+    ids = k.value("[h.job_id for h in quick]")
+    last = panel.wait("state", lambda d: {j["id"] for j in d["jobs"] if j["finished"]} >= set(ids))
+    shown = {j["id"]: j for j in last["jobs"]}
+    assert all(shown[i]["counts"]["SUCCEEDED"] == 1 and shown[i]["done"] == 1 for i in ids)
+    panel.close()
+
+
 def test_wrong_version_or_no_extension_closes_the_comm(bare_kernel: Kernel) -> None:
     k = bare_kernel
     # Without %load_ext there is no target: ipykernel closes the comm (the panel says so).
