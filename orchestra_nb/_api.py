@@ -133,6 +133,7 @@ class Pool:
         self._circuits: dict[str, CircuitBreaker] = {}
         self.id: int = next(_pool_ids)
         self.name: str = name if name is not None else f"pool-{self.id}"
+        _forget_closed()  # pools that broke and were never shut down
         with _registry_lock:
             _registry[self.id] = self
 

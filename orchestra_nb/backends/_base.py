@@ -70,9 +70,8 @@ class Capabilities:
     ``shared_memory``: large buffers travel without copies through the pipe;
     ``in_process``: tasks run in the caller's process (``breakpoint()`` works, nothing is
     pickled); ``resize``: the number of workers can change; ``pinning``: a call can be
-    pinned to one worker (``%%orchestra``); ``pause``: :meth:`Backend.pause` holds a job's
-    tasks back (a backend without it must still accept the call, and refuses nothing
-    silently: the API checks this first)."""
+    pinned to one worker (``%%orchestra``); ``pause``: a job's tasks can be held back
+    (:meth:`Backend.pause`); without it the API refuses to pause, naming the backend."""
 
     interrupt_running: bool
     run_on_all: bool
