@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from . import _handles
 from ._events import TasksCached
 from ._fingerprint import FingerprintError, call_fingerprint, call_fingerprints, function_fingerprint
 from ._indexed import IndexedCall, unwrap_unkeyed
@@ -216,11 +217,13 @@ def _cached_calls(
         if key not in hits and key not in miss_keys:
             miss_keys[key] = len(miss_calls)
             miss_calls.append((len(miss_calls), args, kwargs))
-    misses: MapHandle[Any] = pool.map(IndexedCall(fn), miss_calls, ordered=False, return_exceptions=True,
-                                      name=label, **map_options)
+    with _handles.quietly():  # the notebook shows the whole map (hits too), not the misses' job
+        misses: MapHandle[Any] = pool.map(IndexedCall(fn), miss_calls, ordered=False,
+                                          return_exceptions=True, name=label, **map_options)
     handle: CachedMapHandle[Any] = CachedMapHandle(
         store, function_key, label, keys, hits, list(miss_keys), misses,
         ordered=ordered, return_exceptions=return_exceptions)
+    _handles.announce(handle)
     pool.publish(TasksCached(misses.job_id, handle.cached, len(keys)))
     return handle
 
@@ -457,6 +460,9 @@ class CachedMapHandle(Generic[T]):
     def cancel(self, kill: bool = False) -> bool:
         return self.misses.cancel(kill)
 
+    def cancel_by(self, who: str, kill: bool = False) -> bool:
+        return self.misses.cancel_by(who, kill)
+
     def wait_finished(self, timeout: float | None = None) -> bool:
         return self.misses.wait_finished(timeout)
 
@@ -529,9 +535,12 @@ class CachedMapHandle(Generic[T]):
             yield value
 
     def _ipython_display_(self) -> None:
-        """As a cell's value: the live view of the job computing the misses (its
-        ``TasksCached`` event tells the view how many items the store served)."""
-        self.misses._ipython_display_()
+        """As a cell's value: the map's live view (every item; the hits as "cached")."""
+        hook = _handles.display_hook
+        if hook is not None:
+            hook(self)
+        else:
+            print(repr(self))
 
     def __repr__(self) -> str:
         done = self.counts()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import contextvars
 import queue
 import threading
 import time
@@ -45,6 +47,28 @@ create_hook: Callable[[Any], None] | None = None
 # the cell's own task (ipykernel turns the interrupt into a cancel of that task): then the
 # wait raises JobInterrupted, a KeyboardInterrupt, instead.
 interrupt_hook: Callable[[], bool] | None = None
+
+# Set while a layer above builds a handle of its own over a new job (a cached map over the
+# job computing its misses): that handle is announced instead (``announce``), so that the
+# notebook shows one view, with the numbers of the whole map.
+_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("orchestra_quiet", default=False)
+
+
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """Handles created inside are not announced to ``create_hook``."""
+    token = _quiet.set(True)
+    try:
+        yield
+    finally:
+        _quiet.reset(token)
+
+
+def announce(handle: Any) -> None:
+    """Tell ``create_hook`` about a handle built over a job created ``quietly()``."""
+    hook = create_hook
+    if hook is not None:
+        hook(handle)
 
 _NOT_A_LIST = (
     "{kind} is a handle to running work, not its results: did you forget `await` or "
@@ -182,7 +206,7 @@ class _Handle:
         self._future: JobFuture = job.future
         job.future.add_done_callback(self._on_done)
         hook = create_hook
-        if hook is not None and show:
+        if hook is not None and show and not _quiet.get():
             hook(self)
 
     def _on_done(self, fut: JobFuture) -> None:

@@ -6,10 +6,14 @@ Every handle created while the extension is loaded gets a :class:`JobView` (thro
     [███████▒▒░░░░]  f  37% · 37/100 done · 2 running · 59 waiting · 2 failed · 41/s
                      · 0.9 s · ETA 1.5 s                                      [Cancel]
 
-The numbers: *done* counts successes only; the bar is split by state (succeeded green,
-failed red, cancelled grey, running light blue); the percent is done / total; the rate is
-successes per second; a counter at zero is not shown. The line never wraps: the label is
-cut with an ellipsis, the button keeps its size.
+The numbers: *done* counts successes only; the bar is split by state (cached teal,
+succeeded green, failed red, cancelled grey, running light blue); the percent is done /
+total; the rate is computed successes per second; a counter at zero is not shown. The line
+never wraps: the label is cut with an ellipsis, the button keeps its size.
+
+A cached map (``cache=True``) is one view of all its items: those the result store served
+are done and counted as "cached N" (``handle.cached``), with a bar segment of their own;
+the rate and the ETA count only what workers compute.
 
 Reads only public handle methods (``counts()``, ``total``, ``elapsed``, ``done()``,
 ``cancelled()``, ``job_id``, ``name``, ``events``): the job's counts are the source of
@@ -137,6 +141,7 @@ def _rate(rate: float) -> str:
 
 
 _COLORS = {
+    "cached": "#00897b",
     "succeeded": "#43a047",
     "failed": "#e53935",
     "cancelled": "#9e9e9e",
@@ -148,6 +153,7 @@ class Snapshot:
     """One consistent reading of a job through its handle's public methods."""
 
     __slots__ = (
+        "cached",
         "cancelled",
         "elapsed",
         "failed",
@@ -162,7 +168,8 @@ class Snapshot:
 
     def __init__(self, handle: Any, finished_seen: bool = False) -> None:
         counts = handle.counts()
-        self.succeeded: int = counts[TaskState.SUCCEEDED]
+        self.succeeded: int = counts[TaskState.SUCCEEDED]  # the cached items among them
+        self.cached: int = int(getattr(handle, "cached", 0) or 0)
         self.failed: int = counts[TaskState.FAILED]
         self.cancelled: int = counts[TaskState.CANCELLED]
         self.running: int = counts[TaskState.RUNNING]
@@ -189,8 +196,13 @@ class Snapshot:
     def percent(self) -> int:
         return int(100 * self.succeeded / self.size) if self.total is not None else 0
 
+    @property
+    def computed(self) -> int:
+        """Successes that workers computed (not served by the result store)."""
+        return self.succeeded - self.cached
+
     def rate(self) -> float:
-        return self.succeeded / self.elapsed if self.elapsed > 0 else 0.0
+        return self.computed / self.elapsed if self.elapsed > 0 else 0.0
 
     def eta(self) -> float | None:
         rate = self.rate()
@@ -211,6 +223,8 @@ class Snapshot:
     def _counters(self, live: bool) -> list[str]:
         total = "?" if self.total is None else f"{self.total:,}"
         parts = [f"{self.succeeded:,}/{total} done"]
+        if self.cached:
+            parts.append(f"{self.cached:,} cached")
         if live:
             if self.running:
                 parts.append(f"{self.running:,} running")
@@ -230,13 +244,13 @@ class Snapshot:
             parts = head + self._counters(live=True)
             parts += [_rate(self.rate()), format_duration(self.elapsed)]
             eta = self.eta()
-            if eta is not None and self.succeeded:
+            if eta is not None and self.computed:
                 parts.append(f"ETA {format_duration(eta)}")
         else:
             how = {"done": "done", "failed": "finished with errors", "cancelled": "cancelled"}
             parts = self._counters(live=False)
             parts.append(f"{how[verdict]} in {format_duration(self.elapsed)}")
-            if self.succeeded:
+            if self.computed:
                 parts.append(_rate(self.rate()))
         if note:
             parts.append(note)
@@ -247,25 +261,19 @@ class Snapshot:
         return f"{self.name}: " + " · ".join(self.words(cancelled))
 
     def bar_text(self, width: int = 24) -> str:
-        """``[#####x---]``: ``#`` succeeded, ``x`` failed, ``.`` cancelled, ``-`` the rest."""
-        cells = self._cells(width)
-        return "[" + "#" * cells[0] + "x" * cells[1] + "." * cells[2] + "-" * cells[3] + "]"
+        """``[==###x---]``: ``=`` cached, ``#`` computed, ``x`` failed, ``.`` cancelled,
+        ``-`` the rest."""
+        hit, ok, bad, gone, rest = self._cells(width)
+        return "[" + "=" * hit + "#" * ok + "x" * bad + "." * gone + "-" * rest + "]"
 
-    def _cells(self, width: int) -> tuple[int, int, int, int]:
+    def _cells(self, width: int) -> tuple[int, int, int, int, int]:
         size = self.size
-        ok = width * self.succeeded // size
-        bad = width * self.failed // size
-        gone = width * self.cancelled // size
-        if self.finished and self.total is not None and ok + bad + gone < width:
+        parts = [width * n // size for n in (self.cached, self.computed, self.failed, self.cancelled)]
+        if self.finished and self.total is not None and sum(parts) < width:
             # rounding: a finished job's bar is full, the largest part takes the rest
-            rest = width - ok - bad - gone
-            if ok >= bad and ok >= gone:
-                ok += rest
-            elif bad >= gone:
-                bad += rest
-            else:
-                gone += rest
-        return ok, bad, gone, width - ok - bad - gone
+            largest = max(range(4), key=lambda i: parts[i])
+            parts[largest] += width - sum(parts)
+        return parts[0], parts[1], parts[2], parts[3], width - sum(parts)
 
     def line(self, cancelled: bool) -> str:
         return f"{self.bar_text()} {self.text(cancelled)}"
@@ -275,19 +283,22 @@ class Snapshot:
         size = self.size
         segments = []
         for part, n in (
-            ("succeeded", self.succeeded),
+            ("cached", self.cached),
+            ("succeeded", self.computed),
             ("failed", self.failed),
             ("cancelled", self.cancelled),
             ("running", self.running if verdict == "running" else 0),
         ):
             if n:
                 width = 100.0 * n / size
+                # (with cached items beside them, the other successes are the computed ones)
+                word = "computed" if part == "succeeded" and self.cached else part
                 segments.append(
-                    f'<div class="orchestra-{part}" title="{n:,} {part}" '
+                    f'<div class="orchestra-{part}" title="{n:,} {word}" '
                     f'style="width:{width:.2f}%;background:{_COLORS[part]}"></div>'
                 )
         data = (
-            f'data-state="{verdict}" data-succeeded="{self.succeeded}" '
+            f'data-state="{verdict}" data-succeeded="{self.succeeded}" data-cached="{self.cached}" '
             f'data-failed="{self.failed}" data-cancelled="{self.cancelled}" '
             f'data-running="{self.running}" data-waiting="{self.waiting}" '
             f'data-total="{"" if self.total is None else self.total}"'
@@ -804,8 +815,13 @@ def _display(obj: Any) -> None:
     show(obj)
 
 
-def start_view(handle: Any, **kw: Any) -> JobView:
+def start_view(handle: Any, show: bool = False, **kw: Any) -> JobView:
+    """A live view of ``handle`` (``show``: its widget displayed in this cell first, so
+    that the progress thread's first refresh finds the display: the job may be over by
+    then, e.g. a cached map served whole by the store)."""
     view = JobView(handle, **kw)
+    if show:
+        view.show()
     _views[handle] = view
     _route(view)
     _ticker().add(view)
@@ -850,8 +866,7 @@ def on_create(handle: Any) -> None:
         mode = resolve_mode()
         if mode == "widget":
             try:
-                view = start_view(handle)
-                view.show()
+                start_view(handle, show=True)
             except Exception:
                 mode = "text"
             else:
@@ -881,8 +896,7 @@ def on_display(handle: Any) -> None:
         return
     if mode == "widget" and view is None:
         try:
-            view = start_view(handle)
-            view.show()
+            start_view(handle, show=True)
             return
         except Exception:
             pass

@@ -232,3 +232,45 @@ def test_an_orphaned_widget_does_not_look_live(
     assert probe["cover"] == "1" and probe["note"] == "1", probe
     assert float(probe["job"]) < 0.6, probe
     assert "no update from the kernel" in probe["text"], probe
+
+
+# A background map whose tasks print only after their cell ended (they wait for a gate file
+# the next cell creates); the next cell awaits it.
+LATE_CELLS = [
+    "import orchestra_nb\norchestra_nb.configure(workers=2)\n%load_ext orchestra_nb",
+    "import os, time\ndef talk(i, gate):\n    while not os.path.exists(gate):\n        time.sleep(0.005)\n"
+    "    print(f'late line {i}')\n    return i\n\n"
+    "h = orchestra.map(talk, range(6), [{gate!r}] * 6, chunksize=1, name='talk')",
+    "open({gate!r}, 'w').close()\nr = await h\nprint('awaited', r)",
+]
+
+# In the page: the text of each code cell's output area.
+OUTPUT_TEXTS = """[...document.querySelectorAll('.jp-CodeCell')].map(
+  c => (c.querySelector('.jp-OutputArea') || {innerText: ''}).innerText)"""
+
+
+def test_output_printed_after_its_cell_ended_shows_under_that_cell(
+    run_in_browser: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    gate = repr(str(tmp_path / "gate"))
+    nb = write_notebook(tmp_path / "late.ipynb", *(c.replace("{gate!r}", gate) for c in LATE_CELLS))
+    result = run_in_browser(
+        nb,
+        wait_selector='.orchestra-job[data-state="done"]',
+        expect_width=None,
+        text_selector=".jp-OutputArea-output",
+        expect_text="awaited [0, 1, 2, 3, 4, 5]",
+        timeout=90,
+        settle=10,
+        probe=OUTPUT_TEXTS,
+        save=True,
+    )
+    launching, later = result["probe"][1], result["probe"][2]
+    for i in range(6):  # live, under the launching cell, once each
+        assert launching.count(f"] late line {i}\n") == 1, launching
+    assert "late line" not in later and "awaited [0, 1, 2, 3, 4, 5]" in later, later
+    # The saved file: the lines in the launching cell's display for later output.
+    saved = json.loads(Path(result["notebook_copy"]).read_text())
+    outputs = saved["cells"][1]["outputs"]
+    texts = ["".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs]
+    assert sum(t.count("late line") for t in texts) == 6, outputs
