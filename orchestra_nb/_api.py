@@ -28,11 +28,12 @@ from ._jobs import DEFAULT_RETRY, Job, JobFuture, next_job_id
 from ._policy import RetryPolicy
 from ._serialize import callable_name, dumps_callable
 from ._state import CloseMode, PoolState
-from ._stats import PoolStatistics
+from ._stats import PoolStatistics, ScheduledStatistics
 from .backends._base import Backend, Capabilities
 
 __all__ = [
     "Pool",
+    "cancel_scheduled",
     "configure",
     "default_pool",
     "map",
@@ -410,8 +411,17 @@ class Pool:
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot: workers (pid, state, current job and item, CPU, memory), jobs
-        with per-state counts, and the queue length."""
-        return self._backend.statistics()
+        with per-state counts, the queue length, and the work scheduled to run here later
+        (``run_after``/``run_at``/``every``: id, name, state, next start, period, runs)."""
+        stats = self._backend.statistics()
+        scheduled = scheduled_on(self)
+        return dataclasses.replace(stats, scheduled=scheduled) if scheduled else stats
+
+    def cancel_scheduled(self, key: int | str) -> bool:
+        """Cancel the scheduled task ``key`` listed in :meth:`statistics` (its ``id``, or its
+        ``name`` if no other scheduled task on this pool has it), with a run in progress.
+        Returns False if there is no such pending task."""
+        return cancel_scheduled_on(self, key)
 
     def status(self) -> dict[str, Any]:
         """:meth:`statistics` as plain data (for JSON and quick looks)."""
@@ -551,6 +561,11 @@ def configure(**options: Any) -> None:
         old.shutdown(wait=False)
 
 
+def current_default_pool() -> Pool | None:
+    """The default pool if it was created (and not shut down), without creating it."""
+    return _default
+
+
 def default_pool() -> Pool:
     """The shared default pool, created (and warmed up in the background) on first use."""
     global _default
@@ -586,6 +601,30 @@ def options(**opts: Any) -> _Configured:
 def status() -> dict[str, Any]:
     """The default pool's status (see :meth:`Pool.status`)."""
     return default_pool().status()
+
+
+def cancel_scheduled(key: int | str) -> bool:
+    """Cancel a scheduled task that runs on the default pool, by its id or name, as listed
+    in ``status()["scheduled"]`` (see :meth:`Pool.cancel_scheduled`)."""
+    return cancel_scheduled_on(_default, key)
+
+
+def _schedule_module() -> Any:
+    # Loaded only once something was scheduled; _schedule imports this module, not the reverse.
+    return sys.modules.get(f"{__package__}._schedule")
+
+
+def scheduled_on(pool: Pool | None) -> tuple[ScheduledStatistics, ...]:
+    """The pending scheduled tasks whose runs go to ``pool`` (None: to the default pool
+    while it does not exist yet)."""
+    module = _schedule_module()
+    return () if module is None else module.statistics_on(pool)
+
+
+def cancel_scheduled_on(pool: Pool | None, key: int | str) -> bool:
+    from . import _schedule  # loaded here at the latest, so that a bad key is refused the same way
+
+    return _schedule.cancel_on(pool, key)
 
 
 def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:

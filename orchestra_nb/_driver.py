@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import html
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
@@ -61,11 +62,18 @@ __all__ = [
     "StepFailed",
     "StepStatus",
     "close",
+    "render_html",
+    "summary_line",
 ]
 
 T = TypeVar("T")
 
 _WAKE_INTERVAL = 0.1  # an awaiting notebook cell notices "interrupt" only when its loop wakes
+
+# The notebook layer (loaded only by %load_ext) registers how a composite handle shown as a
+# cell's value displays itself (its live block, once per cell), as ``_handles.display_hook``
+# does for the job handles.
+display_hook: Callable[[Any], None] | None = None
 
 
 class StepFailed(OrchestraError):
@@ -599,13 +607,96 @@ class CompositeHandle(Generic[T]):
             return iter(())
         return iter(inner)
 
+    def _ipython_display_(self) -> None:
+        hook = display_hook
+        if hook is not None:
+            hook(self)
+        else:
+            print(repr(self))
+
+    def _repr_html_(self) -> str:
+        """The composite block as it is now (front ends that render HTML without the widgets)."""
+        return render_html(self)
+
     def __repr__(self) -> str:
         counts = self.counts()
         done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
         total = self.total
         paused = " paused" if self._paused else ""
-        return (f"<CompositeHandle {self.name!r} {self.state.name.lower()}{paused} "
-                f"{done}/{'?' if total is None else total} failed={counts[TaskState.FAILED]}>")
+        return (f"<CompositeHandle {self.name!r} ({_what(self._root)}) {self.state.name.lower()}{paused} "
+                f"{done}/{'?' if total is None else total} tasks failed={counts[TaskState.FAILED]}>")
+
+
+# --- how a composite shows itself -----------------------------------------------------------
+
+
+def _what(root: StepRecord) -> str:
+    """What a handle's root is, for its repr: ``sequence of 3 steps``, ``task``, ``call ...``."""
+    if root.kind == "call":
+        return "a call waiting for its arguments"
+    n = len(root.children)
+    return f"{root.kind} of {n} step{'' if n == 1 else 's'}" if n else root.kind
+
+
+_COLORS = {
+    TaskState.SUCCEEDED: "#2e7d32",
+    TaskState.FAILED: "#c62828",
+    TaskState.CANCELLED: "#757575",
+    TaskState.RUNNING: "#1565c0",
+    TaskState.PENDING: "#616161",
+    TaskState.SCHEDULED: "#6a1b9a",
+    TaskState.RETRYING: "#ef6c00",
+}
+_BAR_WIDTH = 10
+
+
+def _bar(done: int, total: int | None) -> str:
+    if not total:
+        return ""
+    filled = min(_BAR_WIDTH, round(_BAR_WIDTH * done / total))
+    return "█" * filled + "░" * (_BAR_WIDTH - filled)
+
+
+def _state_label(state: TaskState, paused: bool) -> str:
+    return "paused" if paused and state is TaskState.RUNNING else state.name.lower()
+
+
+def _title_parts(handle: CompositeHandle[Any]) -> tuple[str, TaskState, str, str]:
+    """(name, state, state label, "done/total tasks[ · failed n]") of ``handle`` now."""
+    counts = handle.counts()
+    done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
+    total = handle.total
+    tally = f"{done}/{'?' if total is None else total} tasks"
+    if counts[TaskState.FAILED]:
+        tally += f" · failed {counts[TaskState.FAILED]}"
+    return handle.name, handle.state, _state_label(handle.state, bool(handle.paused)), tally
+
+
+def summary_line(handle: CompositeHandle[Any]) -> str:
+    """One line of plain text: ``etl · running · 12/40 tasks · failed 1``."""
+    name, _, label, tally = _title_parts(handle)
+    return f"{name} · {label} · {tally}"
+
+
+def render_html(handle: CompositeHandle[Any]) -> str:
+    """The composite block's HTML for ``handle`` as it is now: a title line, then one row
+    per step (its state, done/total and a bar)."""
+    name, state, label, tally = _title_parts(handle)
+    paused = bool(handle.paused)
+    title = f"<b>{html.escape(name)}</b> · <span style='color:{_COLORS[state]}'>{label}</span> · {tally}"
+    rows = []
+    for step in handle.steps()[1:]:
+        step_label = html.escape(step.path.rsplit(" / ", 1)[-1])
+        pad = 1.2 * (step.depth - 1)
+        step_tally = f"{step.done}/{'?' if step.total is None else step.total}"
+        rows.append(
+            f"<tr><td style='padding-left:{pad:.1f}em'>{step_label}</td>"
+            f"<td style='color:{_COLORS[step.state]}'>{_state_label(step.state, paused)}</td>"
+            f"<td style='text-align:right'>{step_tally}</td>"
+            f"<td style='font-family:monospace'>{_bar(step.done, step.total)}</td></tr>"
+        )
+    table = "<table style='border-collapse:collapse'>" + "".join(rows) + "</table>"
+    return f"<div>{title}</div>{table}"
 
 
 def _pause_handle(handle: Any, paused: bool) -> None:

@@ -34,12 +34,15 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import _api
 from ._api import default_pool
 from ._driver import Deferred, lend_driver_loop, wait_outcome
 from ._state import TaskState
+from ._stats import ScheduledStatistics
 
 if TYPE_CHECKING:
     from ._api import Pool
@@ -56,6 +59,9 @@ __all__ = [
 ]
 
 OVERLAP_POLICIES = ("skip", "queue")
+
+_ids = itertools.count(1)  # ScheduledHandle.id: unique in this process, over every scheduler
+_open: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # the schedulers not closed (status views)
 
 
 class Clock(Protocol):
@@ -101,6 +107,7 @@ class ScheduledHandle:
 
     def __init__(self, scheduler: Scheduler, name: str, target: Callable[[Pool], Any], first: float,
                  interval: float | None, count: int | None, overlap: str, pool: Pool | None) -> None:
+        self.id = next(_ids)
         self.name = name
         self._scheduler = scheduler
         self._target = target
@@ -152,6 +159,23 @@ class ScheduledHandle:
         due = self._next
         return None if due is None else max(0.0, due - self._scheduler.clock.monotonic())
 
+    @property
+    def interval(self) -> float | None:
+        """The period in seconds (``every``), or None for work that runs once."""
+        return self._interval
+
+    @property
+    def count(self) -> int | None:
+        """How many runs were asked for (None: until cancelled; 1 for ``run_after``/``run_at``)."""
+        return 1 if self._interval is None else self._count
+
+    def runs_on(self, pool: Pool | None) -> bool:
+        """Whether its runs go to ``pool`` (None, or the default pool: those given no pool)."""
+        target = self._pool
+        if target is None:
+            return pool is None or pool is _api.current_default_pool()
+        return target is pool
+
     def counts(self) -> dict[TaskState, int]:
         """Runs by state (scheduled ones count as SCHEDULED; skipped ones not at all)."""
         counts = dict.fromkeys(TaskState, 0)
@@ -161,12 +185,17 @@ class ScheduledHandle:
             counts[TaskState.SCHEDULED] += 1
         return counts
 
+    def statistics(self) -> ScheduledStatistics:
+        """A frozen snapshot for the status views (``Pool.statistics().scheduled``)."""
+        return ScheduledStatistics(
+            id=self.id, name=self.name, state=self.state, next_start=self.next_start,
+            next_start_in=self.next_start_in, interval=self._interval, count=self.count,
+            runs=len(self.runs), skipped=len(self.skipped_times), overlap=self._overlap,
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain data for a status view: name, state, next start (ISO), runs, skipped."""
-        when = self.next_start
-        return {"name": self.name, "state": self.state.name, "runs": len(self.runs),
-                "skipped": len(self.skipped_times), "next_start": None if when is None else when.isoformat(),
-                "next_start_in": self.next_start_in}
+        """Plain data for a status view (see :meth:`ScheduledStatistics.as_dict`)."""
+        return self.statistics().as_dict()
 
     def done(self) -> bool:
         return self._outcome.done()
@@ -197,7 +226,7 @@ class ScheduledHandle:
     def __repr__(self) -> str:
         due = self.next_start_in
         when = "" if due is None else f" next in {due:.3g} s"
-        return (f"<ScheduledHandle {self.name!r} {self.state.name.lower()} runs={len(self.runs)} "
+        return (f"<ScheduledHandle id={self.id} {self.name!r} {self.state.name.lower()} runs={len(self.runs)} "
                 f"skipped={len(self.skipped_times)}{when}>")
 
     # --- the scheduler's side (under its lock) ------------------------------------------
@@ -231,6 +260,7 @@ class Scheduler:
         self._closed = False
         self._handled_until = -math.inf  # clock time up to which all due work was started
         self.clock.attach(self._after_advance)
+        _open.add(self)
 
     # --- scheduling -------------------------------------------------------------------
 
@@ -274,7 +304,18 @@ class Scheduler:
         """The scheduled work not done yet, soonest first."""
         with self._cond:
             live = list(self._live)
-        return sorted(live, key=lambda h: math.inf if h._next is None else h._next)
+        return sorted(live, key=lambda h: (math.inf if h._next is None else h._next, h.id))
+
+    def find(self, key: int | str) -> ScheduledHandle | None:
+        """The pending work with id ``key`` (an int) or name ``key`` (a str), if any; a name
+        shared by several raises ``ValueError`` listing their ids."""
+        return _find(self.pending(), key)
+
+    def cancel(self, key: int | str) -> bool:
+        """Cancel the pending work ``key`` (its id or its name, see :meth:`find`); False if
+        there is none."""
+        handle = self.find(key)
+        return handle is not None and handle.cancel()
 
     def _add(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], first: float,
              interval: float | None, count: int | None, overlap: str, pool: Pool | None,
@@ -448,6 +489,7 @@ class Scheduler:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything still scheduled (and its runs in progress), stop the thread."""
+        _open.discard(self)
         with self._cond:
             self._closed = True
             live = list(self._live)
@@ -471,6 +513,36 @@ def _check_seconds(what: str, value: float, *, zero: bool) -> None:
             or value < 0 or (value == 0 and not zero) or math.isinf(value):
         raise ValueError(f"{what} must be a {'non-negative' if zero else 'positive'} number of seconds, "
                          f"got {value!r}")
+
+
+def _find(handles: list[ScheduledHandle], key: int | str) -> ScheduledHandle | None:
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        raise TypeError(f"a scheduled task is named by its id (an int) or its name (a str), got {key!r}")
+    if isinstance(key, int):
+        return next((h for h in handles if h.id == key), None)
+    named = [h for h in handles if h.name == key]
+    if len(named) > 1:
+        ids = ", ".join(str(h.id) for h in named)
+        raise ValueError(f"{len(named)} scheduled tasks are named {key!r} (ids {ids}): cancel one by its id")
+    return named[0] if named else None
+
+
+def pending_on(pool: Pool | None) -> list[ScheduledHandle]:
+    """The pending work of every open scheduler whose runs go to ``pool`` (see
+    :meth:`ScheduledHandle.runs_on`), soonest first."""
+    handles = [h for s in list(_open) for h in s.pending() if h.runs_on(pool)]
+    return sorted(handles, key=lambda h: (math.inf if h._next is None else h._next, h.id))
+
+
+def statistics_on(pool: Pool | None) -> tuple[ScheduledStatistics, ...]:
+    """``Pool.statistics().scheduled``: the snapshots of :func:`pending_on`."""
+    return tuple(h.statistics() for h in pending_on(pool))
+
+
+def cancel_on(pool: Pool | None, key: int | str) -> bool:
+    """Cancel the pending work ``key`` (id or name) whose runs go to ``pool``; False if none."""
+    handle = _find(pending_on(pool), key)
+    return handle is not None and handle.cancel()
 
 
 # --- the default scheduler ------------------------------------------------------------------

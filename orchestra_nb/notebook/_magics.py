@@ -193,10 +193,12 @@ def _show(handle: Any, mark: str | None) -> None:
 
 
 _LINE_HELP = """\
-%orchestra status      live view of the default pool (workers, CPU, memory, queue, jobs)
+%orchestra status      live view of the default pool (workers, CPU, memory, queue, jobs,
+                       scheduled tasks)
 %orchestra status --once   a snapshot instead of a live view
 %orchestra workers N   resize the default pool to N workers
 %orchestra shutdown    shut the default pool down (the next call starts a new one)
+%orchestra unschedule ID|NAME   cancel a scheduled task listed by %orchestra status
 %orchestra store       the result store: where, how big, its named runs (orchestra.store)
 %%orchestra [-o NAME] | --all [-o NAME] | --bg NAME   run the cell in the pool's workers"""
 
@@ -205,7 +207,8 @@ _LINE_HELP = """\
 class OrchestraMagics(Magics):
     @line_cell_magic
     def orchestra(self, line: str, cell: str | None = None) -> Any:
-        """%orchestra status | workers N | shutdown ; %%orchestra [-o NAME] [--all | --bg NAME]"""
+        """%orchestra status | workers N | shutdown | unschedule ID|NAME ;
+        %%orchestra [-o NAME] [--all | --bg NAME]"""
         if cell is not None:
             return self._cell(line, cell)
         words = line.split()
@@ -223,6 +226,18 @@ class OrchestraMagics(Magics):
                 settings.workers = int(words[1])  # resizes the pool (see _config)
             else:
                 orchestra_nb.default_pool().resize(int(words[1]))
+            return None
+        if cmd == "unschedule" and len(words) >= 2:
+            given = line.split(None, 1)[1].strip()
+            key: int | str = int(given) if given.isdigit() else given  # a number is an id
+            try:
+                cancelled = orchestra_nb.cancel_scheduled(key)
+            except ValueError as exc:  # a name shared by several: they are listed
+                raise UsageError(f"%orchestra unschedule: {exc}") from None
+            if cancelled:
+                print(f"orchestra: scheduled task {given} cancelled")
+            else:
+                print(f"orchestra: no scheduled task {given!r} pending on the default pool")
             return None
         if cmd == "store":
             print(orchestra_nb.store.report())

@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import datetime
 import html
 import sys
 import threading
@@ -842,9 +843,29 @@ _status_lock = threading.Lock()
 _status_views: list[StatusView] = []
 
 
+def _scheduled_texts(task: dict[str, Any]) -> dict[str, Any]:
+    """One row of the scheduled tasks' table, formatted once for both views."""
+    when, due_in = task["next_start"], task["next_start_in"]
+    if when is None:
+        next_text = "running" if task["state"] == "RUNNING" else "-"
+    else:
+        clock = datetime.datetime.fromisoformat(when).strftime("%H:%M:%S")
+        next_text = f"in {format_duration(due_in)} ({clock})"
+    interval = task["interval"]
+    count = task["count"]
+    return {
+        **task,
+        "state_text": task["state"].lower(),
+        "next_text": next_text,
+        "period_text": "once" if interval is None else f"every {format_duration(interval)}",
+        "runs_text": f"{task['runs']}" if count is None else f"{task['runs']}/{count}",
+    }
+
+
 class StatusView:
     """A live table of the pool: workers (pid, state, current task, CPU, memory), queued
-    tasks, jobs. Refreshed every ``interval`` seconds by the progress thread; only the
+    tasks, jobs, and the scheduled tasks (cancel one with ``orchestra.cancel_scheduled(id)``
+    or ``%orchestra unschedule ID|NAME``). Refreshed every ``interval`` seconds by the progress thread; only the
     newest ``_MAX_STATUS_VIEWS`` views stay live."""
 
     def __init__(
@@ -864,9 +885,13 @@ class StatusView:
 
     def snapshot(self) -> dict[str, Any]:
         pool = self.pool_getter()
-        if pool is None:
-            return {"state": "no pool", "workers": [], "jobs": []}
+        if pool is None:  # work may be scheduled on the default pool before it exists
+            from .. import _api
+
+            scheduled = [_scheduled_texts(t.as_dict()) for t in _api.scheduled_on(None)]
+            return {"state": "no pool", "workers": [], "jobs": [], "scheduled": scheduled}
         status: dict[str, Any] = pool.status()  # Pool.statistics() as plain data
+        status["scheduled"] = [_scheduled_texts(t) for t in status["scheduled"]]
         names = {j["id"]: j["name"] for j in status["jobs"]}
         for w in status["workers"]:
             w["cpu"], w["rss"] = w["cpu_percent"], w["memory_bytes"]
@@ -922,7 +947,19 @@ class StatusView:
             if jobs
             else "<i>no running jobs</i>"
         )
-        return f"<div>{head}{workers}{jobs_html}</div>"
+        scheduled = "".join(
+            f"<tr><td>{t['id']}</td><td>{html.escape(t['name'])}</td><td>{t['state_text']}</td>"
+            f"<td>{t['next_text']}</td><td>{t['period_text']}</td><td>{t['runs_text']}</td>"
+            f"<td>{t['skipped']}</td></tr>"
+            for t in s["scheduled"]
+        )
+        scheduled_html = (
+            "<table><tr><th>scheduled</th><th>name</th><th>state</th><th>next start</th>"
+            "<th>period</th><th>runs</th><th>skipped</th></tr>" + scheduled + "</table>"
+            if scheduled
+            else ""
+        )
+        return f"<div>{head}{workers}{jobs_html}{scheduled_html}</div>"
 
     def render_text(self) -> str:
         s = self.snapshot()
@@ -940,6 +977,11 @@ class StatusView:
             lines.append(
                 f"  job {j['id']} {j['name']}: {j['done_text']} running {c.get('RUNNING', 0)}"
                 f" pending {c.get('PENDING', 0)} failed {c.get('FAILED', 0)}"
+            )
+        for t in s["scheduled"]:
+            lines.append(
+                f"  scheduled {t['id']} {t['name']}: {t['state_text']}, next {t['next_text']},"
+                f" {t['period_text']}, runs {t['runs_text']}, skipped {t['skipped']}"
             )
         return "\n".join(lines)
 

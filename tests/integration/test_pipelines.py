@@ -336,6 +336,24 @@ def test_cancel_a_composite_cancels_every_part(pool: orchestra.Pool, tmp_path: P
     assert not h.cancel()  # already done
 
 
+def test_a_composite_handle_says_what_it_is(pool: orchestra.Pool, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    h = Sequence(Task(inc, 1), Task(double), name="etl").run(pool)
+    assert h.result(HANG_GUARD) == 4
+    assert repr(h) == "<CompositeHandle 'etl' (sequence of 2 steps) succeeded 2/2 tasks failed=0>"
+    block = h._repr_html_()  # the composite block, for front ends that render HTML
+    assert block.startswith("<div><b>etl</b>") and "succeeded" in block
+    assert ">0:inc</td>" in block and ">1:double</td>" in block and "2/2 tasks" in block
+    h._ipython_display_()  # without the notebook layer: its repr
+    assert capsys.readouterr().out == repr(h) + "\n"
+    one = Task(inc, 1, name="one").run(pool)
+    assert one.result(HANG_GUARD) == 2 and repr(one).startswith("<CompositeHandle 'one' (task) succeeded 1/1")
+    failed = Parallel(Task(fail_on, 2), name="p").run(pool)
+    with pytest.raises(StepFailed):
+        failed.result(HANG_GUARD)
+    assert repr(failed) == "<CompositeHandle 'p' (parallel of 1 step) failed 1/1 tasks failed=1>"
+
+
 # --- handles and steps as arguments --------------------------------------------------------------
 
 
@@ -346,6 +364,9 @@ def test_a_handle_as_argument_is_awaited_first(pool: orchestra.Pool, tmp_path: P
         wait_for(lambda: started(tmp_path) == {3}, HANG_GUARD, what="the first task running")
         assert not second.done() and second.job_id is None  # not submitted: waits for `first`
         wait_for(lambda: second.state is TaskState.SCHEDULED, HANG_GUARD, what="SCHEDULED")
+        assert repr(second) == (
+            "<CompositeHandle 'add' (a call waiting for its arguments) scheduled 0/1 tasks failed=0>"
+        )
         release(tmp_path, 3)
         assert second.result(HANG_GUARD) == 13
         rec.wait(lambda e: isinstance(e, JobStarted) and e.name == "add", HANG_GUARD)  # delivered later
