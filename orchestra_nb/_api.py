@@ -419,8 +419,8 @@ class Pool:
 
     def cancel_scheduled(self, key: int | str) -> bool:
         """Cancel the scheduled task ``key`` listed in :meth:`statistics` (its ``id``, or its
-        ``name`` if no other scheduled task on this pool has it), with a run in progress.
-        Returns False if there is no such pending task."""
+        ``name`` if no other scheduled task on this pool has it; a run in progress is
+        cancelled too). Returns False if there is no such pending task."""
         return cancel_scheduled_on(self, key)
 
     def status(self) -> dict[str, Any]:

@@ -62,6 +62,7 @@ OVERLAP_POLICIES = ("skip", "queue")
 
 _ids = itertools.count(1)  # ScheduledHandle.id: unique in this process, over every scheduler
 _open: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # the schedulers not closed (status views)
+_open_lock = threading.Lock()  # a WeakSet must not change while another thread copies it
 
 
 class Clock(Protocol):
@@ -260,7 +261,8 @@ class Scheduler:
         self._closed = False
         self._handled_until = -math.inf  # clock time up to which all due work was started
         self.clock.attach(self._after_advance)
-        _open.add(self)
+        with _open_lock:
+            _open.add(self)
 
     # --- scheduling -------------------------------------------------------------------
 
@@ -304,7 +306,7 @@ class Scheduler:
         """The scheduled work not done yet, soonest first."""
         with self._cond:
             live = list(self._live)
-        return sorted(live, key=lambda h: (math.inf if h._next is None else h._next, h.id))
+        return sorted(live, key=_soonest)
 
     def find(self, key: int | str) -> ScheduledHandle | None:
         """The pending work with id ``key`` (an int) or name ``key`` (a str), if any; a name
@@ -489,7 +491,8 @@ class Scheduler:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything still scheduled (and its runs in progress), stop the thread."""
-        _open.discard(self)
+        with _open_lock:
+            _open.discard(self)
         with self._cond:
             self._closed = True
             live = list(self._live)
@@ -515,6 +518,12 @@ def _check_seconds(what: str, value: float, *, zero: bool) -> None:
                          f"got {value!r}")
 
 
+def _soonest(handle: ScheduledHandle) -> tuple[float, int]:
+    # In seconds from now, not clock readings: schedulers may run on different clocks.
+    due = handle.next_start_in
+    return (math.inf if due is None else due, handle.id)
+
+
 def _find(handles: list[ScheduledHandle], key: int | str) -> ScheduledHandle | None:
     if isinstance(key, bool) or not isinstance(key, int | str):
         raise TypeError(f"a scheduled task is named by its id (an int) or its name (a str), got {key!r}")
@@ -530,8 +539,10 @@ def _find(handles: list[ScheduledHandle], key: int | str) -> ScheduledHandle | N
 def pending_on(pool: Pool | None) -> list[ScheduledHandle]:
     """The pending work of every open scheduler whose runs go to ``pool`` (see
     :meth:`ScheduledHandle.runs_on`), soonest first."""
-    handles = [h for s in list(_open) for h in s.pending() if h.runs_on(pool)]
-    return sorted(handles, key=lambda h: (math.inf if h._next is None else h._next, h.id))
+    with _open_lock:
+        schedulers = list(_open)
+    handles = [h for s in schedulers for h in s.pending() if h.runs_on(pool)]
+    return sorted(handles, key=_soonest)
 
 
 def statistics_on(pool: Pool | None) -> tuple[ScheduledStatistics, ...]:
