@@ -158,22 +158,51 @@ class Pool:
         (``orchestra.store.runs()``). The handle is then a ``CachedMapHandle`` (docs/store.md).
         """
         if cache is not False or checkpoint is not None or _cache.is_cached(fn):
-            return cast(MapHandle[T], _cache.cached_map(
-                self, fn, iterables, cache=cache, checkpoint=checkpoint, chunksize=chunksize,
-                ordered=ordered, return_exceptions=return_exceptions, timeout=timeout,
-                retries=retries, retry_on=retry_on, name=name, circuit=circuit))
+            return cast(
+                MapHandle[T],
+                _cache.cached_map(
+                    self,
+                    fn,
+                    iterables,
+                    cache=cache,
+                    checkpoint=checkpoint,
+                    chunksize=chunksize,
+                    ordered=ordered,
+                    return_exceptions=return_exceptions,
+                    timeout=timeout,
+                    retries=retries,
+                    retry_on=retry_on,
+                    name=name,
+                    circuit=circuit,
+                ),
+            )
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         # Another map's handle as an input streams (read by a feeder); other handles and
         # steps are awaited first.
         deferred = any(_driver.is_deferred(it) and not isinstance(it, MapHandle) for it in iterables)
         if on_success or on_error or on_item_success or on_item_error or deferred:
-            plain = {"chunksize": chunksize, "ordered": ordered, "return_exceptions": return_exceptions,
-                     "timeout": timeout, "retries": retries, "retry_on": retry_on, "name": name,
-                     "circuit": circuit}
+            plain = {
+                "chunksize": chunksize,
+                "ordered": ordered,
+                "return_exceptions": return_exceptions,
+                "timeout": timeout,
+                "retries": retries,
+                "retry_on": retry_on,
+                "name": name,
+                "circuit": circuit,
+            }
             return _driver.map_call(  # type: ignore[no-any-return]
-                self, fn, iterables, plain, name or callable_name(fn),
-                on_success, on_error, on_item_success, on_item_error)
+                self,
+                fn,
+                iterables,
+                plain,
+                name or callable_name(fn),
+                on_success,
+                on_error,
+                on_item_success,
+                on_item_error,
+            )
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
         timeout = self._check_timeout(timeout)
@@ -197,11 +226,21 @@ class Pool:
         job.fn = fn
         job.circuit = _check_circuit(circuit)
         handle: MapHandle[T] = MapHandle(self._backend, job)
-        handle._remember(functools.partial(
-            self.map, fn, chunksize=chunksize, ordered=ordered,
-            return_exceptions=return_exceptions, timeout=timeout, retries=retries,
-            retry_on=retry_on, name=name, circuit=circuit,
-        ), iterables)
+        handle._remember(
+            functools.partial(
+                self.map,
+                fn,
+                chunksize=chunksize,
+                ordered=ordered,
+                return_exceptions=return_exceptions,
+                timeout=timeout,
+                retries=retries,
+                retry_on=retry_on,
+                name=name,
+                circuit=circuit,
+            ),
+            iterables,
+        )
         if feeder is not None:
             feeder.start(str(job.id), functools.partial(self._backend.input_ready, job))
         self._backend.submit(job)
@@ -227,9 +266,19 @@ class Pool:
         ``cache=True``: a cached call (see :meth:`map`)."""
         if worker is not None and not self._backend.capabilities.pinning:
             raise ValueError(f"the {self._backend.name} backend cannot pin a call to a worker")
-        return _Configured(self, _CallOptions(self._check_timeout(timeout), _retry(retries, retry_on),
-                                              name, _check_circuit(circuit), worker,
-                                              on_success, on_error, cache))
+        return _Configured(
+            self,
+            _CallOptions(
+                self._check_timeout(timeout),
+                _retry(retries, retry_on),
+                name,
+                _check_circuit(circuit),
+                worker,
+                on_success,
+                on_error,
+                cache,
+            ),
+        )
 
     def circuit(
         self,
@@ -248,8 +297,13 @@ class Pool:
         found = self._circuits.get(name)
         if found is None:
             found = self._circuits[name] = CircuitBreaker(
-                name, fail_max=fail_max, window=window, reset_timeout=reset_timeout,
-                clock=clock, on_change=self._publish_circuit, exclude=exclude,
+                name,
+                fail_max=fail_max,
+                window=window,
+                reset_timeout=reset_timeout,
+                clock=clock,
+                on_change=self._publish_circuit,
+                exclude=exclude,
             )
         return found
 
@@ -259,17 +313,16 @@ class Pool:
         self._backend.publish(event)
 
     def _publish_circuit(self, change: CircuitChange) -> None:
-        self._backend.publish(
-            CircuitChanged(change.name, change.old.value, change.new.value, change.failures)
-        )
+        self._backend.publish(CircuitChanged(change.name, change.old.value, change.new.value, change.failures))
 
     def _check_timeout(self, timeout: float | None) -> float | None:
         if timeout is not None:
             if not timeout > 0:
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
             if not self._backend.capabilities.interrupt_running:
-                raise ValueError(f"the {self._backend.name} backend cannot stop a running task, "
-                                 "so it does not take timeout=")
+                raise ValueError(
+                    f"the {self._backend.name} backend cannot stop a running task, so it does not take timeout="
+                )
         return timeout
 
     def _run(
@@ -278,8 +331,14 @@ class Pool:
         if opts.on_success or opts.on_error or _driver.has_deferred(args, kwargs):
             plain = dataclasses.replace(opts, on_success=None, on_error=None)
             return _driver.run_call(  # type: ignore[no-any-return]
-                self, args, kwargs, lambda a, k: self._run(fn, a, k, plain),
-                opts.name or callable_name(fn), opts.on_success, opts.on_error)
+                self,
+                args,
+                kwargs,
+                lambda a, k: self._run(fn, a, k, plain),
+                opts.name or callable_name(fn),
+                opts.on_success,
+                opts.on_error,
+            )
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         frames = self._backend.prepare_call(fn, item)
@@ -307,7 +366,11 @@ class Pool:
         return handle
 
     def _batched_call(
-        self, fn: Callable[..., Any], digest: bytes, payload: bytes, item: Any,
+        self,
+        fn: Callable[..., Any],
+        digest: bytes,
+        payload: bytes,
+        item: Any,
         frames: tuple[list[Any], tuple[str | None, ...]] | None,
     ) -> TaskHandle[Any]:
         """Add a call to the open batch of calls to the same function (or open one).
@@ -321,8 +384,16 @@ class Pool:
             new = batch is None or batch.sealed or len(batch.items) >= _BATCH_MAX
             if new:
                 items: list[Any] = []
-                job = Job(next_job_id(), callable_name(fn), digest, payload, iter(items), None,
-                          call=True, return_exceptions=True)
+                job = Job(
+                    next_job_id(),
+                    callable_name(fn),
+                    digest,
+                    payload,
+                    iter(items),
+                    None,
+                    call=True,
+                    return_exceptions=True,
+                )
                 job.fn = fn
                 job.item_futures = []
                 batch = self._open_batches[digest] = _CallBatch(job, items, frames)
@@ -359,8 +430,15 @@ class Pool:
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         self._backend.prepare_call(fn, item)
-        job = Job(next_job_id(), f"on all workers: {callable_name(fn)}", digest, payload,
-                  iter([item]), None, call=True)
+        job = Job(
+            next_job_id(),
+            f"on all workers: {callable_name(fn)}",
+            digest,
+            payload,
+            iter([item]),
+            None,
+            call=True,
+        )
         job.fn = fn
         # No automatic view: whoever asked shows it (``%%orchestra --all`` does).
         handle: MapHandle[T] = MapHandle(self._backend, job, show=False)
@@ -503,9 +581,20 @@ class _Configured:
 
     def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> TaskHandle[T]:
         if self._opts.cache is not False:
-            return cast(TaskHandle[T], _cache.cached_run(
-                self._pool, fn, args, kwargs, self._opts.cache, timeout=self._opts.timeout,
-                retries=self._opts.retry, name=self._opts.name, circuit=self._opts.circuit))
+            return cast(
+                TaskHandle[T],
+                _cache.cached_run(
+                    self._pool,
+                    fn,
+                    args,
+                    kwargs,
+                    self._opts.cache,
+                    timeout=self._opts.timeout,
+                    retries=self._opts.retry,
+                    name=self._opts.name,
+                    circuit=self._opts.circuit,
+                ),
+            )
         return self._pool._run(fn, args, kwargs, self._opts)
 
     def map(self, fn: Callable[..., T], /, *iterables: Iterable[Any], **kw: Any) -> MapHandle[T]:

@@ -344,8 +344,17 @@ class StepRecord:
                 state = live
         counts, total = self.leaf_counts()
         done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
-        return StepStatus(self.path, self.name, self.kind, self.depth, state, done,
-                          counts[TaskState.FAILED], total, counts[TaskState.RUNNING])
+        return StepStatus(
+            self.path,
+            self.name,
+            self.kind,
+            self.depth,
+            state,
+            done,
+            counts[TaskState.FAILED],
+            total,
+            counts[TaskState.RUNNING],
+        )
 
 
 # --- the handle of driven work --------------------------------------------------------------
@@ -400,8 +409,9 @@ class CompositeHandle(Generic[T]):
         self._gate = asyncio.Event()
         if not self._paused:
             self._gate.set()
-        self._task = self._loop.create_task(self._main(body), name=f"orchestra: {self.name}",
-                                            context=self._context)
+        self._task = self._loop.create_task(
+            self._main(body), name=f"orchestra: {self.name}", context=self._context
+        )
         if self._cancel_requested:
             self._task.cancel()
 
@@ -513,8 +523,7 @@ class CompositeHandle(Generic[T]):
     def finished(self) -> bool:
         """True once done and every part's tasks are final (after a cancel: once it took
         effect in the pool)."""
-        return self._outcome.done() and all(
-            r.handle is None or r.handle.finished() for r in self._root.walk())
+        return self._outcome.done() and all(r.handle is None or r.handle.finished() for r in self._root.walk())
 
     def on_done(self, fn: Callable[[CompositeHandle[T]], object]) -> None:
         """Call ``fn(handle)`` once done (at once if done already), on the driver thread:
@@ -623,8 +632,10 @@ class CompositeHandle(Generic[T]):
         done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
         total = self.total
         paused = " paused" if self._paused else ""
-        return (f"<CompositeHandle {self.name!r} ({_what(self._root)}) {self.state.name.lower()}{paused} "
-                f"{done}/{'?' if total is None else total} tasks failed={counts[TaskState.FAILED]}>")
+        return (
+            f"<CompositeHandle {self.name!r} ({_what(self._root)}) {self.state.name.lower()}{paused} "
+            f"{done}/{'?' if total is None else total} tasks failed={counts[TaskState.FAILED]}>"
+        )
 
 
 # --- how a composite shows itself -----------------------------------------------------------
@@ -749,9 +760,15 @@ _DEFERRED: tuple[type[Any], ...] = (TaskHandle, MapHandle, CompositeHandle, Defe
 # --- the hooks of Pool.run and Pool.map -----------------------------------------------------
 
 
-def run_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
-             submit: Callable[[tuple[Any, ...], dict[str, Any]], Any], name: str,
-             on_success: Callable[..., object] | None, on_error: Callable[..., object] | None) -> Any:
+def run_call(
+    pool: Pool,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    submit: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+    name: str,
+    on_success: Callable[..., object] | None,
+    on_error: Callable[..., object] | None,
+) -> Any:
     """``pool.run`` with callbacks or arguments to wait for. ``submit(args, kwargs)`` is
     the plain call (no callbacks, no deferred arguments)."""
     callbacks = Callbacks.of(on_success, on_error, name)
@@ -762,10 +779,17 @@ def run_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
     return _driven_call(pool, args, kwargs, submit, callbacks, name, "call")
 
 
-def map_call(pool: Pool, fn: Callable[..., Any], iterables: tuple[Any, ...], options: dict[str, Any],
-             name: str, on_success: Callable[..., object] | None, on_error: Callable[..., object] | None,
-             on_item_success: Callable[..., object] | None,
-             on_item_error: Callable[..., object] | None) -> Any:
+def map_call(
+    pool: Pool,
+    fn: Callable[..., Any],
+    iterables: tuple[Any, ...],
+    options: dict[str, Any],
+    name: str,
+    on_success: Callable[..., object] | None,
+    on_error: Callable[..., object] | None,
+    on_item_success: Callable[..., object] | None,
+    on_item_error: Callable[..., object] | None,
+) -> Any:
     """``pool.map(fn, *iterables, **options)`` with callbacks, or with iterables that are
     handles or steps (their results are mapped over once they are ready)."""
     callbacks = Callbacks.of(on_success, on_error, name)
@@ -781,9 +805,16 @@ def map_call(pool: Pool, fn: Callable[..., Any], iterables: tuple[Any, ...], opt
     return _driven_call(pool, iterables, {}, submit, callbacks, name, "map", items)
 
 
-def _driven_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 submit: Callable[[tuple[Any, ...], dict[str, Any]], Any], callbacks: Callbacks | None,
-                 name: str, kind: str, items: Callbacks | None = None) -> CompositeHandle[Any]:
+def _driven_call(
+    pool: Pool,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    submit: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+    callbacks: Callbacks | None,
+    name: str,
+    kind: str,
+    items: Callbacks | None = None,
+) -> CompositeHandle[Any]:
     root = StepRecord(name, "call", name, 0)
     record = root.child(0, name, "task" if kind == "call" else "map")
 

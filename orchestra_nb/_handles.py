@@ -336,8 +336,10 @@ class _Handle:
         done = done_count(c)
         total = "?" if self._job.total is None else self._job.total
         status = "cancelled" if self.cancelled() else "done" if self.done() else "running"
-        return (f"<{type(self).__name__} job={self._job.id} {self._job.name!r} {status} "
-                f"{done}/{total} failed={c[TaskState.FAILED]}>")
+        return (
+            f"<{type(self).__name__} job={self._job.id} {self._job.name!r} {status} "
+            f"{done}/{total} failed={c[TaskState.FAILED]}>"
+        )
 
 
 class TaskHandle(_Handle, Generic[T]):
@@ -368,7 +370,10 @@ class TaskHandle(_Handle, Generic[T]):
     _drain: LoopAttachment | None = None
 
     def __init__(
-        self, backend: Backend, job: Job, index: int | None = None,
+        self,
+        backend: Backend,
+        job: Job,
+        index: int | None = None,
         future: JobFuture | None = None,
     ) -> None:
         if index is None:
@@ -610,8 +615,7 @@ class MapHandle(_Handle, Generic[T]):
         job = self._job
         rows = []
         for index, exc in sorted(dict(job.errors).items()):
-            rows.append(Failure(index, self._input_of(index), exc,
-                                job.attempts.get(index, 1), _worker_of(exc)))
+            rows.append(Failure(index, self._input_of(index), exc, job.attempts.get(index, 1), _worker_of(exc)))
         return Failures(rows, job.name)
 
     def retry_failed(self, **options: Any) -> MapHandle[T]:
@@ -754,8 +758,7 @@ class MapHandle(_Handle, Generic[T]):
         flag says (it may have read an older count just before this one was stored)."""
         job = self._job
         job.stream_consumed = max(count, job.stream_consumed or 0)
-        if (job.stream_blocked or waiting) and job.source is not None \
-                and job.pulled - count < STREAM_WINDOW:
+        if (job.stream_blocked or waiting) and job.source is not None and job.pulled - count < STREAM_WINDOW:
             job.stream_blocked = False
             self._backend.input_ready(job)
 
@@ -764,8 +767,8 @@ class MapHandle(_Handle, Generic[T]):
 
 
 def _indexable(obj: object) -> bool:
-    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(
-        obj, dict | set | frozenset
+    return (
+        hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, dict | set | frozenset)
     )
 
 

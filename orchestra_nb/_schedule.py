@@ -106,8 +106,17 @@ class ScheduledHandle:
     """Work that starts later, or again and again. ``await`` it or call ``result()`` for
     the run's result (``every``: the list of the runs' results, once the last has run)."""
 
-    def __init__(self, scheduler: Scheduler, name: str, target: Callable[[Pool], Any], first: float,
-                 interval: float | None, count: int | None, overlap: str, pool: Pool | None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        name: str,
+        target: Callable[[Pool], Any],
+        first: float,
+        interval: float | None,
+        count: int | None,
+        overlap: str,
+        pool: Pool | None,
+    ) -> None:
         self.id = next(_ids)
         self.name = name
         self._scheduler = scheduler
@@ -189,9 +198,16 @@ class ScheduledHandle:
     def statistics(self) -> ScheduledStatistics:
         """A frozen snapshot for the status views (``Pool.statistics().scheduled``)."""
         return ScheduledStatistics(
-            id=self.id, name=self.name, state=self.state, next_start=self.next_start,
-            next_start_in=self.next_start_in, interval=self._interval, count=self.count,
-            runs=len(self.runs), skipped=len(self.skipped_times), overlap=self._overlap,
+            id=self.id,
+            name=self.name,
+            state=self.state,
+            next_start=self.next_start,
+            next_start_in=self.next_start_in,
+            interval=self._interval,
+            count=self.count,
+            runs=len(self.runs),
+            skipped=len(self.skipped_times),
+            overlap=self._overlap,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -227,8 +243,10 @@ class ScheduledHandle:
     def __repr__(self) -> str:
         due = self.next_start_in
         when = "" if due is None else f" next in {due:.3g} s"
-        return (f"<ScheduledHandle id={self.id} {self.name!r} {self.state.name.lower()} runs={len(self.runs)} "
-                f"skipped={len(self.skipped_times)}{when}>")
+        return (
+            f"<ScheduledHandle id={self.id} {self.name!r} {self.state.name.lower()} runs={len(self.runs)} "
+            f"skipped={len(self.skipped_times)}{when}>"
+        )
 
     # --- the scheduler's side (under its lock) ------------------------------------------
 
@@ -266,25 +284,52 @@ class Scheduler:
 
     # --- scheduling -------------------------------------------------------------------
 
-    def run_after(self, delay: float, fn: Callable[..., Any], /, *args: Any, pool: Pool | None = None,
-                  name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+    def run_after(
+        self,
+        delay: float,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        pool: Pool | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> ScheduledHandle:
         """Run ``fn(*args, **kwargs)`` (or a step) once, ``delay`` seconds from now."""
         _check_seconds("delay", delay, zero=True)
         return self._add(fn, args, kwargs, self.clock.monotonic() + delay, None, None, "skip", pool, name)
 
-    def run_at(self, when: datetime.datetime, fn: Callable[..., Any], /, *args: Any,
-               pool: Pool | None = None, name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+    def run_at(
+        self,
+        when: datetime.datetime,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        pool: Pool | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> ScheduledHandle:
         """Run ``fn(*args, **kwargs)`` once at ``when`` (a naive datetime is local time; a
         time in the past runs at once)."""
         if not isinstance(when, datetime.datetime):
             raise TypeError(f"run_at needs a datetime, got {when!r}")
         delay = (when.astimezone() - self.clock.now()).total_seconds()
-        return self._add(fn, args, kwargs, self.clock.monotonic() + max(0.0, delay), None, None, "skip",
-                         pool, name)
+        return self._add(
+            fn, args, kwargs, self.clock.monotonic() + max(0.0, delay), None, None, "skip", pool, name
+        )
 
-    def every(self, interval: float, fn: Callable[..., Any], /, *args: Any, count: int | None = None,
-              overlap: str = "skip", delay: float | None = None, pool: Pool | None = None,
-              name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+    def every(
+        self,
+        interval: float,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        count: int | None = None,
+        overlap: str = "skip",
+        delay: float | None = None,
+        pool: Pool | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> ScheduledHandle:
         """Run ``fn(*args, **kwargs)`` every ``interval`` seconds, first after ``delay``
         (default: ``interval``), ``count`` times (default: until cancelled). ``overlap``:
         ``"skip"`` or ``"queue"`` a run that is due while the previous one still runs."""
@@ -319,9 +364,18 @@ class Scheduler:
         handle = self.find(key)
         return handle is not None and handle.cancel()
 
-    def _add(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], first: float,
-             interval: float | None, count: int | None, overlap: str, pool: Pool | None,
-             name: str | None) -> ScheduledHandle:
+    def _add(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        first: float,
+        interval: float | None,
+        count: int | None,
+        overlap: str,
+        pool: Pool | None,
+        name: str | None,
+    ) -> ScheduledHandle:
         if isinstance(fn, Deferred):
             if args or kwargs:
                 raise TypeError(f"{fn.name}: a step takes no arguments here (give them to its Tasks)")
@@ -332,6 +386,7 @@ class Scheduler:
 
             label = name or step.name
         elif callable(fn):
+
             def target(p: Pool) -> Any:
                 return p.run(fn, *args, **kwargs)
 
@@ -448,8 +503,9 @@ class Scheduler:
             result = handle._results if handle._interval is not None else handle._results[0]
             self._end(handle, None, result=result)
 
-    def _end(self, handle: ScheduledHandle, exc: BaseException | None, *, cancelled: bool = False,
-             result: Any = None) -> None:
+    def _end(
+        self, handle: ScheduledHandle, exc: BaseException | None, *, cancelled: bool = False, result: Any = None
+    ) -> None:
         with self._cond:
             handle._next = None
             handle._queued = False
@@ -512,10 +568,17 @@ class Scheduler:
 
 
 def _check_seconds(what: str, value: float, *, zero: bool) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value) \
-            or value < 0 or (value == 0 and not zero) or math.isinf(value):
-        raise ValueError(f"{what} must be a {'non-negative' if zero else 'positive'} number of seconds, "
-                         f"got {value!r}")
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or value < 0
+        or (value == 0 and not zero)
+        or math.isinf(value)
+    ):
+        raise ValueError(
+            f"{what} must be a {'non-negative' if zero else 'positive'} number of seconds, got {value!r}"
+        )
 
 
 def _soonest(handle: ScheduledHandle) -> tuple[float, int]:
@@ -582,22 +645,46 @@ def close_service(timeout: float = 3.0) -> None:
 atexit.register(close_service)
 
 
-def run_after(delay: float, fn: Callable[..., Any], /, *args: Any, pool: Pool | None = None,
-              name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+def run_after(
+    delay: float,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    pool: Pool | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> ScheduledHandle:
     """``fn(*args, **kwargs)`` (or a step) in ``delay`` seconds, on ``pool`` (default: the
     default pool); see :class:`Scheduler`."""
     return default_scheduler().run_after(delay, fn, *args, pool=pool, name=name, **kwargs)
 
 
-def run_at(when: datetime.datetime, fn: Callable[..., Any], /, *args: Any, pool: Pool | None = None,
-           name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+def run_at(
+    when: datetime.datetime,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    pool: Pool | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> ScheduledHandle:
     """``fn(*args, **kwargs)`` (or a step) at ``when``; see :meth:`Scheduler.run_at`."""
     return default_scheduler().run_at(when, fn, *args, pool=pool, name=name, **kwargs)
 
 
-def every(interval: float, fn: Callable[..., Any], /, *args: Any, count: int | None = None,
-          overlap: str = "skip", delay: float | None = None, pool: Pool | None = None,
-          name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+def every(
+    interval: float,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    count: int | None = None,
+    overlap: str = "skip",
+    delay: float | None = None,
+    pool: Pool | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> ScheduledHandle:
     """``fn(*args, **kwargs)`` (or a step) every ``interval`` seconds; see :meth:`Scheduler.every`."""
-    return default_scheduler().every(interval, fn, *args, count=count, overlap=overlap, delay=delay,
-                                     pool=pool, name=name, **kwargs)
+    return default_scheduler().every(
+        interval, fn, *args, count=count, overlap=overlap, delay=delay, pool=pool, name=name, **kwargs
+    )

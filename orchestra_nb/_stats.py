@@ -96,10 +96,18 @@ class ScheduledStatistics:
     def as_dict(self) -> dict[str, Any]:
         """Plain data (the state as its name, ``next_start`` in ISO 8601)."""
         when = self.next_start
-        return {"id": self.id, "name": self.name, "state": self.state.name,
-                "next_start": None if when is None else when.isoformat(),
-                "next_start_in": self.next_start_in, "interval": self.interval, "count": self.count,
-                "runs": self.runs, "skipped": self.skipped, "overlap": self.overlap}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.name,
+            "next_start": None if when is None else when.isoformat(),
+            "next_start_in": self.next_start_in,
+            "interval": self.interval,
+            "count": self.count,
+            "runs": self.runs,
+            "skipped": self.skipped,
+            "overlap": self.overlap,
+        }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,18 +134,35 @@ class PoolStatistics:
             "bad_messages": self.bad_messages,
             "spawn_error": self.spawn_error,
             "workers": [
-                {"id": w.id, "pid": w.pid, "state": w.state.value, "activity": w.activity,
-                 "job": w.job, "item": w.item,
-                 "current": None if w.job is None else (w.job, w.item),
-                 "tasks_done": w.tasks_done, "stalled": w.stalled,
-                 "queued_chunks": w.queued_chunks, "cpu_percent": w.cpu_percent,
-                 "memory_bytes": w.memory_bytes, "host": w.host}
+                {
+                    "id": w.id,
+                    "pid": w.pid,
+                    "state": w.state.value,
+                    "activity": w.activity,
+                    "job": w.job,
+                    "item": w.item,
+                    "current": None if w.job is None else (w.job, w.item),
+                    "tasks_done": w.tasks_done,
+                    "stalled": w.stalled,
+                    "queued_chunks": w.queued_chunks,
+                    "cpu_percent": w.cpu_percent,
+                    "memory_bytes": w.memory_bytes,
+                    "host": w.host,
+                }
                 for w in self.workers
             ],
             "jobs": [
-                {"id": j.id, "name": j.name, "total": j.total, "read": j.read,
-                 "counts": {s.name: j.counts[s] for s in TaskState}, "done": j.done,
-                 "elapsed": j.elapsed, "finished": j.finished, "cancelled": j.cancelled}
+                {
+                    "id": j.id,
+                    "name": j.name,
+                    "total": j.total,
+                    "read": j.read,
+                    "counts": {s.name: j.counts[s] for s in TaskState},
+                    "done": j.done,
+                    "elapsed": j.elapsed,
+                    "finished": j.finished,
+                    "cancelled": j.cancelled,
+                }
                 for j in self.jobs
             ],
             "scheduled": [t.as_dict() for t in self.scheduled],

@@ -24,7 +24,11 @@ def test_quick_benchmark_runs_and_reports(tmp_path: Path) -> None:
 def test_pipelines_benchmark_reports_the_overhead_per_step() -> None:
     times = pipelines.measure(items=200, repeat=1)
     assert {name: len(values) for name, values in times.items()} == {
-        "hand await": 1, "composite await": 1, "hand result()": 1, "composite result()": 1}
+        "hand await": 1,
+        "composite await": 1,
+        "hand result()": 1,
+        "composite result()": 1,
+    }
     text = pipelines.report(times, 200, 1)
     for kind in ("await", "result()"):
         assert f"composite overhead ({kind}): " in text

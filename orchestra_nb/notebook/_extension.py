@@ -62,9 +62,7 @@ def load(ip: Any) -> None:
     if options and options != _api._default_options:
         orchestra_nb.configure(**options)
     if config.warm:
-        pool = (
-            orchestra_nb.default_pool()
-        )  # spawns the workers now; they get ready in the background
+        pool = orchestra_nb.default_pool()  # spawns the workers now; they get ready in the background
         n = pool.workers
         _show_worker_count(config, n)
         how = "configured" if "workers" in _api._default_options else "one per CPU"

@@ -71,9 +71,7 @@ def _parser() -> _Parser:
         help="names to copy back into the notebook (comma separated or repeated)",
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--all", action="store_true", help="run on every worker, and on every later one"
-    )
+    mode.add_argument("--all", action="store_true", help="run on every worker, and on every later one")
     mode.add_argument("--bg", metavar="NAME", help="run in the background; NAME gets the handle")
     return p
 
@@ -89,9 +87,7 @@ def parse(args: str) -> argparse.Namespace:
     if opts.bg is not None and not opts.bg.isidentifier():
         raise UsageError(f"%%orchestra --bg: {opts.bg!r} is not a valid name")
     if opts.bg is not None and names:
-        raise UsageError(
-            "%%orchestra: -o cannot be used with --bg (read the names from the handle's result)"
-        )
+        raise UsageError("%%orchestra: -o cannot be used with --bg (read the names from the handle's result)")
     opts.names = tuple(names)
     return opts
 
@@ -113,8 +109,7 @@ def _run_pinned(pool: Any, *args: Any) -> Any:
     Backends that cannot pin a call run it anywhere."""
     if not pool.capabilities.pinning:
         return pool.options(name="%%orchestra").run(orchestra_cell, *args)
-    workers = [w for w in pool.statistics().workers
-               if w.state in (WorkerState.STARTING, WorkerState.READY)]
+    workers = [w for w in pool.statistics().workers if w.state in (WorkerState.STARTING, WorkerState.READY)]
     usable = {w.id: w for w in workers}
     wid = _pinned.get(id(pool))
     if wid is None or wid not in usable:
@@ -144,9 +139,7 @@ async def run_cell(args: str, body: str) -> Any:
         return None
     if opts.bg:
         with _progress.suppress_auto():
-            handle = pool.options(name=f"%%orchestra --bg {opts.bg}").run(
-                orchestra_cell_value, body, filename
-            )
+            handle = pool.options(name=f"%%orchestra --bg {opts.bg}").run(orchestra_cell_value, body, filename)
         _show(handle, mark=None)
         user_ns[opts.bg] = handle
         return None

@@ -71,9 +71,7 @@ _STALE_AFTER = 6.0  # seconds without an update before a running view greys out
 _FINISH_WAIT = 2.0  # at most this long, at the end of a cell, for a finished job's output
 
 # Set while the notebook layer creates a handle it displays its own way (%%orchestra).
-_suppress: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "orchestra_suppress", default=False
-)
+_suppress: contextvars.ContextVar[bool] = contextvars.ContextVar("orchestra_suppress", default=False)
 
 settings: Any = None  # the extension's Orchestra configurable (set by _extension.load)
 
@@ -163,16 +161,12 @@ class Snapshot:
         self.failed: int = counts[TaskState.FAILED]
         self.cancelled: int = counts[TaskState.CANCELLED]
         self.running: int = counts[TaskState.RUNNING]
-        self.waiting: int = (
-            counts[TaskState.PENDING] + counts[TaskState.RETRYING] + counts[TaskState.SCHEDULED]
-        )
+        self.waiting: int = counts[TaskState.PENDING] + counts[TaskState.RETRYING] + counts[TaskState.SCHEDULED]
         self.read: int = sum(counts.values())
         self.total: int | None = handle.total
         self.elapsed: float = handle.elapsed
         self.name: str = handle.name
-        final = self.running == 0 and self.waiting == 0 and (
-            self.total is not None and self.read >= self.total
-        )
+        final = self.running == 0 and self.waiting == 0 and (self.total is not None and self.read >= self.total)
         self.finished = bool(finished_seen or (handle.done() and final))
 
     # --- numbers ---------------------------------------------------------------------
@@ -313,9 +307,7 @@ class Snapshot:
             f'<div class="orchestra-job" {data} style="display:flex;align-items:center;'
             f'gap:0.6em;white-space:nowrap;overflow:hidden;{stale}">'
             '<div class="orchestra-bar" style="flex:0 0 30%;min-width:120px;height:0.9em;'
-            'display:flex;background:#e0e0e0;border-radius:3px;overflow:hidden">'
-            + "".join(segments)
-            + "</div>"
+            'display:flex;background:#e0e0e0;border-radius:3px;overflow:hidden">' + "".join(segments) + "</div>"
             '<span class="orchestra-label" style="overflow:hidden;text-overflow:ellipsis;'
             f'min-width:0"><b>{html.escape(self.name)}</b> {label}{stale_note}</span></div>'
         )
@@ -449,9 +441,7 @@ class JobView:
     def _note(self, snap: Snapshot) -> str:
         if self._cancel_clicked and not snap.finished:
             return "cancelling" + (
-                f": {snap.running} still running (Kill stops their workers now)"
-                if snap.running
-                else ""
+                f": {snap.running} still running (Kill stops their workers now)" if snap.running else ""
             )
         return ""
 
@@ -472,9 +462,7 @@ class JobView:
                     self.button.description = {"cancelled": "Cancelled", "failed": "Failed"}.get(
                         verdict, "Done"
                     )
-                    self.button.icon = {"cancelled": "ban", "failed": "times"}.get(
-                        verdict, "check"
-                    )
+                    self.button.icon = {"cancelled": "ban", "failed": "times"}.get(verdict, "check")
                     self.button.button_style = ""
                     self.button.tooltip = ""
                     self.button.disabled = True
@@ -640,11 +628,7 @@ _ticker_instance: _Ticker | None = None
 def _ticker() -> _Ticker:
     global _ticker_instance
     with _ticker_lock:
-        if (
-            _ticker_instance is None
-            or not _ticker_instance.thread.is_alive()
-            or _ticker_instance._stop
-        ):
+        if _ticker_instance is None or not _ticker_instance.thread.is_alive() or _ticker_instance._stop:
             _ticker_instance = _Ticker()
         return _ticker_instance
 
@@ -868,9 +852,7 @@ class StatusView:
     or ``%orchestra unschedule ID|NAME``). Refreshed every ``interval`` seconds by the progress thread; only the
     newest ``_MAX_STATUS_VIEWS`` views stay live."""
 
-    def __init__(
-        self, pool_getter: Callable[[], Any], interval: float = 1.0, widget: bool = True
-    ) -> None:
+    def __init__(self, pool_getter: Callable[[], Any], interval: float = 1.0, widget: bool = True) -> None:
         self.pool_getter = pool_getter
         self.interval = max(0.5, interval)
         self.ctx = contextvars.copy_context()
@@ -965,9 +947,7 @@ class StatusView:
         s = self.snapshot()
         n = len(s["workers"])
         lines = [f"orchestra pool: {s['state']}, {n} worker(s), {s.get('queued', 0)} queued"]
-        lines.append(
-            f"  {'worker':>6} {'pid':>7} {'state':<9} {'cpu':>5} {'memory':>9}  current task"
-        )
+        lines.append(f"  {'worker':>6} {'pid':>7} {'state':<9} {'cpu':>5} {'memory':>9}  current task")
         for w in s["workers"]:
             cpu, rss, current = w["cpu_text"], w["rss_text"], w["current_text"]
             wid, pid, state = w["id"], w["pid"], w["state"]

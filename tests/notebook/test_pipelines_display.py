@@ -31,15 +31,20 @@ def test_the_status_view_lists_the_scheduled_tasks(pool: orchestra.Pool) -> None
         once = scheduler.run_after(5, inc, 2, pool=pool)
         view = StatusView(lambda: pool, widget=False)
         text = view.render_text()
-        assert f"scheduled {once.id} inc: scheduled, next in 5.0 s (12:00:05), once, runs 0/1, skipped 0" \
-            in text
-        assert (f"scheduled {refresh.id} refresh: scheduled, next in 1:30 (12:01:30), every 1:30, runs 0/3,"
-                " skipped 0") in text
+        assert (
+            f"scheduled {once.id} inc: scheduled, next in 5.0 s (12:00:05), once, runs 0/1, skipped 0" in text
+        )
+        assert (
+            f"scheduled {refresh.id} refresh: scheduled, next in 1:30 (12:01:30), every 1:30, runs 0/3,"
+            " skipped 0"
+        ) in text
         assert text.index(f"scheduled {once.id} ") < text.index(f"scheduled {refresh.id} ")  # soonest first
         html = view.render()
         assert "<th>next start</th><th>period</th><th>runs</th>" in html
-        assert (f"<tr><td>{refresh.id}</td><td>refresh</td><td>scheduled</td><td>in 1:30 (12:01:30)</td>"
-                "<td>every 1:30</td><td>0/3</td><td>0</td></tr>") in html
+        assert (
+            f"<tr><td>{refresh.id}</td><td>refresh</td><td>scheduled</td><td>in 1:30 (12:01:30)</td>"
+            "<td>every 1:30</td><td>0/3</td><td>0</td></tr>"
+        ) in html
         assert pool.cancel_scheduled(refresh.id)
         assert "refresh" not in view.render_text() and "refresh" not in view.render()
         # Before the default pool exists, what is scheduled on it is listed all the same.
