@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from ._api import (
         Pool as Pool,
+        cancel_scheduled as cancel_scheduled,
         configure as configure,
         default_pool as default_pool,
         map as map,
@@ -90,6 +91,7 @@ if TYPE_CHECKING:
     from ._stats import (
         JobStatistics as JobStatistics,
         PoolStatistics as PoolStatistics,
+        ScheduledStatistics as ScheduledStatistics,
         WorkerStatistics as WorkerStatistics,
     )
     from .executor import Executor as Executor
@@ -129,6 +131,7 @@ _EXPORTS: dict[str, str] = {
     "ResultTooLargeError": "_exceptions",
     "RetryPolicy": "_policy",
     "ScheduledHandle": "_schedule",
+    "ScheduledStatistics": "_stats",
     "Scheduler": "_schedule",
     "SerializationError": "_exceptions",
     "Sequence": "_pipeline",
@@ -151,6 +154,7 @@ _EXPORTS: dict[str, str] = {
     "WorkerStatistics": "_stats",
     "WorkerStarted": "_events",
     "cached": "store",
+    "cancel_scheduled": "_api",
     "configure": "_api",
     "default_pool": "_api",
     "every": "_schedule",

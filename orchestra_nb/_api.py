@@ -30,11 +30,12 @@ from ._jobs import DEFAULT_RETRY, Job, JobFuture, next_job_id
 from ._policy import RetryPolicy
 from ._serialize import callable_name, dumps_callable
 from ._state import CloseMode, PoolState
-from ._stats import PoolStatistics
+from ._stats import PoolStatistics, ScheduledStatistics
 from .backends._base import Backend, Capabilities
 
 __all__ = [
     "Pool",
+    "cancel_scheduled",
     "configure",
     "default_pool",
     "map",
@@ -197,12 +198,27 @@ class Pool:
         # steps are awaited first.
         deferred = any(_driver.is_deferred(it) and not isinstance(it, MapHandle) for it in iterables)
         if on_success or on_error or on_item_success or on_item_error or deferred:
-            plain = {"chunksize": chunksize, "ordered": ordered, "return_exceptions": return_exceptions,
-                     "timeout": timeout, "retries": retries, "retry_on": retry_on, "name": name,
-                     "circuit": circuit}
+            plain = {
+                "chunksize": chunksize,
+                "ordered": ordered,
+                "return_exceptions": return_exceptions,
+                "timeout": timeout,
+                "retries": retries,
+                "retry_on": retry_on,
+                "name": name,
+                "circuit": circuit,
+            }
             return _driver.map_call(  # type: ignore[no-any-return]
-                self, fn, iterables, plain, name or callable_name(fn),
-                on_success, on_error, on_item_success, on_item_error)
+                self,
+                fn,
+                iterables,
+                plain,
+                name or callable_name(fn),
+                on_success,
+                on_error,
+                on_item_success,
+                on_item_error,
+            )
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
         timeout = self._check_timeout(timeout)
@@ -226,11 +242,21 @@ class Pool:
         job.fn = fn
         job.circuit = _check_circuit(circuit)
         handle: MapHandle[T] = MapHandle(self._backend, job)
-        handle._remember(functools.partial(
-            self.map, fn, chunksize=chunksize, ordered=ordered,
-            return_exceptions=return_exceptions, timeout=timeout, retries=retries,
-            retry_on=retry_on, name=name, circuit=circuit,
-        ), iterables)
+        handle._remember(
+            functools.partial(
+                self.map,
+                fn,
+                chunksize=chunksize,
+                ordered=ordered,
+                return_exceptions=return_exceptions,
+                timeout=timeout,
+                retries=retries,
+                retry_on=retry_on,
+                name=name,
+                circuit=circuit,
+            ),
+            iterables,
+        )
         if feeder is not None:
             feeder.start(str(job.id), functools.partial(self._backend.input_ready, job))
         self._backend.submit(job)
@@ -256,9 +282,19 @@ class Pool:
         ``cache=True``: a cached call (see :meth:`map`)."""
         if worker is not None and not self._backend.capabilities.pinning:
             raise ValueError(f"the {self._backend.name} backend cannot pin a call to a worker")
-        return _Configured(self, _CallOptions(self._check_timeout(timeout), _retry(retries, retry_on),
-                                              name, _check_circuit(circuit), worker,
-                                              on_success, on_error, cache))
+        return _Configured(
+            self,
+            _CallOptions(
+                self._check_timeout(timeout),
+                _retry(retries, retry_on),
+                name,
+                _check_circuit(circuit),
+                worker,
+                on_success,
+                on_error,
+                cache,
+            ),
+        )
 
     def circuit(
         self,
@@ -277,8 +313,13 @@ class Pool:
         found = self._circuits.get(name)
         if found is None:
             found = self._circuits[name] = CircuitBreaker(
-                name, fail_max=fail_max, window=window, reset_timeout=reset_timeout,
-                clock=clock, on_change=self._publish_circuit, exclude=exclude,
+                name,
+                fail_max=fail_max,
+                window=window,
+                reset_timeout=reset_timeout,
+                clock=clock,
+                on_change=self._publish_circuit,
+                exclude=exclude,
             )
         return found
 
@@ -288,17 +329,16 @@ class Pool:
         self._backend.publish(event)
 
     def _publish_circuit(self, change: CircuitChange) -> None:
-        self._backend.publish(
-            CircuitChanged(change.name, change.old.value, change.new.value, change.failures)
-        )
+        self._backend.publish(CircuitChanged(change.name, change.old.value, change.new.value, change.failures))
 
     def _check_timeout(self, timeout: float | None) -> float | None:
         if timeout is not None:
             if not timeout > 0:
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
             if not self._backend.capabilities.interrupt_running:
-                raise ValueError(f"the {self._backend.name} backend cannot stop a running task, "
-                                 "so it does not take timeout=")
+                raise ValueError(
+                    f"the {self._backend.name} backend cannot stop a running task, so it does not take timeout="
+                )
         return timeout
 
     def _run(
@@ -307,8 +347,14 @@ class Pool:
         if opts.on_success or opts.on_error or _driver.has_deferred(args, kwargs):
             plain = dataclasses.replace(opts, on_success=None, on_error=None)
             return _driver.run_call(  # type: ignore[no-any-return]
-                self, args, kwargs, lambda a, k: self._run(fn, a, k, plain),
-                opts.name or callable_name(fn), opts.on_success, opts.on_error)
+                self,
+                args,
+                kwargs,
+                lambda a, k: self._run(fn, a, k, plain),
+                opts.name or callable_name(fn),
+                opts.on_success,
+                opts.on_error,
+            )
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         frames = self._backend.prepare_call(fn, item)
@@ -336,7 +382,11 @@ class Pool:
         return handle
 
     def _batched_call(
-        self, fn: Callable[..., Any], digest: bytes, payload: bytes, item: Any,
+        self,
+        fn: Callable[..., Any],
+        digest: bytes,
+        payload: bytes,
+        item: Any,
         frames: tuple[list[Any], tuple[str | None, ...]] | None,
     ) -> TaskHandle[Any]:
         """Add a call to the open batch of calls to the same function (or open one).
@@ -350,8 +400,16 @@ class Pool:
             new = batch is None or batch.sealed or len(batch.items) >= _BATCH_MAX
             if new:
                 items: list[Any] = []
-                job = Job(next_job_id(), callable_name(fn), digest, payload, iter(items), None,
-                          call=True, return_exceptions=True)
+                job = Job(
+                    next_job_id(),
+                    callable_name(fn),
+                    digest,
+                    payload,
+                    iter(items),
+                    None,
+                    call=True,
+                    return_exceptions=True,
+                )
                 job.fn = fn
                 job.item_futures = []
                 batch = self._open_batches[digest] = _CallBatch(job, items, frames)
@@ -388,8 +446,15 @@ class Pool:
         payload, digest = dumps_callable(fn)
         item = (args, kwargs)
         self._backend.prepare_call(fn, item)
-        job = Job(next_job_id(), f"on all workers: {callable_name(fn)}", digest, payload,
-                  iter([item]), None, call=True)
+        job = Job(
+            next_job_id(),
+            f"on all workers: {callable_name(fn)}",
+            digest,
+            payload,
+            iter([item]),
+            None,
+            call=True,
+        )
         job.fn = fn
         # No automatic view: whoever asked shows it (``%%orchestra --all`` does).
         handle: MapHandle[T] = MapHandle(self._backend, job, show=False)
@@ -452,8 +517,17 @@ class Pool:
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot: workers (pid, state, current job and item, CPU, memory), jobs
-        with per-state counts, and the queue length."""
-        return self._backend.statistics()
+        with per-state counts, the queue length, and the work scheduled to run here later
+        (``run_after``/``run_at``/``every``: id, name, state, next start, period, runs)."""
+        stats = self._backend.statistics()
+        scheduled = scheduled_on(self)
+        return dataclasses.replace(stats, scheduled=scheduled) if scheduled else stats
+
+    def cancel_scheduled(self, key: int | str) -> bool:
+        """Cancel the scheduled task ``key`` listed in :meth:`statistics` (its ``id``, or its
+        ``name`` if no other scheduled task on this pool has it; a run in progress is
+        cancelled too). Returns False if there is no such pending task."""
+        return cancel_scheduled_on(self, key)
 
     def status(self) -> dict[str, Any]:
         """:meth:`statistics` as plain data (for JSON and quick looks)."""
@@ -623,6 +697,11 @@ def configure(**options: Any) -> None:
         old.shutdown(wait=False)
 
 
+def current_default_pool() -> Pool | None:
+    """The default pool if it was created (and not shut down), without creating it."""
+    return _default
+
+
 def default_pool() -> Pool:
     """The shared default pool, created (and warmed up in the background) on first use."""
     global _default
@@ -658,6 +737,30 @@ def options(**opts: Any) -> _Configured:
 def status() -> dict[str, Any]:
     """The default pool's status (see :meth:`Pool.status`)."""
     return default_pool().status()
+
+
+def cancel_scheduled(key: int | str) -> bool:
+    """Cancel a scheduled task that runs on the default pool, by its id or name, as listed
+    in ``status()["scheduled"]`` (see :meth:`Pool.cancel_scheduled`)."""
+    return cancel_scheduled_on(_default, key)
+
+
+def _schedule_module() -> Any:
+    # Loaded only once something was scheduled; _schedule imports this module, not the reverse.
+    return sys.modules.get(f"{__package__}._schedule")
+
+
+def scheduled_on(pool: Pool | None) -> tuple[ScheduledStatistics, ...]:
+    """The pending scheduled tasks whose runs go to ``pool`` (None: to the default pool
+    while it does not exist yet)."""
+    module = _schedule_module()
+    return () if module is None else module.statistics_on(pool)
+
+
+def cancel_scheduled_on(pool: Pool | None, key: int | str) -> bool:
+    from . import _schedule  # loaded here at the latest, so that a bad key is refused the same way
+
+    return _schedule.cancel_on(pool, key)
 
 
 def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:

@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import html
 import threading
 import time
 from collections.abc import Callable, Coroutine, Generator, Iterable, Iterator
@@ -61,11 +62,18 @@ __all__ = [
     "StepFailed",
     "StepStatus",
     "close",
+    "render_html",
+    "summary_line",
 ]
 
 T = TypeVar("T")
 
 _WAKE_INTERVAL = 0.1  # an awaiting notebook cell notices "interrupt" only when its loop wakes
+
+# The notebook layer (loaded only by %load_ext) registers how a composite handle shown as a
+# cell's value displays itself (its live block, once per cell), as ``_handles.display_hook``
+# does for the job handles.
+display_hook: Callable[[Any], None] | None = None
 
 
 class StepFailed(OrchestraError):
@@ -336,8 +344,17 @@ class StepRecord:
                 state = live
         counts, total = self.leaf_counts()
         done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
-        return StepStatus(self.path, self.name, self.kind, self.depth, state, done,
-                          counts[TaskState.FAILED], total, counts[TaskState.RUNNING])
+        return StepStatus(
+            self.path,
+            self.name,
+            self.kind,
+            self.depth,
+            state,
+            done,
+            counts[TaskState.FAILED],
+            total,
+            counts[TaskState.RUNNING],
+        )
 
 
 # --- the handle of driven work --------------------------------------------------------------
@@ -392,8 +409,9 @@ class CompositeHandle(Generic[T]):
         self._gate = asyncio.Event()
         if not self._paused:
             self._gate.set()
-        self._task = self._loop.create_task(self._main(body), name=f"orchestra: {self.name}",
-                                            context=self._context)
+        self._task = self._loop.create_task(
+            self._main(body), name=f"orchestra: {self.name}", context=self._context
+        )
         if self._cancel_requested:
             self._task.cancel()
 
@@ -505,8 +523,7 @@ class CompositeHandle(Generic[T]):
     def finished(self) -> bool:
         """True once done and every part's tasks are final (after a cancel: once it took
         effect in the pool)."""
-        return self._outcome.done() and all(
-            r.handle is None or r.handle.finished() for r in self._root.walk())
+        return self._outcome.done() and all(r.handle is None or r.handle.finished() for r in self._root.walk())
 
     def on_done(self, fn: Callable[[CompositeHandle[T]], object]) -> None:
         """Call ``fn(handle)`` once done (at once if done already), on the driver thread:
@@ -599,13 +616,98 @@ class CompositeHandle(Generic[T]):
             return iter(())
         return iter(inner)
 
+    def _ipython_display_(self) -> None:
+        hook = display_hook
+        if hook is not None:
+            hook(self)
+        else:
+            print(repr(self))
+
+    def _repr_html_(self) -> str:
+        """The composite block as it is now (front ends that render HTML without the widgets)."""
+        return render_html(self)
+
     def __repr__(self) -> str:
         counts = self.counts()
         done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
         total = self.total
         paused = " paused" if self._paused else ""
-        return (f"<CompositeHandle {self.name!r} {self.state.name.lower()}{paused} "
-                f"{done}/{'?' if total is None else total} failed={counts[TaskState.FAILED]}>")
+        return (
+            f"<CompositeHandle {self.name!r} ({_what(self._root)}) {self.state.name.lower()}{paused} "
+            f"{done}/{'?' if total is None else total} tasks failed={counts[TaskState.FAILED]}>"
+        )
+
+
+# --- how a composite shows itself -----------------------------------------------------------
+
+
+def _what(root: StepRecord) -> str:
+    """What a handle's root is, for its repr: ``sequence of 3 steps``, ``task``, ``call ...``."""
+    if root.kind == "call":
+        return "a call waiting for its arguments"
+    n = len(root.children)
+    return f"{root.kind} of {n} step{'' if n == 1 else 's'}" if n else root.kind
+
+
+_COLORS = {
+    TaskState.SUCCEEDED: "#2e7d32",
+    TaskState.FAILED: "#c62828",
+    TaskState.CANCELLED: "#757575",
+    TaskState.RUNNING: "#1565c0",
+    TaskState.PENDING: "#616161",
+    TaskState.SCHEDULED: "#6a1b9a",
+    TaskState.RETRYING: "#ef6c00",
+}
+_BAR_WIDTH = 10
+
+
+def _bar(done: int, total: int | None) -> str:
+    if not total:
+        return ""
+    filled = min(_BAR_WIDTH, round(_BAR_WIDTH * done / total))
+    return "█" * filled + "░" * (_BAR_WIDTH - filled)
+
+
+def _state_label(state: TaskState, paused: bool) -> str:
+    return "paused" if paused and state is TaskState.RUNNING else state.name.lower()
+
+
+def _title_parts(handle: CompositeHandle[Any]) -> tuple[str, TaskState, str, str]:
+    """(name, state, state label, "done/total tasks[ · failed n]") of ``handle`` now."""
+    counts = handle.counts()
+    done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
+    total = handle.total
+    tally = f"{done}/{'?' if total is None else total} tasks"
+    if counts[TaskState.FAILED]:
+        tally += f" · failed {counts[TaskState.FAILED]}"
+    return handle.name, handle.state, _state_label(handle.state, bool(handle.paused)), tally
+
+
+def summary_line(handle: CompositeHandle[Any]) -> str:
+    """One line of plain text: ``etl · running · 12/40 tasks · failed 1``."""
+    name, _, label, tally = _title_parts(handle)
+    return f"{name} · {label} · {tally}"
+
+
+def render_html(handle: CompositeHandle[Any]) -> str:
+    """The composite block's HTML for ``handle`` as it is now: a title line, then one row
+    per step (its state, done/total and a bar)."""
+    name, state, label, tally = _title_parts(handle)
+    paused = bool(handle.paused)
+    title = f"<b>{html.escape(name)}</b> · <span style='color:{_COLORS[state]}'>{label}</span> · {tally}"
+    rows = []
+    for step in handle.steps()[1:]:
+        step_label = html.escape(step.path.rsplit(" / ", 1)[-1])
+        pad = 1.2 * (step.depth - 1)
+        step_tally = f"{step.done}/{'?' if step.total is None else step.total}"
+        rows.append(
+            f"<tr><td style='padding-left:{pad:.1f}em'>{step_label}</td>"
+            f"<td style='color:{_COLORS[step.state]}'>{_state_label(step.state, paused)}</td>"
+            f"<td style='text-align:right'>{step_tally}</td>"
+            f"<td style='font-family:monospace'>{_bar(step.done, step.total)}</td></tr>"
+        )
+    table = "<table style='border-collapse:collapse'>" + "".join(rows) + "</table>"
+    return f"<div>{title}</div>{table}"
 
 
 def _pause_handle(handle: Any, paused: bool) -> None:
@@ -659,9 +761,15 @@ _DEFERRED: tuple[type[Any], ...] = (TaskHandle, MapHandle, CompositeHandle, Defe
 # --- the hooks of Pool.run and Pool.map -----------------------------------------------------
 
 
-def run_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
-             submit: Callable[[tuple[Any, ...], dict[str, Any]], Any], name: str,
-             on_success: Callable[..., object] | None, on_error: Callable[..., object] | None) -> Any:
+def run_call(
+    pool: Pool,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    submit: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+    name: str,
+    on_success: Callable[..., object] | None,
+    on_error: Callable[..., object] | None,
+) -> Any:
     """``pool.run`` with callbacks or arguments to wait for. ``submit(args, kwargs)`` is
     the plain call (no callbacks, no deferred arguments)."""
     callbacks = Callbacks.of(on_success, on_error, name)
@@ -672,10 +780,17 @@ def run_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
     return _driven_call(pool, args, kwargs, submit, callbacks, name, "call")
 
 
-def map_call(pool: Pool, fn: Callable[..., Any], iterables: tuple[Any, ...], options: dict[str, Any],
-             name: str, on_success: Callable[..., object] | None, on_error: Callable[..., object] | None,
-             on_item_success: Callable[..., object] | None,
-             on_item_error: Callable[..., object] | None) -> Any:
+def map_call(
+    pool: Pool,
+    fn: Callable[..., Any],
+    iterables: tuple[Any, ...],
+    options: dict[str, Any],
+    name: str,
+    on_success: Callable[..., object] | None,
+    on_error: Callable[..., object] | None,
+    on_item_success: Callable[..., object] | None,
+    on_item_error: Callable[..., object] | None,
+) -> Any:
     """``pool.map(fn, *iterables, **options)`` with callbacks, or with iterables that are
     handles or steps (their results are mapped over once they are ready)."""
     callbacks = Callbacks.of(on_success, on_error, name)
@@ -691,9 +806,16 @@ def map_call(pool: Pool, fn: Callable[..., Any], iterables: tuple[Any, ...], opt
     return _driven_call(pool, iterables, {}, submit, callbacks, name, "map", items)
 
 
-def _driven_call(pool: Pool, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 submit: Callable[[tuple[Any, ...], dict[str, Any]], Any], callbacks: Callbacks | None,
-                 name: str, kind: str, items: Callbacks | None = None) -> CompositeHandle[Any]:
+def _driven_call(
+    pool: Pool,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    submit: Callable[[tuple[Any, ...], dict[str, Any]], Any],
+    callbacks: Callbacks | None,
+    name: str,
+    kind: str,
+    items: Callbacks | None = None,
+) -> CompositeHandle[Any]:
     root = StepRecord(name, "call", name, 0)
     record = root.child(0, name, "task" if kind == "call" else "map")
 

@@ -34,12 +34,15 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import _api
 from ._api import default_pool
 from ._driver import Deferred, lend_driver_loop, wait_outcome
 from ._state import TaskState
+from ._stats import ScheduledStatistics
 
 if TYPE_CHECKING:
     from ._api import Pool
@@ -56,6 +59,10 @@ __all__ = [
 ]
 
 OVERLAP_POLICIES = ("skip", "queue")
+
+_ids = itertools.count(1)  # ScheduledHandle.id: unique in this process, over every scheduler
+_open: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # the schedulers not closed (status views)
+_open_lock = threading.Lock()  # a WeakSet must not change while another thread copies it
 
 
 class Clock(Protocol):
@@ -99,8 +106,18 @@ class ScheduledHandle:
     """Work that starts later, or again and again. ``await`` it or call ``result()`` for
     the run's result (``every``: the list of the runs' results, once the last has run)."""
 
-    def __init__(self, scheduler: Scheduler, name: str, target: Callable[[Pool], Any], first: float,
-                 interval: float | None, count: int | None, overlap: str, pool: Pool | None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        name: str,
+        target: Callable[[Pool], Any],
+        first: float,
+        interval: float | None,
+        count: int | None,
+        overlap: str,
+        pool: Pool | None,
+    ) -> None:
+        self.id = next(_ids)
         self.name = name
         self._scheduler = scheduler
         self._target = target
@@ -152,6 +169,23 @@ class ScheduledHandle:
         due = self._next
         return None if due is None else max(0.0, due - self._scheduler.clock.monotonic())
 
+    @property
+    def interval(self) -> float | None:
+        """The period in seconds (``every``), or None for work that runs once."""
+        return self._interval
+
+    @property
+    def count(self) -> int | None:
+        """How many runs were asked for (None: until cancelled; 1 for ``run_after``/``run_at``)."""
+        return 1 if self._interval is None else self._count
+
+    def runs_on(self, pool: Pool | None) -> bool:
+        """Whether its runs go to ``pool`` (None, or the default pool: those given no pool)."""
+        target = self._pool
+        if target is None:
+            return pool is None or pool is _api.current_default_pool()
+        return target is pool
+
     def counts(self) -> dict[TaskState, int]:
         """Runs by state (scheduled ones count as SCHEDULED; skipped ones not at all)."""
         counts = dict.fromkeys(TaskState, 0)
@@ -161,12 +195,24 @@ class ScheduledHandle:
             counts[TaskState.SCHEDULED] += 1
         return counts
 
+    def statistics(self) -> ScheduledStatistics:
+        """A frozen snapshot for the status views (``Pool.statistics().scheduled``)."""
+        return ScheduledStatistics(
+            id=self.id,
+            name=self.name,
+            state=self.state,
+            next_start=self.next_start,
+            next_start_in=self.next_start_in,
+            interval=self._interval,
+            count=self.count,
+            runs=len(self.runs),
+            skipped=len(self.skipped_times),
+            overlap=self._overlap,
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain data for a status view: name, state, next start (ISO), runs, skipped."""
-        when = self.next_start
-        return {"name": self.name, "state": self.state.name, "runs": len(self.runs),
-                "skipped": len(self.skipped_times), "next_start": None if when is None else when.isoformat(),
-                "next_start_in": self.next_start_in}
+        """Plain data for a status view (see :meth:`ScheduledStatistics.as_dict`)."""
+        return self.statistics().as_dict()
 
     def done(self) -> bool:
         return self._outcome.done()
@@ -197,8 +243,10 @@ class ScheduledHandle:
     def __repr__(self) -> str:
         due = self.next_start_in
         when = "" if due is None else f" next in {due:.3g} s"
-        return (f"<ScheduledHandle {self.name!r} {self.state.name.lower()} runs={len(self.runs)} "
-                f"skipped={len(self.skipped_times)}{when}>")
+        return (
+            f"<ScheduledHandle id={self.id} {self.name!r} {self.state.name.lower()} runs={len(self.runs)} "
+            f"skipped={len(self.skipped_times)}{when}>"
+        )
 
     # --- the scheduler's side (under its lock) ------------------------------------------
 
@@ -231,28 +279,57 @@ class Scheduler:
         self._closed = False
         self._handled_until = -math.inf  # clock time up to which all due work was started
         self.clock.attach(self._after_advance)
+        with _open_lock:
+            _open.add(self)
 
     # --- scheduling -------------------------------------------------------------------
 
-    def run_after(self, delay: float, fn: Callable[..., Any], /, *args: Any, pool: Pool | None = None,
-                  name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+    def run_after(
+        self,
+        delay: float,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        pool: Pool | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> ScheduledHandle:
         """Run ``fn(*args, **kwargs)`` (or a step) once, ``delay`` seconds from now."""
         _check_seconds("delay", delay, zero=True)
         return self._add(fn, args, kwargs, self.clock.monotonic() + delay, None, None, "skip", pool, name)
 
-    def run_at(self, when: datetime.datetime, fn: Callable[..., Any], /, *args: Any,
-               pool: Pool | None = None, name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+    def run_at(
+        self,
+        when: datetime.datetime,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        pool: Pool | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> ScheduledHandle:
         """Run ``fn(*args, **kwargs)`` once at ``when`` (a naive datetime is local time; a
         time in the past runs at once)."""
         if not isinstance(when, datetime.datetime):
             raise TypeError(f"run_at needs a datetime, got {when!r}")
         delay = (when.astimezone() - self.clock.now()).total_seconds()
-        return self._add(fn, args, kwargs, self.clock.monotonic() + max(0.0, delay), None, None, "skip",
-                         pool, name)
+        return self._add(
+            fn, args, kwargs, self.clock.monotonic() + max(0.0, delay), None, None, "skip", pool, name
+        )
 
-    def every(self, interval: float, fn: Callable[..., Any], /, *args: Any, count: int | None = None,
-              overlap: str = "skip", delay: float | None = None, pool: Pool | None = None,
-              name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+    def every(
+        self,
+        interval: float,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        count: int | None = None,
+        overlap: str = "skip",
+        delay: float | None = None,
+        pool: Pool | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> ScheduledHandle:
         """Run ``fn(*args, **kwargs)`` every ``interval`` seconds, first after ``delay``
         (default: ``interval``), ``count`` times (default: until cancelled). ``overlap``:
         ``"skip"`` or ``"queue"`` a run that is due while the previous one still runs."""
@@ -274,11 +351,31 @@ class Scheduler:
         """The scheduled work not done yet, soonest first."""
         with self._cond:
             live = list(self._live)
-        return sorted(live, key=lambda h: math.inf if h._next is None else h._next)
+        return sorted(live, key=_soonest)
 
-    def _add(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], first: float,
-             interval: float | None, count: int | None, overlap: str, pool: Pool | None,
-             name: str | None) -> ScheduledHandle:
+    def find(self, key: int | str) -> ScheduledHandle | None:
+        """The pending work with id ``key`` (an int) or name ``key`` (a str), if any; a name
+        shared by several raises ``ValueError`` listing their ids."""
+        return _find(self.pending(), key)
+
+    def cancel(self, key: int | str) -> bool:
+        """Cancel the pending work ``key`` (its id or its name, see :meth:`find`); False if
+        there is none."""
+        handle = self.find(key)
+        return handle is not None and handle.cancel()
+
+    def _add(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        first: float,
+        interval: float | None,
+        count: int | None,
+        overlap: str,
+        pool: Pool | None,
+        name: str | None,
+    ) -> ScheduledHandle:
         if isinstance(fn, Deferred):
             if args or kwargs:
                 raise TypeError(f"{fn.name}: a step takes no arguments here (give them to its Tasks)")
@@ -289,6 +386,7 @@ class Scheduler:
 
             label = name or step.name
         elif callable(fn):
+
             def target(p: Pool) -> Any:
                 return p.run(fn, *args, **kwargs)
 
@@ -405,8 +503,9 @@ class Scheduler:
             result = handle._results if handle._interval is not None else handle._results[0]
             self._end(handle, None, result=result)
 
-    def _end(self, handle: ScheduledHandle, exc: BaseException | None, *, cancelled: bool = False,
-             result: Any = None) -> None:
+    def _end(
+        self, handle: ScheduledHandle, exc: BaseException | None, *, cancelled: bool = False, result: Any = None
+    ) -> None:
         with self._cond:
             handle._next = None
             handle._queued = False
@@ -448,6 +547,8 @@ class Scheduler:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything still scheduled (and its runs in progress), stop the thread."""
+        with _open_lock:
+            _open.discard(self)
         with self._cond:
             self._closed = True
             live = list(self._live)
@@ -467,10 +568,55 @@ class Scheduler:
 
 
 def _check_seconds(what: str, value: float, *, zero: bool) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value) \
-            or value < 0 or (value == 0 and not zero) or math.isinf(value):
-        raise ValueError(f"{what} must be a {'non-negative' if zero else 'positive'} number of seconds, "
-                         f"got {value!r}")
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or value < 0
+        or (value == 0 and not zero)
+        or math.isinf(value)
+    ):
+        raise ValueError(
+            f"{what} must be a {'non-negative' if zero else 'positive'} number of seconds, got {value!r}"
+        )
+
+
+def _soonest(handle: ScheduledHandle) -> tuple[float, int]:
+    # In seconds from now, not clock readings: schedulers may run on different clocks.
+    due = handle.next_start_in
+    return (math.inf if due is None else due, handle.id)
+
+
+def _find(handles: list[ScheduledHandle], key: int | str) -> ScheduledHandle | None:
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        raise TypeError(f"a scheduled task is named by its id (an int) or its name (a str), got {key!r}")
+    if isinstance(key, int):
+        return next((h for h in handles if h.id == key), None)
+    named = [h for h in handles if h.name == key]
+    if len(named) > 1:
+        ids = ", ".join(str(h.id) for h in named)
+        raise ValueError(f"{len(named)} scheduled tasks are named {key!r} (ids {ids}): cancel one by its id")
+    return named[0] if named else None
+
+
+def pending_on(pool: Pool | None) -> list[ScheduledHandle]:
+    """The pending work of every open scheduler whose runs go to ``pool`` (see
+    :meth:`ScheduledHandle.runs_on`), soonest first."""
+    with _open_lock:
+        schedulers = list(_open)
+    handles = [h for s in schedulers for h in s.pending() if h.runs_on(pool)]
+    return sorted(handles, key=_soonest)
+
+
+def statistics_on(pool: Pool | None) -> tuple[ScheduledStatistics, ...]:
+    """``Pool.statistics().scheduled``: the snapshots of :func:`pending_on`."""
+    return tuple(h.statistics() for h in pending_on(pool))
+
+
+def cancel_on(pool: Pool | None, key: int | str) -> bool:
+    """Cancel the pending work ``key`` (id or name) whose runs go to ``pool``; False if none."""
+    handle = _find(pending_on(pool), key)
+    return handle is not None and handle.cancel()
 
 
 # --- the default scheduler ------------------------------------------------------------------
@@ -499,22 +645,46 @@ def close_service(timeout: float = 3.0) -> None:
 atexit.register(close_service)
 
 
-def run_after(delay: float, fn: Callable[..., Any], /, *args: Any, pool: Pool | None = None,
-              name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+def run_after(
+    delay: float,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    pool: Pool | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> ScheduledHandle:
     """``fn(*args, **kwargs)`` (or a step) in ``delay`` seconds, on ``pool`` (default: the
     default pool); see :class:`Scheduler`."""
     return default_scheduler().run_after(delay, fn, *args, pool=pool, name=name, **kwargs)
 
 
-def run_at(when: datetime.datetime, fn: Callable[..., Any], /, *args: Any, pool: Pool | None = None,
-           name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+def run_at(
+    when: datetime.datetime,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    pool: Pool | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> ScheduledHandle:
     """``fn(*args, **kwargs)`` (or a step) at ``when``; see :meth:`Scheduler.run_at`."""
     return default_scheduler().run_at(when, fn, *args, pool=pool, name=name, **kwargs)
 
 
-def every(interval: float, fn: Callable[..., Any], /, *args: Any, count: int | None = None,
-          overlap: str = "skip", delay: float | None = None, pool: Pool | None = None,
-          name: str | None = None, **kwargs: Any) -> ScheduledHandle:
+def every(
+    interval: float,
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    count: int | None = None,
+    overlap: str = "skip",
+    delay: float | None = None,
+    pool: Pool | None = None,
+    name: str | None = None,
+    **kwargs: Any,
+) -> ScheduledHandle:
     """``fn(*args, **kwargs)`` (or a step) every ``interval`` seconds; see :meth:`Scheduler.every`."""
-    return default_scheduler().every(interval, fn, *args, count=count, overlap=overlap, delay=delay,
-                                     pool=pool, name=name, **kwargs)
+    return default_scheduler().every(
+        interval, fn, *args, count=count, overlap=overlap, delay=delay, pool=pool, name=name, **kwargs
+    )

@@ -8,12 +8,13 @@ and the events, never a backend's private members.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Mapping
 from typing import Any
 
 from ._state import PoolState, TaskState, WorkerState, done_count
 
-__all__ = ["JobStatistics", "PoolStatistics", "WorkerStatistics"]
+__all__ = ["JobStatistics", "PoolStatistics", "ScheduledStatistics", "WorkerStatistics"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +74,45 @@ class JobStatistics:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ScheduledStatistics:
+    """One scheduled task (``run_after``, ``run_at``, ``every``) that will run on the pool.
+
+    ``id`` and ``name`` are what ``Pool.cancel_scheduled`` takes. ``state`` is SCHEDULED
+    while it waits for its next start, else its current run's state. ``next_start`` is
+    wall-clock time (None when no start is due any more); ``interval`` is the period in
+    seconds (None: it runs once); ``count`` the number of runs asked for (None: until
+    cancelled); ``runs`` the runs started so far, ``skipped`` the due starts dropped because
+    a run was still going."""
+
+    id: int
+    name: str
+    state: TaskState
+    next_start: datetime.datetime | None
+    next_start_in: float | None
+    interval: float | None
+    count: int | None
+    runs: int
+    skipped: int
+    overlap: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (the state as its name, ``next_start`` in ISO 8601)."""
+        when = self.next_start
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.name,
+            "next_start": None if when is None else when.isoformat(),
+            "next_start_in": self.next_start_in,
+            "interval": self.interval,
+            "count": self.count,
+            "runs": self.runs,
+            "skipped": self.skipped,
+            "overlap": self.overlap,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PoolStatistics:
     backend: str
     state: PoolState
@@ -83,6 +123,8 @@ class PoolStatistics:
     bad_messages: int = 0
     # Below target_workers because starting workers fails: the last error, while it lasts.
     spawn_error: str | None = None
+    # Work scheduled to run on this pool later (added by Pool.statistics; backends leave it empty).
+    scheduled: tuple[ScheduledStatistics, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (enums as their names/values) for JSON, comms and ``status()``."""
@@ -94,12 +136,21 @@ class PoolStatistics:
             "bad_messages": self.bad_messages,
             "spawn_error": self.spawn_error,
             "workers": [
-                {"id": w.id, "pid": w.pid, "state": w.state.value, "activity": w.activity,
-                 "job": w.job, "item": w.item,
-                 "current": None if w.job is None else (w.job, w.item),
-                 "tasks_done": w.tasks_done, "stalled": w.stalled,
-                 "queued_chunks": w.queued_chunks, "cpu_percent": w.cpu_percent,
-                 "memory_bytes": w.memory_bytes, "host": w.host}
+                {
+                    "id": w.id,
+                    "pid": w.pid,
+                    "state": w.state.value,
+                    "activity": w.activity,
+                    "job": w.job,
+                    "item": w.item,
+                    "current": None if w.job is None else (w.job, w.item),
+                    "tasks_done": w.tasks_done,
+                    "stalled": w.stalled,
+                    "queued_chunks": w.queued_chunks,
+                    "cpu_percent": w.cpu_percent,
+                    "memory_bytes": w.memory_bytes,
+                    "host": w.host,
+                }
                 for w in self.workers
             ],
             "jobs": [
@@ -109,4 +160,5 @@ class PoolStatistics:
                  "paused": j.paused}
                 for j in self.jobs
             ],
+            "scheduled": [t.as_dict() for t in self.scheduled],
         }

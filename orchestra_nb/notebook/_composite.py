@@ -7,6 +7,10 @@
       1:map(clean)      running     11/37  ██████░░░░
       2:report          pending     0/1
 
+A composite handle shown as a cell's value (:func:`on_display`, its display hook) shows
+its block once: nothing more in the cell where its block is already, a one-line summary in
+a later cell, a new live block otherwise.
+
 Fed only by the :class:`~orchestra_nb.CompositeHandle`'s public state (``steps()``,
 ``state``, ``paused``, ``counts()``) and driven by its own thread, which refreshes the block
 at most every ``interval`` seconds (0.25 by default: one comm message per refresh, far under
@@ -20,66 +24,20 @@ suppressed (the composite block shows them all) and displays the block.
 
 from __future__ import annotations
 
-import html
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .._state import TaskState
-from ._progress import suppress_auto
+from .._driver import render_html, summary_line
+from ._progress import _execution_count, resolve_mode, suppress_auto
 
-__all__ = ["CompositeView", "render_html", "run_composite", "show_composite"]
+__all__ = ["CompositeView", "on_display", "render_html", "run_composite", "show_composite"]
 
-_COLORS = {
-    TaskState.SUCCEEDED: "#2e7d32",
-    TaskState.FAILED: "#c62828",
-    TaskState.CANCELLED: "#757575",
-    TaskState.RUNNING: "#1565c0",
-    TaskState.PENDING: "#616161",
-    TaskState.SCHEDULED: "#6a1b9a",
-    TaskState.RETRYING: "#ef6c00",
-}
-_BAR_WIDTH = 10
 _SETTLE_TIMEOUT = 10.0  # s a finished composite's parts may take to reach their final counts
 
-
-def _bar(done: int, total: int | None) -> str:
-    if not total:
-        return ""
-    filled = min(_BAR_WIDTH, round(_BAR_WIDTH * done / total))
-    return "█" * filled + "░" * (_BAR_WIDTH - filled)
-
-
-def _state_label(state: TaskState, paused: bool) -> str:
-    return "paused" if paused and state is TaskState.RUNNING else state.name.lower()
-
-
-def render_html(handle: Any) -> str:
-    """The block's HTML for ``handle`` as it is now (a title line, then one row per step)."""
-    steps = handle.steps()
-    counts = handle.counts()
-    paused = bool(handle.paused)
-    done = counts[TaskState.SUCCEEDED] + counts[TaskState.FAILED] + counts[TaskState.CANCELLED]
-    total = handle.total
-    state = handle.state
-    title = (f"<b>{html.escape(handle.name)}</b> · "
-             f"<span style='color:{_COLORS[state]}'>{_state_label(state, paused)}</span> · "
-             f"{done}/{'?' if total is None else total} tasks")
-    if counts[TaskState.FAILED]:
-        title += f" · failed {counts[TaskState.FAILED]}"
-    rows = []
-    for step in steps[1:]:
-        label = html.escape(step.path.rsplit(" / ", 1)[-1])
-        pad = 1.2 * (step.depth - 1)
-        tally = f"{step.done}/{'?' if step.total is None else step.total}"
-        rows.append(
-            f"<tr><td style='padding-left:{pad:.1f}em'>{label}</td>"
-            f"<td style='color:{_COLORS[step.state]}'>{_state_label(step.state, paused)}</td>"
-            f"<td style='text-align:right'>{tally}</td>"
-            f"<td style='font-family:monospace'>{_bar(step.done, step.total)}</td></tr>"
-        )
-    table = "<table style='border-collapse:collapse'>" + "".join(rows) + "</table>"
-    return f"<div>{title}</div>{table}"
+# The cell (execution count) where each handle's block was last shown.
+_shown_in: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
 
 
 class CompositeView:
@@ -96,6 +54,7 @@ class CompositeView:
         self.pause_button.on_click(self._toggle_pause)
         self.cancel_button.on_click(lambda _: self.handle.cancel())
         self.widget = W.HBox([self.html, W.VBox([self.pause_button, self.cancel_button])])
+        self.cell: int | None = None  # the execution count of the cell it was shown in
         self._wake = threading.Event()
         self._closed = False
         self._last = ""
@@ -137,8 +96,13 @@ class CompositeView:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def _ipython_display_(self) -> None:
+    def show(self) -> None:
+        """Display the block in the current cell (and remember where)."""
+        self.cell = _shown_in[self.handle] = _execution_count()
         _display(self.widget)
+
+    def _ipython_display_(self) -> None:
+        self.show()
 
 
 def _display(obj: Any) -> None:
@@ -151,8 +115,27 @@ def _display(obj: Any) -> None:
 def show_composite(handle: Any, *, interval: float = 0.25) -> CompositeView:
     """Display the live block of ``handle`` in the current cell; returns the view."""
     view = CompositeView(handle, interval=interval)
-    _display(view.widget)
+    view.show()
     return view
+
+
+def on_display(handle: Any) -> None:
+    """``_driver.display_hook``: a composite handle shown as a cell's value. Its block is
+    shown once: in the cell that shows it already, nothing more; in a later cell, the
+    one-line summary; a handle without a block gets a live one (text where there are no
+    widgets, its repr with ``progress = "none"``)."""
+    if handle in _shown_in:
+        if _shown_in[handle] != _execution_count():
+            print(summary_line(handle))
+        return
+    mode = resolve_mode()
+    if mode == "widget":
+        try:
+            show_composite(handle)
+            return
+        except Exception:  # no widgets after all: the text below
+            pass
+    print(repr(handle) if mode == "none" else summary_line(handle))
 
 
 def run_composite(step: Any, pool: Any = None, *, interval: float = 0.25, **options: Any) -> Any:

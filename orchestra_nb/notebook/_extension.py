@@ -30,8 +30,8 @@ _state: dict[str, Any] = {}
 def load(ip: Any) -> None:
     import orchestra_nb
 
-    from .. import _api, _handles, _outcomes
-    from . import _magics, _output, _panel, _progress
+    from .. import _api, _driver, _handles, _outcomes
+    from . import _composite, _magics, _output, _panel, _progress
 
     if _state.get("shell") is ip:
         return
@@ -45,6 +45,7 @@ def load(ip: Any) -> None:
     ip.user_ns_hidden[_magics.CELL_FUNCTION] = _magics.run_cell
     _handles.create_hook = _progress.on_create
     _handles.display_hook = _progress.on_display
+    _driver.display_hook = _composite.on_display
     _panel.register(ip)  # the side panel's comm target (after the create hook it wraps)
     interrupt = SecondInterrupt(ip)
     interrupt.register()
@@ -61,9 +62,7 @@ def load(ip: Any) -> None:
     if options and options != _api._default_options:
         orchestra_nb.configure(**options)
     if config.warm:
-        pool = (
-            orchestra_nb.default_pool()
-        )  # spawns the workers now; they get ready in the background
+        pool = orchestra_nb.default_pool()  # spawns the workers now; they get ready in the background
         n = pool.workers
         _show_worker_count(config, n)
         how = "configured" if "workers" in _api._default_options else "one per CPU"
@@ -81,7 +80,7 @@ def load(ip: Any) -> None:
 def unload(ip: Any) -> None:
     import orchestra_nb
 
-    from .. import _handles, _outcomes
+    from .. import _driver, _handles, _outcomes
     from . import _magics, _panel, _progress
 
     if "shell" not in _state or _state["shell"] is not ip:
@@ -101,6 +100,7 @@ def unload(ip: Any) -> None:
     _panel.unregister(ip)
     _handles.create_hook = None
     _handles.display_hook = None
+    _driver.display_hook = None
     with contextlib.suppress(ValueError):
         ip.input_transformers_cleanup.remove(_magics.transform)
     for kind in ("line", "cell"):

@@ -71,9 +71,7 @@ def _parser() -> _Parser:
         help="names to copy back into the notebook (comma separated or repeated)",
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--all", action="store_true", help="run on every worker, and on every later one"
-    )
+    mode.add_argument("--all", action="store_true", help="run on every worker, and on every later one")
     mode.add_argument("--bg", metavar="NAME", help="run in the background; NAME gets the handle")
     return p
 
@@ -89,9 +87,7 @@ def parse(args: str) -> argparse.Namespace:
     if opts.bg is not None and not opts.bg.isidentifier():
         raise UsageError(f"%%orchestra --bg: {opts.bg!r} is not a valid name")
     if opts.bg is not None and names:
-        raise UsageError(
-            "%%orchestra: -o cannot be used with --bg (read the names from the handle's result)"
-        )
+        raise UsageError("%%orchestra: -o cannot be used with --bg (read the names from the handle's result)")
     opts.names = tuple(names)
     return opts
 
@@ -113,8 +109,7 @@ def _run_pinned(pool: Any, *args: Any) -> Any:
     Backends that cannot pin a call run it anywhere."""
     if not pool.capabilities.pinning:
         return pool.options(name="%%orchestra").run(orchestra_cell, *args)
-    workers = [w for w in pool.statistics().workers
-               if w.state in (WorkerState.STARTING, WorkerState.READY)]
+    workers = [w for w in pool.statistics().workers if w.state in (WorkerState.STARTING, WorkerState.READY)]
     usable = {w.id: w for w in workers}
     wid = _pinned.get(id(pool))
     if wid is None or wid not in usable:
@@ -144,9 +139,7 @@ async def run_cell(args: str, body: str) -> Any:
         return None
     if opts.bg:
         with _progress.suppress_auto():
-            handle = pool.options(name=f"%%orchestra --bg {opts.bg}").run(
-                orchestra_cell_value, body, filename
-            )
+            handle = pool.options(name=f"%%orchestra --bg {opts.bg}").run(orchestra_cell_value, body, filename)
         _show(handle, mark=None)
         user_ns[opts.bg] = handle
         return None
@@ -193,10 +186,12 @@ def _show(handle: Any, mark: str | None) -> None:
 
 
 _LINE_HELP = """\
-%orchestra status      live view of the default pool (workers, CPU, memory, queue, jobs)
+%orchestra status      live view of the default pool (workers, CPU, memory, queue, jobs,
+                       scheduled tasks)
 %orchestra status --once   a snapshot instead of a live view
 %orchestra workers N   resize the default pool to N workers
 %orchestra shutdown    shut the default pool down (the next call starts a new one)
+%orchestra unschedule ID|NAME   cancel a scheduled task listed by %orchestra status
 %orchestra store       the result store: where, how big, its named runs (orchestra.store)
 %%orchestra [-o NAME] | --all [-o NAME] | --bg NAME   run the cell in the pool's workers"""
 
@@ -205,7 +200,8 @@ _LINE_HELP = """\
 class OrchestraMagics(Magics):
     @line_cell_magic
     def orchestra(self, line: str, cell: str | None = None) -> Any:
-        """%orchestra status | workers N | shutdown ; %%orchestra [-o NAME] [--all | --bg NAME]"""
+        """%orchestra status | workers N | shutdown | unschedule ID|NAME ;
+        %%orchestra [-o NAME] [--all | --bg NAME]"""
         if cell is not None:
             return self._cell(line, cell)
         words = line.split()
@@ -223,6 +219,18 @@ class OrchestraMagics(Magics):
                 settings.workers = int(words[1])  # resizes the pool (see _config)
             else:
                 orchestra_nb.default_pool().resize(int(words[1]))
+            return None
+        if cmd == "unschedule" and len(words) >= 2:
+            given = line.split(None, 1)[1].strip()
+            key: int | str = int(given) if given.isdigit() else given  # a number is an id
+            try:
+                cancelled = orchestra_nb.cancel_scheduled(key)
+            except ValueError as exc:  # a name shared by several: they are listed
+                raise UsageError(f"%orchestra unschedule: {exc}") from None
+            if cancelled:
+                print(f"orchestra: scheduled task {given} cancelled")
+            else:
+                print(f"orchestra: no scheduled task {given!r} pending on the default pool")
             return None
         if cmd == "store":
             print(orchestra_nb.store.report())

@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import datetime
 import html
 import sys
 import threading
@@ -78,9 +79,7 @@ _STALE_AFTER = 6.0  # seconds without an update before a running view greys out
 _FINISH_WAIT = 2.0  # at most this long, at the end of a cell, for a finished job's output
 
 # Set while the notebook layer creates a handle it displays its own way (%%orchestra).
-_suppress: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "orchestra_suppress", default=False
-)
+_suppress: contextvars.ContextVar[bool] = contextvars.ContextVar("orchestra_suppress", default=False)
 
 settings: Any = None  # the extension's Orchestra configurable (set by _extension.load)
 
@@ -173,16 +172,12 @@ class Snapshot:
         self.failed: int = counts[TaskState.FAILED]
         self.cancelled: int = counts[TaskState.CANCELLED]
         self.running: int = counts[TaskState.RUNNING]
-        self.waiting: int = (
-            counts[TaskState.PENDING] + counts[TaskState.RETRYING] + counts[TaskState.SCHEDULED]
-        )
+        self.waiting: int = counts[TaskState.PENDING] + counts[TaskState.RETRYING] + counts[TaskState.SCHEDULED]
         self.read: int = sum(counts.values())
         self.total: int | None = handle.total
         self.elapsed: float = handle.elapsed
         self.name: str = handle.name
-        final = self.running == 0 and self.waiting == 0 and (
-            self.total is not None and self.read >= self.total
-        )
+        final = self.running == 0 and self.waiting == 0 and (self.total is not None and self.read >= self.total)
         self.finished = bool(finished_seen or (handle.done() and final))
 
     # --- numbers ---------------------------------------------------------------------
@@ -327,9 +322,7 @@ class Snapshot:
             f'<div class="orchestra-job" {data} style="display:flex;align-items:center;'
             f'gap:0.6em;white-space:nowrap;overflow:hidden;{stale}">'
             '<div class="orchestra-bar" style="flex:0 0 30%;min-width:120px;height:0.9em;'
-            'display:flex;background:#e0e0e0;border-radius:3px;overflow:hidden">'
-            + "".join(segments)
-            + "</div>"
+            'display:flex;background:#e0e0e0;border-radius:3px;overflow:hidden">' + "".join(segments) + "</div>"
             '<span class="orchestra-label" style="overflow:hidden;text-overflow:ellipsis;'
             f'min-width:0"><b>{html.escape(self.name)}</b> {label}{stale_note}</span></div>'
         )
@@ -468,9 +461,7 @@ class JobView:
     def _note(self, snap: Snapshot) -> str:
         if self._cancel_clicked and not snap.finished:
             return "cancelling" + (
-                f": {snap.running} still running (Kill stops their workers now)"
-                if snap.running
-                else ""
+                f": {snap.running} still running (Kill stops their workers now)" if snap.running else ""
             )
         return ""
 
@@ -491,9 +482,7 @@ class JobView:
                     self.button.description = {"cancelled": "Cancelled", "failed": "Failed"}.get(
                         verdict, "Done"
                     )
-                    self.button.icon = {"cancelled": "ban", "failed": "times"}.get(
-                        verdict, "check"
-                    )
+                    self.button.icon = {"cancelled": "ban", "failed": "times"}.get(verdict, "check")
                     self.button.button_style = ""
                     self.button.tooltip = ""
                     self.button.disabled = True
@@ -703,11 +692,7 @@ _ticker_instance: _Ticker | None = None
 def _ticker() -> _Ticker:
     global _ticker_instance
     with _ticker_lock:
-        if (
-            _ticker_instance is None
-            or not _ticker_instance.thread.is_alive()
-            or _ticker_instance._stop
-        ):
+        if _ticker_instance is None or not _ticker_instance.thread.is_alive() or _ticker_instance._stop:
             _ticker_instance = _Ticker()
         return _ticker_instance
 
@@ -912,14 +897,32 @@ _status_lock = threading.Lock()
 _status_views: list[StatusView] = []
 
 
+def _scheduled_texts(task: dict[str, Any]) -> dict[str, Any]:
+    """One row of the scheduled tasks' table, formatted once for both views."""
+    when, due_in = task["next_start"], task["next_start_in"]
+    if when is None:
+        next_text = "running" if task["state"] == "RUNNING" else "-"
+    else:
+        clock = datetime.datetime.fromisoformat(when).strftime("%H:%M:%S")
+        next_text = f"in {format_duration(due_in)} ({clock})"
+    interval = task["interval"]
+    count = task["count"]
+    return {
+        **task,
+        "state_text": task["state"].lower(),
+        "next_text": next_text,
+        "period_text": "once" if interval is None else f"every {format_duration(interval)}",
+        "runs_text": f"{task['runs']}" if count is None else f"{task['runs']}/{count}",
+    }
+
+
 class StatusView:
     """A live table of the pool: workers (pid, state, current task, CPU, memory), queued
-    tasks, jobs. Refreshed every ``interval`` seconds by the progress thread; only the
+    tasks, jobs, and the scheduled tasks (cancel one with ``orchestra.cancel_scheduled(id)``
+    or ``%orchestra unschedule ID|NAME``). Refreshed every ``interval`` seconds by the progress thread; only the
     newest ``_MAX_STATUS_VIEWS`` views stay live."""
 
-    def __init__(
-        self, pool_getter: Callable[[], Any], interval: float = 1.0, widget: bool = True
-    ) -> None:
+    def __init__(self, pool_getter: Callable[[], Any], interval: float = 1.0, widget: bool = True) -> None:
         self.pool_getter = pool_getter
         self.interval = max(0.5, interval)
         self.ctx = contextvars.copy_context()
@@ -934,9 +937,13 @@ class StatusView:
 
     def snapshot(self) -> dict[str, Any]:
         pool = self.pool_getter()
-        if pool is None:
-            return {"state": "no pool", "workers": [], "jobs": []}
+        if pool is None:  # work may be scheduled on the default pool before it exists
+            from .. import _api
+
+            scheduled = [_scheduled_texts(t.as_dict()) for t in _api.scheduled_on(None)]
+            return {"state": "no pool", "workers": [], "jobs": [], "scheduled": scheduled}
         status: dict[str, Any] = pool.status()  # Pool.statistics() as plain data
+        status["scheduled"] = [_scheduled_texts(t) for t in status["scheduled"]]
         names = {j["id"]: j["name"] for j in status["jobs"]}
         for w in status["workers"]:
             w["cpu"], w["rss"] = w["cpu_percent"], w["memory_bytes"]
@@ -992,15 +999,25 @@ class StatusView:
             if jobs
             else "<i>no running jobs</i>"
         )
-        return f"<div>{head}{workers}{jobs_html}</div>"
+        scheduled = "".join(
+            f"<tr><td>{t['id']}</td><td>{html.escape(t['name'])}</td><td>{t['state_text']}</td>"
+            f"<td>{t['next_text']}</td><td>{t['period_text']}</td><td>{t['runs_text']}</td>"
+            f"<td>{t['skipped']}</td></tr>"
+            for t in s["scheduled"]
+        )
+        scheduled_html = (
+            "<table><tr><th>scheduled</th><th>name</th><th>state</th><th>next start</th>"
+            "<th>period</th><th>runs</th><th>skipped</th></tr>" + scheduled + "</table>"
+            if scheduled
+            else ""
+        )
+        return f"<div>{head}{workers}{jobs_html}{scheduled_html}</div>"
 
     def render_text(self) -> str:
         s = self.snapshot()
         n = len(s["workers"])
         lines = [f"orchestra pool: {s['state']}, {n} worker(s), {s.get('queued', 0)} queued"]
-        lines.append(
-            f"  {'worker':>6} {'pid':>7} {'state':<9} {'cpu':>5} {'memory':>9}  current task"
-        )
+        lines.append(f"  {'worker':>6} {'pid':>7} {'state':<9} {'cpu':>5} {'memory':>9}  current task")
         for w in s["workers"]:
             cpu, rss, current = w["cpu_text"], w["rss_text"], w["current_text"]
             wid, pid, state = w["id"], w["pid"], w["state"]
@@ -1010,6 +1027,11 @@ class StatusView:
             lines.append(
                 f"  job {j['id']} {j['name']}: {j['done_text']} running {c.get('RUNNING', 0)}"
                 f" pending {c.get('PENDING', 0)} failed {c.get('FAILED', 0)}"
+            )
+        for t in s["scheduled"]:
+            lines.append(
+                f"  scheduled {t['id']} {t['name']}: {t['state_text']}, next {t['next_text']},"
+                f" {t['period_text']}, runs {t['runs_text']}, skipped {t['skipped']}"
             )
         return "\n".join(lines)
 

@@ -182,8 +182,11 @@ def test_parallel_limit_two_never_more_than_two_running(pool: orchestra.Pool, tm
             # Two children hold their slots (gated) until released, one at a time; without
             # the limit the four workers would run four of them at once.
             want = min(2, n - len(released))
-            live = wait_for(lambda want=want: (s := started(tmp_path) - released) and len(s) >= want and s,
-                            HANG_GUARD, what=f"{want} gated children running")
+            live = wait_for(
+                lambda want=want: (s := started(tmp_path) - released) and len(s) >= want and s,
+                HANG_GUARD,
+                what=f"{want} gated children running",
+            )
             first = min(live)
             release(tmp_path, first)
             released.add(first)
@@ -239,16 +242,21 @@ def test_failing_map_step(pool: orchestra.Pool) -> None:
 @pytest.mark.local_only("a sibling running at the same time is interrupted")
 def test_parallel_fails_fast_and_cancels_running_siblings(pool: orchestra.Pool, tmp_path: Path) -> None:
     with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
-        h = Parallel(Task(wait_forever, 0, str(tmp_path)), Sequence(
-            Task(gated, 1, str(tmp_path)), Task(always_fail))).run(pool)
+        h = Parallel(
+            Task(wait_forever, 0, str(tmp_path)), Sequence(Task(gated, 1, str(tmp_path)), Task(always_fail))
+        ).run(pool)
         wait_for(lambda: started(tmp_path) == {0, 1}, HANG_GUARD, what="both children running")
         release(tmp_path, 1)
         with pytest.raises(StepFailed) as info:
             h.result(HANG_GUARD)
         assert info.value.step == "parallel / 1:sequence / 1:always_fail"
         forever = rec.wait(lambda e: isinstance(e, JobStarted) and e.name == "wait_forever")[1].job_id
-        rec.wait(lambda e: isinstance(e, TaskStateChanged) and e.job_id == forever
-                 and e.state is TaskState.CANCELLED, HANG_GUARD)
+        rec.wait(
+            lambda e: (
+                isinstance(e, TaskStateChanged) and e.job_id == forever and e.state is TaskState.CANCELLED
+            ),
+            HANG_GUARD,
+        )
     assert states(h)["parallel / 0:wait_forever"] is TaskState.CANCELLED
 
 
@@ -262,8 +270,9 @@ def test_return_exceptions_collects_failures_in_place(pool: orchestra.Pool) -> N
 
 def test_stop_after_stops_the_rest(pool: orchestra.Pool) -> None:
     with EventRecorder(pool, types=(JobStarted,)) as rec:
-        h = Parallel(*[Task(fail_if_even, i) for i in range(8)], limit=1, return_exceptions=True,
-                     stop_after=2).run(pool)
+        h = Parallel(
+            *[Task(fail_if_even, i) for i in range(8)], limit=1, return_exceptions=True, stop_after=2
+        ).run(pool)
         with pytest.raises(StepFailed) as info:
             h.result(HANG_GUARD)
         assert info.value.step == "parallel"
@@ -312,8 +321,13 @@ async def test_cancel_a_composite_by_cancelling_the_await(apool: orchestra.Pool,
             await waiter
         jobs = {e.job_id for e in rec.of(JobStarted) if e.name == "wait_forever"}
         for job in jobs:
-            await asyncio.to_thread(rec.wait, lambda e, j=job: isinstance(e, TaskStateChanged)
-                                    and e.job_id == j and e.state is TaskState.CANCELLED, HANG_GUARD)
+            await asyncio.to_thread(
+                rec.wait,
+                lambda e, j=job: (
+                    isinstance(e, TaskStateChanged) and e.job_id == j and e.state is TaskState.CANCELLED
+                ),
+                HANG_GUARD,
+            )
     assert len(jobs) == 2
     assert h.state is TaskState.CANCELLED and h.cancelled()
 
@@ -321,19 +335,45 @@ async def test_cancel_a_composite_by_cancelling_the_await(apool: orchestra.Pool,
 @pytest.mark.local_only("two parts running at once are interrupted")
 def test_cancel_a_composite_cancels_every_part(pool: orchestra.Pool, tmp_path: Path) -> None:
     with EventRecorder(pool, types=(JobStarted, TaskStateChanged)) as rec:
-        h = Sequence(Parallel(Task(wait_forever, 0, str(tmp_path)), Task(wait_forever, 1, str(tmp_path))),
-                     Task(inc), name="c").run(pool)
+        h = Sequence(
+            Parallel(Task(wait_forever, 0, str(tmp_path)), Task(wait_forever, 1, str(tmp_path))),
+            Task(inc),
+            name="c",
+        ).run(pool)
         wait_for(lambda: started(tmp_path) == {0, 1}, HANG_GUARD, what="both parts running")
         assert h.cancel()
         with pytest.raises(concurrent.futures.CancelledError):
             h.result(HANG_GUARD)
         jobs = {e.job_id for e in rec.of(JobStarted) if e.name == "wait_forever"}
         for job in jobs:
-            rec.wait(lambda e, j=job: isinstance(e, TaskStateChanged) and e.job_id == j
-                     and e.state is TaskState.CANCELLED, HANG_GUARD)
+            rec.wait(
+                lambda e, j=job: (
+                    isinstance(e, TaskStateChanged) and e.job_id == j and e.state is TaskState.CANCELLED
+                ),
+                HANG_GUARD,
+            )
     assert len(jobs) == 2
     assert set(states(h).values()) == {TaskState.CANCELLED}
     assert not h.cancel()  # already done
+
+
+def test_a_composite_handle_says_what_it_is(
+    pool: orchestra.Pool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h = Sequence(Task(inc, 1), Task(double), name="etl").run(pool)
+    assert h.result(HANG_GUARD) == 4
+    assert repr(h) == "<CompositeHandle 'etl' (sequence of 2 steps) succeeded 2/2 tasks failed=0>"
+    block = h._repr_html_()  # the composite block, for front ends that render HTML
+    assert block.startswith("<div><b>etl</b>") and "succeeded" in block
+    assert ">0:inc</td>" in block and ">1:double</td>" in block and "2/2 tasks" in block
+    h._ipython_display_()  # without the notebook layer: its repr
+    assert capsys.readouterr().out == repr(h) + "\n"
+    one = Task(inc, 1, name="one").run(pool)
+    assert one.result(HANG_GUARD) == 2 and repr(one).startswith("<CompositeHandle 'one' (task) succeeded 1/1")
+    failed = Parallel(Task(fail_on, 2), name="p").run(pool)
+    with pytest.raises(StepFailed):
+        failed.result(HANG_GUARD)
+    assert repr(failed) == "<CompositeHandle 'p' (parallel of 1 step) failed 1/1 tasks failed=1>"
 
 
 # --- handles and steps as arguments --------------------------------------------------------------
@@ -346,6 +386,9 @@ def test_a_handle_as_argument_is_awaited_first(pool: orchestra.Pool, tmp_path: P
         wait_for(lambda: started(tmp_path) == {3}, HANG_GUARD, what="the first task running")
         assert not second.done() and second.job_id is None  # not submitted: waits for `first`
         wait_for(lambda: second.state is TaskState.SCHEDULED, HANG_GUARD, what="SCHEDULED")
+        assert repr(second) == (
+            "<CompositeHandle 'add' (a call waiting for its arguments) scheduled 0/1 tasks failed=0>"
+        )
         release(tmp_path, 3)
         assert second.result(HANG_GUARD) == 13
         rec.wait(lambda e: isinstance(e, JobStarted) and e.name == "add", HANG_GUARD)  # delivered later
@@ -397,13 +440,24 @@ def test_callbacks_once_each_off_the_io_thread(pool: orchestra.Pool) -> None:
         def callback(*args: Any) -> None:
             with lock:
                 calls.append((kind, args, f"{threading.current_thread().name}|{cell.get()}"))
+
         return callback
 
-    ok = pool.map(square, range(5), on_item_success=record("item ok"), on_success=record("job ok"),
-                  on_error=record("job error"))
+    ok = pool.map(
+        square,
+        range(5),
+        on_item_success=record("item ok"),
+        on_success=record("job ok"),
+        on_error=record("job error"),
+    )
     assert ok.result(HANG_GUARD) == [0, 1, 4, 9, 16]
-    failing = pool.map(fail_on, range(4), on_item_success=record("f item ok"),
-                       on_item_error=record("f item error"), on_error=record("f job error"))
+    failing = pool.map(
+        fail_on,
+        range(4),
+        on_item_success=record("f item ok"),
+        on_item_error=record("f item error"),
+        on_error=record("f job error"),
+    )
     with pytest.raises(ValueError):
         failing.result(HANG_GUARD)
     one = pool.options(on_success=record("run ok")).run(inc, 41)
@@ -493,15 +547,26 @@ def test_pause_a_map_hands_out_no_new_item(pool: orchestra.Pool, tmp_path: Path)
         release(tmp_path, 0)
         release(tmp_path, 1)
         for i in (0, 1):
-            rec.wait(lambda e, i=i: isinstance(e, TaskStateChanged) and e.job_id == h.job_id
-                     and e.state is TaskState.SUCCEEDED and e.start <= i < e.start + e.count, HANG_GUARD)
+            rec.wait(
+                lambda e, i=i: (
+                    isinstance(e, TaskStateChanged)
+                    and e.job_id == h.job_id
+                    and e.state is TaskState.SUCCEEDED
+                    and e.start <= i < e.start + e.count
+                ),
+                HANG_GUARD,
+            )
         # Both workers are free now. A barrier job: had the map handed out an item, it would
         # hold a worker (gated) and its RUNNING event would come before the barrier's.
         assert pool.run(inc, 0).result(HANG_GUARD) == 1
         barrier = rec.wait(lambda e: isinstance(e, JobStarted) and e.name == "inc", HANG_GUARD)[1]
         upto = rec.events.index(barrier)
-        ran = {i for e in rec.events[:upto] if isinstance(e, TaskStateChanged) and e.job_id == h.job_id
-               and e.state is TaskState.RUNNING for i in range(e.start, e.start + e.count)}
+        ran = {
+            i
+            for e in rec.events[:upto]
+            if isinstance(e, TaskStateChanged) and e.job_id == h.job_id and e.state is TaskState.RUNNING
+            for i in range(e.start, e.start + e.count)
+        }
         assert ran == {0, 1}
         assert h.paused and h.counts()[TaskState.RUNNING] == 0
         assert started(tmp_path) == {0, 1}
@@ -548,6 +613,8 @@ def test_closing_the_driver_cancels_what_runs_and_it_starts_again(pool: orchestr
         names = {t.name for t in threading.enumerate()}
         assert "orchestra-pipelines" not in names and "orchestra-callbacks" not in names
         job = rec.wait(lambda e: isinstance(e, JobStarted) and e.name == "wait_forever")[1].job_id
-        rec.wait(lambda e: isinstance(e, TaskStateChanged) and e.job_id == job
-                 and e.state is TaskState.CANCELLED, HANG_GUARD)
+        rec.wait(
+            lambda e: isinstance(e, TaskStateChanged) and e.job_id == job and e.state is TaskState.CANCELLED,
+            HANG_GUARD,
+        )
     assert Sequence(Task(inc, 1), Task(double)).run(pool).result(HANG_GUARD) == 4  # on a new driver

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,8 +84,9 @@ def test_every_runs_on_an_exact_schedule(pool: orchestra.Pool, clock: FakeClock,
     assert scheduler.pending() == []
 
 
-def test_every_with_a_late_run_skips(pool: orchestra.Pool, clock: FakeClock, scheduler: Scheduler,
-                                      tmp_path: Path) -> None:
+def test_every_with_a_late_run_skips(
+    pool: orchestra.Pool, clock: FakeClock, scheduler: Scheduler, tmp_path: Path
+) -> None:
     h = scheduler.every(10, gated, 0, str(tmp_path), count=2, overlap="skip", pool=pool)
     clock.advance(10)
     wait_for(lambda: Path(tmp_path, "started-0").exists(), HANG_GUARD, what="run 1 running")
@@ -99,8 +101,9 @@ def test_every_with_a_late_run_skips(pool: orchestra.Pool, clock: FakeClock, sch
     assert h.result(HANG_GUARD) == [0, 0]
 
 
-def test_every_with_a_late_run_queues_one(pool: orchestra.Pool, clock: FakeClock, scheduler: Scheduler,
-                                          tmp_path: Path) -> None:
+def test_every_with_a_late_run_queues_one(
+    pool: orchestra.Pool, clock: FakeClock, scheduler: Scheduler, tmp_path: Path
+) -> None:
     h = scheduler.every(5, gated, 0, str(tmp_path), count=3, overlap="queue", delay=0, pool=pool)
     clock.advance(0)
     wait_for(lambda: Path(tmp_path, "started-0").exists(), HANG_GUARD, what="run 1 running")
@@ -120,8 +123,18 @@ def test_run_after_and_run_at(pool: orchestra.Pool, clock: FakeClock, scheduler:
     later = scheduler.run_after(5, inc, 41, pool=pool)
     at = scheduler.run_at(WALL + datetime.timedelta(seconds=30), square, 7, pool=pool)
     assert [h.name for h in scheduler.pending()] == ["inc", "square"]
-    assert scheduler.status()[1] == {"name": "square", "state": "SCHEDULED", "runs": 0, "skipped": 0,
-                                     "next_start": "2030-01-01T12:00:30+00:00", "next_start_in": 30.0}
+    assert scheduler.status()[1] == {
+        "id": at.id,
+        "name": "square",
+        "state": "SCHEDULED",
+        "runs": 0,
+        "skipped": 0,
+        "next_start": "2030-01-01T12:00:30+00:00",
+        "next_start_in": 30.0,
+        "interval": None,
+        "count": 1,
+        "overlap": "skip",
+    }
     clock.advance(4)
     assert later.state is TaskState.SCHEDULED and later.runs == []
     clock.advance(1)
@@ -161,8 +174,9 @@ def test_cancel_before_it_starts(pool: orchestra.Pool, clock: FakeClock, schedul
 
 
 @pytest.mark.local_only("the running run is interrupted")
-def test_cancel_stops_a_running_periodic_task(pool: orchestra.Pool, clock: FakeClock,
-                                              scheduler: Scheduler, tmp_path: Path) -> None:
+def test_cancel_stops_a_running_periodic_task(
+    pool: orchestra.Pool, clock: FakeClock, scheduler: Scheduler, tmp_path: Path
+) -> None:
     h = scheduler.every(10, gated, 0, str(tmp_path), pool=pool)
     clock.advance(10)
     wait_for(lambda: Path(tmp_path, "started-0").exists(), HANG_GUARD, what="run 1 running")
@@ -192,6 +206,84 @@ def test_close_cancels_what_is_scheduled(pool: orchestra.Pool, clock: FakeClock)
     assert not thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         s.run_after(1, inc, 1, pool=pool)
+
+
+def test_the_pool_statistics_list_what_is_scheduled_on_it(
+    pool: orchestra.Pool, clock: FakeClock, scheduler: Scheduler, tmp_path: Path
+) -> None:
+    hourly = scheduler.every(10, gated, 0, str(tmp_path), count=3, pool=pool, name="refresh")
+    once = scheduler.run_after(5, square, 3, pool=pool)
+    elsewhere = scheduler.run_after(5, inc, 1)  # no pool given: the default pool's
+    listed = pool.statistics().scheduled
+    assert [t.id for t in listed] == [once.id, hourly.id]  # soonest first
+    first, second = listed
+    assert (first.name, first.state, first.interval, first.count, first.runs) == (
+        "square",
+        TaskState.SCHEDULED,
+        None,
+        1,
+        0,
+    )
+    assert first.next_start == WALL + datetime.timedelta(seconds=5) and first.next_start_in == 5
+    assert second == orchestra.ScheduledStatistics(
+        id=hourly.id,
+        name="refresh",
+        state=TaskState.SCHEDULED,
+        next_start=WALL + datetime.timedelta(seconds=10),
+        next_start_in=10.0,
+        interval=10,
+        count=3,
+        runs=0,
+        skipped=0,
+        overlap="skip",
+    )
+    assert pool.status()["scheduled"][1] == {
+        "id": hourly.id,
+        "name": "refresh",
+        "state": "SCHEDULED",
+        "next_start": "2030-01-01T12:00:10+00:00",
+        "next_start_in": 10.0,
+        "interval": 10,
+        "count": 3,
+        "runs": 0,
+        "skipped": 0,
+        "overlap": "skip",
+    }
+    # Work given no pool goes to the default pool: listed there (before it exists, too), not here.
+    assert [t.id for t in orchestra._api.scheduled_on(None)] == [elsewhere.id]
+    assert orchestra.cancel_scheduled(elsewhere.id)  # by id, from the default pool's view
+    assert elsewhere.cancelled() and not once.done()
+
+    clock.advance(10)  # `once` ran at 105 and is gone; `refresh` runs (gated): RUNNING
+    assert once.result(HANG_GUARD) == 9
+    wait_for(lambda: Path(tmp_path, "started-0").exists(), HANG_GUARD, what="run 1 running")
+    (running,) = pool.statistics().scheduled
+    assert (running.id, running.state, running.runs) == (hourly.id, TaskState.RUNNING, 1)
+    assert running.next_start == WALL + datetime.timedelta(seconds=20)
+    Path(tmp_path, "release-0").touch()
+    wait_between_runs(hourly)
+    (waiting,) = pool.statistics().scheduled
+    assert (waiting.state, waiting.runs, waiting.next_start_in) == (TaskState.SCHEDULED, 1, 10.0)
+
+    assert pool.cancel_scheduled("refresh")  # by name
+    assert hourly.cancelled() and pool.statistics().scheduled == ()
+    assert not pool.cancel_scheduled("refresh") and not pool.cancel_scheduled(hourly.id)
+
+
+def test_cancelling_scheduled_work_by_a_bad_key_names_the_problem(
+    pool: orchestra.Pool, scheduler: Scheduler
+) -> None:
+    twins = [scheduler.run_after(60, inc, i, pool=pool, name="twin") for i in range(2)]
+    ids = f"{twins[0].id}, {twins[1].id}"
+    with pytest.raises(ValueError, match=re.escape(f"2 scheduled tasks are named 'twin' (ids {ids})")):
+        pool.cancel_scheduled("twin")
+    with pytest.raises(TypeError, match=r"its id \(an int\) or its name"):
+        pool.cancel_scheduled(1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="its id"):
+        orchestra.cancel_scheduled(True)  # type: ignore[arg-type]
+    assert scheduler.cancel(twins[1].id) and not twins[0].done()
+    assert scheduler.cancel("twin") and twins[0].cancelled()  # the only one left by that name
+    assert scheduler.find("twin") is None
 
 
 def test_bad_schedules_raise_naming_the_culprit(scheduler: Scheduler) -> None:
