@@ -56,3 +56,32 @@ def make_array(n: int) -> Any:
     import numpy as np  # imported here so workers that never see arrays stay light
 
     return np.ones(n, dtype=np.float64)
+
+
+def slice_sum(big: Any, i: int, parts: int) -> float:
+    """Broadcast argument: item ``i`` of ``parts`` sums its share of the one big array."""
+    size = len(big) // parts
+    return float(big[i * size : (i + 1) * size].sum())
+
+
+def monte_carlo(seed: int, samples: int) -> float:
+    """Realistic CPU work: a numpy estimate of pi from ``samples`` random points."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.random(samples)
+    y = rng.random(samples)
+    return 4.0 * float(np.count_nonzero(x * x + y * y <= 1.0)) / samples
+
+
+def calibrate_monte_carlo(seconds: float) -> int:
+    """Sample count for which :func:`monte_carlo` takes about ``seconds`` here."""
+    monte_carlo(0, 1000)  # numpy imported and warm before the clock runs
+    samples = 100_000
+    while True:
+        t0 = time.perf_counter()
+        monte_carlo(0, samples)
+        dt = time.perf_counter() - t0
+        if dt > 0.02:
+            return max(1000, int(samples * seconds / dt))
+        samples *= 4

@@ -8,6 +8,7 @@ notebook user does with a Client made without ``asynchronous=True``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, TypeVar
@@ -62,9 +63,7 @@ class Dask(System):
     def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         return self.client.submit(fn, *args, pure=False).result(timeout)
 
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]:
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None) -> list[T]:
         if not chunksize or chunksize == 1:
             return self.client.gather(self.client.map(fn, list(items), pure=False))
         chunks = list(_chunks(items, chunksize))
@@ -80,6 +79,22 @@ class Dask(System):
         futs = self.client.map(tasks.apply_chunk, [fn] * len(chunks), chunks, pure=False)
         for f in futs:
             yield from f.result()
+
+    broadcast_how = (
+        "client.map; argument: client.scatter(array, broadcast=True) first (dask's idiom), "
+        "captured: the partial holding the array as the function"
+    )
+
+    def broadcast(self, fn: Callable[..., float], big: Any, parts: int, captured: bool) -> list[float]:
+        client = self.client
+        if captured:
+            bound = functools.partial(fn, big, parts=parts)
+            return list(client.gather(client.map(bound, range(parts), pure=False)))
+        shared = client.scatter(big, broadcast=True)
+        try:
+            return list(client.gather(client.map(fn, [shared] * parts, range(parts), parts=parts, pure=False)))
+        finally:
+            client.cancel(shared)
 
     async def acall(self, fn: Callable[..., T], *args: Any) -> T:
         # A sync Client's future is not awaitable; waiting on it in a thread is the bridge.
