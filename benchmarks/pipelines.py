@@ -59,8 +59,9 @@ def composite_sync(pool: orchestra.Pool, xs: list[int]) -> Any:
 def measure(items: int, repeat: int) -> dict[str, list[float]]:
     xs = list(range(items))
     expected = [(x + 1) * 2 - 3 for x in xs]
-    times: dict[str, list[float]] = {k: [] for k in ("hand await", "composite await",
-                                                     "hand result()", "composite result()")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("hand await", "composite await", "hand result()", "composite result()")
+    }
     with orchestra.Pool(workers=2) as pool:
         pool.wait_started(60)
 
@@ -95,13 +96,17 @@ def main() -> None:
     print(f"3 maps of {args.items} items, 2 workers, {args.repeat} repetitions (median, min-max, ms)\n")
     print("| form | median | min | max |\n|---|---|---|---|")
     for name, values in times.items():
-        print(f"| {name} | {statistics.median(values) * 1e3:.1f} | {min(values) * 1e3:.1f} "
-              f"| {max(values) * 1e3:.1f} |")
+        print(
+            f"| {name} | {statistics.median(values) * 1e3:.1f} | {min(values) * 1e3:.1f} "
+            f"| {max(values) * 1e3:.1f} |"
+        )
     for kind in ("await", "result()"):
         hand = statistics.median(times[f"hand {kind}"])
         comp = statistics.median(times[f"composite {kind}"])
-        print(f"\ncomposite overhead ({kind}): {(comp - hand) * 1e3 / 3:+.2f} ms per step "
-              f"(medians {comp * 1e3:.1f} vs {hand * 1e3:.1f} ms)")
+        print(
+            f"\ncomposite overhead ({kind}): {(comp - hand) * 1e3 / 3:+.2f} ms per step "
+            f"(medians {comp * 1e3:.1f} vs {hand * 1e3:.1f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -317,7 +317,7 @@ def workload_titles(z: Sizes) -> dict[str, str]:
             f" {z.broadcast_items} items)"
         ),
         "montecarlo": (
-            f"14. Realistic CPU work ({z.mc_tasks} numpy Monte Carlo tasks of ~{z.mc_task_s * 1000:.0f} ms;"
+            f"14. Realistic CPU work ({z.mc_tasks} numpy Monte Carlo tasks of {z.mc_samples:,} samples;"
             " ideal speedup 2.0)"
         ),
     }

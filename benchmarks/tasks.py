@@ -64,24 +64,16 @@ def slice_sum(big: Any, i: int, parts: int) -> float:
     return float(big[i * size : (i + 1) * size].sum())
 
 
-def monte_carlo(seed: int, samples: int) -> float:
-    """Realistic CPU work: a numpy estimate of pi from ``samples`` random points."""
+def monte_carlo(seed: int, samples: int, block: int = 250_000) -> float:
+    """Realistic CPU work: a numpy estimate of pi from ``samples`` random points, drawn in
+    blocks so that a task's memory stays small whatever its length."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    x = rng.random(samples)
-    y = rng.random(samples)
-    return 4.0 * float(np.count_nonzero(x * x + y * y <= 1.0)) / samples
-
-
-def calibrate_monte_carlo(seconds: float) -> int:
-    """Sample count for which :func:`monte_carlo` takes about ``seconds`` here."""
-    monte_carlo(0, 1000)  # numpy imported and warm before the clock runs
-    samples = 100_000
-    while True:
-        t0 = time.perf_counter()
-        monte_carlo(0, samples)
-        dt = time.perf_counter() - t0
-        if dt > 0.02:
-            return max(1000, int(samples * seconds / dt))
-        samples *= 4
+    inside = 0
+    for start in range(0, samples, block):
+        n = min(block, samples - start)
+        x = rng.random(n)
+        y = rng.random(n)
+        inside += int(np.count_nonzero(x * x + y * y <= 1.0))
+    return 4.0 * inside / samples

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from benchmarks import tasks
-from benchmarks.config import HEAVY, JOBLIB_BACKENDS, Sizes
+from benchmarks.config import BROADCAST_RECORD, HEAVY, JOBLIB_BACKENDS, Sizes
 from benchmarks.record import Recorder
 from benchmarks.systems.base import WORKERS, System, _count_sum
 
@@ -619,7 +619,9 @@ def wl_broadcast(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) ->
     parts = sizes.broadcast_items
     length = sizes.broadcast_mb * MB // 8
     rec.note(cls.broadcast_how)
-    reps = 1 if cls.slow else repeat
+    reps = repeat if cls.key in BROADCAST_RECORD else 1
+    if reps < repeat:
+        rec.note("1 repetition (the comparison of record is orchestra against joblib's memmapping)")
     traced = shutil.which("strace") is not None
     if not traced:
         rec.note("strace is not installed: no copies counted")
@@ -628,8 +630,8 @@ def wl_broadcast(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) ->
         with opened(cls) as s:
             s.broadcast_warm()
             small = np.ones(parts)  # numpy and the task imported in every worker (their reads)
-            for captured in (True, False):
-                s.broadcast(tasks.slice_sum, small, parts, captured=captured)
+            for form in s.broadcast_forms:
+                s.broadcast(tasks.slice_sum, small, parts, captured=form == "captured")
             big = np.full(length, value)
             expected = [value * (length // parts)] * parts
             _broadcast_once(s, rec, big, parts, expected, count_copies=rep == reps)
@@ -638,7 +640,7 @@ def wl_broadcast(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) ->
 def _broadcast_once(
     s: System, rec: Recorder, big: Any, parts: int, expected: list[float], count_copies: bool
 ) -> None:
-    for form in ("captured", "argument"):
+    for form in s.broadcast_forms:
         captured = form == "captured"
 
         def timed(captured: bool = captured, form: str = form) -> dict[str, float]:
@@ -662,31 +664,39 @@ def _broadcast_once(
 
 # -- 15 realistic CPU work ------------------------------------------------------------------
 def wl_montecarlo(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
-    """``mc_tasks`` numpy Monte Carlo estimates of ~``mc_task_s`` each; the speedup is
-    against the same tasks run one by one in this process (median task x count)."""
-    samples = tasks.calibrate_monte_carlo(sizes.mc_task_s)
+    """``mc_tasks`` numpy Monte Carlo estimates of ``mc_samples`` each, a fixed amount of
+    work for every system. The speedup is against one worker running them one by one: each
+    repetition first sends 8 of the tasks one at a time through the same system (their
+    median x the task count), then the whole map, so that both see the same workers (their
+    allocator settings, for one: orchestra's keep freed memory, which numpy's temporaries
+    gain from) and about the same load on a shared machine."""
+    samples = sizes.mc_samples
     seeds = list(range(sizes.mc_tasks))
-    reference = {}
-    singles = []
-    for seed in seeds[:8]:
-        t0 = time.perf_counter()
-        reference[seed] = tasks.monte_carlo(seed, samples)
-        singles.append(time.perf_counter() - t0)
-    serial = statistics.median(singles) * len(seeds)
     fn = functools.partial(tasks.monte_carlo, samples=samples)
+    reference = {seed: tasks.monte_carlo(seed, samples) for seed in seeds[:2]}
 
-    def timed() -> dict[str, float]:
+    def timed(rep: int) -> dict[str, float]:
+        singles = []
+        for seed in seeds[rep * 8 % len(seeds) :][:8]:
+            t0 = time.perf_counter()
+            reference[seed] = do_call(s, fn, seed)
+            singles.append(time.perf_counter() - t0)
+        serial = statistics.median(singles) * len(seeds)
         t0 = time.perf_counter()
         out = do_map(s, fn, seeds, 1)
         dt = time.perf_counter() - t0
         check(len(out) == len(seeds), "missing results")
-        check(all(out[k] == v for k, v in reference.items()), "estimates differ from the serial run")
+        check(all(out[k] == v for k, v in reference.items()), "the map's estimates differ from the calls'")
         return {"speedup": serial / dt, "parallel_s": dt, "serial_s": serial}
 
     with opened(cls) as s:
-        do_map(s, fn, [0, 1], 1)  # numpy imported in the workers
-        for _ in range(reps_for(cls, "montecarlo", repeat, rec)):
-            rec.measure(("speedup", "parallel_s", "serial_s"), timed)
+        check(do_map(s, fn, [0, 1], 1) == [reference[0], reference[1]], "estimates differ from this process's")
+        for rep in range(reps_for(cls, "montecarlo", repeat, rec)):
+            rec.measure(("speedup", "parallel_s", "serial_s"), lambda rep=rep: timed(rep))
+        serial = rec.data["metrics"].get("serial_s")
+        if serial:
+            per_task_ms = statistics.median(serial) / len(seeds) * 1000
+            rec.note(f"one task took {per_task_ms:.0f} ms on a worker (alone, median)")
 
 
 WORKLOAD_FUNCS: dict[str, Workload] = {

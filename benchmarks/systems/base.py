@@ -99,6 +99,8 @@ class System(ABC):
         """Results of a big map, in order, without holding them all."""
         raise NotImplementedError
 
+    #: The broadcast forms this system is measured in ("captured", "argument").
+    broadcast_forms: ClassVar[tuple[str, ...]] = ("captured", "argument")
     #: How this system runs the broadcast workload (shown as a note under its table).
     broadcast_how: ClassVar[str] = (
         "its own map with chunksize = items / (2 x workers): the array is pickled once per chunk"
