@@ -78,9 +78,17 @@ def main() -> None:
     def add(row: str, system: str, value: float) -> None:
         rows.setdefault(row, {}).setdefault(system, []).append(value)
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         client.wait_for_workers(2)
         pool = orchestra.Pool(backend=client)
         pool.wait_started(timeout=60)
@@ -92,11 +100,17 @@ def main() -> None:
         client.gather(client.map(tiny, range(100), pure=False))
         for _ in range(args.repeat):
             add(f"{n:,} tiny tasks", "orchestra", timed(lambda: pool.map(tiny, range(n)).result(600)))
-            add(f"{n:,} tiny tasks", "dask", timed(
-                lambda: client.gather(client.map(tiny, range(n), pure=False))))
+            add(
+                f"{n:,} tiny tasks",
+                "dask",
+                timed(lambda: client.gather(client.map(tiny, range(n), pure=False))),
+            )
             add("100 tasks of 50 ms", "orchestra", timed(lambda: pool.map(sleepy, range(100)).result(600)))
-            add("100 tasks of 50 ms", "dask", timed(
-                lambda: client.gather(client.map(sleepy, range(100), pure=False))))
+            add(
+                "100 tasks of 50 ms",
+                "dask",
+                timed(lambda: client.gather(client.map(sleepy, range(100), pure=False))),
+            )
 
         async def orchestra_lag(items: range, fn: Callable[[int], int]) -> tuple[float, float]:
             return await lag_while(_await(pool.map(fn, items)))
@@ -116,8 +130,10 @@ def main() -> None:
         sub.close()
         with contextlib.suppress(Exception):
             pool.shutdown()
-    print(f"| workload | orchestra (Dask backend) | dask client.map/gather |  (median, min-max of "
-          f"{args.repeat}; events seen by the subscriber: {events[0]:,})")
+    print(
+        f"| workload | orchestra (Dask backend) | dask client.map/gather |  (median, min-max of "
+        f"{args.repeat}; events seen by the subscriber: {events[0]:,})"
+    )
     print("|---|---|---|")
     for row, systems in rows.items():
         lag = row.startswith("loop lag")

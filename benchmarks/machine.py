@@ -60,8 +60,6 @@ def describe() -> dict[str, Any]:
         "python_build": f"{platform.python_implementation()} {sys.version}",
         "packages": {name: _version(name) for name in PACKAGES},
         "all_packages": sorted(
-            f"{d.metadata['Name']}=={d.version}"
-            for d in metadata.distributions()
-            if d.metadata["Name"]
+            f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]
         ),
     }

@@ -29,8 +29,7 @@ SOURCES: dict[str, tuple[str, str]] = {
         "bench_closure",
     ),
     "lru_cache": (
-        "import functools\n"
-        "@functools.lru_cache(maxsize=None)\ndef bench_cached(x):\n    return x + 1\n",
+        "import functools\n@functools.lru_cache(maxsize=None)\ndef bench_cached(x):\n    return x + 1\n",
         "bench_cached",
     ),
 }

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.config import FULL, MAIN_CASES, METRICS, QUICK, TARGETS, Metric, Sizes
+from benchmarks.config import AHEAD, FULL, MAIN_CASES, METRICS, QUICK, TARGETS, Metric, Sizes
 from benchmarks.systems import SYSTEMS
 
 #: For these orchestra metrics the peers are compared on whichever of their modes is best
@@ -15,6 +15,9 @@ from benchmarks.systems import SYSTEMS
 PEER_ALTERNATIVES = {
     "await_med_us": ("await_med_us", "sync_med_us"),
     "await_p99_us": ("await_p99_us", "sync_p99_us"),
+    # broadcast: against the peer's better form (joblib memmaps arguments, not closures)
+    "captured_s": ("captured_s", "argument_s"),
+    "argument_s": ("captured_s", "argument_s"),
 }
 ALL_METRICS: dict[str, Metric] = {m.key: m for ms in METRICS.values() for m in ms}
 
@@ -69,7 +72,12 @@ def cell_text(cell: dict[str, Any], key: str) -> str:
 
 
 def label(key: str) -> str:
-    return SYSTEMS[key].label
+    return "the machine (raw)" if key == "machine" else SYSTEMS[key].label
+
+
+def raw_figure(results: dict[str, dict[str, Any]], key: str) -> float | None:
+    """A raw limit of the machine measured in this run (workload ``raw``)."""
+    return median_of(results.get("raw", {}).get("machine"), key)
 
 
 def workload_table(name: str, cells: dict[str, dict[str, Any]]) -> list[str]:
@@ -87,9 +95,7 @@ def workload_table(name: str, cells: dict[str, dict[str, Any]]) -> list[str]:
     metrics = [
         m
         for m in METRICS[name]
-        if any(
-            m.key in c.get("metrics", {}) or m.key in c.get("errors", {}) for c in cells.values()
-        )
+        if any(m.key in c.get("metrics", {}) or m.key in c.get("errors", {}) for c in cells.values())
     ]
     metrics = metrics or list(METRICS[name][:1])
     lines = [
@@ -105,9 +111,7 @@ def workload_table(name: str, cells: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def best_peer(
-    results: dict[str, dict[str, Any]], workload: str, key: str
-) -> tuple[str, float, str] | None:
+def best_peer(results: dict[str, dict[str, Any]], workload: str, key: str) -> tuple[str, float, str] | None:
     """(system, median, metric used) of the best non-reference peer."""
     metric = ALL_METRICS[key]
     best: tuple[str, float, str] | None = None
@@ -138,6 +142,7 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for workload, key, target, ok in TARGETS:
         if workload not in results:
             continue
+        key, _, raw_key = key.partition("/")
         metric = ALL_METRICS[key]
         orch_cell = results[workload].get("orchestra")
         orch = median_of(orch_cell, key)
@@ -148,24 +153,35 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             floor = 1.0 if metric.unit == "MB" else 1e-12
             o, p = max(orch, floor), max(peer[1], floor)
             ratio = o / p if metric.higher_is_better else p / o
+        row_label = metric.label
+        peer_value = peer[1] if peer else None
+        if raw_key:  # orchestra's figure over the machine's raw one, both from this run
+            raw = raw_figure(results, raw_key)
+            if raw is None:
+                continue
+            row_label = f"{metric.label} / {ALL_METRICS[raw_key].label}"
+            orch = None if orch is None else orch / raw
+            peer_value = None if peer_value is None else peer_value / raw
         if orch_cell is None:
             verdict = "not run"
         elif orch is None:
             verdict = "missed (failed)" if ok is not None else "-"
         elif ok is None:
             verdict = "-"
+        elif ok == AHEAD:
+            verdict = "-" if ratio is None else "met" if ratio >= 1 else "missed"
         else:
             verdict = "met" if ok(orch) else "missed"  # type: ignore[operator]
         rows.append(
             {
                 "workload": workload,
-                "metric": key,
-                "label": metric.label,
+                "metric": f"{key}/{raw_key}" if raw_key else key,
+                "label": row_label,
                 "orchestra": orch,
                 "orchestra_text": failure_text(orch_cell, key) if orch is None else None,
                 "best_peer": peer[0] if peer else None,
                 "best_peer_metric": peer[2] if peer else None,
-                "peer_value": peer[1] if peer else None,
+                "peer_value": peer_value,
                 "ratio": ratio,
                 "target": target,
                 "verdict": verdict,
@@ -221,11 +237,9 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
             orch = r["orchestra_text"] or "-"
             peer_fig = f"{r['peer_value']}/4 ok" if r["peer_value"] is not None else "-"
         else:
-            orch = (
-                fmt(r["orchestra"]) if r["orchestra"] is not None else (r["orchestra_text"] or "-")
-            )
+            orch = fmt(r["orchestra"]) if r["orchestra"] is not None else (r["orchestra_text"] or "-")
             peer_fig = fmt(r["peer_value"]) if r["peer_value"] is not None else "-"
-            if r["best_peer_metric"] and r["best_peer_metric"] != r["metric"]:
+            if r["best_peer_metric"] and r["best_peer_metric"] != r["metric"].split("/")[0]:
                 peer_fig += f" ({r['best_peer_metric'].split('_')[0]})"
         peer = label(r["best_peer"]) if r["best_peer"] else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
@@ -242,8 +256,7 @@ def header(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
         "# orchestra_nb benchmarks",
         "",
         f"- date: {meta['date']}",
-        f"- machine: {meta['cores']} cores, {meta['cpu']}, {meta['ram_gib']} GiB RAM"
-        f" ({meta['platform']})",
+        f"- machine: {meta['cores']} cores, {meta['cpu']}, {meta['ram_gib']} GiB RAM ({meta['platform']})",
         f"- Python: {meta['python_build']}",
         "- packages: " + ", ".join(f"{k} {v}" for k, v in pk.items()),
         f"- run: `{config['command']}` ({'quick' if config['quick'] else 'full'}, "
@@ -252,6 +265,25 @@ def header(meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
         METHOD,
     ]
     return lines
+
+
+def machine_limits(results: dict[str, dict[str, Any]], z: Sizes) -> list[str]:
+    """The machine's raw limits from this run, for the header."""
+    cell = results.get("raw", {}).get("machine")
+    if cell is None:
+        return []
+    if not cell["status"].startswith("ok"):
+        return [f"- machine's raw limits: {clean(cell['status'])}", ""]
+    rtt = cell_text(cell, "zmq_rtt_med_us")
+    p99 = cell_text(cell, "zmq_rtt_p99_us")
+    copy = cell_text(cell, "memcpy_mb_s")
+    return [
+        "Raw limits of this machine, measured in the same run (the ratios below compare with them):",
+        f"a ZeroMQ ipc ping-pong between two processes (PAIR, blocking recv, 1 byte) takes {rtt} us"
+        f" median, {p99} us p99 ({z.raw_round_trips:,} round trips); a {z.raw_copy_mb} MB"
+        f" `numpy.copyto` runs at {copy} MB/s.",
+        "",
+    ]
 
 
 def workload_titles(z: Sizes) -> dict[str, str]:
@@ -264,10 +296,29 @@ def workload_titles(z: Sizes) -> dict[str, str]:
         "transfer": f"6. Data transfer ({z.transfer_mb} MB float64 array)",
         "lag": f"7. Event-loop lag while awaiting a {z.lag_items:,}-item map (1 ms ticker)",
         "main": "8. Functions from `__main__`",
-        "scale": f"9. Scale ({z.scale_items:,}-item map over a generator)",
+        "scale": (
+            f"9. Scale ({z.scale_items:,}-item map over a generator, consumed as a stream;"
+            f" slow systems {z.scale_items_slow:,})"
+        ),
         "joblib": (
             f"10. joblib backends ({z.joblib_calls:,} tiny `delayed` calls; `GridSearchCV(SVC())`, "
             "20 candidates x 5 folds on iris; n_jobs=2, warm pools)"
+        ),
+        "widget": (
+            f"11. Widget on (a {z.widget_items:,}-item awaited map of tiny tasks in a real ipykernel,"
+            ' progress widget against progress="none"; orchestra only)'
+        ),
+        "smallmaps": (
+            f"12. Many small maps ({z.small_maps} sequential maps of {z.small_map_items} items, each"
+            " awaited; the peers' own map with default settings)"
+        ),
+        "broadcast": (
+            f"13. Broadcast argument (one {z.broadcast_mb} MB float64 array used by each of"
+            f" {z.broadcast_items} items)"
+        ),
+        "montecarlo": (
+            f"14. Realistic CPU work ({z.mc_tasks} numpy Monte Carlo tasks of {z.mc_samples:,} samples;"
+            " ideal speedup 2.0)"
         ),
     }
 
@@ -277,6 +328,7 @@ def render(
 ) -> tuple[str, list[dict[str, Any]]]:
     rows = summary_rows(results)
     out = header(meta, config)
+    out += machine_limits(results, QUICK if config["quick"] else FULL)
     out += [
         "## Summary",
         "",
@@ -287,8 +339,11 @@ def render(
         *summary_table(rows),
         "",
     ]
-    titles = workload_titles(QUICK if config["quick"] else FULL)
+    sizes = QUICK if config["quick"] else FULL
+    titles = workload_titles(sizes)
     for name, cells in results.items():
+        if name == "raw":
+            continue  # the machine's figures are in the header
         out += [f"## {titles.get(name, name)}", "", *workload_table(name, cells), ""]
         notes = [f"- {label(k)}: {clean(n)}" for k, c in cells.items() for n in c.get("notes", [])]
         if notes:
@@ -304,9 +359,7 @@ def render(
     return "\n".join(out), rows
 
 
-def write(
-    path: Path, meta: dict[str, Any], config: dict[str, Any], results: dict[str, dict[str, Any]]
-) -> None:
+def write(path: Path, meta: dict[str, Any], config: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
     text, rows = render(meta, config, results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -12,12 +12,15 @@ from pathlib import Path
 
 from benchmarks.workloads import REPO_ROOT, subprocess_env
 
+#: The workloads issue #17 added, each of which must produce its rows in quick mode.
+NEW_WORKLOADS = ("raw", "widget", "smallmaps", "broadcast", "montecarlo")
+
 SMOKE_ARGS = (
     "--quick",
     "--systems",
     "orchestra,ppe_forkserver",
     "--workloads",
-    "rtt,map,main",
+    "raw,rtt,map,main,scale,widget,smallmaps,broadcast,montecarlo",
     "--repeat",
     "1",
 )

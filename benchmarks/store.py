@@ -69,8 +69,9 @@ def bench_recording(
         plain.append(timed(lambda: pool.map(ten_ms, range(items), chunksize=1).result(600)))
         store = ResultStore(root / f"record-{trial}.sqlite")
         try:
-            cached.append(timed(lambda s=store: pool.map(ten_ms, range(items), cache=s,
-                                                         chunksize=1).result(600)))
+            cached.append(
+                timed(lambda s=store: pool.map(ten_ms, range(items), cache=s, chunksize=1).result(600))
+            )
             assert store.count() == items
         finally:
             store.close()
@@ -122,25 +123,40 @@ def main() -> None:
         "# Result store benchmark",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; Python {platform.python_version()}, "
-        f"{platform.machine()}, 2 workers; median of {repeat} runs"
-        + (" (--quick)" if args.quick else ""),
+        f"{platform.machine()}, 2 workers; median of {repeat} runs" + (" (--quick)" if args.quick else ""),
         "",
         "| workload | orchestra_nb | joblib.Memory |",
         "|---|---|---|",
     ]
     j = joblib_numbers
-    lines.append(f"| cache hits, items/s ({hit_items:,} items; joblib {joblib_hits:,}) "
-                 f"| {statistics.median(hits):,.0f} | "
-                 + (f"{statistics.median(j['hits']):,.0f} |" if j else "not installed |"))
-    lines.append(f"| {task_items} x 10 ms tasks, uncached, s | {statistics.median(plain):.3f} | "
-                 + (f"{statistics.median(j['plain']):.3f} |" if j else "- |"))
-    lines.append(f"| same, every result recorded, s | {statistics.median(cached):.3f} | "
-                 + (f"{statistics.median(j['cached']):.3f} |" if j else "- |"))
-    lines.append(f"| recording overhead | {overhead(plain, cached):+.1%} | "
-                 + (f"{overhead(j['plain'], j['cached']):+.1%} |" if j else "- |"))
-    lines += ["", f"raw: hits/s {[round(h) for h in hits]}, plain {plain}, recorded {cached}"
-              + (f"; joblib {j['version']}: hits/s {[round(h) for h in j['hits']]}, "
-                 f"plain {j['plain']}, cached {j['cached']}" if j else ""), ""]
+    lines.append(
+        f"| cache hits, items/s ({hit_items:,} items; joblib {joblib_hits:,}) "
+        f"| {statistics.median(hits):,.0f} | "
+        + (f"{statistics.median(j['hits']):,.0f} |" if j else "not installed |")
+    )
+    lines.append(
+        f"| {task_items} x 10 ms tasks, uncached, s | {statistics.median(plain):.3f} | "
+        + (f"{statistics.median(j['plain']):.3f} |" if j else "- |")
+    )
+    lines.append(
+        f"| same, every result recorded, s | {statistics.median(cached):.3f} | "
+        + (f"{statistics.median(j['cached']):.3f} |" if j else "- |")
+    )
+    lines.append(
+        f"| recording overhead | {overhead(plain, cached):+.1%} | "
+        + (f"{overhead(j['plain'], j['cached']):+.1%} |" if j else "- |")
+    )
+    lines += [
+        "",
+        f"raw: hits/s {[round(h) for h in hits]}, plain {plain}, recorded {cached}"
+        + (
+            f"; joblib {j['version']}: hits/s {[round(h) for h in j['hits']]}, "
+            f"plain {j['plain']}, cached {j['cached']}"
+            if j
+            else ""
+        ),
+        "",
+    ]
     text = "\n".join(lines)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

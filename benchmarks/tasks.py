@@ -56,3 +56,24 @@ def make_array(n: int) -> Any:
     import numpy as np  # imported here so workers that never see arrays stay light
 
     return np.ones(n, dtype=np.float64)
+
+
+def slice_sum(big: Any, i: int, parts: int) -> float:
+    """Broadcast argument: item ``i`` of ``parts`` sums its share of the one big array."""
+    size = len(big) // parts
+    return float(big[i * size : (i + 1) * size].sum())
+
+
+def monte_carlo(seed: int, samples: int, block: int = 250_000) -> float:
+    """Realistic CPU work: a numpy estimate of pi from ``samples`` random points, drawn in
+    blocks so that a task's memory stays small whatever its length."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    inside = 0
+    for start in range(0, samples, block):
+        n = min(block, samples - start)
+        x = rng.random(n)
+        y = rng.random(n)
+        inside += int(np.count_nonzero(x * x + y * y <= 1.0))
+    return 4.0 * inside / samples

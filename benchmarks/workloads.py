@@ -1,4 +1,5 @@
-"""The nine workloads of performance.md, each written once against the System interface.
+"""The workloads, each written once against the System interface (issue #17 added the
+machine's raw limits, the widget, many small maps, a broadcast argument and numpy work).
 
 A workload function runs inside the group subprocess of one system (see runner.py), starts
 and closes the system itself and records raw numbers per repetition in a Recorder.
@@ -7,11 +8,15 @@ and closes the system itself and records raw numbers per repetition in a Recorde
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +26,7 @@ from typing import Any
 import psutil
 
 from benchmarks import tasks
-from benchmarks.config import HEAVY, JOBLIB_BACKENDS, Sizes
+from benchmarks.config import BROADCAST_RECORD, HEAVY, JOBLIB_BACKENDS, Sizes
 from benchmarks.record import Recorder
 from benchmarks.systems.base import WORKERS, System, _count_sum
 
@@ -49,9 +54,7 @@ def do_call(s: System, fn: Callable[..., Any], *args: Any, timeout: float | None
     return s.call(fn, *args, timeout=timeout)
 
 
-def do_map(
-    s: System, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None
-) -> list[Any]:
+def do_map(s: System, fn: Callable[[Any], Any], items: Sequence[Any], chunksize: int | None) -> list[Any]:
     if s.prefer_async:
         return s.aio(s.amap(fn, items, chunksize))
     return s.map(fn, items, chunksize)
@@ -364,7 +367,9 @@ class PeakRSS:
 
 
 def wl_scale(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
-    n = sizes.scale_items
+    n = sizes.scale_items_slow if cls.slow else sizes.scale_items
+    if n != sizes.scale_items:
+        rec.note(f"slow system: {n:,} items, not {sizes.scale_items:,} (that would take minutes)")
     chunksize = cls.scale_chunksize
     if chunksize is None:
         rec.set_status("skipped: cannot map a generator of this size")
@@ -440,8 +445,10 @@ def wl_joblib(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> No
                 t0 = time.perf_counter()
                 found = GridSearchCV(SVC(), grid, cv=5, n_jobs=WORKERS).fit(x, y)
                 dt = time.perf_counter() - t0
-            check(list(found.cv_results_["mean_test_score"]) == list(reference),
-                  "GridSearchCV scores differ from the sequential run")
+            check(
+                list(found.cv_results_["mean_test_score"]) == list(reference),
+                "GridSearchCV scores differ from the sequential run",
+            )
             return {"gridsearch_s": dt}
 
         try:
@@ -460,6 +467,238 @@ def wl_joblib(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> No
                     executor.shutdown(wait=True, kill_workers=True)
 
 
+# -- 11 raw limits of the machine --------------------------------------------------------
+def wl_raw(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    """Not a system's figure: run once per run (the system is not started)."""
+    from benchmarks import raw
+
+    raw.measure(rec, sizes.raw_round_trips, sizes.raw_copy_mb, repeat, timeout=30)
+
+
+# -- 12 the progress widget in a real kernel ------------------------------------------------
+def wl_widget(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    if cls.key != "orchestra":
+        rec.set_status("skipped: orchestra only")
+        return
+    from benchmarks import widget
+
+    widget.measure(rec, sizes.widget_items, sizes.widget_repeat, timeout=sizes.group_timeout_s / 2)
+
+
+# -- 13 many small maps ---------------------------------------------------------------------
+def wl_smallmaps(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    """Interactive exploration: small maps one after the other, each awaited (orchestra) or
+    the peer's own ``map`` with its default settings; the figure is the time per map."""
+    maps = sizes.small_maps if not cls.slow else max(10, sizes.small_maps // 10)
+    if maps != sizes.small_maps:
+        rec.note(f"slow system: {maps} maps, not {sizes.small_maps}")
+    items = list(range(sizes.small_map_items))
+    expected = [x + 1 for x in items]
+
+    async def awaited(s: System) -> None:
+        for _ in range(maps):
+            out = await s.amap(tasks.inc, items)
+            if out != expected:
+                check(False, "map results differ from [x + 1 for x in items]")
+
+    def blocking(s: System) -> None:
+        for _ in range(maps):
+            out = s.map(tasks.inc, items)
+            if out != expected:
+                check(False, "map results differ from [x + 1 for x in items]")
+
+    def timed() -> dict[str, float]:
+        t0 = time.perf_counter()
+        if s.prefer_async:
+            s.aio(awaited(s))
+        else:
+            blocking(s)
+        dt = time.perf_counter() - t0
+        return {"per_map_ms": dt / maps * 1000, "total_s": dt}
+
+    with opened(cls) as s:
+        do_map(s, tasks.inc, items, None)  # warm-up
+        for _ in range(reps_for(cls, "smallmaps", repeat, rec)):
+            rec.measure(("per_map_ms", "total_s"), timed)
+
+
+# -- 14 one big array used by every item --------------------------------------------------
+def worker_processes() -> list[psutil.Process]:
+    """This process's descendants, less multiprocessing's and loky's helper processes."""
+    from benchmarks.runner import helper_pids
+
+    helpers = helper_pids()
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in helpers]
+
+
+_READ_CALL = re.compile(r"^\d+\s+(?:<\.\.\. )?(?:read|readv|pread64|preadv2?|recvfrom|recvmsg)\b.*= (\d+)$")
+
+
+class SyscallBytes:
+    """Bytes the given processes read through read()/recv() (every thread, sockets, pipes
+    and files), counted by ``strace`` attached for the duration of the block.
+
+    ``/proc/PID/io`` would be cheaper, but its ``rchar`` leaves out recv() on sockets
+    (ZeroMQ's transport) while it counts read() on pipes (multiprocessing's): strace sees
+    both alike. It slows the traced processes: never used on a timed run.
+    """
+
+    def __init__(self, procs: Sequence[psutil.Process], timeout: float = 30.0) -> None:
+        self.pids = [p.pid for p in procs]
+        self.timeout = timeout
+        self.total = 0
+
+    def __enter__(self) -> SyscallBytes:
+        self._dir = tempfile.TemporaryDirectory(prefix="orchestra-bench-strace-")
+        self._out = os.path.join(self._dir.name, "trace")
+        cmd = [
+            "strace",
+            "-f",
+            "-qq",
+            "-s",
+            "0",
+            "-e",
+            "signal=none",
+            "-o",
+            self._out,
+            "-e",
+            "trace=read,readv,pread64,preadv,preadv2,recvfrom,recvmsg",
+        ]
+        for pid in self.pids:
+            cmd += ["-p", str(pid)]
+        self._strace = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.timeout
+        while not self._attached():  # every thread of every process is traced from here on
+            if self._strace.poll() is not None or time.monotonic() > deadline:
+                self._stop()
+                raise RuntimeError(f"strace could not attach to {self.pids}")
+            time.sleep(0.01)
+        return self
+
+    def _attached(self) -> bool:
+        for pid in self.pids:
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/status") as f:
+                        if any(line.startswith("TracerPid:\t0") for line in f):
+                            return False
+            except OSError:  # that process has gone: nothing more to attach
+                continue
+        return True
+
+    def _stop(self) -> None:
+        if self._strace.poll() is None:
+            self._strace.terminate()  # detaches and flushes its output
+            try:
+                self._strace.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(self._strace.pid)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stop()
+            with open(self._out) as f:
+                self.total = sum(int(m.group(1)) for line in f if (m := _READ_CALL.match(line.strip())))
+        finally:
+            self._dir.cleanup()
+
+
+def wl_broadcast(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    """A ``broadcast_mb`` array used by every one of ``broadcast_items`` items (each sums its
+    own share of it), captured by the function or passed as the same argument to each.
+
+    Timed runs are plain. "Copies read per worker" comes from one more run of each form with
+    ``strace`` on the workers (:class:`SyscallBytes`): the bytes they read through read() and
+    recv() (sockets, pipes, files), per worker, over the array's size. Pages of a
+    memory-mapped file (loky's memmapping, orchestra's shared-memory segments) are shared
+    with the parent, not copied into the worker, and not counted. A fresh pool and a fresh
+    array (other values) for each repetition: nothing is reused from the one before.
+    """
+    import numpy as np
+
+    parts = sizes.broadcast_items
+    length = sizes.broadcast_mb * MB // 8
+    rec.note(cls.broadcast_how)
+    reps = repeat if cls.key in BROADCAST_RECORD else 1
+    if reps < repeat:
+        rec.note("1 repetition (the comparison of record is orchestra against joblib's memmapping)")
+    traced = shutil.which("strace") is not None
+    if not traced:
+        rec.note("strace is not installed: no copies counted")
+    for rep in range(reps + traced):  # the last pool: one traced run of each form
+        value = float(rep + 1)
+        with opened(cls) as s:
+            s.broadcast_warm()
+            small = np.ones(parts)  # numpy and the task imported in every worker (their reads)
+            for form in s.broadcast_forms:
+                s.broadcast(tasks.slice_sum, small, parts, captured=form == "captured")
+            big = np.full(length, value)
+            expected = [value * (length // parts)] * parts
+            _broadcast_once(s, rec, big, parts, expected, count_copies=rep == reps)
+
+
+def _broadcast_once(
+    s: System, rec: Recorder, big: Any, parts: int, expected: list[float], count_copies: bool
+) -> None:
+    for form in s.broadcast_forms:
+        captured = form == "captured"
+
+        def timed(captured: bool = captured, form: str = form) -> dict[str, float]:
+            t0 = time.perf_counter()
+            out = s.broadcast(tasks.slice_sum, big, parts, captured=captured)
+            dt = time.perf_counter() - t0
+            check(out == expected, f"the {form} map's sums differ")
+            return {f"{form}_s": dt}
+
+        def copies(captured: bool = captured, form: str = form) -> dict[str, float]:
+            with SyscallBytes(worker_processes()) as read:
+                out = s.broadcast(tasks.slice_sum, big, parts, captured=captured)
+            check(out == expected, f"the {form} map's sums differ")
+            return {f"{form}_copies": read.total / WORKERS / big.nbytes}
+
+        if count_copies:
+            rec.measure((f"{form}_copies",), copies)
+        else:
+            rec.measure((f"{form}_s",), timed)
+
+
+# -- 15 realistic CPU work ------------------------------------------------------------------
+def wl_montecarlo(cls: type[System], rec: Recorder, sizes: Sizes, repeat: int) -> None:
+    """``mc_tasks`` numpy Monte Carlo estimates of ``mc_samples`` each, a fixed amount of
+    work for every system. The speedup is against one worker running them one by one: each
+    repetition first sends 8 of the tasks one at a time through the same system (their
+    median x the task count), then the whole map, so that both see the same workers (their
+    allocator settings, for one: orchestra's keep freed memory, which numpy's temporaries
+    gain from) and about the same load on a shared machine."""
+    samples = sizes.mc_samples
+    seeds = list(range(sizes.mc_tasks))
+    fn = functools.partial(tasks.monte_carlo, samples=samples)
+    reference = {seed: tasks.monte_carlo(seed, samples) for seed in seeds[:2]}
+
+    def timed(rep: int) -> dict[str, float]:
+        singles = []
+        for seed in seeds[rep * 8 % len(seeds) :][:8]:
+            t0 = time.perf_counter()
+            reference[seed] = do_call(s, fn, seed)
+            singles.append(time.perf_counter() - t0)
+        serial = statistics.median(singles) * len(seeds)
+        t0 = time.perf_counter()
+        out = do_map(s, fn, seeds, 1)
+        dt = time.perf_counter() - t0
+        check(len(out) == len(seeds), "missing results")
+        check(all(out[k] == v for k, v in reference.items()), "the map's estimates differ from the calls'")
+        return {"speedup": serial / dt, "parallel_s": dt, "serial_s": serial}
+
+    with opened(cls) as s:
+        check(do_map(s, fn, [0, 1], 1) == [reference[0], reference[1]], "estimates differ from this process's")
+        for rep in range(reps_for(cls, "montecarlo", repeat, rec)):
+            rec.measure(("speedup", "parallel_s", "serial_s"), lambda rep=rep: timed(rep))
+        serial = rec.data["metrics"].get("serial_s")
+        if serial:
+            per_task_ms = statistics.median(serial) / len(seeds) * 1000
+            rec.note(f"one task took {per_task_ms:.0f} ms on a worker (alone, median)")
+
+
 WORKLOAD_FUNCS: dict[str, Workload] = {
     "cold": wl_cold,
     "rtt": wl_rtt,
@@ -471,4 +710,9 @@ WORKLOAD_FUNCS: dict[str, Workload] = {
     "main": wl_main,
     "scale": wl_scale,
     "joblib": wl_joblib,
+    "raw": wl_raw,
+    "widget": wl_widget,
+    "smallmaps": wl_smallmaps,
+    "broadcast": wl_broadcast,
+    "montecarlo": wl_montecarlo,
 }

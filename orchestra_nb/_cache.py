@@ -220,6 +220,7 @@ def _cached_calls(
     with _handles.quietly():  # the notebook shows the whole map (hits too), not the misses' job
         misses: MapHandle[Any] = pool.map(IndexedCall(fn), miss_calls, ordered=False,
                                           return_exceptions=True, name=label, **map_options)
+    misses._keep_results()  # the recorder streams them while the caller may await them all
     handle: CachedMapHandle[Any] = CachedMapHandle(
         store, function_key, label, keys, hits, list(miss_keys), misses,
         ordered=ordered, return_exceptions=return_exceptions)

@@ -198,6 +198,7 @@ class _ItemWatcher:
     callback thread (scans are coalesced: at most one waits at a time)."""
 
     def __init__(self, handle: MapHandle[Any], items: Callbacks, job: Callbacks | None) -> None:
+        handle._keep_results()  # each scan reads partial_results(): a stream must drop none
         self._handle = handle
         self._items = items
         self._job = job

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from ._jobs import _NOT_DONE, STREAM_WINDOW, Job, JobFuture
 from ._outcomes import MISSING, Failure, Failures, JobCancelled, JobInterrupted
-from ._state import TaskState, done_count
+from ._state import FINAL_STATES, TaskState, done_count
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -573,10 +573,15 @@ class MapHandle(_Handle, Generic[T]):
     """One ``map(f, iterable)``: ``await`` it for the list of results, or iterate it."""
 
     def __await__(self) -> Generator[Any, None, list[T]]:
+        self._keep_results()
         return self._wait().__await__()
 
     def result(self, timeout: float | None = None) -> list[T]:
-        """Block until every task is done; return the results (or raise the first error)."""
+        """Block until every task is done; return the results (or raise the first error).
+
+        Every call returns the same list (as ``concurrent.futures`` does): the job's own,
+        not a copy, so that a kept result list costs no more than the list itself."""
+        self._keep_results()
         return self._sync_result(timeout)  # type: ignore[no-any-return]
 
     def pause(self) -> None:
@@ -598,23 +603,23 @@ class MapHandle(_Handle, Generic[T]):
 
     def _unwrap(self, results: list[Any]) -> Any:
         if self._job.ordered:
-            return list(results)
-        return [results[i] for i in self._completion_order()]
-
-    def _completion_order(self) -> list[int]:
-        return self._job.completion_order
+            return results
+        order = self._job.completion_order
+        assert order is not None, "pinned results keep their completion order"
+        return [results[i] for i in order]
 
     def partial_results(self, fill: Any = MISSING) -> list[Any]:
         """Results so far, in input order; ``fill`` where a task has no value: not finished
         yet, failed or cancelled. The default, ``orchestra.MISSING``, cannot be mistaken for
         a result (test with ``r is orchestra.MISSING``); pass ``fill=None`` (or any value)
         to get that instead. With ``return_exceptions=True`` a failed task gives its
-        exception and a cancelled one a ``CancelledError``, as ``result()`` would."""
+        exception and a cancelled one a ``CancelledError``, as ``result()`` would. Results
+        a stream (``for`` / ``async for``) took and no longer keeps give ``fill`` too."""
         job = self._job
-        states = bytes(job.states)  # before the results: a value is stored before its state
-        out: list[Any] = []
-        for index, value in enumerate(list(job.results)):
-            state = states[index] if index < len(states) else None
+        released, states, results = job.snapshot()
+        out: list[Any] = [fill] * released
+        for index, value in enumerate(results, released):
+            state = states[index - released] if index - released < len(states) else None
             if value is _NOT_DONE or state is None:
                 out.append(fill)
             elif state == TaskState.SUCCEEDED:
@@ -686,69 +691,95 @@ class MapHandle(_Handle, Generic[T]):
         return rerun(*columns, **options)  # type: ignore[no-any-return]
 
     # --- streaming --------------------------------------------------------------------
+    #
+    # Iterating a map hands its results over: once every iterator of the handle has taken
+    # a segment of them (``_table.SEGMENT``), the job's table drops it, so a stream of any
+    # length holds only what is in flight. An await, ``result()`` or item callbacks pin
+    # the results first (see ``Job.pin_results``).
 
     def _ready_value(self, index: int) -> tuple[bool, Any]:
         """(final?, value) of item ``index``; raises its error unless return_exceptions."""
-        state = self._job.states[index]
+        job = self._job
+        state = job.states[index]  # before the result: a value is stored before its state
         if state == TaskState.SUCCEEDED:
-            return True, self._job.results[index]
+            return True, job.results[index]
         if state == TaskState.FAILED:
-            if self._job.return_exceptions:
-                return True, self._job.results[index]
-            raise self._job.errors[index]
+            if job.return_exceptions:
+                return True, job.results[index]
+            raise job.errors[index]
         if state == TaskState.CANCELLED:
             raise concurrent.futures.CancelledError(f"task {index} was cancelled")
         return False, None
 
-    def _scan(self, cursor: int, yielded: bytearray) -> tuple[list[Any], int]:
-        """Newly final items: (values, new cursor). Ordered: from ``cursor`` up; unordered:
-        every final item not yielded yet."""
+    def _scan(self, cursor: _StreamCursor) -> list[Any]:
+        """Newly final items, at most ``_SCAN_BATCH``. Ordered: from the cursor up;
+        unordered: any final item not yielded yet."""
         job = self._job
+        states = job.states  # before the results (see _ready_value)
+        results = job.results
+        pulled = min(job.pulled, len(states))  # ``pulled`` grows before the table does
         out: list[Any] = []
-        pulled = job.pulled
         if job.ordered:
-            while cursor < pulled:
-                try:
-                    final, value = self._ready_value(cursor)
+            while cursor.next < pulled and len(out) < _SCAN_BATCH:
+                segment = states[cursor.next : min(pulled, cursor.next + _SCAN_BATCH - len(out))]
+                run = len(segment) - len(segment.lstrip(_SUCCEEDED))  # succeeded, in a row
+                if run:
+                    out += results[cursor.next : cursor.next + run]
+                    cursor.next += run
+                if run == len(segment):
+                    continue
+                try:  # an item that failed, was cancelled, or is not final yet
+                    final, value = self._ready_value(cursor.next)
                 except BaseException:
                     if out:  # yield the values before the failed item first
-                        return out, cursor
+                        return out
                     raise
                 if not final:
                     break
                 out.append(value)
-                cursor += 1
-            return out, cursor
-        if len(yielded) < pulled:
-            yielded.extend(bytes(pulled - len(yielded)))
-        index = yielded.find(0, cursor)
-        while index != -1 and index < pulled:
-            try:
-                final, value = self._ready_value(index)
-            except BaseException:
-                if out:  # yield the values found so far first; the next scan raises
-                    break
-                raise
-            if final:
-                yielded[index] = 1
-                out.append(value)
-            index = yielded.find(0, index + 1)
-        first = yielded.find(0)
-        return out, (first if first != -1 else len(yielded))
+                cursor.next += 1
+            return out
+        base = cursor.base
+        yielded = cursor.yielded  # 1 for each item from ``base`` on that was yielded
+        if len(yielded) < pulled - base:
+            yielded.extend(bytes(pulled - base - len(yielded)))
+        final_mask = states[cursor.next : pulled].translate(_FINAL_MASK)
+        offset = final_mask.find(1)
+        while offset != -1 and len(out) < _SCAN_BATCH:
+            index = cursor.next + offset
+            if not yielded[index - base]:
+                try:
+                    ready, value = self._ready_value(index)
+                except BaseException:
+                    if out:  # yield the values found so far first; the next scan raises
+                        break
+                    raise
+                if ready:
+                    yielded[index - base] = 1
+                    out.append(value)
+            offset = final_mask.find(1, offset + 1)
+        first = yielded.find(0, cursor.next - base)
+        cursor.next = base + (first if first != -1 else len(yielded))
+        if cursor.next - base > _SCAN_BATCH:  # forget the flags of the yielded prefix
+            del yielded[: cursor.next - base]
+            cursor.base = cursor.next
+        return out
 
-    def _exhausted(self, cursor: int) -> bool:
+    def _exhausted(self, cursor: _StreamCursor) -> bool:
         job = self._job
-        return job.source is None and cursor >= job.pulled and job.is_complete()
+        return job.source is None and cursor.next >= job.pulled and job.is_complete()
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._aiter()
 
     async def _aiter(self) -> AsyncIterator[T]:
         loop = asyncio.get_running_loop()
+        job = self._job
+        token = job.open_stream()
         wake = asyncio.Event()
         self._watch(lambda start, count: loop.call_soon_threadsafe(wake.set))
         self._backend.flush()
-        cursor, yielded = 0, bytearray()
+        cursor = _StreamCursor()
         consumed = 0
         self._consumed(0)
         hub = _LoopHub.of(loop)
@@ -756,37 +787,46 @@ class MapHandle(_Handle, Generic[T]):
         try:
             while True:
                 wake.clear()
-                values, cursor = self._scan(cursor, yielded)
+                values = self._scan(cursor)
+                got = bool(values)
                 for value in values:
                     yield value
                     consumed += 1
-                self._consumed(consumed, waiting=not values)
+                del values  # the batch is the caller's now: the table may drop it
+                job.advance_stream(token, consumed if job.ordered else cursor.next)
+                self._consumed(consumed, waiting=not got)
                 if self._exhausted(cursor):
                     return
-                if not values:
+                if not got:
                     await wake.wait()
         except asyncio.CancelledError:
             self.cancel()
             raise
         finally:
+            job.close_stream(token)
             hub.release()
 
     def __iter__(self) -> Iterator[T]:
+        job = self._job
+        token = job.open_stream()
         signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._watch(lambda start, count: signals.put(start))
-        cursor, yielded = 0, bytearray()
+        cursor = _StreamCursor()
         consumed = 0
         self._consumed(0)
         try:
             while True:
-                values, cursor = self._scan(cursor, yielded)
+                values = self._scan(cursor)
+                got = bool(values)
                 for value in values:
                     yield value
                     consumed += 1
-                self._consumed(consumed, waiting=not values)
+                del values
+                job.advance_stream(token, consumed if job.ordered else cursor.next)
+                self._consumed(consumed, waiting=not got)
                 if self._exhausted(cursor):
                     return
-                if not values:
+                if not got:
                     if self._backend.capabilities.in_process:  # the work runs on waiters
                         self._backend.assist(lambda: not signals.empty())
                     signals.get()
@@ -795,6 +835,13 @@ class MapHandle(_Handle, Generic[T]):
         except KeyboardInterrupt:
             self.cancel()
             raise
+        finally:
+            job.close_stream(token)
+
+    def _keep_results(self) -> None:
+        """The whole list of results will be asked for (an await, ``result()``, item
+        callbacks, a cache recording them): a stream must not drop any."""
+        self._job.pin_results()
 
     def _consumed(self, count: int, waiting: bool = False) -> None:
         """A stream consumer has taken ``count`` results: the backend hands out new items
@@ -809,6 +856,24 @@ class MapHandle(_Handle, Generic[T]):
 
     def _watch(self, fn: Callable[[int, int], object]) -> None:
         self._backend.watch(self._job, fn)
+
+
+_SCAN_BATCH = 8192  # results taken per scan: a stream hands them over in batches this big
+_SUCCEEDED = bytes([TaskState.SUCCEEDED])
+# states -> 1 for a final state, 0 otherwise (bytes.translate)
+_FINAL_MASK = bytes(int(state in FINAL_STATES) for state in range(256))
+
+
+class _StreamCursor:
+    """Where one iterator of a map is. ``next``: the first item not yielded yet (ordered:
+    the next to yield). Unordered also flags the items from ``base`` on it yielded."""
+
+    __slots__ = ("base", "next", "yielded")
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.base = 0
+        self.yielded = bytearray()
 
 
 def _indexable(obj: object) -> bool:

@@ -254,15 +254,17 @@ class IOThread:
         when that loop awaits a handle (:meth:`flush`), or at the next hot tick.
         """
         self._inbox.append((fn, args))
-        if self._inbox_scheduled:
+        if self._inbox_scheduled:  # a drain is on its way, and runs this call too
             return
-        self._inbox_scheduled = True
         engine = self.loop
         caller = asyncio._get_running_loop()
         if engine.hot and caller is not None and caller is not engine:
+            # Left to the hot ticks, with no flag: a tick may drain the inbox right now,
+            # and a flag set after it would stop every later call from waking the loop.
             engine.hot_until = time.monotonic() + HOT_WINDOW
-        else:
-            engine.call_soon_threadsafe(self._drain_inbox)
+            return
+        self._inbox_scheduled = True  # cleared by that drain, first thing
+        engine.call_soon_threadsafe(self._drain_inbox)
 
     def _drain_inbox(self) -> None:
         # Clear the flag first: a call appended from now on schedules another drain.

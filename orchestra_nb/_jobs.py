@@ -11,6 +11,7 @@ atomic under the GIL) and wait on ``finished`` / the handle's future.
 
 from __future__ import annotations
 
+import array
 import collections
 import concurrent.futures
 import itertools
@@ -25,6 +26,7 @@ from ._feed import FeedBuffer
 from ._policy import RetryPolicy
 from ._state import FINAL_STATES, LEGAL, TaskState, done_count
 from ._stats import JobStatistics
+from ._table import SEGMENT, SegmentedList, SegmentedStates
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -44,6 +46,11 @@ _NOT_DONE: Any = object()  # placeholder in ``results`` for items without an out
 _STATE_BYTES = {s: bytes([s]) for s in TaskState}
 _FINAL = FINAL_STATES
 _TASK_STATES = tuple(TaskState)  # byte value -> member, without an enum call
+
+# Guards every job's stream registry (consumers register, advance and leave on their own
+# threads; held for a few dict operations, once per batch of results).
+_streams_lock = threading.Lock()
+_stream_tokens = itertools.count(1)
 
 
 class IllegalTransition(RuntimeError):
@@ -157,6 +164,13 @@ class JobFuture:
 
             traceback.print_exc()
 
+    def drop_result(self, value: Any) -> None:
+        """Forget the result if it is ``value``: a stream took the job's result list over,
+        and nothing may read it any more (``Job.pin_results`` refuses)."""
+        with self._lock:
+            if self._result is value:
+                self._result = None
+
     def add_done_callback(self, fn: Callable[[JobFuture], object]) -> None:
         with self._lock:
             if self._state == "pending":
@@ -262,8 +276,10 @@ class Job:
         self.retry = retry or DEFAULT_RETRY
         self.targets = targets
         self.pulled = 0
-        self.results: list[Any] = []
-        self.states = bytearray()
+        # One slot and one state byte per item read: a plain list and bytearray, swapped
+        # for segmented ones (``_table``) once a stream hands results over.
+        self.results: list[Any] | SegmentedList = []
+        self.states: bytearray | SegmentedStates = bytearray()
         self.counts = [0] * len(TaskState)
         self.errors: dict[int, BaseException] = {}
         self.attempts: dict[int, int] = {}  # failures so far, for retries
@@ -289,7 +305,8 @@ class Job:
         self.first_payload: tuple[list[Any], tuple[str | None, ...]] | None = None
         self.queued = False  # in the pool's ready_jobs deque
         self.paused = False  # no new chunk is handed out while set (set_paused)
-        self.completion_order: list[int] = []  # only kept for ordered=False
+        # Only kept for ordered=False (8 bytes an item), and not once a stream took results.
+        self.completion_order: array.array[int] | None = array.array("q")
         # A CircuitBreaker every task goes through (the pool admits each one at dispatch).
         self.circuit: Any = None
         # Set by the backend when it takes the job: where its events go (None: nowhere),
@@ -306,6 +323,13 @@ class Job:
         # stopped because the consumer is STREAM_WINDOW items behind.
         self.stream_consumed: int | None = None
         self.stream_blocked = False
+        # Hand-over of a streamed job's results: what every stream consumer has taken is
+        # dropped from the table (``released`` items so far), unless something asked for
+        # the whole list first (``results_pinned``: an await, result(), item callbacks).
+        self.results_pinned = False
+        self.handed_over = 0  # items every stream consumer has taken (never decreases)
+        self.released = 0  # items dropped from states and results (multiple of SEGMENT)
+        self._streams: dict[int, int] = {}  # consumer token -> items it took
 
     def close_input(self) -> None:
         """No more items wanted: stop the feeder, if the input has one."""
@@ -365,6 +389,8 @@ class Job:
                 self.total = self.pulled + len(items)
         if not items:
             return None
+        if self.handed_over >= self.released + SEGMENT:
+            self.release_handed_over()
         start = self.pulled
         self.pulled += len(items)
         self.results.extend([_NOT_DONE] * len(items))
@@ -450,7 +476,7 @@ class Job:
             bus.publish(TaskStateChanged(self.id, start, count, new, worker_id, attempt, delay,
                                          _TASK_STATES[old]))
         if new in _FINAL:
-            if not self.ordered:
+            if not self.ordered and self.completion_order is not None:
                 self.completion_order.extend(range(start, start + count))
             if self.item_futures is not None:
                 self._resolve_items(start, count, new)
@@ -499,6 +525,85 @@ class Job:
             bus.publish(JobPaused(self.id, paused))
         return True
 
+    # --- streams: results handed over to ``for`` / ``async for`` ---------------------------
+
+    def open_stream(self) -> int:
+        """A stream consumer starts (any thread): its token for :meth:`advance_stream`.
+
+        Raises RuntimeError once a stream took a segment of results: they may be gone."""
+        with _streams_lock:
+            if self.handed_over >= SEGMENT:
+                raise RuntimeError(self._handed_over_message("iterate it again"))
+            token = next(_stream_tokens)
+            self._streams[token] = 0
+            return token
+
+    def advance_stream(self, token: int, consumed: int) -> None:
+        """The consumer ``token`` has taken the first ``consumed`` results (ordered) or every
+        result before index ``consumed`` (unordered): once every consumer has, and nothing
+        pinned the results, the table may drop them."""
+        with _streams_lock:
+            if token not in self._streams:
+                return
+            self._streams[token] = consumed
+            if not self.results_pinned:
+                self.handed_over = max(self.handed_over, min(self._streams.values()))
+        if self.finished.is_set() and self.handed_over >= self.released + SEGMENT:
+            self.release_handed_over()  # the engine is done with this job: drop them here
+
+    def close_stream(self, token: int) -> None:
+        with _streams_lock:
+            self._streams.pop(token, None)
+
+    def pin_results(self) -> None:
+        """Keep every result from now on (the whole list will be asked for). Raises
+        RuntimeError once a stream took a segment of results (they may be gone)."""
+        with _streams_lock:
+            if self.handed_over >= SEGMENT:
+                raise RuntimeError(self._handed_over_message("get its list of results"))
+            self.results_pinned = True
+
+    def _handed_over_message(self, wanted: str) -> str:
+        return (f"cannot {wanted}: job {self.id} ({self.name!r}) was consumed as a stream "
+                f"(for / async for), which took {self.handed_over:,} results and so no longer keeps "
+                "them. Await the map (or call result()) instead of iterating it, or before, "
+                "to keep them all")
+
+    def release_handed_over(self) -> None:
+        """Drop the results and states every stream consumer has taken, a segment at a time.
+
+        Called on the engine's thread (``take``, ``progress``), or by a consumer once the
+        job has finished. A job's table is swapped for segmented columns the first time;
+        a consumer still reading the old ones reads the same values, only older."""
+        with _streams_lock:
+            upto = self.handed_over
+            if self.results_pinned or upto < self.released + SEGMENT:
+                return
+            if not isinstance(self.states, SegmentedStates):
+                # results first: a reader takes states then results, and a state it sees
+                # final must find its value (new values go to the new columns only)
+                kept = self.results
+                self.results = SegmentedList(kept)
+                self.states = SegmentedStates(self.states)
+                self.completion_order = None  # only an await reads it, and it can't now
+                self.future.drop_result(kept)  # the job finished before the stream took them
+            assert isinstance(self.results, SegmentedList)
+            self.states.release(upto)
+            self.released = self.results.release(upto)
+
+    def snapshot(self) -> tuple[int, bytes, list[Any]]:
+        """(first item held, their states, their results) at one moment, for
+        ``partial_results()``: no segment is dropped meanwhile. The states are read before
+        the results, so a final state always finds its value."""
+        with _streams_lock:
+            released, states, results = self.released, self.states, self.results
+            held = len(states)
+            return released, bytes(states[released:held]), list(results[released:held])
+
+    def held(self) -> int:
+        """Items whose state and result the table still holds."""
+        return self.pulled - self.released
+
     def state_of(self, index: int) -> TaskState:
         return _TASK_STATES[self.states[index]]
 
@@ -545,7 +650,7 @@ class Job:
         if unread:  # a sized input: its unread items are tasks too, and now cancelled
             self.results.extend([None] * unread)
             self.states.extend(_STATE_BYTES[TaskState.CANCELLED] * unread)
-            if not self.ordered:
+            if not self.ordered and self.completion_order is not None:
                 self.completion_order.extend(range(self.pulled, self.pulled + unread))
             self._arrived(self.pulled, unread, TaskState.CANCELLED)
             self.pulled += unread
@@ -570,6 +675,8 @@ class Job:
 
     def progress(self) -> None:
         """Counts changed: tell the watchers and the bus, and finish if all is final."""
+        if self.handed_over >= self.released + SEGMENT:
+            self.release_handed_over()
         self.notify(0, 0)
         bus = self.bus
         if bus is not None and bus.active:
@@ -584,7 +691,7 @@ class Job:
     def fail_all(self, exc: BaseException) -> None:
         """The job cannot go on (the pool closed or broke, its input raised): every task
         not final fails with ``exc``, and so does the job."""
-        for index in range(self.pulled):
+        for index in range(self.released, self.pulled):  # dropped items were final
             self.fail(index, exc)
         self.close_input()
         self.total = self.pulled
@@ -635,7 +742,7 @@ class Job:
         for watch in self.watchers:
             watch(start, count)
 
-    def outcome(self) -> list[Any]:
+    def outcome(self) -> list[Any] | SegmentedList:
         return self.results
 
 

@@ -10,6 +10,7 @@ asyncio by definition (event-loop lag, the await column of the round trip).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
@@ -89,9 +90,7 @@ class System(ABC):
     def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T: ...
 
     @abstractmethod
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]: ...
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None) -> list[T]: ...
 
     @abstractmethod
     def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]: ...
@@ -100,13 +99,35 @@ class System(ABC):
         """Results of a big map, in order, without holding them all."""
         raise NotImplementedError
 
+    #: The broadcast forms this system is measured in ("captured", "argument").
+    broadcast_forms: ClassVar[tuple[str, ...]] = ("captured", "argument")
+    #: How this system runs the broadcast workload (shown as a note under its table).
+    broadcast_how: ClassVar[str] = (
+        "its own map with chunksize = items / (2 x workers): the array is pickled once per chunk"
+    )
+
+    def broadcast(self, fn: Callable[..., float], big: Any, parts: int, captured: bool) -> list[float]:
+        """``fn(big, i, parts)`` for every ``i`` in ``range(parts)``, the one big array either
+        captured by the function (``functools.partial``) or the same argument to every item.
+
+        Default: the peer's own map, in chunks of ``parts / (2 x workers)`` (with chunksize 1
+        it would pickle the array for every item)."""
+        chunksize = max(1, parts // (2 * WORKERS))
+        if captured:
+            return self.map(functools.partial(fn, big, parts=parts), range(parts), chunksize)
+        return self.starmap(functools.partial(fn, parts=parts), [(big, i) for i in range(parts)], chunksize)
+
+    def starmap(self, fn: Callable[..., T], args: Sequence[tuple[Any, ...]], chunksize: int) -> list[T]:
+        raise NotImplementedError
+
+    def broadcast_warm(self) -> None:  # noqa: B027  (most systems need nothing)
+        """Anything the broadcast path starts on first use (joblib's own executor)."""
+
     # -- asynchronous API --------------------------------------------------------------
     @abstractmethod
     async def acall(self, fn: Callable[..., T], *args: Any) -> T: ...
 
-    async def amap(
-        self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None
-    ) -> list[T]:
+    async def amap(self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None) -> list[T]:
         # Peers without an awaitable map run their blocking map in a thread, the way a
         # notebook user keeps the kernel responsive with them.
         return await asyncio.to_thread(self.map, fn, items, chunksize)
@@ -167,9 +188,7 @@ class FuturesExecutorSystem(System):
     def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         return self.ex.submit(fn, *args).result(timeout)
 
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]:
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None) -> list[T]:
         return list(self.ex.map(fn, items, chunksize=chunksize or 1))
 
     def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
@@ -178,6 +197,9 @@ class FuturesExecutorSystem(System):
 
     def stream(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int) -> Iterator[T]:
         return self.ex.map(fn, items, chunksize=chunksize)
+
+    def starmap(self, fn: Callable[..., T], args: Sequence[tuple[Any, ...]], chunksize: int) -> list[T]:
+        return list(self.ex.map(fn, *zip(*args, strict=True), chunksize=chunksize))
 
     async def acall(self, fn: Callable[..., T], *args: Any) -> T:
         return await await_cf(self.ex.submit(fn, *args))

@@ -47,9 +47,7 @@ class IPyParallel(System):
     def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         return self.view.apply_async(fn, *args).get(timeout)
 
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]:
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None) -> list[T]:
         return list(self.view.map_sync(fn, list(items), chunksize=chunksize or 1))
 
     def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
@@ -63,9 +61,7 @@ class IPyParallel(System):
     async def acall(self, fn: Callable[..., T], *args: Any) -> T:
         return await await_cf(self.view.apply_async(fn, *args))
 
-    async def amap(
-        self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None
-    ) -> list[T]:
+    async def amap(self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None) -> list[T]:
         return list(await await_cf(self.view.map_async(fn, list(items), chunksize=chunksize or 1)))
 
     async def asubmit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:

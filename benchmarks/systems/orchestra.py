@@ -7,6 +7,7 @@ event loop, which stands in for the kernel's loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -59,9 +60,7 @@ class Orchestra(System):
     def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         return self.pool.run(fn, *args).result(timeout)
 
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]:
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None) -> list[T]:
         return list(self.pool.map(fn, items, chunksize=chunksize).result())
 
     def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
@@ -74,13 +73,22 @@ class Orchestra(System):
     async def acall(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.pool.run(fn, *args)
 
-    async def amap(
-        self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None
-    ) -> list[T]:
+    async def amap(self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None) -> list[T]:
         return list(await self.pool.map(fn, items, chunksize=chunksize))
 
     async def asubmit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
         return list(await asyncio.gather(*[self.pool.run(fn, x) for x in items]))
+
+    broadcast_how = "its default map (adaptive chunks); captured: the function travels once per worker"
+
+    def broadcast(self, fn: Callable[..., float], big: Any, parts: int, captured: bool) -> list[float]:
+        async def run() -> list[float]:
+            if captured:
+                return list(await self.pool.map(functools.partial(fn, big, parts=parts), range(parts)))
+            bound = functools.partial(fn, parts=parts)
+            return list(await self.pool.map(bound, [big] * parts, range(parts)))
+
+        return self.aio(run())
 
     async def astream_sum(
         self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int

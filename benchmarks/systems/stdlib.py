@@ -84,9 +84,7 @@ class _MPPool(System):
     def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         return self.pool.apply_async(fn, args).get(timeout)
 
-    def map(
-        self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None
-    ) -> list[T]:
+    def map(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int | None = None) -> list[T]:
         return self.pool.map(fn, items, chunksize=chunksize)
 
     def submit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
@@ -96,6 +94,9 @@ class _MPPool(System):
     def stream(self, fn: Callable[[Any], T], items: Iterable[Any], chunksize: int) -> Iterator[T]:
         return self.pool.imap(fn, items, chunksize=chunksize)
 
+    def starmap(self, fn: Callable[..., T], args: Sequence[tuple[Any, ...]], chunksize: int) -> list[T]:
+        return self.pool.starmap(fn, args, chunksize=chunksize)
+
     async def acall(self, fn: Callable[..., T], *args: Any) -> T:
         def register(ok: Callable[[Any], None], err: Callable[[BaseException], None]) -> None:
             self.pool.apply_async(fn, args, callback=ok, error_callback=err)
@@ -103,9 +104,7 @@ class _MPPool(System):
         result: T = await await_callback(register)
         return result
 
-    async def amap(
-        self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None
-    ) -> list[T]:
+    async def amap(self, fn: Callable[[Any], T], items: Sequence[Any], chunksize: int | None = None) -> list[T]:
         def register(ok: Callable[[Any], None], err: Callable[[BaseException], None]) -> None:
             self.pool.map_async(fn, items, chunksize, callback=ok, error_callback=err)
 

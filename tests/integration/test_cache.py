@@ -16,6 +16,7 @@ import pytest
 
 import orchestra_nb as orchestra
 from orchestra_nb import TasksCached, TaskState
+from orchestra_nb._table import SEGMENT
 from orchestra_nb.store import FingerprintError, ResultStore
 
 HANG_GUARD = 60
@@ -140,6 +141,20 @@ async def test_awaiting_and_streaming(apool: orchestra.Pool, nb: Notebook, store
     streamed = apool.map(nb["task"], range(50), cache=True, ordered=False)
     assert sorted([x async for x in streamed]) == sorted(x * x for x in range(50))
     assert nb.executions() == list(range(50))
+
+
+@pytest.mark.timeout(120)
+def test_a_long_cached_map_consumed_as_a_stream_keeps_what_it_records(
+    pool: orchestra.Pool, nb: Notebook, store: ResultStore
+) -> None:
+    """The recorder streams the misses while the caller iterates or awaits them too: a
+    stream of more than a segment must not have them dropped (see test_streams)."""
+    nb.run_cell("def plain_square(x):\n    return x * x\n")
+    n = 2 * SEGMENT + 7
+    h = pool.map(nb["plain_square"], range(n), cache=True)
+    assert sum(h) == sum(x * x for x in range(n))
+    assert h.result(HANG_GUARD) == [x * x for x in range(n)]
+    assert store.count() == n
 
 
 def test_sync_iteration_in_order(pool: orchestra.Pool, nb: Notebook, store: ResultStore) -> None:

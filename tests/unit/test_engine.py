@@ -4,6 +4,7 @@ in call order, and work a busy caller loop left for later is picked up by the ho
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from collections.abc import Iterator
@@ -90,6 +91,41 @@ def test_the_loop_cools_down_and_calls_then_wake_it(io: IOThread) -> None:
         assert done.wait(timeout=5), "a call made while the I/O loop was cold was not run"
 
     asyncio.run(caller())
+
+
+class _InboxDrainedOnAppend(collections.deque[tuple[object, tuple[object, ...]]]):
+    """An inbox drained by the engine the moment the first call is appended, before
+    ``call()`` goes on: what a hot tick on the I/O thread may do at that instant."""
+
+    def __init__(self, io: IOThread) -> None:
+        super().__init__()
+        self._io = io
+        self._armed = True
+
+    def append(self, item: tuple[object, tuple[object, ...]]) -> None:
+        super().append(item)
+        if self._armed:
+            self._armed = False
+            self._io.run_now(lambda: None)  # drains the inbox first, with the engine held
+
+
+def test_a_drain_racing_a_call_from_a_hot_loop_leaves_later_calls_waking_the_engine(io: IOThread) -> None:
+    """A drain between a call's append and its check of the drain flag must not leave the
+    flag set: every later call would then skip waking the I/O thread, and once the loop
+    cooled down nothing would ever run them (a streamed map hung on its backpressure
+    nudge)."""
+    first, later = threading.Event(), threading.Event()
+
+    async def caller() -> None:
+        io.run_now(lambda: None)  # hot: a call from this loop wakes nobody
+        io._inbox = _InboxDrainedOnAppend(io)  # type: ignore[assignment]
+        io.call(first.set)
+
+    asyncio.run(caller())
+    assert first.is_set()
+    wait_for(lambda: not io.loop.hot, timeout=5 + 10 * HOT_WINDOW, what="the I/O loop cooling down")
+    io.call(later.set)  # from a thread without a loop: must wake the I/O thread
+    assert later.wait(timeout=5), "a call after the race was never run"
 
 
 def test_a_busy_holder_is_asked_for_the_engine_at_once_for_events(io: IOThread) -> None:
