@@ -206,6 +206,32 @@ class Pool:
         self._backend.submit(job)
         return handle
 
+    def _open_map(
+        self, fn: Callable[..., T], *, name: str, star: bool = True
+    ) -> tuple[MapHandle[T], Job, feed.FeedBuffer]:
+        """A map whose items the caller adds as it goes: ``inlet.put_many(items)``, then
+        ``inlet.end(None)`` when there are no more (for layers on the pool that produce work
+        incrementally, like the joblib backend: one job, and one progress view, per joblib
+        call). Like :meth:`map` otherwise (adaptive chunks); the caller reads the job's task
+        table for the results."""
+        payload, digest = dumps_callable(fn)
+        inlet = feed.FeedBuffer()
+        job = Job(next_job_id(), name, digest, payload, inlet, None, star=star)
+        job.fn = fn
+        handle: MapHandle[T] = MapHandle(self._backend, job)
+        inlet.on_items = functools.partial(self._backend.input_ready, job)
+        self._backend.submit(job)
+        return handle, job, inlet
+
+    def _flush(self) -> None:
+        """Send the work this thread queued now, on this thread (the backend's ``flush``)."""
+        self._backend.flush()
+
+    def _assist(self, done: Callable[[], bool], timeout: float | None = None) -> None:
+        """This thread is about to block until ``done()``: the backend may use it meanwhile
+        (the local pool reads results on it for a moment; see ``Backend.assist``)."""
+        self._backend.assist(done, timeout)
+
     def options(
         self,
         *,

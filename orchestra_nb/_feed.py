@@ -112,6 +112,18 @@ class FeedBuffer:
             self._wake()
         return True
 
+    def put_many(self, items: list[Any]) -> bool:
+        """Producer side, for a producer that bounds its own backlog (a joblib call keeps a
+        few batches in flight): add ``items`` at once, never waiting; False once closed."""
+        with self._cond:
+            if self.closed:
+                return False
+            self._items.extend(items)
+            wake, self._waiting = self._waiting, False
+        if wake:
+            self._wake()
+        return True
+
     def end(self, error: BaseException | None) -> None:
         with self._cond:
             self.ended = True
