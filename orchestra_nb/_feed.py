@@ -92,8 +92,11 @@ class FeedBuffer:
         with self._cond:
             if 2 * size > self.capacity:
                 self.capacity = 2 * size
-            n = min(size, len(self._items))
-            items = [self._items.popleft() for _ in range(n)]
+            if size >= len(self._items):
+                items = list(self._items)
+                self._items.clear()
+            else:
+                items = [self._items.popleft() for _ in range(size)]
             ended = self.ended and not self._items
             self._waiting = not items and not ended
             self._cond.notify_all()  # room for the feeder

@@ -385,6 +385,12 @@ def _run_whole(batch: Callable[[], list[Any]]) -> list[Any]:
     return batch()
 
 
+# joblib keeps the active config in a thread-local, which ``parallel_config`` sets and
+# restores; a joblib that does not is driven through ``parallel_config`` for every call.
+_CONFIG_LOCAL = getattr(_joblib_parallel, "_backend", None)
+_DEFAULT_CONFIG = getattr(_joblib_parallel, "default_parallel_config", None)
+
+
 class _CallInWorker:
     """The job's function, in the worker: one joblib call with the nested joblib calls of
     the task set to run sequentially (as ``BatchedCalls`` sets them), the backend
@@ -399,6 +405,7 @@ class _CallInWorker:
         self.names = names
         self.inner_threads = inner_threads
         self.call_id = (os.getpid(), next(_call_ids))
+        self._registered = False  # the backend's names, in the worker
         self._config: dict[str, Any] | None = None  # the nested config, made in the worker
         self._config_base: Any = None  # ... from this parent config
 
@@ -408,24 +415,27 @@ class _CallInWorker:
             "names": self.names,
             "inner_threads": self.inner_threads,
             "call_id": self.call_id,
+            "_registered": False,
             "_config": None,
             "_config_base": None,
         }
 
     def __call__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        local = getattr(_joblib_parallel, "_backend", None)
-        if local is None:  # a joblib without the thread-local config: its public API
-            with self._nested(), _thread_limit(self.inner_threads):
-                return func(*args, **kwargs)
-        old = getattr(local, "config", _joblib_parallel.default_parallel_config)
-        if self._config is None or self._config_base is not old:
+        if not self._registered:
             for name in self.names:
                 if name not in BACKENDS:
                     register(name)
+            self._registered = True
+        local = _CONFIG_LOCAL
+        if local is None or _DEFAULT_CONFIG is None:  # another joblib: its public API
+            with self._nested(), _thread_limit(self.inner_threads):
+                return func(*args, **kwargs)
+        old = getattr(local, "config", _DEFAULT_CONFIG)
+        if self._config is None or self._config_base is not old:
             with self._nested() as config:
                 self._config, self._config_base = config, old
-        # What ``parallel_config(...)`` does on entry and exit, without rebuilding the
-        # config for every call (microseconds each, for calls that may take less).
+        # What ``parallel_config(...)`` does on entry and exit, without building the config
+        # again for every call (microseconds each, for calls that may take less).
         local.config = self._config
         try:
             if self.inner_threads is None:
