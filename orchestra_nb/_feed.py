@@ -117,14 +117,14 @@ class FeedBuffer:
 
     def put_many(self, items: list[Any]) -> bool:
         """Producer side, for a producer that bounds its own backlog (a joblib call keeps a
-        few batches in flight): add ``items`` at once, never waiting; False once closed."""
+        few batches in flight) and then tells the backend itself (``input_ready_now``): add
+        ``items`` at once, never waiting; False once closed."""
         with self._cond:
             if self.closed:
                 return False
             self._items.extend(items)
-            wake, self._waiting = self._waiting, False
-        if wake:
-            self._wake()
+            self._waiting = False
+            self._cond.notify_all()
         return True
 
     def end(self, error: BaseException | None) -> None:

@@ -74,6 +74,7 @@ from ._jobs import Job
 from ._outcomes import JobCancelled
 from ._serialize import callable_name
 from ._state import TaskState
+from .backends._base import ThreadAttachment
 
 __all__ = ["OrchestraBackend", "register"]
 
@@ -156,12 +157,28 @@ class OrchestraBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         return n_jobs
 
     def start_call(self) -> None:
+        parallel = getattr(self, "parallel", None)
+        # joblib's thread serves a call that returns a list and has no timeout (it would
+        # only poll meanwhile); generators and timeouts need joblib's own polling loop.
+        threaded = (
+            parallel is None
+            or bool(getattr(parallel, "return_generator", True))
+            or getattr(parallel, "timeout", None) is not None
+        )
         self._call = _ParallelCall(
             self._current_pool(),
             _CallInWorker(
                 (self.nesting_level or 0) + 1, tuple(sorted(_registered)), self.inner_max_num_threads
             ),
+            threaded=threaded,
         )
+
+    @contextlib.contextmanager
+    def retrieval_context(self) -> Iterator[None]:
+        call = self._call
+        if call is not None and not call.threaded:
+            call.serve_until_done()
+        yield
 
     def stop_call(self) -> None:
         call, self._call = self._call, None
@@ -248,19 +265,22 @@ class _Batch:
 class _ParallelCall:
     """One ``Parallel`` call on the pool: one job, fed batch by batch.
 
-    The job's task table says when a batch is complete; the I/O thread only signals that
-    something changed (``watch``), and the call's thread (``orchestra-joblib``) finds the
-    complete batches and runs joblib's callbacks, which dispatch the next batches. The
-    thread runs while batches are open and ends with the last one.
+    The job's task table says when a batch is complete; the engine only signals that
+    something changed (``watch``), and whoever serves the call finds the complete batches
+    and runs joblib's callbacks, which dispatch the next batches. For a call that returns a
+    list, without ``timeout``, that is joblib's own thread, inside ``retrieval_context``
+    (:meth:`serve_until_done`): it would only poll for the results meanwhile, and it
+    returns as soon as the last batch is in. Otherwise (generators, timeouts) a thread of
+    the call's own (``orchestra-joblib``) does it while batches are open, and joblib polls.
     """
 
-    def __init__(self, pool: _api.Pool, fn: _CallInWorker) -> None:
+    def __init__(self, pool: _api.Pool, fn: _CallInWorker, *, threaded: bool) -> None:
         self._pool = pool
         self._fn = fn
+        self._threaded = threaded
         self._lock = threading.Lock()
         self._open: list[_Batch] = []
         self._fed = 0
-        self._ended = False
         self._aborted = False
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -290,19 +310,23 @@ class _ParallelCall:
                 out.end = out.start
                 out.error = self._stopped_error()
             self._open.append(out)
-            if self._thread is None:
+            if self._threaded and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="orchestra-joblib", daemon=True)
                 self._thread.start()
         self._signals.put(start)
-        self._pool._flush()  # the engine sends the calls from this thread: no hand-over
+        if self._job is not None:
+            self._pool._input_added(self._job)  # sent from this thread: no hand-over
         return out
 
     def end_input(self) -> None:
         with self._lock:
-            self._ended = True
             if self._inlet is not None:
                 self._inlet.end(None)
         self._signals.put(-1)
+
+    @property
+    def threaded(self) -> bool:
+        return self._threaded
 
     def abort(self) -> None:
         self._aborted = True
@@ -316,20 +340,49 @@ class _ParallelCall:
         return JobCancelled(self._handle, self._handle._cancelled_by)
 
     def _run(self) -> None:
-        signals = self._signals
-        while True:
-            if signals.empty():  # the local pool reads the results on this thread for a moment
-                self._pool._assist(lambda: not signals.empty())
-            signals.get()
-            while not signals.empty():  # one scan serves many signals
-                signals.get_nowait()
-            for batch in self._complete():
-                if batch.callback is not None:
-                    batch.callback(batch)
+        try:
+            self._serve()
+        finally:
             with self._lock:
-                if not self._open:
-                    self._thread = None
-                    return
+                self._thread = None
+
+    def serve_until_done(self) -> None:
+        """On joblib's thread: run the callbacks until no batch is open (joblib dispatches
+        the next ones from them), or until one failed (joblib raises its error then)."""
+        self._serve()
+
+    def _serve(self) -> None:
+        # This thread reads the results itself while it serves (the local pool).
+        drain = self._pool._attach_thread()
+        try:
+            while self._serve_once(drain):
+                pass
+        finally:
+            if drain is not None:
+                drain.close()
+
+    def _serve_once(self, drain: ThreadAttachment | None) -> bool:
+        """Wait for a change, run the callbacks of the batches it completed; False once no
+        batch is open or one failed."""
+        signals = self._signals
+
+        def changed() -> bool:
+            return not signals.empty()
+
+        while drain is not None and not changed() and drain.wait(changed):
+            pass
+        if not changed():  # the engine's thread signals: the local pool reads them for a moment
+            self._pool._assist(changed)
+        signals.get()
+        while changed():  # one scan serves many signals
+            signals.get_nowait()
+        failed = False
+        for batch in self._complete():
+            failed = failed or batch.error is not None
+            if batch.callback is not None:
+                batch.callback(batch)
+        with self._lock:  # (joblib's thread leaves at the first error: joblib raises it)
+            return bool(self._open) and not (failed and not self._threaded)
 
     def _complete(self) -> list[_Batch]:
         """Take the batches whose calls are all final (or one of which failed) off the

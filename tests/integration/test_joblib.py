@@ -61,6 +61,8 @@ def wait_release(d: str, i: int) -> int:
             time.sleep(0.005)
         return i
     except KeyboardInterrupt:
+        if not Path(d, f"started-{i}").exists():  # interrupted while it said it started
+            mark(d, f"started-{i}")
         mark(d, f"interrupted-{i}")
         raise
 
