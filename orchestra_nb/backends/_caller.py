@@ -172,10 +172,10 @@ class ThreadDrain:
         if self._take_backs != core.take_backs:  # the I/O thread took the socket back
             self._take_backs = core.take_backs
             io.run_now(core.reclaim)
-        busy_poll(io, core, done)  # sends what this thread queued, reads what is there
-        if done():
-            self._sleep = THREAD_WAIT
-            return True
+        if self._sleep == THREAD_WAIT:  # right after a result: the next may be microseconds away
+            busy_poll(io, core, done)  # (sends what this thread queued, reads what is there)
+            if done():
+                return True
         self._poll.poll(max(1, round(self._sleep * 1000)))
         io.run_now(core.drain_results)
         self._sleep = THREAD_WAIT if done() else min(2 * self._sleep, THREAD_WAIT_MAX)
