@@ -218,6 +218,7 @@ class Pool:
         inlet = feed.FeedBuffer()
         job = Job(next_job_id(), name, digest, payload, inlet, None, star=star)
         job.fn = fn
+        job.queue_one_more = True  # its producer keeps only a few items in flight
         handle: MapHandle[T] = MapHandle(self._backend, job)
         inlet.on_items = functools.partial(self._backend.input_ready, job)  # (its end)
         self._backend.submit(job)

@@ -118,9 +118,9 @@ class FeedBuffer:
     def put_many(self, items: list[Any]) -> bool:
         """Producer side, for a producer that bounds its own backlog (a joblib call keeps a
         few batches in flight) and then tells the backend itself (``input_ready_now``): add
-        ``items`` at once, never waiting; False once closed."""
+        ``items`` at once, never waiting; False once closed or ended."""
         with self._cond:
-            if self.closed:
+            if self.closed or self.ended:
                 return False
             self._items.extend(items)
             self._waiting = False

@@ -303,6 +303,10 @@ class Job:
         # stopped because the consumer is STREAM_WINDOW items behind.
         self.stream_consumed: int | None = None
         self.stream_blocked = False
+        # A worker may hold one chunk of this job behind a running one even when chunks are
+        # long: its producer keeps only a few items in flight (a joblib call), so a worker
+        # that waited for its next chunk to come back through the producer would idle.
+        self.queue_one_more = False
 
     def close_input(self) -> None:
         """No more items wanted: stop the feeder, if the input has one."""
