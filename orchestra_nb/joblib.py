@@ -102,7 +102,8 @@ class OrchestraBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
     One ``Parallel`` call is one orchestra job, fed as joblib dispatches its batches: the
     job's tasks are the individual calls (so the progress view counts calls, and the pool
     chunks and spreads a large batch over all its workers), and each batch is handed back
-    to joblib, on the call's own thread, once all its calls are final.
+    to joblib once all its calls are final: on joblib's own thread for a call that returns
+    a list (:meth:`retrieval_context`), else on a thread of the call's own.
     """
 
     supports_retrieve_callback = True  # hence return_as generators and timeout
@@ -175,6 +176,9 @@ class OrchestraBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
 
     @contextlib.contextmanager
     def retrieval_context(self) -> Iterator[None]:
+        """joblib's thread is about to poll for the results (every 10 ms): for a call
+        served on that thread, it runs the callbacks here until the last batch is in, and
+        then joblib finds all the results at once."""
         call = self._call
         if call is not None and not call.threaded:
             call.serve_until_done()
