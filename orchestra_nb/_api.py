@@ -31,7 +31,7 @@ from ._policy import RetryPolicy
 from ._serialize import callable_name, dumps_callable
 from ._state import CloseMode, PoolState
 from ._stats import PoolStatistics, ScheduledStatistics
-from .backends._base import Backend, Capabilities
+from .backends._base import Backend, Capabilities, ThreadAttachment
 
 __all__ = [
     "Pool",
@@ -261,6 +261,43 @@ class Pool:
             feeder.start(str(job.id), functools.partial(self._backend.input_ready, job))
         self._backend.submit(job)
         return handle
+
+    def _open_map(
+        self, fn: Callable[..., T], *, name: str, star: bool = True
+    ) -> tuple[MapHandle[T], Job, feed.FeedBuffer]:
+        """A map whose items the caller adds as it goes: ``inlet.put_many(items)`` then
+        :meth:`_input_added`, and ``inlet.end(None)`` when there are no more (for layers on
+        the pool that produce work incrementally, like the joblib backend: one job, and one
+        progress view, per joblib call). Like :meth:`map` otherwise (adaptive chunks); the
+        caller reads the job's task table for the results."""
+        payload, digest = dumps_callable(fn)
+        inlet = feed.FeedBuffer()
+        job = Job(next_job_id(), name, digest, payload, inlet, None, star=star)
+        job.fn = fn
+        job.queue_one_more = True  # its producer keeps only a few items in flight
+        handle: MapHandle[T] = MapHandle(self._backend, job)
+        inlet.on_items = functools.partial(self._backend.input_ready, job)  # (its end)
+        self._backend.submit(job)
+        return handle, job, inlet
+
+    def _input_added(self, job: Job) -> None:
+        """This thread added items to ``job``'s inlet: the backend takes them now, on this
+        thread where it can (the local pool sends them from here, with no hand-over)."""
+        self._backend.input_ready_now(job)
+
+    def _flush(self) -> None:
+        """Send the work this thread queued now, on this thread (the backend's ``flush``)."""
+        self._backend.flush()
+
+    def _attach_thread(self) -> ThreadAttachment | None:
+        """This thread will wait for results of work it drives, many times over: where the
+        backend can, it reads them itself (``Backend.attach_thread``); ``close()`` it."""
+        return self._backend.attach_thread()
+
+    def _assist(self, done: Callable[[], bool], timeout: float | None = None) -> None:
+        """This thread is about to block until ``done()``: the backend may use it meanwhile
+        (the local pool reads results on it for a moment; see ``Backend.assist``)."""
+        self._backend.assist(done, timeout)
 
     def options(
         self,

@@ -92,8 +92,11 @@ class FeedBuffer:
         with self._cond:
             if 2 * size > self.capacity:
                 self.capacity = 2 * size
-            n = min(size, len(self._items))
-            items = [self._items.popleft() for _ in range(n)]
+            if size >= len(self._items):
+                items = list(self._items)
+                self._items.clear()
+            else:
+                items = [self._items.popleft() for _ in range(size)]
             ended = self.ended and not self._items
             self._waiting = not items and not ended
             self._cond.notify_all()  # room for the feeder
@@ -110,6 +113,18 @@ class FeedBuffer:
             wake, self._waiting = self._waiting, False
         if wake:
             self._wake()
+        return True
+
+    def put_many(self, items: list[Any]) -> bool:
+        """Producer side, for a producer that bounds its own backlog (a joblib call keeps a
+        few batches in flight) and then tells the backend itself (``input_ready_now``): add
+        ``items`` at once, never waiting; False once closed or ended."""
+        with self._cond:
+            if self.closed or self.ended:
+                return False
+            self._items.extend(items)
+            self._waiting = False
+            self._cond.notify_all()
         return True
 
     def end(self, error: BaseException | None) -> None:

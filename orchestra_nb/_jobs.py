@@ -330,6 +330,10 @@ class Job:
         self.handed_over = 0  # items every stream consumer has taken (never decreases)
         self.released = 0  # items dropped from states and results (multiple of SEGMENT)
         self._streams: dict[int, int] = {}  # consumer token -> items it took
+        # A worker may hold one chunk of this job behind a running one even when chunks are
+        # long: its producer keeps only a few items in flight (a joblib call), so a worker
+        # that waited for its next chunk to come back through the producer would idle.
+        self.queue_one_more = False
 
     def close_input(self) -> None:
         """No more items wanted: stop the feeder, if the input has one."""

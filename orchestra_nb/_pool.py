@@ -952,6 +952,8 @@ class PoolCore:
         for chunk in w.inflight:
             est = self.fn_time.get(chunk.job.digest)
             if est is None or est * chunk.count > SHORT_CHUNK_SECONDS:
+                if chunk.job.queue_one_more and est is not None and len(w.inflight) < 2:
+                    continue  # one long chunk may wait behind another for this job
                 return False
         return True
 

@@ -153,10 +153,13 @@ class SegmentedStates(_Segmented[bytearray]):
         start = max(start, self.released)
         return sum(segment.count(value, a, b) for segment, a, b in self._pieces(start, stop))
 
-    def find(self, value: SupportsIndex | bytes, start: int = 0) -> int:
-        """The first index >= ``start`` (and not dropped) in state ``value``, or -1."""
+    def find(self, value: SupportsIndex | bytes, start: int = 0, end: int | None = None) -> int:
+        """The first index in ``[start, end)`` (and not dropped) in state ``value``, or -1."""
         position = max(start, self.released)
-        for segment, a, b in self._pieces(position, self._len):
+        stop = self._len if end is None else min(end, self._len)
+        if position >= stop:
+            return -1
+        for segment, a, b in self._pieces(position, stop):
             found = segment.find(value, a, b)
             if found != -1:
                 return position + found - a

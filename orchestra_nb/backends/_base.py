@@ -31,7 +31,9 @@ What is optional (the defaults here do nothing, which is correct, only slower):
 * ``attach_loop(loop)``: an asyncio loop is about to await a result; the local pool lets that
   loop read results itself (no hand-over from the I/O thread);
 * ``prepare_call(fn, item)``: check (and pre-pickle) one ``run`` call's arguments in the
-  caller's thread, so that an unpicklable argument raises at once, naming the culprit.
+  caller's thread, so that an unpicklable argument raises at once, naming the culprit;
+* ``input_ready_now(job)``: ``input_ready`` done on the calling thread where it can be;
+* ``attach_thread()``: a thread that serves work of its own reads its results itself.
 
 :class:`Capabilities` says what a backend can do; the API refuses an option a backend cannot
 honour, with an error naming the backend, instead of ignoring it.
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
     from .._jobs import Job
     from .._stats import PoolStatistics
 
-__all__ = ["Backend", "Capabilities", "LoopAttachment", "check_pausable"]
+__all__ = ["Backend", "Capabilities", "LoopAttachment", "ThreadAttachment", "check_pausable"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +82,16 @@ class Capabilities:
     resize: bool
     pinning: bool
     pause: bool
+
+
+class ThreadAttachment(Protocol):
+    """What :meth:`Backend.attach_thread` returns: ``wait(done)`` reads results on the
+    calling thread for a while (False: it cannot, wait for the hand-over instead);
+    ``close()`` ends the attachment."""
+
+    def wait(self, done: Callable[[], bool]) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class LoopAttachment(Protocol):
@@ -207,6 +219,18 @@ class Backend(abc.ABC):
     def attach_loop(self, loop: asyncio.AbstractEventLoop, *, flush: bool = True) -> LoopAttachment | None:
         """``loop`` is about to await a ``run()``; None: it waits for the hand-over."""
         return None
+
+    def attach_thread(self) -> ThreadAttachment | None:
+        """The calling thread will wait for results of work it drives, many times over (a
+        joblib call): it may read them itself until ``close()``. None: it waits for the
+        hand-over."""
+        return None
+
+    def input_ready_now(self, job: Job) -> None:
+        """:meth:`input_ready` from the thread that added the items, which does not wait
+        for them: a backend may take them on that thread (the local pool does, instead of
+        waking its I/O thread to do it)."""
+        self.input_ready(job)
 
     def prepare_call(self, fn: Callable[..., Any], item: Any) -> Any:
         """Check one call's arguments in the caller's thread; what it returns is stored as

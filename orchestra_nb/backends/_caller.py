@@ -5,12 +5,14 @@ most of a round trip is thread wake-ups. So instead of waiting for the I/O threa
 the result and hand it over, the caller's own thread takes the engine (``_ioloop``) and
 reads it: a blocking ``result()`` busy-polls the data socket for up to the pool's
 ``busy_poll`` window (:func:`busy_poll`), and a loop awaiting a ``run()`` watches the socket
-itself while anything on it awaits (:class:`CallerDrain`).
+itself while anything on it awaits (:class:`CallerDrain`); a thread that serves work of its
+own (a joblib call's callbacks) does the same while it is attached (:class:`ThreadDrain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 import weakref
 from collections.abc import Callable
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from .._ioloop import IOThread
     from .._pool import PoolCore
 
-__all__ = ["CallerDrain", "busy_poll"]
+__all__ = ["CallerDrain", "ThreadDrain", "busy_poll"]
 
 # An awaiting coroutine polls for its result for at most this long (or the pool's busy_poll
 # if shorter): its loop runs nothing else meanwhile.
@@ -130,3 +132,58 @@ class CallerDrain:
         if self._attached:
             self._attached = False
             self._loop.remove_reader(self._fd)
+
+
+# A thread attached with ThreadDrain sleeps on the socket at most this long at a time: the
+# socket's notifications are edge-triggered and a send on it (by any thread) can swallow
+# one, so a sleep is cut short by this; the bound doubles while nothing comes, up to
+# THREAD_WAIT_MAX (a long task costs no more than that many wake-ups a second).
+THREAD_WAIT = 0.001
+THREAD_WAIT_MAX = 0.032
+
+
+class ThreadDrain:
+    """While a thread waits for the results of work it drives (a joblib call whose batches
+    its callbacks dispatch), that thread reads the pool's data socket itself: it sleeps on
+    the socket, then takes the engine and reads, with no hand-over from the I/O thread.
+
+    Like :class:`CallerDrain`: the I/O thread stops reading the socket while a thread or a
+    loop is attached, and takes it back if a result waits unread through a whole hot tick
+    (the thread is busy elsewhere); the next :meth:`wait` hands it back. :meth:`close`
+    detaches (once; from the thread that attached).
+    """
+
+    def __init__(self, io: IOThread, core: PoolCore) -> None:
+        self._io = io
+        self._core = core
+        self._poll = select.poll()
+        self._poll.register(core.data_fd, select.POLLIN)
+        self._take_backs = core.take_backs
+        self._attached = True
+        self._sleep = THREAD_WAIT
+        io.run_now(core.attach_caller)
+
+    def wait(self, done: Callable[[], bool]) -> bool:
+        """Read results on this thread until ``done()`` or for a short while; False if the
+        pool no longer runs (then the caller waits for the I/O thread instead)."""
+        core, io = self._core, self._io
+        if not self._attached or core.state != PoolState.RUNNING:
+            return False
+        if self._take_backs != core.take_backs:  # the I/O thread took the socket back
+            self._take_backs = core.take_backs
+            io.run_now(core.reclaim)
+        if self._sleep == THREAD_WAIT:  # right after a result: the next may be microseconds away
+            busy_poll(io, core, done)  # (sends what this thread queued, reads what is there)
+            if done():
+                return True
+        self._poll.poll(max(1, round(self._sleep * 1000)))
+        io.run_now(core.drain_results)
+        self._sleep = THREAD_WAIT if done() else min(2 * self._sleep, THREAD_WAIT_MAX)
+        return True
+
+    def close(self) -> None:
+        if not self._attached:
+            return
+        self._attached = False
+        if self._core.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self._io.run_now(self._core.detach_caller)

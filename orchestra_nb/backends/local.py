@@ -33,8 +33,8 @@ from .._spin import DEFAULT_BUSY_POLL, BusyPoll
 from .._state import CloseMode, PoolState, WorkerState
 from .._stats import PoolStatistics
 from . import available_cpus
-from ._base import Backend, Capabilities, LoopAttachment
-from ._caller import CallerDrain, busy_poll
+from ._base import Backend, Capabilities, LoopAttachment, ThreadAttachment
+from ._caller import CallerDrain, ThreadDrain, busy_poll
 
 __all__ = ["LocalBackend", "create_local_backend"]
 
@@ -152,6 +152,11 @@ class LocalBackend(Backend):
 
     def input_ready(self, job: Job) -> None:
         self._on_engine(self._core.input_ready, job)
+
+    def input_ready_now(self, job: Job) -> None:
+        # On this thread, holding the engine: the items go out without waking the I/O
+        # thread. (After close there is no engine thread to wait for; the core is idle.)
+        self._io.run_now(self._core.input_ready, job)
 
     def watch(self, job: Job, fn: Callable[[int, int], object]) -> None:
         def register() -> None:
@@ -313,6 +318,12 @@ class LocalBackend(Backend):
         if self._core.state != PoolState.RUNNING:
             return None
         return CallerDrain.acquire(self._io, self._core, loop, flush=flush)
+
+    def attach_thread(self) -> ThreadAttachment | None:
+        core = self._core
+        if core.state != PoolState.RUNNING or core.data_fd < 0 or self._io.in_thread():
+            return None
+        return ThreadDrain(self._io, core)
 
     def prepare_call(self, fn: Callable[..., Any], item: Any) -> Any:
         """Pickle ``run``'s arguments now, so an unpicklable one raises here, named. The

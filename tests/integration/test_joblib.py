@@ -23,7 +23,7 @@ from joblib import Parallel, delayed, parallel_config  # noqa: E402
 
 import orchestra_nb as orchestra  # noqa: E402
 import orchestra_nb.joblib  # noqa: E402  (registers backend="orchestra")
-from orchestra_nb import RemoteTraceback, SerializationError  # noqa: E402
+from orchestra_nb import JobCancelled, JobFinished, JobStarted, RemoteTraceback, SerializationError, TaskState  # noqa: E402
 from orchestra_nb.testing import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.local_only("joblib batches on worker processes")
@@ -61,6 +61,8 @@ def wait_release(d: str, i: int) -> int:
             time.sleep(0.005)
         return i
     except KeyboardInterrupt:
+        if not Path(d, f"started-{i}").exists():  # interrupted while it said it started
+            mark(d, f"started-{i}")
         mark(d, f"interrupted-{i}")
         raise
 
@@ -108,9 +110,7 @@ def on_pool(pool: orchestra.Pool, tmp_path: Path) -> Iterator[orchestra.Pool]:
 def test_results_in_order_with_auto_batching(on_pool: orchestra.Pool) -> None:
     out = Parallel(n_jobs=-1, batch_size="auto")(delayed(square)(i) for i in range(2000))
     assert out == [i * i for i in range(2000)]
-    assert Parallel(n_jobs=2, batch_size=7)(delayed(square)(i) for i in range(50)) == [
-        i * i for i in range(50)
-    ]
+    assert Parallel(n_jobs=2, batch_size=7)(delayed(square)(i) for i in range(50)) == [i * i for i in range(50)]
 
 
 def test_runs_on_the_pools_workers(on_pool: orchestra.Pool) -> None:
@@ -203,14 +203,74 @@ def test_an_unpicklable_argument_fails_the_call_instead_of_hanging(on_pool: orch
 
 def test_a_generator_dropped_early_stops_the_work(on_pool: orchestra.Pool, tmp_path: Path) -> None:
     d = str(tmp_path)
-    gen = Parallel(n_jobs=2, batch_size=1, return_as="generator")(
-        delayed(wait_release)(d, i) for i in range(6)
-    )
+    gen = Parallel(n_jobs=2, batch_size=1, return_as="generator")(delayed(wait_release)(d, i) for i in range(6))
     wait_for(lambda: markers(tmp_path, "started") == {0, 1}, timeout=HANG_GUARD)
     with pytest.warns(UserWarning, match="cancelled"):
         gen.close()
     wait_for(lambda: markers(tmp_path, "interrupted") == {0, 1}, timeout=HANG_GUARD)
     assert markers(tmp_path, "started") == {0, 1}
+
+
+def napping_pid(_: object = None) -> int:
+    time.sleep(0.002)
+    return os.getpid()
+
+
+def test_one_job_per_parallel_call_counting_its_calls(on_pool: orchestra.Pool) -> None:
+    """What a progress view shows: one job for the whole call, fed as joblib dispatches
+    its batches, with a task per call (not per batch)."""
+    events: list[object] = []
+    finished = threading.Event()
+
+    def seen(event: object) -> None:
+        events.append(event)
+        if isinstance(event, JobFinished):
+            finished.set()
+
+    sub = on_pool.subscribe(seen, types=(JobStarted, JobFinished))
+    try:
+        out = Parallel(n_jobs=-1, batch_size="auto")(delayed(square)(i) for i in range(3000))
+        assert finished.wait(HANG_GUARD)
+    finally:
+        sub.close()
+    assert out == [i * i for i in range(3000)]
+    started = [e for e in events if isinstance(e, JobStarted)]
+    done = [e for e in events if isinstance(e, JobFinished)]
+    assert [e.name for e in started] == ["joblib: square"]
+    assert len(done) == 1 and done[0].job_id == started[0].job_id and not done[0].cancelled
+    assert done[0].counts[TaskState.SUCCEEDED] == 3000 and sum(done[0].counts) == 3000
+
+
+def test_a_large_batch_is_spread_over_the_workers(on_pool: orchestra.Pool) -> None:
+    # One batch in flight at a time (pre_dispatch=1): first one call, then batches of 100.
+    # joblib would hand each batch to one worker; the pool chunks it over both.
+    pids = Parallel(n_jobs=2, batch_size=100, pre_dispatch=1)(delayed(napping_pid)(i) for i in range(201))
+    assert set(pids[1:101]) == set(on_pool.worker_pids())
+
+
+def test_cancelling_the_job_stops_the_call(on_pool: orchestra.Pool, tmp_path: Path) -> None:
+    """What the Cancel button (or the side panel) does: cancel the call's job by its id."""
+    d = str(tmp_path)
+    jobs: list[JobStarted] = []
+    sub = on_pool.subscribe(jobs.append, types=(JobStarted,))
+    try:
+
+        def cancel_once_started() -> None:
+            wait_for(lambda: markers(tmp_path, "started") == {0, 1} and len(jobs) == 1, timeout=HANG_GUARD)
+            assert on_pool.cancel_job(jobs[0].job_id)
+
+        canceller = threading.Thread(target=cancel_once_started)
+        canceller.start()
+        try:
+            with pytest.raises(JobCancelled):
+                Parallel(n_jobs=2, batch_size=1)(delayed(wait_release)(d, i) for i in range(6))
+        finally:
+            canceller.join(HANG_GUARD)
+    finally:
+        sub.close()
+    wait_for(lambda: idle(on_pool), timeout=HANG_GUARD)
+    assert markers(tmp_path, "interrupted") == markers(tmp_path, "started") == {0, 1}
+    assert Parallel(n_jobs=-1)(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
 
 
 def test_register_under_another_name(pool: orchestra.Pool) -> None:
@@ -242,9 +302,11 @@ out = {
 def test_scikit_learn_gives_the_same_results_as_loky(on_pool: orchestra.Pool) -> None:
     pytest.importorskip("sklearn")
     # loky's figures from a child interpreter: its workers and resource tracker end with it.
-    code = "import joblib\nwith joblib.parallel_config(backend='loky', n_jobs=2):\n" + "".join(
-        "    " + line + "\n" for line in SKLEARN_CASE.strip().splitlines()
-    ) + "print(json.dumps(out))\n"
+    code = (
+        "import joblib\nwith joblib.parallel_config(backend='loky', n_jobs=2):\n"
+        + "".join("    " + line + "\n" for line in SKLEARN_CASE.strip().splitlines())
+        + "print(json.dumps(out))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     loky = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -133,3 +133,49 @@ def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(
         assert not local_core(pool)._io_reads_data
     finally:
         loop.close()
+
+
+# --- a thread that serves work of its own (the joblib backend) ------------------------------
+
+
+def test_an_attached_thread_reads_its_results_itself(pool: orchestra.Pool) -> None:
+    me = threading.get_ident()
+    drain = pool._attach_thread()
+    assert drain is not None
+    try:
+        assert local_core(pool).caller_drains == 1  # the I/O thread leaves the socket to it
+        for i in range(3):
+            handle = pool.run(inc, i)
+            settled_on: list[int] = []
+            handle._future.add_done_callback(lambda _, seen=settled_on: seen.append(threading.get_ident()))
+            while not handle.done():
+                assert drain.wait(handle.done)
+            assert handle.result() == i + 1
+            assert settled_on == [me]
+    finally:
+        drain.close()
+    assert local_core(pool).caller_drains == 0
+    assert pool.run(inc, 9).result(HANG_GUARD) == 10  # the I/O thread reads again
+
+
+@sleeping
+def test_a_result_left_unread_by_a_busy_attached_thread_is_read_by_the_io_thread(
+    pool: orchestra.Pool,
+) -> None:
+    assert pool.run(inc, 0).result(HANG_GUARD) == 1  # warm
+    drain = pool._attach_thread()
+    assert drain is not None
+    try:
+        handle = pool.run(inc, 41)
+        pool._flush()
+        # This thread is busy elsewhere: the I/O thread takes the socket back.
+        wait_for(handle.done, timeout=HANG_GUARD, what="the result read while the thread was busy")
+        assert handle.result() == 42 and local_core(pool).take_backs >= 1
+        # ... and the next wait hands the socket to the thread again.
+        later = pool.run(inc, 1)
+        while not later.done():
+            assert drain.wait(later.done)
+        assert later.result() == 2
+    finally:
+        drain.close()
+    assert local_core(pool).caller_drains == 0
