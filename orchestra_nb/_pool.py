@@ -61,9 +61,9 @@ from ._exceptions import (
 )
 from ._jobs import Chunk, Job, describe_input, next_job_id
 from ._policy import MemoryPolicy
+from ._pool_wire import Wire
 from ._procs import (
     START_DESCRIPTORS,
-    RunDir,
     WorkerProc,
     check_descriptors,
     crash_cause,
@@ -71,7 +71,6 @@ from ._procs import (
     install_sigterm_cleanup,
     register_run_dir,
     spawn_worker,
-    unregister_run_dir,
 )
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
@@ -123,8 +122,7 @@ class PoolCore:
         self.bus = bus
         self.loop = loop
         self.state = PoolState.UNOPENED
-        self.key = proto.new_key()
-        self.frame_limit = proto.frame_limit(options.max_result_bytes)  # see _protocol
+        self.wire = Wire(loop, options.max_result_bytes, self._drain)
         # The caller's sys.path as last seen by a submit (set by the backend, in the caller's
         # thread): a worker whose sys_path_version is older gets it before its next chunk.
         self.sys_path: list[str] = list(sys.path)
@@ -145,16 +143,9 @@ class PoolCore:
         self.broken: BrokenPoolError | None = None
         self.all_ready: asyncio.Event = asyncio.Event()
         self.closed_event: asyncio.Event = asyncio.Event()
-        self._data_sent = False  # a drain of that socket is due after the current callback
-        self._ctrl_sent = False
         self._released: collections.deque[tuple[int, str]] = collections.deque()
         self._release_scheduled = False
-        self.segments: proto.Segments | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
-        self.run_dir = ""
-        self.shm_dir: str | None = None
-        self.mappings: proto.Mappings | None = None
-        self.data_fd = -1
         self.caller_drains = 0  # loops reading the data socket themselves (under the engine)
         self.caller_threads: collections.Counter[int] = collections.Counter()  # ... their threads
         self._unread_seen = False
@@ -168,75 +159,34 @@ class PoolCore:
 
     def start(self) -> None:
         check_descriptors(START_DESCRIPTORS, "a pool")
-        self.owner = RunDir()
-        self.run_dir, self.shm_dir = self.owner.path, self.owner.shm_dir
         try:
-            self.segments = proto.Segments(self.run_dir, "p") if self.shm_dir else None
-            self.mappings = proto.Mappings(self.shm_dir) if self.shm_dir else None  # results'
-            self.ctx = zmq.Context(io_threads=1)
-            self.data = self._router(f"ipc://{self.run_dir}/data")
-            self.ctrl = self._router(f"ipc://{self.run_dir}/ctrl")
-            self.data_fd = self.data.FD
-            self.loop.add_reader(self.data_fd, self._drain, self.data)
-            self.loop.add_reader(self.ctrl.FD, self._drain, self.ctrl)
-        except BaseException:
-            self._undo_start()  # out of descriptors: nothing of this pool may stay behind
+            self.wire.open()
+        except BaseException:  # out of descriptors: nothing of this pool may stay behind
+            self.state = PoolState.CLOSED
+            self.closed_event.set()
             raise
-        register_run_dir(self.run_dir, self._emergency_stop)
+        register_run_dir(self.wire.run_dir, self._emergency_stop)
         self.state = PoolState.RUNNING
         for _ in range(self.target_workers):
             if self._spawn() is None:
                 break  # retried with backoff
         self._tick_handle = self.loop.call_later(0.25, self._tick)
 
-    def _undo_start(self) -> None:
-        for name in ("data", "ctrl"):
-            sock = getattr(self, name, None)
-            if sock is not None:
-                with contextlib.suppress(Exception):
-                    self.loop.remove_reader(sock.FD)
-                sock.close(linger=0)
-        ctx = getattr(self, "ctx", None)
-        if ctx is not None:
-            ctx.term()
-        for part in (self.segments, self.mappings):
-            if part is not None:
-                part.close()
-        self.owner.remove()
-        self.state = PoolState.CLOSED
-        self.closed_event.set()
-
     def _emergency_stop(self) -> None:
         """The process is being terminated (SIGTERM) with no time for a shutdown: SIGKILL
         the workers and delete the run directory. Runs in a signal handler."""
         for w in list(self.workers.values()):
             w.kill("close", "the pool's process was terminated")
-        self.owner.remove()
-
-    def _router(self, addr: str) -> zmq.Socket[Any]:
-        sock = self.ctx.socket(zmq.ROUTER)
-        try:
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.LINGER, 0)
-            # A peer sending a larger frame is disconnected before anything is allocated.
-            sock.setsockopt(zmq.MAXMSGSIZE, self.frame_limit)
-            sock.bind(addr)
-        except BaseException:
-            sock.close(linger=0)
-            raise
-        return sock
+        self.wire.owner.remove()
 
     def _spawn(self) -> WorkerProc | None:
         """Start one worker; None if that failed (out of descriptors or processes, the run
         directory gone...): then a retry is scheduled, with backoff, while the pool is open."""
         self._worker_ids += 1
         try:
-            if not os.path.isdir(self.run_dir):
-                self._restore_run_dir()
+            self.wire.ensure_run_dir()
             w = spawn_worker(
-                self._worker_ids, self.run_dir, self.key, self.shm_dir,
+                self._worker_ids, self.wire.run_dir, self.wire.key, self.wire.shm_dir,
                 python=self.options.python, env=self.options.env,
                 threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
                 max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
@@ -281,17 +231,6 @@ class PoolCore:
             if self._spawn() is None:
                 break  # the next try is scheduled
         self._pump()
-
-    def _restore_run_dir(self) -> None:
-        """Something deleted the run directory: make it again and bind the sockets anew
-        (connected workers keep their connections; new ones need the socket files)."""
-        os.mkdir(self.run_dir, 0o700)
-        self.owner.lock()
-        for sock, name in ((self.data, "data"), (self.ctrl, "ctrl")):
-            addr = f"ipc://{self.run_dir}/{name}"
-            with contextlib.suppress(zmq.ZMQError):
-                sock.unbind(addr)
-            sock.bind(addr)
 
     def _start_timeout(self, w: WorkerProc) -> None:
         if w.state == "starting":
@@ -339,17 +278,7 @@ class PoolCore:
         if self._respawn_handle is not None:
             self._respawn_handle.cancel()
         self.loop.remove_hot_check(self._check_unread)
-        for fd, sock in ((self.data_fd, self.data), (self.ctrl.FD, self.ctrl)):
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(fd)
-            sock.close(linger=0)
-        self.ctx.term()
-        if self.segments is not None:
-            self.segments.close()
-        if self.mappings is not None:
-            self.mappings.close()
-        unregister_run_dir(self.run_dir)
-        self.owner.remove()
+        self.wire.close()
         self.state = PoolState.CLOSED
         self.closed_event.set()
 
@@ -374,7 +303,7 @@ class PoolCore:
         if w.state in ("stopping", "dead"):
             return
         w.state = WorkerState.STOPPING
-        self._send(self.data, w, proto.Shutdown())
+        self.wire.send(self.wire.data, w, proto.Shutdown())
         w.close_stdin()
 
     # --- messages in ------------------------------------------------------------------
@@ -392,7 +321,7 @@ class PoolCore:
                 frames = proto.recv_frames(sock, _NOBLOCK)
                 ident = frames[0]
                 try:
-                    msg, payload = proto.decode_message(self.key, frames[1:], self.run_dir)
+                    msg, payload = proto.decode_message(self.wire.key, frames[1:], self.wire.run_dir)
                 except proto.BadSignature:
                     self.bad_messages += 1
                     continue
@@ -402,7 +331,7 @@ class PoolCore:
                     continue
                 if w is None:
                     if isinstance(msg, proto.Result):
-                        proto.discard_buffers(msg.buffers, self.shm_dir)
+                        proto.discard_buffers(msg.buffers, self.wire.shm_dir)
                     continue
                 w.last_seen = time.monotonic()
                 if w.stalled:
@@ -423,7 +352,7 @@ class PoolCore:
     def drain_results(self) -> None:
         """Read what the workers sent, on the thread that drives the engine."""
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
-            self._drain(self.data)
+            self._drain(self.wire.data)
 
     def busy_poll_results(self, done: Callable[[], bool], until: float, first: bool) -> bool:
         """Poll the data socket until ``until`` (a ``time.perf_counter`` deadline), reading
@@ -435,7 +364,7 @@ class PoolCore:
         poll = self.caller_poll
         if self.state != PoolState.RUNNING or (first and not poll.start()):
             return False
-        sock = self.data
+        sock = self.wire.data
         has_input = functools.partial(proto.has_input, sock)
         wants_engine = self.loop.engine_selector.wants_engine
         while not done():
@@ -463,9 +392,9 @@ class PoolCore:
         """An attached loop awaits again: leave the socket to the loops once more."""
         if self._io_reads_data and self.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._io_reads_data = False
-            self.loop.remove_reader(self.data_fd)
+            self.loop.remove_reader(self.wire.data_fd)
             self._unread_seen = False
-            self._data_poll.register(self.data_fd, select.POLLIN)
+            self._data_poll.register(self.wire.data_fd, select.POLLIN)
             self.loop.add_hot_check(self._check_unread)
 
     def detach_caller(self) -> None:
@@ -484,10 +413,10 @@ class PoolCore:
         self._io_reads_data = True
         self.loop.remove_hot_check(self._check_unread)
         with contextlib.suppress(KeyError, ValueError):
-            self._data_poll.unregister(self.data_fd)
+            self._data_poll.unregister(self.wire.data_fd)
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
-            self.loop.add_reader(self.data_fd, self._drain, self.data)
-            self._drain(self.data)
+            self.loop.add_reader(self.wire.data_fd, self._drain, self.wire.data)
+            self._drain(self.wire.data)
 
     def _check_unread(self) -> None:
         # The FD stays readable until someone reads the socket.
@@ -515,8 +444,8 @@ class PoolCore:
         if isinstance(msg, proto.Result):
             self._on_result(w, msg, payload)
         elif isinstance(msg, proto.Release):
-            if self.segments is not None:
-                self.segments.release(msg.names)
+            if self.wire.segments is not None:
+                self.wire.segments.release(msg.names)
             w.held.difference_update(msg.names)
         elif isinstance(msg, proto.Output):
             if self.bus.active:
@@ -561,7 +490,7 @@ class PoolCore:
         if chunk is None:
             names = tuple(n for n in msg.buffers if n is not None)
             if names:
-                self._send(self.data, w, proto.Release(names))
+                self.wire.send(self.wire.data, w, proto.Release(names))
             self.bad_messages += 1
             return
         for timer in w.timers:
@@ -574,7 +503,7 @@ class PoolCore:
             values, errors = pickle.loads(
                 payload[0],
                 buffers=proto.read_buffers(
-                    payload, msg.buffers, self.mappings, self._result_releaser(w.id)
+                    payload, msg.buffers, self.wire.mappings, self._result_releaser(w.id)
                 ) if msg.buffers else None,
             )
         except Exception as exc:
@@ -698,17 +627,17 @@ class PoolCore:
         for worker_id, names in by_worker.items():
             w = self.workers.get(worker_id)
             if w is not None and w.state in ("ready", "stopping"):
-                self._send(self.data, w, proto.Release(tuple(names)))
+                self.wire.send(self.wire.data, w, proto.Release(tuple(names)))
 
     def _forget_segments(self, w: WorkerProc) -> None:
         """A worker is gone: the pool's segments it held are free, and its own are deleted
         (arrays still using one keep their mapping)."""
-        if self.segments is not None:
-            self.segments.release(list(w.held))
+        if self.wire.segments is not None:
+            self.wire.segments.release(list(w.held))
         w.held.clear()
-        delete_worker_buffers(self.run_dir, w.id)
-        if self.mappings is not None:
-            self.mappings.sweep()  # unmap them: the mappings would keep their memory
+        delete_worker_buffers(self.wire.run_dir, w.id)
+        if self.wire.mappings is not None:
+            self.wire.mappings.sweep()  # unmap them: the mappings would keep their memory
 
     def _on_exit(self, w: WorkerProc) -> None:
         self._forget_segments(w)
@@ -1024,7 +953,7 @@ class PoolCore:
             chunk = trimmed
         if w.sys_path_version != self.sys_path_version:
             version = self.sys_path_version  # read first: the paths are at least as new
-            if not self._send(self.data, w, proto.SysPath(tuple(self.sys_path))):
+            if not self.wire.send(self.wire.data, w, proto.SysPath(tuple(self.sys_path))):
                 self._requeue(job, chunk, front=True)
                 return False
             w.sys_path_version = version
@@ -1033,7 +962,7 @@ class PoolCore:
                 (frames, names), chunk.payload = chunk.payload, None
             else:
                 frames, names = proto.pickle_payload(
-                    dumps, chunk.items, self.segments or self.shm_dir
+                    dumps, chunk.items, self.wire.segments or self.wire.shm_dir
                 )
         except Exception as exc:
             self._unpicklable_chunk(job, chunk, exc)
@@ -1045,21 +974,21 @@ class PoolCore:
             while len(w.functions) >= FUNCTION_CACHE:
                 forget.append(w.functions.popitem(last=False)[0])
             try:
-                self._send(self.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+                self.wire.send(self.wire.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
             except OSError as exc:
                 return self._unsendable_chunk(job, chunk, names, "function", exc)
             w.functions[job.digest] = None
         run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
                         job.timeout, names)
         if job.circuit is not None and not self._admit(job, chunk):
-            self._discard(names)
+            self.wire.discard(names)
             return True
         try:
-            sent = self._send(self.data, w, run, frames)
+            sent = self.wire.send(self.wire.data, w, run, frames)
         except OSError as exc:
             return self._unsendable_chunk(job, chunk, names, "arguments", exc)
         if not sent:
-            self._discard(names)
+            self.wire.discard(names)
             self._requeue(job, chunk, front=True)
             if job.circuit is not None:
                 job.circuit.record_failure(_NOT_RUN)
@@ -1077,11 +1006,11 @@ class PoolCore:
     ) -> bool:
         """The chunk's message has a frame above the frame limit, and the file that would
         carry it could not be written (ENOSPC...): its tasks fail, naming that."""
-        self._discard(names)
+        self.wire.discard(names)
         err = SerializationError(
             f"cannot send the {what} of {proto.task_range(chunk.start, chunk.count)} to "
-            f"a worker: a frame carries at most {self.frame_limit:,} bytes, and writing the "
-            f"message to {self.run_dir} failed: {type(exc).__name__}: {exc}"
+            f"a worker: a frame carries at most {self.wire.frame_limit:,} bytes, and writing the "
+            f"message to {self.wire.run_dir} failed: {type(exc).__name__}: {exc}"
         )
         self._fail_range(job, chunk, err)
         job.progress()
@@ -1097,7 +1026,7 @@ class PoolCore:
         if not any(index in cancelled for index in indices):
             return chunk
         if chunk.payload is not None:  # pre-pickled for a lone call: its segments go unused
-            self._discard(chunk.payload[1])
+            self.wire.discard(chunk.payload[1])
             chunk.payload = None
         runs: list[Chunk] = []
         live: list[Any] = []
@@ -1126,11 +1055,6 @@ class PoolCore:
             return False
         return True
 
-    def _discard(self, names: tuple[str | None, ...]) -> None:
-        """Segments of a message that was not sent: back to the pool's free segments."""
-        if self.segments is not None:
-            self.segments.release([n for n in names if n is not None])
-
     def _unpicklable_chunk(self, job: Job, chunk: Chunk, exc: Exception) -> None:
         culprits = describe_unpicklable_argument(chunk.items, chunk.start, exc)
         for offset, item in enumerate(chunk.items):
@@ -1140,33 +1064,6 @@ class PoolCore:
             else:
                 self._requeue(job, Chunk(job, index, [item]))
         job.progress()
-
-    def _send(self, sock: zmq.Socket[Any], w: WorkerProc, msg: proto.Message,
-              payload: list[Any] | None = None) -> bool:
-        if payload and w.spill is None:
-            w.spill = proto.Spill(self.run_dir, self.frame_limit, f"w{w.id}")  # deleted with w
-        try:
-            proto.send_message(sock, self.key, msg, payload or (), w.ident, w.spill if payload else None)
-        except zmq.ZMQError:  # EHOSTUNREACH: gone; its exit will be seen through its pidfd
-            return False
-        # Sending can leave inbound messages on the same socket unsignalled on its
-        # edge-triggered FD: read them after the current callback.
-        if sock is self.data:
-            if not self._data_sent:
-                self._data_sent = True
-                self.loop.defer(self._after_send)  # after the current callback
-        elif not self._ctrl_sent:
-            self._ctrl_sent = True
-            self.loop.defer(self._after_send)  # after the current callback
-        return True
-
-    def _after_send(self) -> None:
-        if self._data_sent:
-            self._data_sent = False
-            self._drain(self.data)
-        if self._ctrl_sent:
-            self._ctrl_sent = False
-            self._drain(self.ctrl)
 
     def set_paused(self, job_id: int, paused: bool) -> None:
         """Pause (hand out no new chunk of the job; sent ones run) or resume a job."""
@@ -1197,7 +1094,7 @@ class PoolCore:
             if kill:
                 w.kill("cancel", f"job {job.id} was cancelled with kill=True")
                 continue
-            self._send(self.ctrl, w, proto.Cancel(job.id, -1))
+            self.wire.send(self.wire.ctrl, w, proto.Cancel(job.id, -1))
             w.timers.append(self.loop.call_later(self.options.cancel_grace, self._escalate, w, job))
         job.progress()
 
@@ -1216,7 +1113,7 @@ class PoolCore:
                 if chunk.start <= index < chunk.start + chunk.count and chunk.worker is not None:
                     w = self.workers.get(chunk.worker)
                     if w is not None:
-                        self._send(self.ctrl, w, proto.Cancel(job.id, index))
+                        self.wire.send(self.wire.ctrl, w, proto.Cancel(job.id, index))
                         w.timers.append(self.loop.call_later(
                             self.options.cancel_grace, self._escalate_item, w, job, index))
         job.progress()
@@ -1273,8 +1170,8 @@ class PoolCore:
                 if replace or (replace is None and _is_stopped(w.pid)):
                     w.kill("stall", f"no heartbeat for {silent:.1f} s")
         self._check_memory()
-        if self.mappings is not None:
-            self.mappings.sweep()  # segments the workers deleted since the last read
+        if self.wire.mappings is not None:
+            self.wire.mappings.sweep()  # segments the workers deleted since the last read
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._tick_handle = self.loop.call_later(0.25, self._tick)
 
@@ -1307,8 +1204,8 @@ class PoolCore:
 
     def _forget_job(self, job: Job) -> None:
         """``job.on_finished``: the job is done; drop it and what it held."""
-        if job.first_payload is not None and self.segments is not None:  # never sent
-            self.segments.release([n for n in job.first_payload[1] if n is not None])
+        if job.first_payload is not None and self.wire.segments is not None:  # never sent
+            self.wire.segments.release([n for n in job.first_payload[1] if n is not None])
             job.first_payload = None
         self.jobs.pop(job.id, None)
 

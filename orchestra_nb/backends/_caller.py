@@ -69,7 +69,7 @@ class CallerDrain:
         self._io = io
         self._core = core
         self._loop = loop
-        self._fd = core.data_fd
+        self._fd = core.wire.data_fd
         self._users = 0
         self._attached = False
         self._detach_scheduled = False
@@ -79,7 +79,7 @@ class CallerDrain:
     def acquire(
         cls, io: IOThread, core: PoolCore, loop: asyncio.AbstractEventLoop, *, flush: bool = True
     ) -> CallerDrain | None:
-        if core.data_fd < 0:
+        if core.wire.data_fd < 0:
             return None
         drains = _drains.setdefault(loop, {})
         drain = drains.get(id(core))
@@ -157,7 +157,7 @@ class ThreadDrain:
         self._io = io
         self._core = core
         self._poll = select.poll()
-        self._poll.register(core.data_fd, select.POLLIN)
+        self._poll.register(core.wire.data_fd, select.POLLIN)
         self._take_backs = core.take_backs
         self._attached = True
         self._sleep = THREAD_WAIT

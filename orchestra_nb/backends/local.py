@@ -321,7 +321,7 @@ class LocalBackend(Backend):
 
     def attach_thread(self) -> ThreadAttachment | None:
         core = self._core
-        if core.state != PoolState.RUNNING or core.data_fd < 0 or self._io.in_thread():
+        if core.state != PoolState.RUNNING or core.wire.data_fd < 0 or self._io.in_thread():
             return None
         return ThreadDrain(self._io, core)
 
@@ -331,7 +331,7 @@ class LocalBackend(Backend):
         once."""
         core = self._core
         self._note_sys_path()  # a call may join a batch submitted before sys.path changed
-        return check_call_arguments(fn, item, core.segments or core.shm_dir)
+        return check_call_arguments(fn, item, core.wire.segments or core.wire.shm_dir)
 
     def in_engine_thread(self) -> bool:
         return self._io.in_thread()

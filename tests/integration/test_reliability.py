@@ -323,7 +323,7 @@ def report(**extra):
     stats = pool.statistics()
     print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "bad": stats.bad_messages, "pids": sorted(w.pid for w in stats.workers),
-                      "run_dir": pool._backend._core.run_dir, **extra}), flush=True)
+                      "run_dir": pool._backend._core.wire.run_dir, **extra}), flush=True)
 
 with orchestra.Pool(workers=1) as pool:
     pool.wait_started(timeout=60)

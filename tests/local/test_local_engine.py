@@ -35,7 +35,7 @@ class _Bomb:
 
 def test_pool_counts_and_drops_forged_messages(pool: orchestra.Pool, tmp_path: Path) -> None:
     """A stranger on the pool's socket (same uid, past the 0700 directory) gets nowhere."""
-    run_dir = local_core(pool).run_dir
+    run_dir = local_core(pool).wire.run_dir
     assert os.stat(run_dir).st_mode & 0o777 == 0o700
     unpickled = tmp_path / "unpickled"
     ctx = zmq.Context()
