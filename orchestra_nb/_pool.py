@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import pickle
 import random
 import select
@@ -48,7 +47,7 @@ import zmq
 from . import _protocol as proto
 from ._bus import EventBus
 from ._circuit import CircuitState
-from ._events import TaskOutput, WorkerExited, WorkerSpawnFailed, WorkerStalled, WorkerStarted
+from ._events import TaskOutput, WorkerStalled
 from ._exceptions import (
     BrokenPoolError,
     CircuitOpenError,
@@ -62,15 +61,14 @@ from ._exceptions import (
 from ._jobs import Chunk, Job, describe_input, next_job_id
 from ._policy import MemoryPolicy
 from ._pool_wire import Wire
+from ._pool_workers import MAX_START_FAILURES, WorkerSet
 from ._procs import (
     START_DESCRIPTORS,
     WorkerProc,
     check_descriptors,
     crash_cause,
-    delete_worker_buffers,
     install_sigterm_cleanup,
     register_run_dir,
-    spawn_worker,
 )
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
@@ -88,9 +86,6 @@ SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hi
 PREFETCH = 4
 DRAIN_BUDGET = 64  # messages handled per I/O callback before other callbacks get a turn
 FUNCTION_CACHE = 64  # callables cached per worker
-MAX_START_FAILURES = 3  # consecutive workers exiting by themselves before Ready -> broken
-SPAWN_RETRY_FIRST = 0.05  # seconds before retrying a failed worker start, doubling...
-SPAWN_RETRY_MAX = 5.0  # ... up to this
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,25 +118,14 @@ class PoolCore:
         self.loop = loop
         self.state = PoolState.UNOPENED
         self.wire = Wire(loop, options.max_result_bytes, self._drain)
-        # The caller's sys.path as last seen by a submit (set by the backend, in the caller's
-        # thread): a worker whose sys_path_version is older gets it before its next chunk.
-        self.sys_path: list[str] = list(sys.path)
-        self.sys_path_version = 0
-        self.target_workers = options.workers
-        self.workers: dict[int, WorkerProc] = {}
+        self.workers = WorkerSet(options, bus, loop, self.wire, self, self._worker_exited, self._pump)
         self.jobs: dict[int, Job] = {}
-        self._worker_ids = 0
         self.ready_jobs: collections.deque[Job] = collections.deque()  # may have work
         self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
         self.caller_poll = BusyPoll(options.busy_poll)  # shared by callers, under the engine
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
-        self.start_failures = 0
-        self.spawn_failures = 0  # consecutive failed worker starts (retried with backoff)
-        self.spawn_error: str | None = None
-        self._respawn_handle: asyncio.TimerHandle | None = None
         self.broken: BrokenPoolError | None = None
-        self.all_ready: asyncio.Event = asyncio.Event()
         self.closed_event: asyncio.Event = asyncio.Event()
         self._released: collections.deque[tuple[int, str]] = collections.deque()
         self._release_scheduled = False
@@ -167,74 +151,14 @@ class PoolCore:
             raise
         register_run_dir(self.wire.run_dir, self._emergency_stop)
         self.state = PoolState.RUNNING
-        for _ in range(self.target_workers):
-            if self._spawn() is None:
-                break  # retried with backoff
+        self.workers.replenish()
         self._tick_handle = self.loop.call_later(0.25, self._tick)
 
     def _emergency_stop(self) -> None:
         """The process is being terminated (SIGTERM) with no time for a shutdown: SIGKILL
         the workers and delete the run directory. Runs in a signal handler."""
-        for w in list(self.workers.values()):
-            w.kill("close", "the pool's process was terminated")
+        self.workers.kill_all("close", "the pool's process was terminated")
         self.wire.owner.remove()
-
-    def _spawn(self) -> WorkerProc | None:
-        """Start one worker; None if that failed (out of descriptors or processes, the run
-        directory gone...): then a retry is scheduled, with backoff, while the pool is open."""
-        self._worker_ids += 1
-        try:
-            self.wire.ensure_run_dir()
-            w = spawn_worker(
-                self._worker_ids, self.wire.run_dir, self.wire.key, self.wire.shm_dir,
-                python=self.options.python, env=self.options.env,
-                threads=self.options.threads_per_worker, heartbeat=self.options.heartbeat,
-                max_result_bytes=self.options.max_result_bytes, busy_poll=self.options.busy_poll,
-                sys_path=self.sys_path,
-            )
-            w.sys_path_version = self.sys_path_version
-        except (OSError, zmq.ZMQError) as exc:
-            self._spawn_failed(exc)
-            return None
-        try:
-            w.pidfd = os.pidfd_open(w.pid)
-        except OSError as exc:  # started, but cannot be watched: not a worker we can use
-            w.kill("close", "its exit could not be watched")
-            w.close_stdin()
-            w.proc.wait()
-            self._spawn_failed(exc)
-            return None
-        self.spawn_failures = 0
-        self.spawn_error = None
-        self.workers[w.id] = w
-        self.loop.add_reader(w.pidfd, self._on_exit, w)
-        w.timers.append(self.loop.call_later(self.options.start_timeout, self._start_timeout, w))
-        self.all_ready.clear()
-        return w
-
-    def _spawn_failed(self, exc: BaseException) -> None:
-        self.spawn_failures += 1
-        self.spawn_error = f"{type(exc).__name__}: {exc}"
-        delay = min(SPAWN_RETRY_MAX, SPAWN_RETRY_FIRST * 2 ** (self.spawn_failures - 1))
-        delay *= 0.5 + self.options.retry_random()  # several pools: not all at once
-        alive = sum(1 for x in self.workers.values() if not x.retire)
-        self.bus.publish(WorkerSpawnFailed(self.spawn_error, alive, self.target_workers, delay))
-        if self._respawn_handle is None:
-            self._respawn_handle = self.loop.call_later(delay, self._respawn_missing)
-
-    def _respawn_missing(self) -> None:
-        self._respawn_handle = None
-        if self.state != PoolState.RUNNING:
-            return
-        alive = sum(1 for x in self.workers.values() if not x.retire)
-        for _ in range(self.target_workers - alive):
-            if self._spawn() is None:
-                break  # the next try is scheduled
-        self._pump()
-
-    def _start_timeout(self, w: WorkerProc) -> None:
-        if w.state == "starting":
-            w.kill("start", f"no ready handshake within {self.options.start_timeout} s")
 
     async def close(self, mode: str = "graceful", timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """``graceful``: finish all jobs; ``cancel``: cancel them; ``kill``: SIGKILL now."""
@@ -256,17 +180,17 @@ class PoolCore:
                 async with asyncio.timeout(None if mode == "graceful" else timeout):
                     while any(not j.internal for j in self.jobs.values()):  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
-        for w in list(self.workers.values()):
+        for w in list(self.workers.procs.values()):
             if mode == "kill":
                 w.kill("close", "pool killed")
             elif w.state != "dead":
-                self._stop_worker(w)
+                self.workers.stop(w)
         deadline = self.loop.time() + timeout
-        while self.workers and self.loop.time() < deadline:  # noqa: ASYNC110
+        while self.workers.procs and self.loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-        for w in list(self.workers.values()):
+        for w in list(self.workers.procs.values()):
             w.kill("close", "did not exit in time")
-        while self.workers and self.loop.time() < deadline + 5:  # noqa: ASYNC110
+        while self.workers.procs and self.loop.time() < deadline + 5:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         for job in list(self.jobs.values()):
             job.fail_all(PoolClosedError("the pool was shut down"))
@@ -275,8 +199,7 @@ class PoolCore:
     def _teardown(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        if self._respawn_handle is not None:
-            self._respawn_handle.cancel()
+        self.workers.close()
         self.loop.remove_hot_check(self._check_unread)
         self.wire.close()
         self.state = PoolState.CLOSED
@@ -287,24 +210,8 @@ class PoolCore:
             raise self.broken or PoolClosedError(f"cannot resize a pool that is {self.state.value}")
         if workers < 1:
             raise ValueError(f"a pool needs at least 1 worker, got {workers}")
-        self.target_workers = workers
-        alive = [w for w in self.workers.values() if w.state in ("starting", "ready") and not w.retire]
-        for _ in range(workers - len(alive)):
-            if self._spawn() is None:
-                break  # retried with backoff
-        # Shrink: idle workers first, busy ones once their chunk is done.
-        for w in sorted(alive, key=lambda w: len(w.inflight))[: max(0, len(alive) - workers)]:
-            w.retire = True
-            if not w.inflight:
-                self._stop_worker(w)
+        self.workers.resize(workers)
         self._pump()
-
-    def _stop_worker(self, w: WorkerProc) -> None:
-        if w.state in ("stopping", "dead"):
-            return
-        w.state = WorkerState.STOPPING
-        self.wire.send(self.wire.data, w, proto.Shutdown())
-        w.close_stdin()
 
     # --- messages in ------------------------------------------------------------------
 
@@ -325,7 +232,7 @@ class PoolCore:
                 except proto.BadSignature:
                     self.bad_messages += 1
                     continue
-                w = self.workers.get(_worker_id(ident))
+                w = self.workers.procs.get(_worker_id(ident))
                 if w is not None and w.ident != ident:  # an impostor, or a stale token
                     self.bad_messages += 1
                     continue
@@ -458,19 +365,12 @@ class PoolCore:
                     self.loop.call_later(deadline, self._hard_timeout, w, job, msg.index)
                 )
         elif isinstance(msg, proto.Ready):
-            if msg.worker_id != w.id or w.state != "starting":
+            if not self.workers.ready(w, msg.worker_id):
                 self.bad_messages += 1
                 return
-            w.state = WorkerState.READY
-            self.start_failures = 0
-            for timer in w.timers:
-                timer.cancel()
-            w.timers.clear()
-            self.bus.publish(WorkerStarted(w.id, w.pid))
             for name, digest, payload_bytes, item in self.setups:
                 self._assign_setup(w, name, digest, payload_bytes, item)
-            if all(x.state != "starting" for x in self.workers.values()):
-                self.all_ready.set()
+            self.workers.note_all_ready()
 
     def _engine_failed(self, msg: proto.Message, exc: Exception) -> None:
         """The pool's own code raised while handling ``msg``: fail the job it was about
@@ -548,11 +448,11 @@ class PoolCore:
                     self._on_error(job, chunk, offset, record, w)
         job.progress()
         if w.retire and not w.inflight:
-            self._stop_worker(w)
+            self.workers.stop(w)
         elif self.options.max_tasks_per_worker and w.tasks_done >= self.options.max_tasks_per_worker:
             w.retire = True
             if not w.inflight:
-                self._recycle(w, "max_tasks_per_worker reached")
+                self.workers.recycle(w, "max_tasks_per_worker reached")
 
     def _circuit_outcome(self, job: Job, errors: dict[int, ErrorRecord] | None, count: int) -> None:
         breaker = job.circuit
@@ -625,58 +525,19 @@ class PoolCore:
             worker_id, name = self._released.popleft()
             by_worker.setdefault(worker_id, []).append(name)
         for worker_id, names in by_worker.items():
-            w = self.workers.get(worker_id)
+            w = self.workers.procs.get(worker_id)
             if w is not None and w.state in ("ready", "stopping"):
                 self.wire.send(self.wire.data, w, proto.Release(tuple(names)))
 
-    def _forget_segments(self, w: WorkerProc) -> None:
-        """A worker is gone: the pool's segments it held are free, and its own are deleted
-        (arrays still using one keep their mapping)."""
-        if self.wire.segments is not None:
-            self.wire.segments.release(list(w.held))
-        w.held.clear()
-        delete_worker_buffers(self.wire.run_dir, w.id)
-        if self.wire.mappings is not None:
-            self.wire.mappings.sweep()  # unmap them: the mappings would keep their memory
-
-    def _on_exit(self, w: WorkerProc) -> None:
-        self._forget_segments(w)
-        if w.pidfd is not None:
-            self.loop.remove_reader(w.pidfd)
-            os.close(w.pidfd)
-            w.pidfd = None
-        returncode = w.proc.wait()
-        for timer in w.timers:
-            timer.cancel()
-        if w.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                w.proc.stdin.close()
-        was_ready = w.state != "starting"
-        expected = w.state == "stopping" and w.kill_kind is None
-        w.state = WorkerState.DEAD
-        self.workers.pop(w.id, None)
-        if expected:
-            reason = "recycled" if w.retire and self.state == PoolState.RUNNING else "shutdown"
-        elif w.kill_kind is not None:
-            reason = f"killed: {w.kill_reason}"
-        else:
-            reason = "crashed"
-        self.bus.publish(WorkerExited(w.id, w.pid, returncode, reason))
-        # Only a worker that exited by itself before its handshake (an import error, a bad
-        # interpreter), or hung past start_timeout, says the environment is broken; one
-        # killed by a signal from outside (or by the pool for another reason) is a crash.
-        by_itself = w.kill_kind is None and returncode >= 0
-        if not was_ready and (by_itself or w.kill_kind == "start") and self.state == PoolState.RUNNING:
-            self.start_failures += 1
-            if self.start_failures >= MAX_START_FAILURES:
-                self._break(w, returncode)
-                return
+    def _worker_exited(self, w: WorkerProc) -> None:
+        """``w``'s pidfd is readable: reap it, recover its chunks, replace it."""
+        returncode, environment_broken = self.workers.reap(w)
+        if environment_broken:
+            self._break(w, returncode)
+            return
         self._recover_chunks(w, returncode)
         if self.state == PoolState.RUNNING:
-            alive = sum(1 for x in self.workers.values() if not x.retire)
-            for _ in range(self.target_workers - alive):
-                if self._spawn() is None:
-                    break  # retried with backoff
+            self.workers.replenish()
         self._pump()
 
     def _recover_chunks(self, w: WorkerProc, returncode: int) -> None:
@@ -787,9 +648,8 @@ class PoolCore:
         self.state = PoolState.BROKEN
         for job in list(self.jobs.values()):
             job.fail_all(self.broken)
-        for other in list(self.workers.values()):
-            other.kill("close", "pool broken")
-        self.all_ready.set()
+        self.workers.kill_all("close", "pool broken")
+        self.workers.all_ready.set()
 
     # --- dispatch ---------------------------------------------------------------------
 
@@ -813,7 +673,7 @@ class PoolCore:
         self._mark_ready(job)
         if job.targets is not None:
             for wid in job.targets:
-                w = self.workers.get(wid)
+                w = self.workers.procs.get(wid)
                 chunk = job.take(1)
                 if chunk is None:
                     break
@@ -849,7 +709,7 @@ class PoolCore:
     def _pump(self) -> None:
         if self.state != PoolState.RUNNING and self.state != PoolState.CLOSING:
             return
-        for w in list(self.workers.values()):
+        for w in list(self.workers.procs.values()):
             if w.state != "ready":
                 continue
             while w.assigned and len(w.inflight) < PREFETCH:
@@ -940,7 +800,7 @@ class PoolCore:
         remaining = job.remaining()
         if remaining is not None:
             # Several chunks per worker to the end, so the last ones balance the load.
-            size = min(size, math.ceil(remaining / (2 * max(1, len(self.workers)))))
+            size = min(size, math.ceil(remaining / (2 * max(1, len(self.workers.procs)))))
         return max(1, min(size, MAX_CHUNK))
 
     def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> bool:
@@ -951,9 +811,9 @@ class PoolCore:
             if trimmed is None:
                 return True
             chunk = trimmed
-        if w.sys_path_version != self.sys_path_version:
-            version = self.sys_path_version  # read first: the paths are at least as new
-            if not self.wire.send(self.wire.data, w, proto.SysPath(tuple(self.sys_path))):
+        if w.sys_path_version != self.workers.sys_path_version:
+            version = self.workers.sys_path_version  # read first: the paths are at least as new
+            if not self.wire.send(self.wire.data, w, proto.SysPath(tuple(self.workers.sys_path))):
                 self._requeue(job, chunk, front=True)
                 return False
             w.sys_path_version = version
@@ -1087,7 +947,7 @@ class PoolCore:
         job.future.cancel()
         touched: set[int] = set()
         for chunk in list(job.inflight.values()):
-            w = self.workers.get(chunk.worker) if chunk.worker is not None else None
+            w = self.workers.procs.get(chunk.worker) if chunk.worker is not None else None
             if w is None or w.id in touched:
                 continue
             touched.add(w.id)
@@ -1111,7 +971,7 @@ class PoolCore:
         elif state == TaskState.RUNNING:
             for chunk in job.inflight.values():
                 if chunk.start <= index < chunk.start + chunk.count and chunk.worker is not None:
-                    w = self.workers.get(chunk.worker)
+                    w = self.workers.procs.get(chunk.worker)
                     if w is not None:
                         self.wire.send(self.wire.ctrl, w, proto.Cancel(job.id, index))
                         w.timers.append(self.loop.call_later(
@@ -1132,7 +992,7 @@ class PoolCore:
         if job is None:
             return
         for chunk in list(job.inflight.values()):
-            w = self.workers.get(chunk.worker) if chunk.worker is not None else None
+            w = self.workers.procs.get(chunk.worker) if chunk.worker is not None else None
             if w is not None:
                 w.kill("cancel", f"job {job.id} was interrupted twice")
 
@@ -1150,16 +1010,10 @@ class PoolCore:
                    f"to the interrupt within {self.options.timeout_grace} s; its worker was "
                    "killed and replaced")
 
-    def _recycle(self, w: WorkerProc, why: str) -> None:
-        w.retire = True
-        self._stop_worker(w)
-        if self.state == PoolState.RUNNING:
-            self._spawn()
-
     def _tick(self) -> None:
         now = time.monotonic()
         stall = self.options.stall_timeout
-        for w in list(self.workers.values()):
+        for w in list(self.workers.procs.values()):
             if w.state != "ready":
                 continue
             silent = now - w.last_seen
@@ -1181,7 +1035,7 @@ class PoolCore:
             return
         import psutil  # only pools with a memory limit pay for it
 
-        for w in list(self.workers.values()):
+        for w in list(self.workers.procs.values()):
             if w.state != "ready":
                 continue
             try:
@@ -1196,9 +1050,9 @@ class PoolCore:
             elif verdict == "recycle" and not w.retire:
                 w.retire = True
                 if not w.inflight:
-                    self._recycle(w, "soft memory limit")
+                    self.workers.recycle(w, "soft memory limit")
                 elif self.state == PoolState.RUNNING:
-                    self._spawn()
+                    self.workers.spawn()
 
     # --- completion -------------------------------------------------------------------
 
@@ -1215,7 +1069,7 @@ class PoolCore:
         """A frozen snapshot of the workers, the jobs and the queue (on the engine)."""
         now = time.monotonic()
         workers = []
-        for w in self.workers.values():
+        for w in self.workers.procs.values():
             running = w.running_chunk
             cpu, rss = w.sample() if w.state != WorkerState.DEAD else (None, None)
             workers.append(WorkerStatistics(
@@ -1236,8 +1090,8 @@ class PoolCore:
                 continue
             queued += j.counts[TaskState.PENDING] + j.counts[TaskState.RETRYING]
             jobs.append(j.statistics(now))
-        return PoolStatistics("local", PoolState(self.state), self.target_workers, tuple(workers),
-                              tuple(jobs), queued, self.bad_messages, self.spawn_error)
+        return PoolStatistics("local", PoolState(self.state), self.workers.target, tuple(workers),
+                              tuple(jobs), queued, self.bad_messages, self.workers.spawn_error)
 
 
 # Reported to a circuit breaker for an admitted call that never ran: neutral, not a failure.

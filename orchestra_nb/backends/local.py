@@ -132,11 +132,11 @@ class LocalBackend(Backend):
         workers before this job's chunks (and those of the batch of calls it joins). A
         comparison per submit when nothing changed."""
         core = self._core
-        if sys.path != core.sys_path:
+        if sys.path != core.workers.sys_path:
             with self._sys_path_lock:
-                if sys.path != core.sys_path:
-                    core.sys_path = list(sys.path)  # a new list: the I/O thread reads it whole
-                    core.sys_path_version += 1
+                if sys.path != core.workers.sys_path:
+                    core.workers.sys_path = list(sys.path)  # a new list: the I/O thread reads it whole
+                    core.workers.sys_path_version += 1
 
     def cancel(self, job: Job, *, kill: bool = False) -> None:
         self._on_engine(self._core.cancel, job.id, kill)
@@ -181,7 +181,7 @@ class LocalBackend(Backend):
             core = self._core
             job.targets = [
                 w.id
-                for w in core.workers.values()
+                for w in core.workers.procs.values()
                 if w.state in (WorkerState.STARTING, WorkerState.READY) and not w.retire
             ]
             assert isinstance(job.source, Iterator)  # the API's [item]
@@ -208,7 +208,7 @@ class LocalBackend(Backend):
 
     @property
     def target_workers(self) -> int:
-        return self._core.target_workers
+        return self._core.workers.target
 
     def resize(self, workers: int) -> None:
         if self._close_future is not None:
@@ -223,7 +223,7 @@ class LocalBackend(Backend):
 
     def worker_pids(self) -> list[int]:
         async def pids() -> list[int]:
-            return [w.pid for w in self._core.workers.values() if w.state != WorkerState.DEAD]
+            return [w.pid for w in self._core.workers.procs.values() if w.state != WorkerState.DEAD]
 
         pids_now: list[int] = self._call_sync(pids(), default=[])
         return pids_now
@@ -249,7 +249,7 @@ class LocalBackend(Backend):
         core = self._core
 
         async def wait_ready() -> None:
-            await core.all_ready.wait()
+            await core.workers.all_ready.wait()
             if core.broken is not None:
                 raise core.broken
             if core.state != PoolState.RUNNING:
@@ -299,7 +299,7 @@ class LocalBackend(Backend):
                 thread.join(timeout)
 
     def _kill_now(self) -> None:
-        for w in list(self._core.workers.values()):
+        for w in list(self._core.workers.procs.values()):
             w.kill("close", "pool killed")
 
     def _close_at_exit(self) -> Any:

@@ -60,7 +60,7 @@ def test_a_worker_keeps_one_long_chunk_queued_behind_a_running_one(
         pool._input_added(job)
         # Both workers run one and hold one more (not all: chunks of one second each).
         wait_for(
-            lambda: sorted(len(w.inflight) for w in core.workers.values()) == [2, 2],
+            lambda: sorted(len(w.inflight) for w in core.workers.procs.values()) == [2, 2],
             timeout=HANG_GUARD,
             what="a second chunk queued on each worker",
         )
