@@ -31,7 +31,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import math
 import pickle
 import random
 import select
@@ -50,7 +49,6 @@ from ._circuit import CircuitState
 from ._events import TaskOutput, WorkerStalled
 from ._exceptions import (
     BrokenPoolError,
-    CircuitOpenError,
     MemoryLimitError,
     PoolClosedError,
     SerializationError,
@@ -58,8 +56,9 @@ from ._exceptions import (
     WorkerCrashedError,
     describe_exit,
 )
-from ._jobs import Chunk, Job, describe_input, next_job_id
+from ._jobs import Chunk, Job, describe_input
 from ._policy import MemoryPolicy
+from ._pool_dispatch import FINAL_BYTES, NOT_RUN, Dispatcher
 from ._pool_wire import Wire
 from ._pool_workers import MAX_START_FAILURES, WorkerSet
 from ._procs import (
@@ -70,7 +69,7 @@ from ._procs import (
     install_sigterm_cleanup,
     register_run_dir,
 )
-from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
+from ._serialize import ErrorRecord, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._state import PoolState, TaskState, WorkerState
 from ._stats import PoolStatistics, WorkerStatistics
@@ -80,12 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PoolCore", "PoolOptions", "PoolState"]
 
-TARGET_CHUNK_SECONDS = 0.02  # adaptive chunks aim at tens of ms: cheap dispatch, live progress
-MAX_CHUNK = 16_384
-SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hide latency
-PREFETCH = 4
 DRAIN_BUDGET = 64  # messages handled per I/O callback before other callbacks get a turn
-FUNCTION_CACHE = 64  # callables cached per worker
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,12 +112,13 @@ class PoolCore:
         self.loop = loop
         self.state = PoolState.UNOPENED
         self.wire = Wire(loop, options.max_result_bytes, self._drain)
-        self.workers = WorkerSet(options, bus, loop, self.wire, self, self._worker_exited, self._pump)
+        self.workers = WorkerSet(options, bus, loop, self.wire, self, self._worker_exited,
+                                 lambda: self.dispatch.pump())
         self.jobs: dict[int, Job] = {}
-        self.ready_jobs: collections.deque[Job] = collections.deque()  # may have work
-        self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
+        self.dispatch = Dispatcher(options, loop, self.wire, self.workers, self, self.jobs,
+                                   self._forget_job)
+        self._pump = self.dispatch.pump  # bound once: called after every read
         self.caller_poll = BusyPoll(options.busy_poll)  # shared by callers, under the engine
-        self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
         self.broken: BrokenPoolError | None = None
         self.closed_event: asyncio.Event = asyncio.Event()
@@ -211,7 +206,7 @@ class PoolCore:
         if workers < 1:
             raise ValueError(f"a pool needs at least 1 worker, got {workers}")
         self.workers.resize(workers)
-        self._pump()
+        self.dispatch.pump()
 
     # --- messages in ------------------------------------------------------------------
 
@@ -368,8 +363,7 @@ class PoolCore:
             if not self.workers.ready(w, msg.worker_id):
                 self.bad_messages += 1
                 return
-            for name, digest, payload_bytes, item in self.setups:
-                self._assign_setup(w, name, digest, payload_bytes, item)
+            self.dispatch.assign_setups(w)
             self.workers.note_all_ready()
 
     def _engine_failed(self, msg: proto.Message, exc: Exception) -> None:
@@ -410,19 +404,19 @@ class PoolCore:
             if chunk.count > 1:
                 # One result is to blame, unknown which: run the tasks again one by one, so
                 # that only the culprit fails (as for arguments that cannot be unpickled).
-                self._requeue_open_items(job, chunk)
+                self.dispatch.requeue_open_items(job, chunk)
             else:
                 err = SerializationError(
                     f"cannot unpickle the result of task {chunk.start} in the pool: "
                     f"{type(exc).__name__}: {exc}"
                 )
-                self._fail_range(job, chunk, err)
+                self.dispatch.fail_range(job, chunk, err)
             job.progress()
             return
         if msg.count and msg.elapsed >= 0:
             per_item = msg.elapsed / msg.count
-            old = self.fn_time.get(job.digest)
-            self.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
+            old = self.dispatch.fn_time.get(job.digest)
+            self.dispatch.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
         start, count = chunk.start, chunk.count
         if job.circuit is not None:
             self._circuit_outcome(job, errors, count)
@@ -435,16 +429,16 @@ class PoolCore:
             # The worker could not load the chunk's arguments: one item is to blame, unknown
             # which. Re-run them one by one so that only the culprit fails.
             for offset in reversed(range(count)):
-                if job.states[start + offset] in _FINAL_BYTES:  # a call cancelled meanwhile
+                if job.states[start + offset] in FINAL_BYTES:  # a call cancelled meanwhile
                     continue
                 job.transition(start + offset, 1, TaskState.PENDING)
-                self._requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
+                self.dispatch.requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
         else:
             for offset in range(count):
-                if offset not in errors and job.states[start + offset] not in _FINAL_BYTES:
+                if offset not in errors and job.states[start + offset] not in FINAL_BYTES:
                     job.succeed(start + offset, [values[offset]], w.id)
             for offset, record in errors.items():
-                if job.states[start + offset] not in _FINAL_BYTES:
+                if job.states[start + offset] not in FINAL_BYTES:
                     self._on_error(job, chunk, offset, record, w)
         job.progress()
         if w.retire and not w.inflight:
@@ -461,7 +455,7 @@ class PoolCore:
             if record is None:
                 breaker.record_success()
             elif record.kind == "cancelled":
-                breaker.record_failure(_NOT_RUN)
+                breaker.record_failure(NOT_RUN)
             else:
                 breaker.record_failure(rebuild_exception(record, ""))
 
@@ -474,34 +468,7 @@ class PoolCore:
         note = (f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job "
                 f"{job.id} ({job.name!r}), input {describe_input(job, chunk.items[offset])}")
         exc = rebuild_exception(record, note)
-        self._fail_item(job, chunk, offset, exc, w, record.duration, record.duration_bound)
-
-    def _fail_item(
-        self, job: Job, chunk: Chunk, offset: int, exc: BaseException, w: WorkerProc | None,
-        duration: float | None = None, duration_bound: bool = False,
-    ) -> None:
-        """A task failed: retry it if its policy says so, else record the failure (with how
-        long the attempt ran, when known)."""
-        index = chunk.start + offset
-        if job.state_of(index).is_final:
-            return  # cancelled one by one meanwhile: that outcome stands
-        attempt = job.attempts.get(index, 0) + 1
-        job.attempts[index] = attempt
-        worker_id = w.id if w is not None else None
-        if not job.cancelled and job.retry.should_retry(exc, attempt):
-            delay = job.retry.delay(attempt, self.options.retry_random)
-            job.transition(index, 1, TaskState.RETRYING, worker_id, attempt, delay)
-            item = chunk.items[offset]
-            self.loop.call_later(delay, self._requeue_one, job, index, item)
-            return
-        job.fail(index, exc, worker_id, duration, duration_bound)
-
-    def _requeue_one(self, job: Job, index: int, item: Any) -> None:
-        if job.cancelled or job.state_of(index) != TaskState.RETRYING:
-            return
-        job.transition(index, 1, TaskState.PENDING)
-        self._requeue(job, Chunk(job, index, [item]))
-        self._pump()
+        self.dispatch.fail_item(job, chunk, offset, exc, w, record.duration, record.duration_bound)
 
     # --- worker exits -----------------------------------------------------------------
 
@@ -538,7 +505,7 @@ class PoolCore:
         self._recover_chunks(w, returncode)
         if self.state == PoolState.RUNNING:
             self.workers.replenish()
-        self._pump()
+        self.dispatch.pump()
 
     def _recover_chunks(self, w: WorkerProc, returncode: int) -> None:
         running = True
@@ -554,7 +521,7 @@ class PoolCore:
                 running and i < sent and chunk.started_at) else None
             if job.circuit is not None and i < sent:  # admitted: report how the call ended
                 job.circuit.record_failure(
-                    WorkerCrashedError(w.id, w.pid, returncode, chunk.start) if running else _NOT_RUN
+                    WorkerCrashedError(w.id, w.pid, returncode, chunk.start) if running else NOT_RUN
                 )
             if job.cancelled or (self.state != PoolState.RUNNING and job.id not in self.jobs):
                 self._cancel_range(job, chunk.start, chunk.count)
@@ -562,16 +529,16 @@ class PoolCore:
                 self._cancel_range(job, chunk.start, 1)  # a cancelled call: never re-run it
             elif w.kill_kind == "close":  # the pool killed it: not the task's fault, no crash
                 job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
-                self._requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
+                self.dispatch.requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
             elif chunk.target is not None:
-                self._fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
+                self.dispatch.fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
                                                                 crash_cause(w, returncode)), ran, w)
             elif running and w.kill_kind == "timeout":
                 exc: Exception = TaskTimeoutError(w.kill_reason)
-                self._fail_range(job, chunk, exc, ran, w)
+                self.dispatch.fail_range(job, chunk, exc, ran, w)
             elif running and w.kill_kind == "memory":
                 exc = MemoryLimitError(w.id, w.pid, returncode, chunk.start, w.kill_reason)
-                self._fail_range(job, chunk, exc, ran, w)
+                self.dispatch.fail_range(job, chunk, exc, ran, w)
             elif suspect:
                 # Which item killed it is unknown: rerun them one by one, each alone on its
                 # worker, blaming none yet.
@@ -585,50 +552,26 @@ class PoolCore:
                         continue
                     single = Chunk(job, index, [chunk.items[offset]])
                     single.suspect = True
-                    self._requeue(job, single, front=True)
+                    self.dispatch.requeue(job, single, front=True)
             elif running:
                 crashes = job.crashes.get(chunk.start, 0) + 1
                 job.crashes[chunk.start] = crashes
                 if crashes >= self.options.max_worker_crashes:
                     cause = crash_cause(w, returncode)
                     exc = WorkerCrashedError(w.id, w.pid, returncode, chunk.start, cause)
-                    self._fail_range(job, chunk, exc, ran, w)
+                    self.dispatch.fail_range(job, chunk, exc, ran, w)
                 else:
                     job.transition(chunk.start, 1, TaskState.PENDING)
-                    self._requeue(job, chunk, front=True)
-            elif any(job.states[chunk.start + k] in _FINAL_BYTES for k in range(chunk.count)):
-                self._requeue_open_items(job, chunk)  # calls of it were cancelled meanwhile
+                    self.dispatch.requeue(job, chunk, front=True)
+            elif any(job.states[chunk.start + k] in FINAL_BYTES for k in range(chunk.count)):
+                self.dispatch.requeue_open_items(job, chunk)  # calls of it were cancelled meanwhile
             else:
                 job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
-                self._requeue(job, chunk, front=True)
+                self.dispatch.requeue(job, chunk, front=True)
             running = False
             job.progress()
         w.inflight.clear()
         w.assigned.clear()
-
-    def _requeue_open_items(self, job: Job, chunk: Chunk) -> None:
-        """Re-queue the items of ``chunk`` one by one, except those already final (a
-        cancelled call of a batch) or cancelled since: those are never run again."""
-        for offset in reversed(range(chunk.count)):
-            index = chunk.start + offset
-            if job.states[index] in _FINAL_BYTES:
-                continue
-            if index in job.cancelled_items:
-                job.transition(index, 1, TaskState.CANCELLED)
-                continue
-            job.transition(index, 1, TaskState.PENDING)
-            self._requeue(job, Chunk(job, index, [chunk.items[offset]]), front=True)
-
-    def _fail_range(
-        self, job: Job, chunk: Chunk, exc: BaseException, ran: tuple[float, bool] | None = None,
-        w: WorkerProc | None = None,
-    ) -> None:
-        """Fail every open item of ``chunk`` with ``exc``; ``ran``: how long the chunk ran
-        (seconds, at most?) on worker ``w``, when it ran."""
-        duration, bound = ran if ran is not None else (None, False)
-        for offset in range(chunk.count):
-            if job.states[chunk.start + offset] not in _FINAL_BYTES:  # e.g. a cancelled call
-                self._fail_item(job, chunk, offset, exc, w, duration, bound)
 
     def _cancel_range(self, job: Job, start: int, count: int) -> None:
         job.transition(start, count, TaskState.CANCELLED, unfinished_only=True)
@@ -668,9 +611,9 @@ class PoolCore:
             if stats.state is CircuitState.OPEN and stats.retry_in:
                 chunk = job.take(1)  # open: fail now, without waiting for a free worker
                 if chunk is not None:
-                    self._admit(job, chunk)
+                    self.dispatch.admit(job, chunk)
                 return
-        self._mark_ready(job)
+        self.dispatch.mark_ready(job)
         if job.targets is not None:
             for wid in job.targets:
                 w = self.workers.procs.get(wid)
@@ -678,252 +621,23 @@ class PoolCore:
                 if chunk is None:
                     break
                 if w is None:
-                    self._fail_range(job, chunk, WorkerCrashedError(wid, None, None, chunk.start))
+                    self.dispatch.fail_range(job, chunk, WorkerCrashedError(wid, None, None, chunk.start))
                 else:
                     chunk.target = wid
                     w.assigned.append(chunk)
-        self._pump()
+        self.dispatch.pump()
         job.check_done()
 
     def input_ready(self, job: Job) -> None:
         """The job's feeder read more items (or its input ended): dispatch them."""
         if job.id in self.jobs:
-            self._mark_ready(job)
-            self._pump()
+            self.dispatch.mark_ready(job)
+            self.dispatch.pump()
             job.check_done()
 
     def add_setup(self, name: str, digest: bytes, payload: bytes, item: Any) -> None:
         """Replay ``fn(*args)`` on every worker that starts from now on, before other work."""
-        self.setups.append((name, digest, payload, item))
-
-    def _assign_setup(self, w: WorkerProc, name: str, digest: bytes, payload: bytes, item: Any) -> None:
-        job = Job(next_job_id(), f"setup replay: {name}", digest, payload, iter([item]), 1, call=True)
-        job.internal = True
-        job.on_finished = self._forget_job
-        self.jobs[job.id] = job
-        chunk = job.take(1)
-        assert chunk is not None
-        chunk.target = w.id
-        w.assigned.append(chunk)
-
-    def _pump(self) -> None:
-        if self.state != PoolState.RUNNING and self.state != PoolState.CLOSING:
-            return
-        for w in list(self.workers.procs.values()):
-            if w.state != "ready":
-                continue
-            while w.assigned and len(w.inflight) < PREFETCH:
-                if not self._send_chunk(w, w.assigned.popleft()):
-                    break
-            if w.retire:
-                continue
-            while self._has_room(w):
-                budget = self._task_budget(w)
-                if budget == 0:
-                    break  # its last tasks are out: it retires when they are done
-                chunk = self._next_chunk(budget)
-                if chunk is None:
-                    break  # not return: later workers may still have assigned chunks
-                if chunk.suspect and w.inflight:  # a suspect runs alone: an idle worker's
-                    self._requeue(chunk.job, chunk, front=True)
-                    break
-                if not self._send_chunk(w, chunk):
-                    break  # unreachable (exiting): retrying it here would spin forever
-
-    def _has_room(self, w: WorkerProc) -> bool:
-        if not w.inflight:
-            return True
-        if any(chunk.suspect for chunk in w.inflight):
-            return False  # nothing queued behind (or before) an item that may kill it
-        if len(w.inflight) >= PREFETCH:
-            return False
-        # Queue more behind a chunk only when chunks are short; long ones would imbalance.
-        for chunk in w.inflight:
-            est = self.fn_time.get(chunk.job.digest)
-            if est is None or est * chunk.count > SHORT_CHUNK_SECONDS:
-                if chunk.job.queue_one_more and est is not None and len(w.inflight) < 2:
-                    continue  # one long chunk may wait behind another for this job
-                return False
-        return True
-
-    def _task_budget(self, w: WorkerProc) -> int | None:
-        """Tasks ``w`` may still be sent under max_tasks_per_worker (None: no limit)."""
-        limit = self.options.max_tasks_per_worker
-        if not limit:
-            return None
-        return max(0, limit - w.tasks_done - sum(c.count for c in w.inflight))
-
-    def _next_chunk(self, budget: int | None = None) -> Chunk | None:
-        """Round-robin over jobs with work: one chunk from the first, which goes to the back;
-        at most ``budget`` tasks in it."""
-        ready = self.ready_jobs
-        while ready:
-            job = ready.popleft()
-            if job.paused:  # out of the queue until set_paused(..., False) puts it back
-                job.queued = False
-                continue
-            size = self._chunk_size(job) if budget is None else min(budget, self._chunk_size(job))
-            chunk = job.take(size) if job.id in self.jobs else None
-            if chunk is None:
-                job.queued = False
-                job.check_done()
-                continue
-            if job.has_work():
-                ready.append(job)
-            else:
-                job.queued = False
-            return chunk
-        return None
-
-    def _requeue(self, job: Job, chunk: Chunk, front: bool = False) -> None:
-        """Put a chunk back in its job's queue (after a crash, a retry backoff...)."""
-        if front:
-            job.requeued.appendleft(chunk)
-        else:
-            job.requeued.append(chunk)
-        self._mark_ready(job)
-
-    def _mark_ready(self, job: Job) -> None:
-        if not job.queued and job.targets is None:
-            job.queued = True
-            self.ready_jobs.append(job)
-
-    def _chunk_size(self, job: Job) -> int:
-        if job.timeout is not None or job.circuit is not None:
-            return 1
-        if job.chunksize is not None:
-            return job.chunksize
-        est = self.fn_time.get(job.digest)
-        if est is None:
-            return 1
-        size = int(TARGET_CHUNK_SECONDS / max(est, 1e-7))
-        remaining = job.remaining()
-        if remaining is not None:
-            # Several chunks per worker to the end, so the last ones balance the load.
-            size = min(size, math.ceil(remaining / (2 * max(1, len(self.workers.procs)))))
-        return max(1, min(size, MAX_CHUNK))
-
-    def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> bool:
-        """Send ``chunk`` to ``w``; False if ``w`` could not be reached (chunk re-queued)."""
-        job = chunk.job
-        if job.cancelled_items:
-            trimmed = self._drop_cancelled_calls(job, chunk)
-            if trimmed is None:
-                return True
-            chunk = trimmed
-        if w.sys_path_version != self.workers.sys_path_version:
-            version = self.workers.sys_path_version  # read first: the paths are at least as new
-            if not self.wire.send(self.wire.data, w, proto.SysPath(tuple(self.workers.sys_path))):
-                self._requeue(job, chunk, front=True)
-                return False
-            w.sys_path_version = version
-        try:
-            if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
-                (frames, names), chunk.payload = chunk.payload, None
-            else:
-                frames, names = proto.pickle_payload(
-                    dumps, chunk.items, self.wire.segments or self.wire.shm_dir
-                )
-        except Exception as exc:
-            self._unpicklable_chunk(job, chunk, exc)
-            return True
-        if job.digest in w.functions:
-            w.functions.move_to_end(job.digest)
-        else:
-            forget: list[bytes] = []
-            while len(w.functions) >= FUNCTION_CACHE:
-                forget.append(w.functions.popitem(last=False)[0])
-            try:
-                self.wire.send(self.wire.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
-            except OSError as exc:
-                return self._unsendable_chunk(job, chunk, names, "function", exc)
-            w.functions[job.digest] = None
-        run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
-                        job.timeout, names)
-        if job.circuit is not None and not self._admit(job, chunk):
-            self.wire.discard(names)
-            return True
-        try:
-            sent = self.wire.send(self.wire.data, w, run, frames)
-        except OSError as exc:
-            return self._unsendable_chunk(job, chunk, names, "arguments", exc)
-        if not sent:
-            self.wire.discard(names)
-            self._requeue(job, chunk, front=True)
-            if job.circuit is not None:
-                job.circuit.record_failure(_NOT_RUN)
-            return False
-        chunk.worker = w.id
-        w.held.update(n for n in names if n is not None)
-        chunk.started_at = time.monotonic()
-        w.inflight.append(chunk)
-        job.inflight[chunk.start] = chunk
-        job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id)
-        return True
-
-    def _unsendable_chunk(
-        self, job: Job, chunk: Chunk, names: tuple[str | None, ...], what: str, exc: OSError
-    ) -> bool:
-        """The chunk's message has a frame above the frame limit, and the file that would
-        carry it could not be written (ENOSPC...): its tasks fail, naming that."""
-        self.wire.discard(names)
-        err = SerializationError(
-            f"cannot send the {what} of {proto.task_range(chunk.start, chunk.count)} to "
-            f"a worker: a frame carries at most {self.wire.frame_limit:,} bytes, and writing the "
-            f"message to {self.wire.run_dir} failed: {type(exc).__name__}: {exc}"
-        )
-        self._fail_range(job, chunk, err)
-        job.progress()
-        return True
-
-    def _drop_cancelled_calls(self, job: Job, chunk: Chunk) -> Chunk | None:
-        """Calls of a batch cancelled before their chunk was sent are never sent: a Cancel on
-        the control socket would race the Run on the data socket, and the worker could start
-        the call first. Returns the first run of live calls to send (the later runs are
-        re-queued in order), or None when every call of the chunk was cancelled."""
-        cancelled = job.cancelled_items
-        indices = range(chunk.start, chunk.start + chunk.count)
-        if not any(index in cancelled for index in indices):
-            return chunk
-        if chunk.payload is not None:  # pre-pickled for a lone call: its segments go unused
-            self.wire.discard(chunk.payload[1])
-            chunk.payload = None
-        runs: list[Chunk] = []
-        live: list[Any] = []
-        for offset, index in enumerate(indices):
-            if index in cancelled:
-                job.transition(index, 1, TaskState.CANCELLED, unfinished_only=True)
-                if live:
-                    runs.append(Chunk(job, index - len(live), live, chunk.target))
-                    live = []
-            else:
-                live.append(chunk.items[offset])
-        if live:
-            runs.append(Chunk(job, chunk.start + chunk.count - len(live), live, chunk.target))
-        for later in reversed(runs[1:]):
-            self._requeue(job, later, front=True)
-        job.progress()
-        return runs[0] if runs else None
-
-    def _admit(self, job: Job, chunk: Chunk) -> bool:
-        """Ask the job's circuit breaker; a rejected task fails fast, never reaching a worker."""
-        try:
-            job.circuit.before_call()
-        except CircuitOpenError as exc:
-            self._fail_item(job, chunk, 0, exc, None)
-            job.progress()
-            return False
-        return True
-
-    def _unpicklable_chunk(self, job: Job, chunk: Chunk, exc: Exception) -> None:
-        culprits = describe_unpicklable_argument(chunk.items, chunk.start, exc)
-        for offset, item in enumerate(chunk.items):
-            index = chunk.start + offset
-            if index in culprits:
-                job.fail(index, SerializationError(culprits[index]))
-            else:
-                self._requeue(job, Chunk(job, index, [item]))
-        job.progress()
+        self.dispatch.add_setup(name, digest, payload, item)
 
     def set_paused(self, job_id: int, paused: bool) -> None:
         """Pause (hand out no new chunk of the job; sent ones run) or resume a job."""
@@ -932,8 +646,8 @@ class PoolCore:
             return
         job.set_paused(paused)  # on the engine thread, which hands out chunks
         if not paused and job.has_work():
-            self._mark_ready(job)
-            self._pump()
+            self.dispatch.mark_ready(job)
+            self.dispatch.pump()
 
     # --- cancellation, deadlines, health ---------------------------------------------
 
@@ -1094,11 +808,8 @@ class PoolCore:
                               tuple(jobs), queued, self.bad_messages, self.workers.spawn_error)
 
 
-# Reported to a circuit breaker for an admitted call that never ran: neutral, not a failure.
-_NOT_RUN = asyncio.CancelledError("the task did not run")
 
 
-_FINAL_BYTES = bytes([TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
 # Where the thread of a turning asyncio loop is: asleep in its selector (the default ones),
 # or between callbacks (see PoolCore._a_caller_loop_is_waking).

@@ -18,7 +18,7 @@ import orchestra_nb as orchestra
 from orchestra_nb import JobFinished, JobProgress, TaskState, TaskStateChanged, WorkerCrashedError
 from orchestra_nb._events import replay_counts
 from orchestra_nb._jobs import STREAM_WINDOW
-from orchestra_nb._pool import MAX_CHUNK
+from orchestra_nb._pool_dispatch import MAX_CHUNK
 from orchestra_nb._state import LEGAL
 
 HANG_GUARD = 30.0

@@ -55,7 +55,7 @@ def test_a_worker_keeps_one_long_chunk_queued_behind_a_running_one(
         wait_for(lambda: job.counts[orchestra.TaskState.SUCCEEDED] == 1, timeout=HANG_GUARD)
         os.remove(tmp_path / "release")
         core = local_core(pool)
-        core.fn_time[job.digest] = 1.0  # "a second each": longer than any short chunk
+        core.dispatch.fn_time[job.digest] = 1.0  # "a second each": longer than any short chunk
         inlet.put_many([(d, i) for i in range(1, 7)])
         pool._input_added(job)
         # Both workers run one and hold one more (not all: chunks of one second each).
