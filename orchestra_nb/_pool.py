@@ -31,7 +31,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import pickle
 import random
 import select
 import selectors
@@ -51,14 +50,14 @@ from ._exceptions import (
     BrokenPoolError,
     MemoryLimitError,
     PoolClosedError,
-    SerializationError,
     TaskTimeoutError,
     WorkerCrashedError,
     describe_exit,
 )
-from ._jobs import Chunk, Job, describe_input
+from ._jobs import Chunk, Job
 from ._policy import MemoryPolicy
 from ._pool_dispatch import FINAL_BYTES, NOT_RUN, Dispatcher
+from ._pool_results import ResultPath
 from ._pool_wire import Wire
 from ._pool_workers import MAX_START_FAILURES, WorkerSet
 from ._procs import (
@@ -69,7 +68,6 @@ from ._procs import (
     install_sigterm_cleanup,
     register_run_dir,
 )
-from ._serialize import ErrorRecord, rebuild_exception
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._state import PoolState, TaskState, WorkerState
 from ._stats import PoolStatistics, WorkerStatistics
@@ -113,23 +111,23 @@ class PoolCore:
         self.state = PoolState.UNOPENED
         self.wire = Wire(loop, options.max_result_bytes, self._drain)
         self.workers = WorkerSet(options, bus, loop, self.wire, self, self._worker_exited,
-                                 lambda: self.dispatch.pump())
+                                 self._respawned)
         self.jobs: dict[int, Job] = {}
         self.dispatch = Dispatcher(options, loop, self.wire, self.workers, self, self.jobs,
                                    self._forget_job)
         self._pump = self.dispatch.pump  # bound once: called after every read
+        self.results = ResultPath(options, loop, self.wire, self.workers, self.dispatch, self)
+        self._on_result = self.results.on_result  # bound once: called for every result
         self.caller_poll = BusyPoll(options.busy_poll)  # shared by callers, under the engine
         self.bad_messages = 0
         self.broken: BrokenPoolError | None = None
         self.closed_event: asyncio.Event = asyncio.Event()
-        self._released: collections.deque[tuple[int, str]] = collections.deque()
-        self._release_scheduled = False
         self._tick_handle: asyncio.TimerHandle | None = None
         self.caller_drains = 0  # loops reading the data socket themselves (under the engine)
         self.caller_threads: collections.Counter[int] = collections.Counter()  # ... their threads
         self._unread_seen = False
         self._io_reads_data = True  # this thread watches the data socket (no loop reads it)
-        self.take_backs = 0  # times this thread took the socket back from stopped loops
+        self.take_backs: int = 0  # times this thread took the socket back from stopped loops
         self._data_poll = select.poll()
         install_sigterm_cleanup()  # here, on the caller's (usually the main) thread
 
@@ -379,122 +377,10 @@ class PoolCore:
         err.__cause__ = exc
         job.fail_all(err)
 
-    def _on_result(self, w: WorkerProc, msg: proto.Result, payload: list[Any]) -> None:
-        chunk = _pop_chunk(w, msg.job, msg.start)
-        if chunk is None:
-            names = tuple(n for n in msg.buffers if n is not None)
-            if names:
-                self.wire.send(self.wire.data, w, proto.Release(names))
-            self.bad_messages += 1
-            return
-        for timer in w.timers:
-            timer.cancel()
-        w.timers.clear()
-        job = chunk.job
-        job.inflight.pop(chunk.start, None)
-        w.tasks_done += chunk.count
-        try:
-            values, errors = pickle.loads(
-                payload[0],
-                buffers=proto.read_buffers(
-                    payload, msg.buffers, self.wire.mappings, self._result_releaser(w.id)
-                ) if msg.buffers else None,
-            )
-        except Exception as exc:
-            if chunk.count > 1:
-                # One result is to blame, unknown which: run the tasks again one by one, so
-                # that only the culprit fails (as for arguments that cannot be unpickled).
-                self.dispatch.requeue_open_items(job, chunk)
-            else:
-                err = SerializationError(
-                    f"cannot unpickle the result of task {chunk.start} in the pool: "
-                    f"{type(exc).__name__}: {exc}"
-                )
-                self.dispatch.fail_range(job, chunk, err)
-            job.progress()
-            return
-        if msg.count and msg.elapsed >= 0:
-            per_item = msg.elapsed / msg.count
-            old = self.dispatch.fn_time.get(job.digest)
-            self.dispatch.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
-        start, count = chunk.start, chunk.count
-        if job.circuit is not None:
-            self._circuit_outcome(job, errors, count)
-        errors = errors or {}  # None when every task of the chunk succeeded
-        if not errors and not job.cancelled_items:
-            job.succeed(start, values, w.id)
-        elif errors and count > 1 and len(errors) == count and all(
-            r.kind == "arguments" for r in errors.values()
-        ):
-            # The worker could not load the chunk's arguments: one item is to blame, unknown
-            # which. Re-run them one by one so that only the culprit fails.
-            for offset in reversed(range(count)):
-                if job.states[start + offset] in FINAL_BYTES:  # a call cancelled meanwhile
-                    continue
-                job.transition(start + offset, 1, TaskState.PENDING)
-                self.dispatch.requeue(job, Chunk(job, start + offset, [chunk.items[offset]]), front=True)
-        else:
-            for offset in range(count):
-                if offset not in errors and job.states[start + offset] not in FINAL_BYTES:
-                    job.succeed(start + offset, [values[offset]], w.id)
-            for offset, record in errors.items():
-                if job.states[start + offset] not in FINAL_BYTES:
-                    self._on_error(job, chunk, offset, record, w)
-        job.progress()
-        if w.retire and not w.inflight:
-            self.workers.stop(w)
-        elif self.options.max_tasks_per_worker and w.tasks_done >= self.options.max_tasks_per_worker:
-            w.retire = True
-            if not w.inflight:
-                self.workers.recycle(w, "max_tasks_per_worker reached")
-
-    def _circuit_outcome(self, job: Job, errors: dict[int, ErrorRecord] | None, count: int) -> None:
-        breaker = job.circuit
-        for offset in range(count):
-            record = errors.get(offset) if errors else None
-            if record is None:
-                breaker.record_success()
-            elif record.kind == "cancelled":
-                breaker.record_failure(NOT_RUN)
-            else:
-                breaker.record_failure(rebuild_exception(record, ""))
-
-    def _on_error(self, job: Job, chunk: Chunk, offset: int, record: ErrorRecord, w: WorkerProc) -> None:
-        index = chunk.start + offset
-        if record.kind == "cancelled":
-            job.results[index] = None
-            job.transition(index, 1, TaskState.CANCELLED, w.id)
-            return
-        note = (f"raised in worker {w.id} (pid {w.pid}) while running task {index} of job "
-                f"{job.id} ({job.name!r}), input {describe_input(job, chunk.items[offset])}")
-        exc = rebuild_exception(record, note)
-        self.dispatch.fail_item(job, chunk, offset, exc, w, record.duration, record.duration_bound)
-
     # --- worker exits -----------------------------------------------------------------
 
-    def _result_releaser(self, worker_id: int) -> Any:
-        """A callback for result segments of ``worker_id``: called in whatever thread drops
-        the last array using one, it hands the name to the I/O thread."""
-
-        def release(name: str) -> None:
-            self._released.append((worker_id, name))
-            if not self._release_scheduled:
-                self._release_scheduled = True
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
-                    self.loop.call_soon_threadsafe(self._send_releases)
-
-        return release
-
-    def _send_releases(self) -> None:
-        self._release_scheduled = False
-        by_worker: dict[int, list[str]] = {}
-        while self._released:
-            worker_id, name = self._released.popleft()
-            by_worker.setdefault(worker_id, []).append(name)
-        for worker_id, names in by_worker.items():
-            w = self.workers.procs.get(worker_id)
-            if w is not None and w.state in ("ready", "stopping"):
-                self.wire.send(self.wire.data, w, proto.Release(tuple(names)))
+    def _respawned(self) -> None:
+        self._pump()
 
     def _worker_exited(self, w: WorkerProc) -> None:
         """``w``'s pidfd is readable: reap it, recover its chunks, replace it."""
@@ -840,11 +726,3 @@ def _worker_id(ident: proto.Frame) -> int:
         return int(bytes(ident)[1:].split(b"-", 1)[0])
     except ValueError:
         return -1
-
-
-def _pop_chunk(w: WorkerProc, job_id: int, start: int) -> Chunk | None:
-    for i, chunk in enumerate(w.inflight):
-        if chunk.job.id == job_id and chunk.start == start:
-            del w.inflight[i]
-            return chunk
-    return None

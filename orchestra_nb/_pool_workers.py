@@ -38,9 +38,11 @@ SPAWN_RETRY_MAX = 5.0  # ... up to this
 
 
 class PoolStatus(Protocol):
-    """What a part of the pool reads of the core that owns it: the pool's state."""
+    """What a part of the pool reads of the core that owns it: the pool's state; and the
+    count of messages it refused, which a part may add to."""
 
     state: PoolState
+    bad_messages: int
 
 
 class WorkerSet:
