@@ -31,7 +31,7 @@ LAYERS = {
     "_outcomes": 0,
     "_worker": 1, "_namespace": 1,
     "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_pool": 2, "_pool_wire": 2, "_pool_workers": 2,
-    "_pool_dispatch": 2, "_pool_results": 2,
+    "_pool_dispatch": 2, "_pool_results": 2, "_pool_recovery": 2,
     "_feed": 2, "_table": 2, "backends": 2, "backends._base": 2, "backends._caller": 2,
     "backends.local": 2, "backends.inline": 2, "backends.dask": 2, "backends._dask_worker": 2,
     "_api": 3, "_handles": 3, "_callbacks": 3, "_driver": 3, "_pipeline": 3, "_schedule": 3,
