@@ -27,15 +27,10 @@ were only queued on the dead worker are re-queued as they are.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
-import functools
 import random
-import select
-import selectors
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -66,9 +61,10 @@ from ._procs import (
     install_sigterm_cleanup,
     register_run_dir,
 )
-from ._spin import DEFAULT_BUSY_POLL, BusyPoll
+from ._spin import DEFAULT_BUSY_POLL
 from ._state import PoolState, TaskState, WorkerState
 from ._stats import PoolStatistics, WorkerStatistics
+from .backends._caller import ResultReaders
 
 if TYPE_CHECKING:
     from ._ioloop import EngineLoop
@@ -118,16 +114,10 @@ class PoolCore:
         self._on_result = self.results.on_result  # bound once: called for every result
         self.recovery = Recovery(options, bus, loop, self.wire, self.workers, self.dispatch, self,
                                  self.jobs)
-        self.caller_poll = BusyPoll(options.busy_poll)  # shared by callers, under the engine
+        self.readers: ResultReaders = ResultReaders(loop, self.wire, self, options.busy_poll, self._drain)
         self.bad_messages = 0
         self.broken: BrokenPoolError | None = None
         self.closed_event: asyncio.Event = asyncio.Event()
-        self.caller_drains = 0  # loops reading the data socket themselves (under the engine)
-        self.caller_threads: collections.Counter[int] = collections.Counter()  # ... their threads
-        self._unread_seen = False
-        self._io_reads_data = True  # this thread watches the data socket (no loop reads it)
-        self.take_backs: int = 0  # times this thread took the socket back from stopped loops
-        self._data_poll = select.poll()
         install_sigterm_cleanup()  # here, on the caller's (usually the main) thread
 
 
@@ -191,7 +181,7 @@ class PoolCore:
     def _teardown(self) -> None:
         self.recovery.close()
         self.workers.close()
-        self.loop.remove_hot_check(self._check_unread)
+        self.readers.close()
         self.wire.close()
         self.state = PoolState.CLOSED
         self.closed_event.set()
@@ -251,92 +241,6 @@ class PoolCore:
         """Read what the workers sent, on the thread that drives the engine."""
         if self.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._drain(self.wire.data)
-
-    def busy_poll_results(self, done: Callable[[], bool], until: float, first: bool) -> bool:
-        """Poll the data socket until ``until`` (a ``time.perf_counter`` deadline), reading
-        what arrives, until ``done()``: for a caller that expects its result within
-        microseconds and would otherwise sleep for it (see ``_spin``). Runs under the
-        engine. ``first``: a new wait (the back-off may skip it), not the resumption of
-        one. Returns True if it stopped early because the I/O thread needs the engine (a
-        worker exited, a cancel or a timer is due): the caller lets go, then resumes."""
-        poll = self.caller_poll
-        if self.state != PoolState.RUNNING or (first and not poll.start()):
-            return False
-        sock = self.wire.data
-        has_input = functools.partial(proto.has_input, sock)
-        wants_engine = self.loop.engine_selector.wants_engine
-        while not done():
-            got = poll.poll(has_input, until, wants_engine)
-            if got is None:
-                return True
-            if not got:
-                return False
-            self._drain(sock)
-        return False
-
-    def attach_caller(self) -> None:
-        """A loop awaiting a ``run()`` reads the data socket itself from now on (under the
-        engine; see ``_handles._CallerDrain``): this thread stops watching it, rather than
-        race that loop for each result and hand it over. It only checks, at each hot tick,
-        for results left unread; if a result waits through a whole tick, that loop is not
-        turning (stopped, or stuck in synchronous code), and this thread takes the socket
-        back (``take_backs`` counts it) until a loop awaits again (:meth:`reclaim`). Runs on
-        the loop's thread."""
-        self.caller_drains += 1
-        self.caller_threads[threading.get_ident()] += 1
-        self.reclaim()
-
-    def reclaim(self) -> None:
-        """An attached loop awaits again: leave the socket to the loops once more."""
-        if self._io_reads_data and self.state in (PoolState.RUNNING, PoolState.CLOSING):
-            self._io_reads_data = False
-            self.loop.remove_reader(self.wire.data_fd)
-            self._unread_seen = False
-            self._data_poll.register(self.wire.data_fd, select.POLLIN)
-            self.loop.add_hot_check(self._check_unread)
-
-    def detach_caller(self) -> None:
-        """The loop of this thread lets go of the socket."""
-        self.caller_drains -= 1
-        ident = threading.get_ident()
-        self.caller_threads[ident] -= 1
-        if self.caller_threads[ident] <= 0:
-            del self.caller_threads[ident]
-        if not self.caller_drains:
-            self._read_data_here()
-
-    def _read_data_here(self) -> None:
-        if self._io_reads_data:
-            return
-        self._io_reads_data = True
-        self.loop.remove_hot_check(self._check_unread)
-        with contextlib.suppress(KeyError, ValueError):
-            self._data_poll.unregister(self.wire.data_fd)
-        if self.state in (PoolState.RUNNING, PoolState.CLOSING):
-            self.loop.add_reader(self.wire.data_fd, self._drain, self.wire.data)
-            self._drain(self.wire.data)
-
-    def _check_unread(self) -> None:
-        # The FD stays readable until someone reads the socket.
-        unread = bool(self._data_poll.poll(0))
-        if unread and self._unread_seen and not self._a_caller_loop_is_waking():
-            self.take_backs += 1
-            self._read_data_here()
-            unread = False
-        self._unread_seen = unread
-
-    def _a_caller_loop_is_waking(self) -> bool:
-        """Whether an attached loop's thread is turning: asleep in its selector (which the
-        unread socket wakes), between callbacks, or taking or handing back the engine (to
-        read). That loop reads the socket however long it then waits for a CPU (under load,
-        longer than a tick). A loop in synchronous code, or stopped, is elsewhere."""
-        frames = sys._current_frames()
-        turning = _TURNING_CODES | {type(self.loop).borrow.__code__, type(self.loop).give_back.__code__}
-        for ident in self.caller_threads:
-            frame = frames.get(ident)
-            if frame is not None and frame.f_code in turning:
-                return True
-        return False
 
     def _handle(self, w: WorkerProc, msg: proto.Message, payload: list[Any]) -> None:
         if isinstance(msg, proto.Result):
@@ -515,20 +419,6 @@ class PoolCore:
 
 
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
-# Where the thread of a turning asyncio loop is: asleep in its selector (the default ones),
-# or between callbacks (see PoolCore._a_caller_loop_is_waking).
-_TURNING_CODES = frozenset(
-    [
-        *(
-            cls.select.__code__
-            for name in ("EpollSelector", "PollSelector", "DevpollSelector", "KqueueSelector", "SelectSelector")
-            if (cls := getattr(selectors, name, None)) is not None
-        ),
-        asyncio.BaseEventLoop._run_once.__code__,  # type: ignore[attr-defined]
-    ]
-)
-
-
 def _worker_id(ident: proto.Frame) -> int:
     try:
         return int(bytes(ident)[1:].split(b"-", 1)[0])

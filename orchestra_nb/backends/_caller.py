@@ -12,20 +12,44 @@ own (a joblib call's callbacks) does the same while it is attached (:class:`Thre
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import functools
 import select
+import selectors
+import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .._spin import yield_cpu
+import zmq
+
+from .. import _protocol as proto
+from .._spin import BusyPoll, yield_cpu
 from .._state import PoolState
 
 if TYPE_CHECKING:
-    from .._ioloop import IOThread
+    from .._ioloop import EngineLoop, IOThread
     from .._pool import PoolCore
+    from .._pool_wire import Wire
+    from .._pool_workers import PoolStatus
 
-__all__ = ["CallerDrain", "ThreadDrain", "busy_poll"]
+__all__ = ["CallerDrain", "ResultReaders", "ThreadDrain", "busy_poll"]
+
+# Where the thread of a turning asyncio loop is: asleep in its selector (the default ones),
+# or between callbacks (see ResultReaders._a_caller_loop_is_waking).
+_TURNING_CODES = frozenset(
+    [
+        *(
+            cls.select.__code__
+            for name in ("EpollSelector", "PollSelector", "DevpollSelector", "KqueueSelector", "SelectSelector")
+            if (cls := getattr(selectors, name, None)) is not None
+        ),
+        asyncio.BaseEventLoop._run_once.__code__,  # type: ignore[attr-defined]
+    ]
+)
 
 # An awaiting coroutine polls for its result for at most this long (or the pool's busy_poll
 # if shorter): its loop runs nothing else meanwhile.
@@ -39,15 +63,127 @@ def busy_poll(io: IOThread, core: PoolCore, done: Callable[[], bool], limit: flo
     """Send what this thread queued, then read results on it until ``done()``, for up to
     the pool's ``busy_poll`` window (or ``limit`` s). Whenever the I/O thread needs the
     engine (a worker exited, a cancel, a timer), it gets it before the polling goes on."""
-    window = core.caller_poll.window
+    readers = core.readers
+    window = readers.poll.window
     until = time.perf_counter() + (window if limit is None else min(window, limit))
     selector = io.loop.engine_selector
     first = True
     # Each pass ends with a hit, a miss (past ``until``), or the I/O thread wanting in.
-    while io.run_now(core.busy_poll_results, done, until, first) and not done():
+    while io.run_now(readers.busy_poll, done, until, first) and not done():
         first = False
         while selector.engine_wanted and time.perf_counter() < until:
             yield_cpu()  # until the I/O thread has the engine; then wait for it
+
+
+
+class ResultReaders:
+    """Who reads the pool's data socket (the engine's side of the fast path, under the
+    engine): the I/O thread, or the loops and threads attached to it (:class:`CallerDrain`,
+    :class:`ThreadDrain`), and the busy polls of callers that expect a result within
+    microseconds (``poll``, shared by all callers of the pool)."""
+
+    def __init__(self, loop: EngineLoop, wire: Wire, pool: PoolStatus, busy_poll: float,
+                 drain: Callable[[zmq.Socket[Any]], None]) -> None:
+        self.loop = loop
+        self.wire = wire
+        self.pool = pool
+        self._drain = drain  # reads and handles what a socket holds (PoolCore.drain)
+        self.poll = BusyPoll(busy_poll)  # shared by callers, under the engine
+        self.attached = 0  # loops reading the data socket themselves (under the engine)
+        self.threads: collections.Counter[int] = collections.Counter()  # ... their threads
+        self._unread_seen = False
+        self.io_reads = True  # the I/O thread watches the data socket (no loop reads it)
+        self.take_backs = 0  # times the I/O thread took the socket back from stopped loops
+        self._data_poll = select.poll()
+
+    def busy_poll(self, done: Callable[[], bool], until: float, first: bool) -> bool:
+        """Poll the data socket until ``until`` (a ``time.perf_counter`` deadline), reading
+        what arrives, until ``done()``: for a caller that expects its result within
+        microseconds and would otherwise sleep for it (see ``_spin``). Runs under the
+        engine. ``first``: a new wait (the back-off may skip it), not the resumption of
+        one. Returns True if it stopped early because the I/O thread needs the engine (a
+        worker exited, a cancel or a timer is due): the caller lets go, then resumes."""
+        poll = self.poll
+        if self.pool.state != PoolState.RUNNING or (first and not poll.start()):
+            return False
+        sock = self.wire.data
+        has_input = functools.partial(proto.has_input, sock)
+        wants_engine = self.loop.engine_selector.wants_engine
+        while not done():
+            got = poll.poll(has_input, until, wants_engine)
+            if got is None:
+                return True
+            if not got:
+                return False
+            self._drain(sock)
+        return False
+
+    def attach(self) -> None:
+        """A loop awaiting a ``run()`` reads the data socket itself from now on (under the
+        engine; see :class:`CallerDrain`): this thread stops watching it, rather than
+        race that loop for each result and hand it over. It only checks, at each hot tick,
+        for results left unread; if a result waits through a whole tick, that loop is not
+        turning (stopped, or stuck in synchronous code), and this thread takes the socket
+        back (``take_backs`` counts it) until a loop awaits again (:meth:`reclaim`). Runs on
+        the loop's thread."""
+        self.attached += 1
+        self.threads[threading.get_ident()] += 1
+        self.reclaim()
+
+    def reclaim(self) -> None:
+        """An attached loop awaits again: leave the socket to the loops once more."""
+        if self.io_reads and self.pool.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self.io_reads = False
+            self.loop.remove_reader(self.wire.data_fd)
+            self._unread_seen = False
+            self._data_poll.register(self.wire.data_fd, select.POLLIN)
+            self.loop.add_hot_check(self._check_unread)
+
+    def detach(self) -> None:
+        """The loop of this thread lets go of the socket."""
+        self.attached -= 1
+        ident = threading.get_ident()
+        self.threads[ident] -= 1
+        if self.threads[ident] <= 0:
+            del self.threads[ident]
+        if not self.attached:
+            self._read_here()
+
+    def _read_here(self) -> None:
+        if self.io_reads:
+            return
+        self.io_reads = True
+        self.loop.remove_hot_check(self._check_unread)
+        with contextlib.suppress(KeyError, ValueError):
+            self._data_poll.unregister(self.wire.data_fd)
+        if self.pool.state in (PoolState.RUNNING, PoolState.CLOSING):
+            self.loop.add_reader(self.wire.data_fd, self._drain, self.wire.data)
+            self._drain(self.wire.data)
+
+    def _check_unread(self) -> None:
+        # The FD stays readable until someone reads the socket.
+        unread = bool(self._data_poll.poll(0))
+        if unread and self._unread_seen and not self._a_caller_loop_is_waking():
+            self.take_backs += 1
+            self._read_here()
+            unread = False
+        self._unread_seen = unread
+
+    def _a_caller_loop_is_waking(self) -> bool:
+        """Whether an attached loop's thread is turning: asleep in its selector (which the
+        unread socket wakes), between callbacks, or taking or handing back the engine (to
+        read). That loop reads the socket however long it then waits for a CPU (under load,
+        longer than a tick). A loop in synchronous code, or stopped, is elsewhere."""
+        frames = sys._current_frames()
+        turning = _TURNING_CODES | {type(self.loop).borrow.__code__, type(self.loop).give_back.__code__}
+        for ident in self.threads:
+            frame = frames.get(ident)
+            if frame is not None and frame.f_code in turning:
+                return True
+        return False
+
+    def close(self) -> None:
+        self.loop.remove_hot_check(self._check_unread)
 
 
 _drains: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, CallerDrain]] = (
@@ -91,11 +227,11 @@ class CallerDrain:
             except (NotImplementedError, ValueError, OSError):
                 return None  # a loop without add_reader (Windows proactor): the I/O thread reads
             drain._attached = True
-            drain._take_backs = core.take_backs
-            io.run_now(core.attach_caller)
-        elif drain._take_backs != core.take_backs:  # the I/O thread took the socket back
-            drain._take_backs = core.take_backs
-            io.run_now(core.reclaim)
+            drain._take_backs = core.readers.take_backs
+            io.run_now(core.readers.attach)
+        elif drain._take_backs != core.readers.take_backs:  # the I/O thread took the socket back
+            drain._take_backs = core.readers.take_backs
+            io.run_now(core.readers.reclaim)
         elif flush:
             io.flush()
         drain._users += 1
@@ -122,7 +258,7 @@ class CallerDrain:
         self._attached = False
         self._loop.remove_reader(self._fd)
         if self._core.state in (PoolState.RUNNING, PoolState.CLOSING):
-            self._io.run_now(self._core.detach_caller)
+            self._io.run_now(self._core.readers.detach)
         drains = _drains.get(self._loop)
         if drains is not None and drains.get(id(self._core)) is self:
             del drains[id(self._core)]
@@ -158,10 +294,10 @@ class ThreadDrain:
         self._core = core
         self._poll = select.poll()
         self._poll.register(core.wire.data_fd, select.POLLIN)
-        self._take_backs = core.take_backs
+        self._take_backs = core.readers.take_backs
         self._attached = True
         self._sleep = THREAD_WAIT
-        io.run_now(core.attach_caller)
+        io.run_now(core.readers.attach)
 
     def wait(self, done: Callable[[], bool]) -> bool:
         """Read results on this thread until ``done()`` or for a short while; False if the
@@ -169,9 +305,9 @@ class ThreadDrain:
         core, io = self._core, self._io
         if not self._attached or core.state != PoolState.RUNNING:
             return False
-        if self._take_backs != core.take_backs:  # the I/O thread took the socket back
-            self._take_backs = core.take_backs
-            io.run_now(core.reclaim)
+        if self._take_backs != core.readers.take_backs:  # the I/O thread took the socket back
+            self._take_backs = core.readers.take_backs
+            io.run_now(core.readers.reclaim)
         if self._sleep == THREAD_WAIT:  # right after a result: the next may be microseconds away
             busy_poll(io, core, done)  # (sends what this thread queued, reads what is there)
             if done():
@@ -186,4 +322,4 @@ class ThreadDrain:
             return
         self._attached = False
         if self._core.state in (PoolState.RUNNING, PoolState.CLOSING):
-            self._io.run_now(self._core.detach_caller)
+            self._io.run_now(self._core.readers.detach)

@@ -311,7 +311,7 @@ class LocalBackend(Backend):
         self._io.flush()
 
     def assist(self, done: Callable[[], bool], timeout: float | None = None) -> None:
-        if self._core.caller_poll.window and not done() and self._core.state == PoolState.RUNNING:
+        if self._core.readers.poll.window and not done() and self._core.state == PoolState.RUNNING:
             busy_poll(self._io, self._core, done, timeout)
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop, *, flush: bool = True) -> LoopAttachment | None:

@@ -77,7 +77,7 @@ async def test_without_busy_poll_an_awaited_call_waits_in_the_loop(tmp_path: Pat
         steps.close()
         gate.touch()
         assert await asyncio.wait_for(asyncio.shield(handle), HANG_GUARD) == 2
-        poll = local_core(pool).caller_poll
+        poll = local_core(pool).readers.poll
         assert (poll.hits, poll.misses) == (0, 0)  # it never polled
 
 

@@ -2,7 +2,7 @@
 
 A thread blocking in ``handle.result()`` and a coroutine awaiting one ``run()`` poll the
 data socket under the engine lock for up to the pool's window before they sleep
-(``PoolCore.busy_poll_results``). These tests check what reaches such a caller when the
+(``ResultReaders.busy_poll``, in ``backends/_caller.py``). These tests check what reaches such a caller when the
 task fails, is too slow, is cancelled, loses its worker or its pool meanwhile.
 
 The windows are a hang guard (20 s), so the poll is certainly running when the fault
@@ -142,7 +142,7 @@ def uncapped(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_task_error_reaches_a_blocking_caller_through_its_poll_as_itself(make_pool) -> None:
     pool = make_pool(workers=1, busy_poll=HANG_GUARD)
     assert pool.run(inc, 0).result(HANG_GUARD) == 1
-    poll = local_core(pool).caller_poll
+    poll = local_core(pool).readers.poll
     misses = poll.misses
     handle = pool.run(fail_after, 0.1, "bad input 7")
     with pytest.raises(PollError, match="bad input 7") as info:
@@ -180,7 +180,7 @@ def test_a_result_timeout_ends_the_poll_long_before_the_window(make_pool, tmp_pa
         handle.result(timeout=0.2)
     assert time.monotonic() - t0 < HANG_GUARD / 2  # a hang guard, not a timing test
     assert not isinstance(info.value, OrchestraError)  # the wait timed out, not the task
-    assert local_core(pool).caller_poll.misses == 1  # the poll ran, and gave up at the timeout
+    assert local_core(pool).readers.poll.misses == 1  # the poll ran, and gave up at the timeout
     assert not handle.done()
     assert handle.state == TaskState.RUNNING  # still running: a timed-out wait stops nothing
     assert handle.cancel()
@@ -195,7 +195,7 @@ def test_a_result_timeout_ends_the_poll_long_before_the_window(make_pool, tmp_pa
 
 def test_polls_that_miss_back_off_and_results_arrive_the_normal_way(make_pool) -> None:
     pool = make_pool(workers=1, busy_poll=SHORT_WINDOW)
-    poll = local_core(pool).caller_poll
+    poll = local_core(pool).readers.poll
     settled_on: list[int] = []
     results = []
     for i in range(3):
@@ -215,7 +215,7 @@ async def test_an_awaited_poll_that_misses_leaves_the_wait_to_the_loop(make_pool
     assert steps.send(None) is handle  # the poll gave up: the coroutine yields to its loop
     steps.close()
     assert await asyncio.wait_for(asyncio.shield(handle), HANG_GUARD) == 7
-    assert (local_core(pool).caller_poll.hits, local_core(pool).caller_poll.misses) == (0, 1)
+    assert (local_core(pool).readers.poll.hits, local_core(pool).readers.poll.misses) == (0, 1)
 
 
 # --- a worker killed while the caller polls --------------------------------------------------

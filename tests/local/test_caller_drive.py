@@ -55,7 +55,7 @@ async def test_a_result_left_unread_by_a_stuck_loop_is_read_by_the_io_thread(
     handle = apool.run(inc, 41)
     waiter = asyncio.ensure_future(awaited(handle))
     await asyncio.sleep(0)  # the waiter attaches this loop to the data socket, and sends
-    assert local_core(apool).caller_drains == 1
+    assert local_core(apool).readers.attached == 1
     # Now this loop is stuck: it cannot read the result it is waiting for.
     wait_for(handle.done, timeout=HANG_GUARD, what="the result read while the loop was stuck")
     assert handle.result() == 42
@@ -76,7 +76,7 @@ async def test_the_io_thread_watches_the_socket_again_when_nothing_is_awaited(
     assert await apool.run(inc, 1) == 2
     # With nothing awaited, the loop lets go at its next waker tick (0.1 s).
     async with asyncio.timeout(HANG_GUARD):
-        while local_core(apool).caller_drains:  # noqa: ASYNC110  # no event announces it
+        while local_core(apool).readers.attached:  # noqa: ASYNC110  # no event announces it
             await asyncio.sleep(0.01)
     # Results now reach a synchronous waiter through the I/O thread alone.
     handle = apool.run(inc, 2)
@@ -112,25 +112,25 @@ def test_the_io_thread_takes_the_socket_back_from_a_loop_that_stopped(
     # The loop lets go by itself once idle for IDLE_DETACH of its own time, which under
     # load can pass before run_until_complete returns: not what this test is about.
     monkeypatch.setattr(_caller, "IDLE_DETACH", HANG_GUARD)
-    assert local_core(pool).caller_poll.window == 0  # the pool_options marker took effect
+    assert local_core(pool).readers.poll.window == 0  # the pool_options marker took effect
     loop = asyncio.new_event_loop()
     try:
         assert loop.run_until_complete(awaited(pool.run(inc, 1))) == 2
-        assert local_core(pool).caller_drains == 1  # still attached: the loop is not turning
+        assert local_core(pool).readers.attached == 1  # still attached: the loop is not turning
         core = local_core(pool)
 
         def taken_back() -> int:
             # Read by the I/O thread's check, which takes the socket back; or, under load,
             # right after the I/O thread's own send of the call (then the next one's is left).
             assert pool.run(inc, 2).result(HANG_GUARD) == 3
-            return core.take_backs
+            return core.readers.take_backs
 
         wait_for(taken_back, HANG_GUARD, what="the socket taken back")
-        assert core.take_backs == 1 and core._io_reads_data
+        assert core.readers.take_backs == 1 and core.readers.io_reads
         assert [pool.run(inc, i).result(HANG_GUARD) for i in range(20)] == list(range(1, 21))
         # The loop awaits again: it reads its results itself once more.
         assert loop.run_until_complete(awaited(pool.run(inc, 3))) == 4
-        assert not local_core(pool)._io_reads_data
+        assert not local_core(pool).readers.io_reads
     finally:
         loop.close()
 
@@ -143,7 +143,7 @@ def test_an_attached_thread_reads_its_results_itself(pool: orchestra.Pool) -> No
     drain = pool._attach_thread()
     assert drain is not None
     try:
-        assert local_core(pool).caller_drains == 1  # the I/O thread leaves the socket to it
+        assert local_core(pool).readers.attached == 1  # the I/O thread leaves the socket to it
         for i in range(3):
             handle = pool.run(inc, i)
             settled_on: list[int] = []
@@ -154,7 +154,7 @@ def test_an_attached_thread_reads_its_results_itself(pool: orchestra.Pool) -> No
             assert settled_on == [me]
     finally:
         drain.close()
-    assert local_core(pool).caller_drains == 0
+    assert local_core(pool).readers.attached == 0
     assert pool.run(inc, 9).result(HANG_GUARD) == 10  # the I/O thread reads again
 
 
@@ -170,7 +170,7 @@ def test_a_result_left_unread_by_a_busy_attached_thread_is_read_by_the_io_thread
         pool._flush()
         # This thread is busy elsewhere: the I/O thread takes the socket back.
         wait_for(handle.done, timeout=HANG_GUARD, what="the result read while the thread was busy")
-        assert handle.result() == 42 and local_core(pool).take_backs >= 1
+        assert handle.result() == 42 and local_core(pool).readers.take_backs >= 1
         # ... and the next wait hands the socket to the thread again.
         later = pool.run(inc, 1)
         while not later.done():
@@ -178,4 +178,4 @@ def test_a_result_left_unread_by_a_busy_attached_thread_is_read_by_the_io_thread
         assert later.result() == 2
     finally:
         drain.close()
-    assert local_core(pool).caller_drains == 0
+    assert local_core(pool).readers.attached == 0
