@@ -1,27 +1,57 @@
-"""The pool supervisor (layer 2): worker processes, the task table, dispatch and recovery.
+"""The local pool's engine (layer 2): ``PoolCore`` wires its parts and owns the job table.
 
 Everything here runs with the engine lock held (``_ioloop``): on the one I/O thread, or on
 a caller's thread that borrowed the engine while the I/O thread waited for events (a loop
 awaiting ``run()`` sends its calls and reads its results itself). Never two at once, and
 nothing else touches the process table, the sockets or a job's tables. Data flow::
 
-    caller thread                 I/O thread (PoolCore)                       worker process
-    ─────────────                 ─────────────────────                       ──────────────
-    pool.map(f, xs) ──Job──> submit ─> jobs ─> _pump ─ Define(f) ─┐
+    caller thread                 I/O thread (PoolCore and its parts)         worker process
+    ─────────────                 ───────────────────────────────────         ──────────────
+    pool.map(f, xs) ──Job──> submit ─> jobs ─> pump ─ Define(f) ──┐
       (f pickled here:                 │        take chunk        ├─ data ROUTER ═══> main thread
        errors raise at once)           │        (adaptive size)  ─┘  (ipc, HMAC)        runs items
                                        │                                                  │
-    handle.future <── set_result ── _on_result <──── Result(values, errors) ─────────────┘
+    handle.future <── set_result ── on_result <───── Result(values, errors) ─────────────┘
       await / result()                 │  retries (backoff) ──> requeued
                                        │  events ──> EventBus ──> widgets, iterators
     handle.cancel() ─────────────> cancel ─ Cancel ─ ctrl ROUTER ═══> control thread ─SIGINT─┘
                                        │  after cancel_grace: SIGKILL + respawn
-    pidfd readable (process exit) ─> _on_exit: re-queue the dead worker's chunks, respawn
+    pidfd readable (process exit) ─> reap, recover: re-queue the dead worker's chunks, respawn
 
 Crash detection is by process exit (a pidfd in the loop), never by a timeout. A chunk that
 was *running* on a worker that died is split into single items and re-queued; an item that
 dies alone on ``max_worker_crashes`` workers fails with ``WorkerCrashedError``. Chunks that
 were only queued on the dead worker are re-queued as they are.
+
+The parts, each owning its state; an arrow is "holds and calls", one way (built from the
+bottom up). A part reads the core's ``state`` (and may count a bad message) through
+``_pool_workers.PoolStatus``, and calls up only through the functions it was given: the
+wire's "a socket has input" and the reader's drain are ``PoolCore._drain``, the worker
+set's "a worker exited" is ``PoolCore._worker_exited``::
+
+    PoolCore (_pool): lifecycle, the job table, reading the sockets (_drain), routing messages
+      │
+      ├──> ResultReaders (backends/_caller): who reads the data socket; callers' busy polls
+      ├──> Recovery (_pool_recovery): crashes, cancels + escalation, timeouts, stalls, memory
+      ├──> ResultPath (_pool_results): a Result back into its job; segment releases
+      │        │  both ──> Dispatcher: requeue / fail_item (retry policy)
+      │        ▼
+      ├──> Dispatcher (_pool_dispatch): ready jobs, chunk sizing, pump, sending; requeue, retries
+      │        │
+      │        ▼
+      ├──> WorkerSet (_pool_workers): the processes: spawn + backoff, ready, stop, resize, reap
+      │        │
+      │        ▼
+      └──> Wire (_pool_wire): run directory, key, the data and ctrl ROUTERs, shared memory
+
+    A message in: Wire's socket ─> PoolCore._drain ─> _handle ─┬─ Result ──> ResultPath
+                                                               ├─ Started ─> Recovery (deadline)
+                                                               └─ Ready ───> WorkerSet, Dispatcher
+    A worker out: WorkerSet's pidfd ─> PoolCore._worker_exited ─> WorkerSet.reap ─> Recovery.recover
+                  ─> WorkerSet.replenish ─> Dispatcher.pump
+
+The hot paths bind what they call once: the core keeps ``_pump`` and ``_on_result`` bound,
+and every part keeps the worker set's ``procs`` dict (one dict for the pool's life).
 """
 
 from __future__ import annotations
@@ -98,6 +128,10 @@ class PoolOptions:
 
 
 class PoolCore:
+    """The engine behind ``LocalBackend``, and the one object it talks to: it builds the
+    parts (see the module docstring), starts and closes the pool, keeps the job table, and
+    reads and routes what the workers send."""
+
     def __init__(self, options: PoolOptions, bus: EventBus, loop: EngineLoop) -> None:
         self.options = options
         self.bus = bus
@@ -106,6 +140,7 @@ class PoolCore:
         self.wire = Wire(loop, options.max_result_bytes, self._drain)
         self.workers = WorkerSet(options, bus, loop, self.wire, self, self._worker_exited,
                                  self._respawned)
+        self._procs = self.workers.procs  # bound once: looked up for every message
         self.jobs: dict[int, Job] = {}
         self.dispatch = Dispatcher(options, loop, self.wire, self.workers, self, self.jobs,
                                    self._forget_job)
@@ -119,7 +154,6 @@ class PoolCore:
         self.broken: BrokenPoolError | None = None
         self.closed_event: asyncio.Event = asyncio.Event()
         install_sigterm_cleanup()  # here, on the caller's (usually the main) thread
-
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -213,7 +247,7 @@ class PoolCore:
                 except proto.BadSignature:
                     self.bad_messages += 1
                     continue
-                w = self.workers.procs.get(_worker_id(ident))
+                w = self._procs.get(_worker_id(ident))
                 if w is not None and w.ident != ident:  # an impostor, or a stale token
                     self.bad_messages += 1
                     continue
@@ -417,8 +451,9 @@ class PoolCore:
 
 
 
-
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: enum arithmetic on the hot path is not free
+
+
 def _worker_id(ident: proto.Frame) -> int:
     try:
         return int(bytes(ident)[1:].split(b"-", 1)[0])

@@ -82,7 +82,8 @@ class Dispatcher:
         w.assigned.append(chunk)
 
     def pump(self) -> None:
-        if self.pool.state != PoolState.RUNNING and self.pool.state != PoolState.CLOSING:
+        state = self.pool.state
+        if state != PoolState.RUNNING and state != PoolState.CLOSING:
             return
         for w in list(self._procs.values()):
             if w.state != "ready":
@@ -194,14 +195,15 @@ class Dispatcher:
     def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> bool:
         """Send ``chunk`` to ``w``; False if ``w`` could not be reached (chunk re-queued)."""
         job = chunk.job
+        wire, workers = self.wire, self.workers
         if job.cancelled_items:
             trimmed = self._drop_cancelled_calls(job, chunk)
             if trimmed is None:
                 return True
             chunk = trimmed
-        if w.sys_path_version != self.workers.sys_path_version:
-            version = self.workers.sys_path_version  # read first: the paths are at least as new
-            if not self.wire.send(self.wire.data, w, proto.SysPath(tuple(self.workers.sys_path))):
+        if w.sys_path_version != workers.sys_path_version:
+            version = workers.sys_path_version  # read first: the paths are at least as new
+            if not wire.send(wire.data, w, proto.SysPath(tuple(workers.sys_path))):
                 self.requeue(job, chunk, front=True)
                 return False
             w.sys_path_version = version
@@ -210,7 +212,7 @@ class Dispatcher:
                 (frames, names), chunk.payload = chunk.payload, None
             else:
                 frames, names = proto.pickle_payload(
-                    dumps, chunk.items, self.wire.segments or self.wire.shm_dir
+                    dumps, chunk.items, wire.segments or wire.shm_dir
                 )
         except Exception as exc:
             self._unpicklable_chunk(job, chunk, exc)
@@ -222,21 +224,21 @@ class Dispatcher:
             while len(w.functions) >= FUNCTION_CACHE:
                 forget.append(w.functions.popitem(last=False)[0])
             try:
-                self.wire.send(self.wire.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+                wire.send(wire.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
             except OSError as exc:
                 return self._unsendable_chunk(job, chunk, names, "function", exc)
             w.functions[job.digest] = None
         run = proto.Run(job.id, chunk.start, chunk.count, job.digest, job.star, job.call,
                         job.timeout, names)
         if job.circuit is not None and not self.admit(job, chunk):
-            self.wire.discard(names)
+            wire.discard(names)
             return True
         try:
-            sent = self.wire.send(self.wire.data, w, run, frames)
+            sent = wire.send(wire.data, w, run, frames)
         except OSError as exc:
             return self._unsendable_chunk(job, chunk, names, "arguments", exc)
         if not sent:
-            self.wire.discard(names)
+            wire.discard(names)
             self.requeue(job, chunk, front=True)
             if job.circuit is not None:
                 job.circuit.record_failure(NOT_RUN)

@@ -5,7 +5,7 @@ directory (``_procs.RunDir``), the signing key and the frame limit (see ``_proto
 ZeroMQ context with its two ROUTER sockets (``data``: definitions, chunks, results;
 ``ctrl``: cancels), and the shared-memory segments of arguments going out (``segments``) and
 results coming in (``mappings``). It sends; what arrives is read by the core
-(``PoolCore.drain``), which the wire calls when a socket may have input.
+(``PoolCore._drain``), which the wire calls when a socket may have input.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Wire:
         self.loop = loop
         self.key = proto.new_key()
         self.frame_limit = proto.frame_limit(max_result_bytes)  # see _protocol
-        self._on_input = on_input  # reads a socket (PoolCore.drain)
+        self._on_input = on_input  # reads a socket (PoolCore._drain)
         self.run_dir = ""
         self.shm_dir: str | None = None
         self.segments: proto.Segments | None = None

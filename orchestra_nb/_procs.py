@@ -3,7 +3,8 @@
 :class:`WorkerProc` is the pool's record of one worker process. :func:`spawn_worker` starts
 one (its configuration, with the pool's key, goes on stdin), :class:`RunDir` creates the
 pool's private run directory (after sweeping those of dead pools), and :func:`crash_cause`
-explains an exit. Nothing here touches a job's task tables: that stays with ``_pool``.
+explains an exit. Nothing here touches a job's task tables: that stays with the engine
+(``_pool`` and its parts; ``_pool_workers.WorkerSet`` owns the processes).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class WorkerProc:
         self.pidfd: int | None = None
         self.held: set[str] = set()  # the pool's argument segments this worker may map
         self.spill: proto.Spill | None = None  # where its messages above the frame limit go
-        self.sys_path_version = 0  # of the pool's sys.path this worker has (see PoolCore)
+        self.sys_path_version = 0  # of the pool's sys.path this worker has (see WorkerSet)
         self.oom_kills = oom_kill_count()  # to tell the OOM killer from a kill -9 later
         self._ps: Any = None  # psutil.Process, made by the first sample()
 

@@ -39,8 +39,9 @@ What is optional (the defaults here do nothing, which is correct, only slower):
 honour, with an error naming the backend, instead of ignoring it.
 
 Where things are (two hops from here): the local process pool is ``backends/local.py``
-(``LocalBackend``), whose engine is ``_pool.PoolCore`` (dispatch, chunking, recovery, its
-data-flow diagram) with the worker processes in ``_procs``/``_worker``, the input feeder in
+(``LocalBackend``), whose engine is ``_pool.PoolCore`` (its data-flow diagram, and the
+parts it wires: ``_pool_workers``, ``_pool_dispatch``, ``_pool_results``, ``_pool_recovery``,
+``_pool_wire``) with the worker processes in ``_procs``/``_worker``, the input feeder in
 ``_feed`` and the awaiting caller's fast path in ``backends/_caller.py``; the in-process
 debugging backend is ``backends/inline.py``; the Dask backend is ``backends/dask.py``.
 """

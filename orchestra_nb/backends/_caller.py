@@ -87,7 +87,7 @@ class ResultReaders:
         self.loop = loop
         self.wire = wire
         self.pool = pool
-        self._drain = drain  # reads and handles what a socket holds (PoolCore.drain)
+        self._drain = drain  # reads and handles what a socket holds (PoolCore._drain)
         self.poll = BusyPoll(busy_poll)  # shared by callers, under the engine
         self.attached = 0  # loops reading the data socket themselves (under the engine)
         self.threads: collections.Counter[int] = collections.Counter()  # ... their threads

@@ -1,14 +1,21 @@
 """The local process pool as a backend (layer 2): worker processes on this machine.
 
 ``LocalBackend`` is the thread-safe face of the engine: every call is handed to the I/O
-thread (``_ioloop``), where ``_pool.PoolCore`` owns the processes, the sockets and the jobs
-(its docstring has the data-flow diagram). The parts:
+thread (``_ioloop``), where ``_pool.PoolCore`` owns the jobs and wires the parts that own the
+rest (its docstring has the data-flow diagram and the diagram of the parts):
 
-* ``_pool.PoolCore``: dispatch, adaptive chunking, retries, crash recovery, timers;
-* ``_procs`` / ``_worker``: spawning the worker processes and what runs in them;
+* ``_pool_workers.WorkerSet``: the worker processes (spawn, backoff, resize, reaping);
+* ``_pool_dispatch.Dispatcher``: the ready jobs, adaptive chunking, sending, retries;
+* ``_pool_results.ResultPath``: a chunk's results back into its job;
+* ``_pool_recovery.Recovery``: crashes, cancels, timeouts, stalls, memory limits;
+* ``_pool_wire.Wire``: the run directory, the sockets, shared memory;
+* ``_procs`` / ``_worker``: spawning a worker process and what runs in it;
 * ``_feed``: reading lazy inputs on a feeder thread, never on the I/O thread;
 * ``backends/_caller``: the awaiting caller's fast path (busy polling, loops that read
-  their own results).
+  their own results) and the engine's side of it (``ResultReaders``).
+
+This backend talks to ``PoolCore`` only; only it (and ``tests/local/``) imports the engine's
+modules (``tests/unit/test_layers.py``).
 """
 
 from __future__ import annotations

@@ -133,11 +133,59 @@ def test_upper_layers_see_the_backend_interface_only(path: Path) -> None:
     assert not bad, "\n".join(bad)
 
 
+# The local pool's engine: its core and parts, and the caller fast path. Only the local
+# backend imports them (and they each other); of the tests, only tests/local/.
+LOCAL_ENGINE = {"_pool", "_pool_wire", "_pool_workers", "_pool_dispatch", "_pool_results",
+                "_pool_recovery", "backends._caller"}
+TESTS = PACKAGE.parent / "tests"
+
+
+@pytest.mark.parametrize("path", modules(), ids=module_name)
+def test_only_the_local_backend_imports_its_engine(path: Path) -> None:
+    me = module_name(path)
+    if me in LOCAL_ENGINE or me == "backends.local":
+        return
+    bad = [f"line {line}: {me} imports {target}" for line, target in runtime_imports(path)
+           if target in LOCAL_ENGINE]
+    assert not bad, "\n".join(bad)
+
+
+def engine_imports_in(path: Path) -> list[str]:
+    """Imports of the local engine in a test file (any import, TYPE_CHECKING ones too)."""
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("orchestra_nb"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            if name.startswith("orchestra_nb.") and name.removeprefix("orchestra_nb.") in LOCAL_ENGINE:
+                bad.append(f"{path}:{node.lineno} imports {name}")
+                break
+    return bad
+
+
+@pytest.mark.skipif(not TESTS.is_dir(), reason="the tests are not next to the package")
+def test_only_the_local_backends_tests_import_its_engine() -> None:
+    files = [p for p in TESTS.rglob("*.py") if TESTS / "local" not in p.parents]
+    bad = [line for p in files for line in engine_imports_in(p)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_test_checker_sees_engine_imports(tmp_path: Path) -> None:
+    sample = tmp_path / "test_sample.py"
+    sample.write_text("from orchestra_nb._pool_dispatch import MAX_CHUNK\n"
+                      "import orchestra_nb.backends._caller\nfrom orchestra_nb import _jobs\n")
+    assert len(engine_imports_in(sample)) == 2
+
+
 def test_the_checker_sees_imports() -> None:
     """Guard against a checker that silently finds nothing."""
     found = dict(runtime_imports(PACKAGE / "_pool.py"))
     assert "_protocol" in found.values() and "_jobs" in found.values()
     assert "_pool" not in dict(runtime_imports(PACKAGE / "_handles.py")).values()  # TYPE_CHECKING
+    assert "_pool" in dict(runtime_imports(PACKAGE / "backends" / "local.py")).values()
 
 
 HEAVY = ("IPython", "ipywidgets", "ipykernel", "dask", "distributed", "joblib", "sklearn")
