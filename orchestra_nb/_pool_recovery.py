@@ -73,6 +73,8 @@ class Recovery:
             w.timers.append(self.loop.call_later(deadline, self._hard_timeout, w, job, msg.index))
 
     def recover(self, w: WorkerProc, returncode: int) -> None:
+        """``w`` exited: settle every chunk it had, sent (the first one was running) or only
+        assigned to it."""
         running = True
         sent = len(w.inflight)
         for i, chunk in enumerate(list(w.inflight) + list(w.assigned)):
@@ -96,8 +98,8 @@ class Recovery:
                 job.transition(chunk.start, chunk.count, TaskState.PENDING, unfinished_only=True)
                 self.dispatch.requeue(job, chunk, front=True)  # close() fails it with PoolClosedError
             elif chunk.target is not None:
-                self.dispatch.fail_range(job, chunk, WorkerCrashedError(w.id, w.pid, returncode, chunk.start,
-                                                                crash_cause(w, returncode)), ran, w)
+                crashed = WorkerCrashedError(w.id, w.pid, returncode, chunk.start, crash_cause(w, returncode))
+                self.dispatch.fail_range(job, chunk, crashed, ran, w)
             elif running and w.kill_kind == "timeout":
                 exc: Exception = TaskTimeoutError(w.kill_reason)
                 self.dispatch.fail_range(job, chunk, exc, ran, w)
@@ -168,7 +170,7 @@ class Recovery:
             return
         job.cancelled_items.add(index)
         if index >= job.pulled:
-            return  # not read from the batch yet: _send_chunk cancels it when it is
+            return  # not read from the batch yet: the dispatcher cancels it when it is
         state = job.states[index]
         if state in (TaskState.PENDING, TaskState.RETRYING):
             job.transition(index, 1, TaskState.CANCELLED)
@@ -227,13 +229,13 @@ class Recovery:
                 replace = self.options.replace_stalled
                 if replace or (replace is None and _is_stopped(w.pid)):
                     w.kill("stall", f"no heartbeat for {silent:.1f} s")
-        self.check_memory()
+        self._check_memory()
         if self.wire.mappings is not None:
             self.wire.mappings.sweep()  # segments the workers deleted since the last read
         if self.pool.state in (PoolState.RUNNING, PoolState.CLOSING):
             self._tick_handle = self.loop.call_later(TICK, self._tick)
 
-    def check_memory(self) -> None:
+    def _check_memory(self) -> None:
         policy = self.options.memory
         if policy.soft_limit is None and policy.hard_limit is None:
             return

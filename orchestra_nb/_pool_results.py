@@ -51,6 +51,7 @@ class ResultPath:
         self._release_scheduled = False
 
     def on_result(self, w: WorkerProc, msg: proto.Result, payload: list[Any]) -> None:
+        """``w`` sent the results of one of its chunks (values, and the errors by offset)."""
         chunk = _pop_chunk(w, msg.job, msg.start)
         if chunk is None:
             names = tuple(n for n in msg.buffers if n is not None)
