@@ -236,6 +236,7 @@ class PoolCore:
         # a timer, a streaming consumer registering) and come back: a fast map would
         # otherwise keep the I/O thread in here until it ends.
         handled = False
+        wire, procs, handle = self.wire, self._procs, self._handle  # read once, not per message
         try:
             for _ in range(DRAIN_BUDGET):
                 if not proto.has_input(sock):
@@ -243,23 +244,23 @@ class PoolCore:
                 frames = proto.recv_frames(sock, _NOBLOCK)
                 ident = frames[0]
                 try:
-                    msg, payload = proto.decode_message(self.wire.key, frames[1:], self.wire.run_dir)
+                    msg, payload = proto.decode_message(wire.key, frames[1:], wire.run_dir)
                 except proto.BadSignature:
                     self.bad_messages += 1
                     continue
-                w = self._procs.get(_worker_id(ident))
+                w = procs.get(_worker_id(ident))
                 if w is not None and w.ident != ident:  # an impostor, or a stale token
                     self.bad_messages += 1
                     continue
                 if w is None:
                     if isinstance(msg, proto.Result):
-                        proto.discard_buffers(msg.buffers, self.wire.shm_dir)
+                        proto.discard_buffers(msg.buffers, wire.shm_dir)
                     continue
                 w.last_seen = time.monotonic()
                 if w.stalled:
                     w.stalled = False
                 try:
-                    self._handle(w, msg, payload)
+                    handle(w, msg, payload)
                 except Exception as exc:  # a bug here must not leave the job RUNNING forever
                     self._engine_failed(msg, exc)
                 handled = True
