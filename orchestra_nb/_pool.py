@@ -928,7 +928,8 @@ class PoolCore:
                     break
             if w.retire:
                 continue
-            while self._has_room(w):
+            # No job has work waiting (after a result, most often): nothing to scan for.
+            while self.ready_jobs and self._has_room(w):
                 budget = self._task_budget(w)
                 if budget == 0:
                     break  # its last tasks are out: it retires when they are done
