@@ -434,8 +434,11 @@ class TaskHandle(_Handle, Generic[T]):
                 # loop is queued; take it now rather than after a turn of the loop.
                 self._hub.deliver_pending()
             if not aio.done():
-                self._asyncio_future_blocking = True
-                yield self  # the Task waits for our done callbacks
+                # The Task waits on the asyncio future itself (its C fast path: no Python
+                # get_loop/add_done_callback/property calls); a Task.cancel() cancels it and
+                # lands in the except clause below, which cancels the call.
+                aio._asyncio_future_blocking = True
+                yield aio
         except (asyncio.CancelledError, KeyboardInterrupt):
             __tracebackhide__ = True  # IPython hides this frame
             self.cancel()
