@@ -385,6 +385,8 @@ class PoolCore:
         # a timer, a streaming consumer registering) and come back: a fast map would
         # otherwise keep the I/O thread in here until it ends.
         handled = False
+        if sock is self.data:
+            self._data_sent = False  # this read covers the check a send deferred (_after_send)
         try:
             for _ in range(DRAIN_BUDGET):
                 if not proto.has_input(sock):
