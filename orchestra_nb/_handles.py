@@ -191,12 +191,15 @@ class _Settle:
 def _settle(fut: asyncio.Future[Any], cf: JobFuture) -> None:
     if fut.done():
         return
-    if cf.cancelled():
+    state, result, exc = cf.outcome()  # called once ``cf`` is done
+    if state == "pending":
+        return
+    if state == "cancelled":
         fut.cancel()
-    elif (exc := cf.exception()) is not None:
+    elif exc is not None:
         fut.set_exception(exc)
     else:
-        fut.set_result(cf.result())
+        fut.set_result(result)
 
 
 class _Handle:
