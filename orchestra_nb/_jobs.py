@@ -211,6 +211,11 @@ class JobFuture:
             raise self._exception
         return self._result
 
+    def outcome(self) -> tuple[str, Any, BaseException | None]:
+        """``(state, result, exception)`` read at once, without waiting: for a future that
+        is done (a caller handing the outcome over; "pending" otherwise)."""
+        return self._state, self._result, self._exception
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.wait(timeout):
             raise TimeoutError(f"the job did not finish within {timeout} s")
@@ -689,7 +694,8 @@ class Job:
         self.check_done()
 
     def check_done(self) -> None:
-        if self.is_complete() and not self.inflight and not self.finished.is_set():
+        # ``inflight`` first: right after a send (the common call) it decides alone.
+        if not self.inflight and self.is_complete() and not self.finished.is_set():
             self.finish(None)
 
     def fail_all(self, exc: BaseException) -> None:

@@ -385,6 +385,8 @@ class PoolCore:
         # a timer, a streaming consumer registering) and come back: a fast map would
         # otherwise keep the I/O thread in here until it ends.
         handled = False
+        if sock is self.data:
+            self._data_sent = False  # this read covers the check a send deferred (_after_send)
         try:
             for _ in range(DRAIN_BUDGET):
                 if not proto.has_input(sock):
@@ -928,7 +930,8 @@ class PoolCore:
                     break
             if w.retire:
                 continue
-            while self._has_room(w):
+            # No job has work waiting (after a result, most often): nothing to scan for.
+            while self.ready_jobs and self._has_room(w):
                 budget = self._task_budget(w)
                 if budget == 0:
                     break  # its last tasks are out: it retires when they are done
