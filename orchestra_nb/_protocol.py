@@ -41,7 +41,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -78,6 +78,9 @@ __all__ = [
 # travel as their own ZeroMQ frame; above, through a shared-memory file.
 INBAND_LIMIT = 64 * 1024
 SHM_THRESHOLD = 2 * 1024 * 1024
+# Segments placed once for a job (``_shared.Placements``), which readers map read-only,
+# never unlink and never release: the writer deletes them when the job ends.
+PINNED_PREFIX = "buf-k-"
 
 
 # _FIELD_SHADOWS: a NamedTuple field named ``count`` or ``index`` shadows the tuple method of
@@ -88,10 +91,14 @@ SHM_THRESHOLD = 2 * 1024 * 1024
 
 
 class Define(NamedTuple):
-    """Cache a callable under ``digest`` (payload: its cloudpickle); forget older ones."""
+    """Cache a callable under ``digest`` (payload: its cloudpickle); forget older ones.
+
+    ``buffers``: its out-of-band buffers, as in :class:`Run` (large captured arrays placed
+    once for the job, see ``_shared``)."""
 
     digest: bytes
     forget: tuple[bytes, ...]
+    buffers: tuple[str | None, ...] = ()
 
 
 class Run(NamedTuple):
@@ -482,13 +489,21 @@ def recv_frames(sock: Any, flags: int = 0) -> list[Frame]:
 # --- out-of-band buffers --------------------------------------------------------------------
 
 
+class Placer(Protocol):
+    """Where a job's large buffers are placed once (``_shared.Placements``)."""
+
+    def name_for(self, buf: pickle.PickleBuffer) -> str | None: ...
+
+
 def pickle_payload(
-    dumps: Any, obj: object, shm: Segments | str | None
+    dumps: Any, obj: object, shm: Segments | str | None, placed: Placer | None = None
 ) -> tuple[list[Frame], tuple[str | None, ...]]:
     """Pickle ``obj`` with ``dumps`` (pickle or cloudpickle ``dumps``) into payload frames.
 
     Returns the frames (stream first, then one frame per out-of-band buffer) and, for each
-    buffer, the name of its shared-memory file or None when it travels as a frame.
+    buffer, the name of its shared-memory file or None when it travels as a frame. With
+    ``placed``, a large buffer goes to the segment its job placed it in (written the first
+    time only), not into a segment of this message.
     """
     oob: list[pickle.PickleBuffer] = []
 
@@ -508,7 +523,10 @@ def pickle_payload(
         name = None
         if shm is not None and raw.nbytes >= SHM_THRESHOLD:
             try:
-                name = shm.write(raw) if isinstance(shm, Segments) else _write_shm(shm, raw)
+                if placed is not None:
+                    name = placed.name_for(buf)
+                if name is None:
+                    name = shm.write(raw) if isinstance(shm, Segments) else _write_shm(shm, raw)
             except OSError:  # /dev/shm full (ENOSPC), a file size limit...: send it inline
                 name = None
         if name is not None:
@@ -532,7 +550,8 @@ def read_buffers(
     ``shm`` is the reader's :class:`Mappings` or the shared-memory directory. With
     ``on_release``, a shared-memory segment stays on disk for its writer to reuse, and
     ``on_release(name)`` is called once the last array using it is gone; without, it is
-    unlinked at once.
+    unlinked at once. A pinned segment (:data:`PINNED_PREFIX`, placed once for a whole
+    job and read by every task of it) is read-only and neither unlinked nor released.
     """
     out: list[Any] = []
     for frame, name in zip(payload[1:], names, strict=True):
@@ -540,6 +559,11 @@ def read_buffers(
             out.append(bytearray(memoryview(frame)))
         elif shm is None:
             raise BadSignature("shared-memory buffer without a shared-memory directory")
+        elif name.startswith(PINNED_PREFIX):
+            if isinstance(shm, Mappings):
+                out.append(shm.pinned(name))
+            else:
+                out.append(memoryview(_map_file(os.path.join(shm, _safe_name(name)))).toreadonly())
         elif isinstance(shm, Mappings):
             assert on_release is not None, "a kept mapping is released by its reader"
             out.append(shm.view(name, on_release))
@@ -562,8 +586,8 @@ def _safe_name(name: str) -> str:
     return name
 
 
-def _write_shm(shm_dir: str, raw: memoryview) -> str:
-    name = f"buf-{secrets.token_hex(12)}"
+def _write_shm(shm_dir: str, raw: memoryview, prefix: str = "buf-") -> str:
+    name = f"{prefix}{secrets.token_hex(12)}"
     path = os.path.join(shm_dir, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -620,6 +644,7 @@ class Segments:
         self._free_bytes = 0
         self._busy: dict[str, tuple[int, mmap.mmap]] = {}
         self._lock = threading.Lock()
+        self.written_bytes = 0  # copied into segments so far
 
     def write(self, raw: memoryview) -> str:
         size = raw.nbytes
@@ -645,6 +670,7 @@ class Segments:
         mm[:] = raw.cast("B")
         with self._lock:
             self._busy[name] = (size, mm)
+            self.written_bytes += size
         return name
 
     def release(self, names: Sequence[str]) -> None:
@@ -697,6 +723,7 @@ class Mappings:
         self.keep_bytes = keep_bytes
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
         self._bytes = 0
+        self.pinned_maps = 0  # pinned segments mapped afresh (what crossed to this reader)
 
     def view(self, name: str, on_release: Callable[[str], object]) -> Any:
         mm = self._maps.pop(name, None)
@@ -714,6 +741,18 @@ class Mappings:
         view = (ctypes.c_char * len(mm)).from_buffer(mm)
         weakref.finalize(view, on_release, name)
         return view
+
+    def pinned(self, name: str) -> memoryview:
+        """A read-only view of a pinned segment (kept mapped like the others; never
+        released: its writer deletes it when the job that placed it ends)."""
+        mm = self._maps.pop(name, None)
+        if mm is None:
+            mm = _map_file(os.path.join(self.directory, _safe_name(name)))
+            self._bytes += len(mm)
+            self.pinned_maps += 1
+        self._maps[name] = mm
+        self.sweep(keep=name)
+        return memoryview(mm).toreadonly()  # keeps the mapping alive while an array uses it
 
     def sweep(self, keep: str | None = None) -> None:
         """Unmap segments whose file is gone, then the oldest beyond ``keep_bytes``."""

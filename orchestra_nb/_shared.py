@@ -1,0 +1,95 @@
+"""Large buffers cross to the workers once per job (layer 0: opens no socket, runs no loop).
+
+A map whose items all use one big array (``pool.map(f, [arr] * 100)``, ``map(f, xs, arr)``
+through ``itertools.repeat``, joblib's ``delayed(f)(X, y, ...)`` calls), or whose function
+captures one (``lambda i: arr[i].sum()``), would otherwise pickle and copy that array into
+shared memory once per chunk (the argument) or send it in the pickle stream to every worker
+(the function). Instead each large out-of-band buffer (>= ``SHM_THRESHOLD``) is written
+once, the first time the job sends it, into a *pinned* segment of the pool's
+shared-memory directory; every later chunk of the job, and the function's ``Define`` on
+every worker, carries only its name. Workers map it read-only and keep the mapping
+(``_protocol.Mappings``), so a chunk's arguments cost a pickle stream of a few hundred
+bytes, whatever the array's size.
+
+"The same object" is the same exporting object (the array pickle hands its buffer out for),
+alive, with the same size, within one job: the job keeps a reference to it, so its id
+cannot be reused meanwhile. A job sees the array as it was when the job first sent it (like
+joblib's memmapping, which dumps an argument once per ``Parallel`` call). Nothing is shared
+across jobs: a second map writes the array again, so a mutation between two maps is always
+seen, and no content digest (which costs more than the copy it would save) is needed.
+
+Lifetime: a job's segments are deleted when the job ends (``Placements.close``); a worker's
+mapping goes with the next sweep (before it sleeps) once the file is gone, or when the last
+array using it goes. A respawned worker maps the segment by name like any other, since it
+lives as long as the job. Pool close removes the run directory with anything left in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+from ._protocol import PINNED_PREFIX, _write_shm
+
+__all__ = ["Placements", "function_frames"]
+
+
+class Placements:
+    """The pinned segments of one job: exporter -> segment name, written once each."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        # id(exporter) -> (exporter, size, name): the reference keeps the id from reuse.
+        self._placed: dict[int, tuple[object, int, str]] = {}
+        self.written_bytes = 0  # copied into pinned segments so far
+
+    def name_for(self, buf: pickle.PickleBuffer) -> str | None:
+        """The pinned segment holding ``buf``'s bytes, written now if this job has not
+        placed them yet; None if the buffer has no exporter to know it by again. Raises
+        OSError (a full /dev/shm) with no segment left behind."""
+        raw = buf.raw()
+        exporter = memoryview(buf).obj
+        if exporter is None:
+            return None
+        hit = self._placed.get(id(exporter))
+        if hit is not None and hit[0] is exporter and hit[1] == raw.nbytes:
+            return hit[2]
+        name = _write_shm(self.directory, raw, PINNED_PREFIX)
+        self._placed[id(exporter)] = (exporter, raw.nbytes, name)
+        self.written_bytes += raw.nbytes
+        return name
+
+    @property
+    def names(self) -> list[str]:
+        return [name for _, _, name in self._placed.values()]
+
+    def close(self) -> None:
+        """The job ended: delete its segments (mappings still in use keep their memory
+        until their arrays go) and drop the references to the exporters."""
+        for _, _, name in self._placed.values():
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.directory, name))
+        self._placed.clear()
+
+
+def function_frames(
+    payload: bytes, buffers: Sequence[pickle.PickleBuffer], placed: Placements | None
+) -> tuple[list[Any], tuple[str | None, ...]]:
+    """The frames and buffer names of a ``Define``: the function's stream, then each of
+    its large buffers by the name of its pinned segment (placed the first time), or as a
+    frame when there is no shared memory (or it is full)."""
+    if not buffers:
+        return [payload], ()
+    frames: list[Any] = [payload]
+    names: list[str | None] = []
+    for buf in buffers:
+        name = None
+        if placed is not None:
+            with contextlib.suppress(OSError):  # /dev/shm full: the buffer travels as a frame
+                name = placed.name_for(buf)
+        frames.append(b"" if name is not None else bytes(buf.raw()))
+        names.append(name)
+    return frames, tuple(names)
