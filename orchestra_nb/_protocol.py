@@ -78,8 +78,8 @@ __all__ = [
 # travel as their own ZeroMQ frame; above, through a shared-memory file.
 INBAND_LIMIT = 64 * 1024
 SHM_THRESHOLD = 2 * 1024 * 1024
-# Segments placed once for a job (``_shared.Placements``), which readers map read-only,
-# never unlink and never release: the writer deletes them when the job ends.
+# Segments placed once for a job (``_shared.Placements``), which readers map copy-on-write
+# and never unlink nor release: the writer deletes them when the job ends.
 PINNED_PREFIX = "buf-k-"
 
 
@@ -551,7 +551,9 @@ def read_buffers(
     ``on_release``, a shared-memory segment stays on disk for its writer to reuse, and
     ``on_release(name)`` is called once the last array using it is gone; without, it is
     unlinked at once. A pinned segment (:data:`PINNED_PREFIX`, placed once for a whole
-    job and read by every task of it) is read-only and neither unlinked nor released.
+    job and read by every task of it) is neither unlinked nor released, and each message
+    gets a copy-on-write mapping of its own: its pages are shared until a task writes
+    one, and what a task writes stays in that message's arrays, as with a copy.
     """
     out: list[Any] = []
     for frame, name in zip(payload[1:], names, strict=True):
@@ -560,10 +562,8 @@ def read_buffers(
         elif shm is None:
             raise BadSignature("shared-memory buffer without a shared-memory directory")
         elif name.startswith(PINNED_PREFIX):
-            if isinstance(shm, Mappings):
-                out.append(shm.pinned(name))
-            else:
-                out.append(memoryview(_map_file(os.path.join(shm, _safe_name(name)))).toreadonly())
+            directory = shm.directory if isinstance(shm, Mappings) else shm
+            out.append(_map_private(os.path.join(directory, _safe_name(name))))
         elif isinstance(shm, Mappings):
             assert on_release is not None, "a kept mapping is released by its reader"
             out.append(shm.view(name, on_release))
@@ -613,6 +613,16 @@ def _map_shm(shm_dir: str, name: str, on_release: Callable[[str], object] | None
     if on_release is not None:
         weakref.finalize(mm, on_release, name)
     return mm
+
+
+def _map_private(path: str) -> mmap.mmap:
+    """A copy-on-write mapping of ``path`` (MAP_PRIVATE): writable, and writes are the
+    mapping's own. Mapping costs a system call; only the pages read are faulted in."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
 
 
 def _map_file(path: str) -> mmap.mmap:
@@ -723,7 +733,6 @@ class Mappings:
         self.keep_bytes = keep_bytes
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
         self._bytes = 0
-        self.pinned_maps = 0  # pinned segments mapped afresh (what crossed to this reader)
 
     def view(self, name: str, on_release: Callable[[str], object]) -> Any:
         mm = self._maps.pop(name, None)
@@ -741,18 +750,6 @@ class Mappings:
         view = (ctypes.c_char * len(mm)).from_buffer(mm)
         weakref.finalize(view, on_release, name)
         return view
-
-    def pinned(self, name: str) -> memoryview:
-        """A read-only view of a pinned segment (kept mapped like the others; never
-        released: its writer deletes it when the job that placed it ends)."""
-        mm = self._maps.pop(name, None)
-        if mm is None:
-            mm = _map_file(os.path.join(self.directory, _safe_name(name)))
-            self._bytes += len(mm)
-            self.pinned_maps += 1
-        self._maps[name] = mm
-        self.sweep(keep=name)
-        return memoryview(mm).toreadonly()  # keeps the mapping alive while an array uses it
 
     def sweep(self, keep: str | None = None) -> None:
         """Unmap segments whose file is gone, then the oldest beyond ``keep_bytes``."""

@@ -7,9 +7,11 @@ shared memory once per chunk (the argument) or send it in the pickle stream to e
 (the function). Instead each large out-of-band buffer (>= ``SHM_THRESHOLD``) is written
 once, the first time the job sends it, into a *pinned* segment of the pool's
 shared-memory directory; every later chunk of the job, and the function's ``Define`` on
-every worker, carries only its name. Workers map it read-only and keep the mapping
-(``_protocol.Mappings``), so a chunk's arguments cost a pickle stream of a few hundred
-bytes, whatever the array's size.
+every worker, carries only its name. A worker maps it copy-on-write for each message
+(``MAP_PRIVATE``): the pages are the parent's, shared, until a task writes one, and a write
+stays in that chunk's arrays as it would with a copy; mapping costs a system call, and
+only the pages a task reads are faulted in. So a chunk's arguments cost a pickle stream of
+a few hundred bytes, whatever the array's size.
 
 "The same object" is the same exporting object (the array pickle hands its buffer out for),
 alive, with the same size, within one job: the job keeps a reference to it, so its id
