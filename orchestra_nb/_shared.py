@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from ._protocol import PINNED_PREFIX, _write_shm
@@ -39,16 +39,33 @@ from ._protocol import PINNED_PREFIX, _write_shm
 __all__ = ["Placements", "function_frames"]
 
 
+RECENT_CHUNKS = 8  # a buffer named by none of a job's last 8 chunks (nor in flight) goes
+
+
 class Placements:
-    """The pinned segments of one job: exporter -> segment name, written once each."""
+    """The pinned segments of one job: exporter -> segment name, written once each.
+
+    A job over many *different* large arrays (a list of images) must not pin them all until
+    it ends: a segment that neither a chunk in flight nor one of the last
+    :data:`RECENT_CHUNKS` chunks sent names is deleted (:meth:`evict`), and written again
+    if a later chunk names its exporter. A function's buffers stay for the whole job (a
+    worker started later defines it from them)."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         # id(exporter) -> (exporter, size, name): the reference keeps the id from reuse.
         self._placed: dict[int, tuple[object, int, str]] = {}
+        self._last_named: dict[str, int] = {}  # name -> the message that last named it
+        self._function: set[str] = set()  # names kept for the whole job
+        self._chunks: dict[int, tuple[str, ...]] = {}  # chunk start -> names it carries
+        self._message = 0  # messages pickled so far
         self.written_bytes = 0  # copied into pinned segments so far
 
-    def name_for(self, buf: pickle.PickleBuffer) -> str | None:
+    def begin(self) -> None:
+        """A message is about to be pickled: the names given from now on are its own."""
+        self._message += 1
+
+    def name_for(self, buf: pickle.PickleBuffer, for_function: bool = False) -> str | None:
         """The pinned segment holding ``buf``'s bytes, written now if this job has not
         placed them yet; None if the buffer has no exporter to know it by again. Raises
         OSError (a full /dev/shm) with no segment left behind."""
@@ -58,11 +75,36 @@ class Placements:
             return None
         hit = self._placed.get(id(exporter))
         if hit is not None and hit[0] is exporter and hit[1] == raw.nbytes:
-            return hit[2]
-        name = _write_shm(self.directory, raw, PINNED_PREFIX)
-        self._placed[id(exporter)] = (exporter, raw.nbytes, name)
-        self.written_bytes += raw.nbytes
+            name = hit[2]
+        else:
+            name = _write_shm(self.directory, raw, PINNED_PREFIX)
+            self._placed[id(exporter)] = (exporter, raw.nbytes, name)
+            self.written_bytes += raw.nbytes
+        self._last_named[name] = self._message
+        if for_function:
+            self._function.add(name)
         return name
+
+    def sent(self, start: int, names: Sequence[str | None]) -> None:
+        """The chunk starting at ``start`` went out carrying ``names``."""
+        pinned = tuple(n for n in names if n is not None and n.startswith(PINNED_PREFIX))
+        if pinned:
+            self._chunks[start] = pinned
+        elif self._chunks:
+            self._chunks.pop(start, None)
+
+    def evict(self, in_flight: Collection[int]) -> None:
+        """Delete the segments no chunk in flight (by start) and no recent one names."""
+        for start in [s for s in self._chunks if s not in in_flight]:
+            del self._chunks[start]
+        in_use = {n for names in self._chunks.values() for n in names} | self._function
+        recent = self._message - RECENT_CHUNKS
+        for key, (_, _, name) in list(self._placed.items()):
+            if name not in in_use and self._last_named[name] <= recent:
+                del self._placed[key]
+                del self._last_named[name]
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
 
     @property
     def names(self) -> list[str]:
@@ -75,6 +117,8 @@ class Placements:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.directory, name))
         self._placed.clear()
+        self._last_named.clear()
+        self._chunks.clear()
 
 
 def function_frames(
@@ -91,7 +135,7 @@ def function_frames(
         name = None
         if placed is not None:
             with contextlib.suppress(OSError):  # /dev/shm full: the buffer travels as a frame
-                name = placed.name_for(buf)
+                name = placed.name_for(buf, for_function=True)
         frames.append(b"" if name is not None else bytes(buf.raw()))
         names.append(name)
     return frames, tuple(names)
