@@ -1039,9 +1039,10 @@ class PoolCore:
             if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
                 (frames, names), chunk.payload = chunk.payload, None
             else:
-                frames, names = proto.pickle_payload(
-                    dumps, chunk.items, self.segments or self.shm_dir, self._placements(job)
-                )
+                placed = self._placements(job)
+                if placed is not None:
+                    placed.begin()
+                frames, names = proto.pickle_payload(dumps, chunk.items, self.segments or self.shm_dir, placed)
         except Exception as exc:
             self._unpicklable_chunk(job, chunk, exc)
             return True
@@ -1077,6 +1078,10 @@ class PoolCore:
         chunk.started_at = time.monotonic()
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
+        placed = self.placements.get(job.id)
+        if placed is not None:  # pinned segments no chunk in flight nor recent names go
+            placed.sent(chunk.start, names)
+            placed.evict(job.inflight)
         job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id)
         return True
 
@@ -1331,8 +1336,10 @@ class PoolCore:
             self.placed_bytes += placed.written_bytes
             pinned = tuple(placed.names)
             placed.close()  # every task of the job is final: no chunk will name them again
+            if job.fn_buffers:  # its digest is the job's own: never used again
+                self.fn_time.pop(job.digest, None)
             for w in list(self.workers.values()):
-                if job.fn_buffers:  # its digest is the job's own: never defined again
+                if job.fn_buffers:
                     w.functions.pop(job.digest, None)
                 if pinned and w.state == "ready":  # unmap them now (and forget the function)
                     self._send(self.data, w, proto.Release(pinned))
