@@ -190,3 +190,23 @@ def test_without_shared_memory_the_function_travels_in_its_payload() -> None:
     assert names == (None,) and len(frames[1]) == arr.nbytes
     again = dumps_callable_shared(functools.partial(where, arr))[1]
     assert again != digest  # each job's own: the stream does not say what the buffer held
+
+
+def pinned_now(run_dir: str, a: np.ndarray) -> tuple[int, float]:
+    """How many pinned segments the pool holds while this task runs, and its array's sum."""
+    return sum(n.startswith(proto.PINNED_PREFIX) for n in os.listdir(run_dir)), float(a.sum())
+
+
+def test_a_map_over_many_different_arrays_does_not_pin_them_all(make_pool) -> None:
+    from orchestra_nb._pool import PREFETCH
+    from orchestra_nb._shared import RECENT_CHUNKS
+
+    pool = make_pool(workers=2)
+    core = local_core(pool)
+    arrays = [np.full(proto.SHM_THRESHOLD // 8, float(k)) for k in range(40)]
+    fn = functools.partial(pinned_now, core.run_dir)
+    out = pool.map(fn, arrays, chunksize=1).result(timeout=HANG_GUARD)
+    assert [total for _, total in out] == [float(a.sum()) for a in arrays]
+    most = max(held for held, _ in out)
+    assert most <= RECENT_CHUNKS + 2 * PREFETCH, f"{most} of {len(arrays)} arrays pinned at once"
+    assert not pinned_files(core)
