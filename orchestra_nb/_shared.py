@@ -20,10 +20,12 @@ joblib's memmapping, which dumps an argument once per ``Parallel`` call). Nothin
 across jobs: a second map writes the array again, so a mutation between two maps is always
 seen, and no content digest (which costs more than the copy it would save) is needed.
 
-Lifetime: a job's segments are deleted when the job ends (``Placements.close``); a worker's
-mapping goes with the next sweep (before it sleeps) once the file is gone, or when the last
-array using it goes. A respawned worker maps the segment by name like any other, since it
-lives as long as the job. Pool close removes the run directory with anything left in it.
+Lifetime: a segment no chunk in flight and no recent chunk names is deleted as the next
+chunk goes out (``Placements.evict``), the rest when the job ends (``Placements.close``),
+and the pool then tells the workers (``Release``), which forget the job's function. A
+worker maps a segment copy-on-write per message, so its memory goes with the arrays that
+use it. A worker respawned midway maps the segments by name like any other (they outlive
+their chunks in flight). Pool close removes the run directory with anything left in it.
 """
 
 from __future__ import annotations
