@@ -586,8 +586,8 @@ def _safe_name(name: str) -> str:
     return name
 
 
-def _write_shm(shm_dir: str, raw: memoryview, prefix: str = "buf-") -> str:
-    name = f"{prefix}{secrets.token_hex(12)}"
+def _write_shm(shm_dir: str, raw: memoryview) -> str:
+    name = f"buf-{secrets.token_hex(12)}"
     path = os.path.join(shm_dir, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -33,10 +33,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import secrets
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from ._protocol import PINNED_PREFIX, _write_shm
+from ._protocol import PINNED_PREFIX
 
 __all__ = ["Placements", "function_frames"]
 
@@ -79,7 +80,7 @@ class Placements:
         if hit is not None and hit[0] is exporter and hit[1] == raw.nbytes:
             name = hit[2]
         else:
-            name = _write_shm(self.directory, raw, PINNED_PREFIX)
+            name = _write_pinned(self.directory, raw)
             self._placed[id(exporter)] = (exporter, raw.nbytes, name)
             self.written_bytes += raw.nbytes
         self._last_named[name] = self._message
@@ -121,6 +122,29 @@ class Placements:
         self._placed.clear()
         self._last_named.clear()
         self._chunks.clear()
+
+
+def _write_pinned(directory: str, raw: memoryview) -> str:
+    """A new pinned segment holding ``raw``. Written with write(), not through a mapping:
+    once, into fresh tmpfs pages, that costs about half (no zeroing pass, no page faults),
+    and a full /dev/shm is an ENOSPC here, never a SIGBUS later."""
+    name = f"{PINNED_PREFIX}{secrets.token_hex(12)}"
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        data = raw.cast("B")
+        done = 0
+        while done < data.nbytes:
+            done += os.write(fd, data[done : done + _WRITE_STEP])
+    except BaseException:
+        os.unlink(path)  # no half-made segment left holding memory
+        raise
+    finally:
+        os.close(fd)
+    return name
+
+
+_WRITE_STEP = 64 * 2**20
 
 
 def function_frames(
