@@ -210,3 +210,12 @@ def test_a_map_over_many_different_arrays_does_not_pin_them_all(make_pool) -> No
     most = max(held for held, _ in out)
     assert most <= RECENT_CHUNKS + 2 * PREFETCH, f"{most} of {len(arrays)} arrays pinned at once"
     assert not pinned_files(core)
+
+
+def test_a_large_buffer_is_written_by_parts_exactly(tmp_path: Path) -> None:
+    from orchestra_nb._shared import _PER_WRITER, _write_pinned
+
+    data = np.random.default_rng(0).integers(0, 255, 2 * _PER_WRITER + 12345, dtype=np.uint8)
+    name = _write_pinned(str(tmp_path), memoryview(data))
+    assert name.startswith(proto.PINNED_PREFIX)
+    assert (tmp_path / name).read_bytes() == data.tobytes()
