@@ -15,6 +15,7 @@ import array
 import collections
 import concurrent.futures
 import itertools
+import pickle
 import reprlib
 import threading
 import time
@@ -270,6 +271,9 @@ class Job:
         self.name = name
         self.digest = digest
         self.fn_payload = fn_payload
+        # Large buffers the function captures, left out of its payload (``_shared``): set
+        # only for a backend that places them (``Backend.places_buffers``).
+        self.fn_buffers: tuple[pickle.PickleBuffer, ...] = ()
         self.source = source
         self.total = total
         self.star = star

@@ -74,6 +74,7 @@ from ._procs import (
     unregister_run_dir,
 )
 from ._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
+from ._shared import Placements, function_frames
 from ._spin import DEFAULT_BUSY_POLL, BusyPoll
 from ._state import PoolState, TaskState, WorkerState
 from ._stats import PoolStatistics, WorkerStatistics
@@ -150,6 +151,9 @@ class PoolCore:
         self._released: collections.deque[tuple[int, str]] = collections.deque()
         self._release_scheduled = False
         self.segments: proto.Segments | None = None
+        # Per job: its large buffers, written once into pinned segments (see _shared).
+        self.placements: dict[int, Placements] = {}
+        self.placed_bytes = 0  # written into pinned segments by jobs that ended
         self._tick_handle: asyncio.TimerHandle | None = None
         self.run_dir = ""
         self.shm_dir: str | None = None
@@ -344,6 +348,9 @@ class PoolCore:
                 self.loop.remove_reader(fd)
             sock.close(linger=0)
         self.ctx.term()
+        for placed in self.placements.values():
+            placed.close()
+        self.placements.clear()
         if self.segments is not None:
             self.segments.close()
         if self.mappings is not None:
@@ -1035,9 +1042,10 @@ class PoolCore:
             if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
                 (frames, names), chunk.payload = chunk.payload, None
             else:
-                frames, names = proto.pickle_payload(
-                    dumps, chunk.items, self.segments or self.shm_dir
-                )
+                placed = self._placements(job)
+                if placed is not None:
+                    placed.begin()
+                frames, names = proto.pickle_payload(dumps, chunk.items, self.segments or self.shm_dir, placed)
         except Exception as exc:
             self._unpicklable_chunk(job, chunk, exc)
             return True
@@ -1047,8 +1055,9 @@ class PoolCore:
             forget: list[bytes] = []
             while len(w.functions) >= FUNCTION_CACHE:
                 forget.append(w.functions.popitem(last=False)[0])
+            fn_frames, fn_names = function_frames(job.fn_payload, job.fn_buffers, self._placements(job))
             try:
-                self._send(self.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+                self._send(self.data, w, proto.Define(job.digest, tuple(forget), fn_names), fn_frames)
             except OSError as exc:
                 return self._unsendable_chunk(job, chunk, names, "function", exc)
             w.functions[job.digest] = None
@@ -1072,8 +1081,20 @@ class PoolCore:
         chunk.started_at = time.monotonic()
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
+        placed = self.placements.get(job.id)
+        if placed is not None:  # pinned segments no chunk in flight nor recent names go
+            placed.sent(chunk.start, names)
+            placed.evict(job.inflight)
         job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id)
         return True
+
+    def _placements(self, job: Job) -> Placements | None:
+        if self.shm_dir is None:
+            return None
+        placed = self.placements.get(job.id)
+        if placed is None:
+            placed = self.placements[job.id] = Placements(self.shm_dir)
+        return placed
 
     def _unsendable_chunk(
         self, job: Job, chunk: Chunk, names: tuple[str | None, ...], what: str, exc: OSError
@@ -1313,6 +1334,18 @@ class PoolCore:
         if job.first_payload is not None and self.segments is not None:  # never sent
             self.segments.release([n for n in job.first_payload[1] if n is not None])
             job.first_payload = None
+        placed = self.placements.pop(job.id, None)
+        if placed is not None:
+            self.placed_bytes += placed.written_bytes
+            pinned = tuple(placed.names)
+            placed.close()  # every task of the job is final: no chunk will name them again
+            if job.fn_buffers:  # its digest is the job's own: never used again
+                self.fn_time.pop(job.digest, None)
+            for w in list(self.workers.values()):
+                if job.fn_buffers:
+                    w.functions.pop(job.digest, None)
+                if pinned and w.state == "ready":  # unmap them now (and forget the function)
+                    self._send(self.data, w, proto.Release(pinned))
         self.jobs.pop(job.id, None)
 
     # --- introspection ----------------------------------------------------------------
