@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import pickle
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from ._events import CircuitChanged, Event
 from ._handles import MapHandle, TaskHandle
 from ._jobs import DEFAULT_RETRY, Job, JobFuture, next_job_id
 from ._policy import RetryPolicy
-from ._serialize import callable_name, dumps_callable
+from ._serialize import callable_name, dumps_callable, dumps_callable_shared
 from ._state import CloseMode, PoolState
 from ._stats import PoolStatistics, ScheduledStatistics
 from .backends._base import Backend, Capabilities, ThreadAttachment
@@ -223,7 +224,7 @@ class Pool:
             raise ValueError(f"chunksize must be >= 1, got {chunksize}")
         timeout = self._check_timeout(timeout)
         star = len(iterables) > 1
-        payload, digest = dumps_callable(fn)
+        payload, digest, fn_buffers = self._dumps_map_function(fn)
         source, total, feeder = feed.plan(iterables, star)
         job = Job(
             next_job_id(),
@@ -240,6 +241,7 @@ class Pool:
             retry=_retry(retries, retry_on),
         )
         job.fn = fn
+        job.fn_buffers = fn_buffers
         job.circuit = _check_circuit(circuit)
         handle: MapHandle[T] = MapHandle(self._backend, job)
         handle._remember(
@@ -262,6 +264,16 @@ class Pool:
         self._backend.submit(job)
         return handle
 
+    def _dumps_map_function(
+        self, fn: Callable[..., Any]
+    ) -> tuple[bytes, bytes, tuple[pickle.PickleBuffer, ...]]:
+        """A map's function pickled: its large captured buffers out of band when the backend
+        places them once per job (``Backend.places_buffers``), else all in its payload."""
+        if self._backend.places_buffers:
+            return dumps_callable_shared(fn)
+        payload, digest = dumps_callable(fn)
+        return payload, digest, ()
+
     def _open_map(
         self, fn: Callable[..., T], *, name: str, star: bool = True
     ) -> tuple[MapHandle[T], Job, feed.FeedBuffer]:
@@ -270,9 +282,10 @@ class Pool:
         the pool that produce work incrementally, like the joblib backend: one job, and one
         progress view, per joblib call). Like :meth:`map` otherwise (adaptive chunks); the
         caller reads the job's task table for the results."""
-        payload, digest = dumps_callable(fn)
+        payload, digest, fn_buffers = self._dumps_map_function(fn)
         inlet = feed.FeedBuffer()
         job = Job(next_job_id(), name, digest, payload, inlet, None, star=star)
+        job.fn_buffers = fn_buffers
         job.fn = fn
         job.queue_one_more = True  # its producer keeps only a few items in flight
         handle: MapHandle[T] = MapHandle(self._backend, job)

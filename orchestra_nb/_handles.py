@@ -191,12 +191,15 @@ class _Settle:
 def _settle(fut: asyncio.Future[Any], cf: JobFuture) -> None:
     if fut.done():
         return
-    if cf.cancelled():
+    state, result, exc = cf.outcome()  # called once ``cf`` is done
+    if state == "pending":
+        return
+    if state == "cancelled":
         fut.cancel()
-    elif (exc := cf.exception()) is not None:
+    elif exc is not None:
         fut.set_exception(exc)
     else:
-        fut.set_result(cf.result())
+        fut.set_result(result)
 
 
 class _Handle:
@@ -434,8 +437,11 @@ class TaskHandle(_Handle, Generic[T]):
                 # loop is queued; take it now rather than after a turn of the loop.
                 self._hub.deliver_pending()
             if not aio.done():
-                self._asyncio_future_blocking = True
-                yield self  # the Task waits for our done callbacks
+                # The Task waits on the asyncio future itself (its C fast path: no Python
+                # get_loop/add_done_callback/property calls); a Task.cancel() cancels it and
+                # lands in the except clause below, which cancels the call.
+                aio._asyncio_future_blocking = True
+                yield aio
         except (asyncio.CancelledError, KeyboardInterrupt):
             __tracebackhide__ = True  # IPython hides this frame
             self.cancel()

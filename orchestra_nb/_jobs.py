@@ -15,6 +15,7 @@ import array
 import collections
 import concurrent.futures
 import itertools
+import pickle
 import reprlib
 import threading
 import time
@@ -211,6 +212,11 @@ class JobFuture:
             raise self._exception
         return self._result
 
+    def outcome(self) -> tuple[str, Any, BaseException | None]:
+        """``(state, result, exception)`` read at once, without waiting: for a future that
+        is done (a caller handing the outcome over; "pending" otherwise)."""
+        return self._state, self._result, self._exception
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.wait(timeout):
             raise TimeoutError(f"the job did not finish within {timeout} s")
@@ -265,6 +271,9 @@ class Job:
         self.name = name
         self.digest = digest
         self.fn_payload = fn_payload
+        # Large buffers the function captures, left out of its payload (``_shared``): set
+        # only for a backend that places them (``Backend.places_buffers``).
+        self.fn_buffers: tuple[pickle.PickleBuffer, ...] = ()
         self.source = source
         self.total = total
         self.star = star
@@ -689,7 +698,8 @@ class Job:
         self.check_done()
 
     def check_done(self) -> None:
-        if self.is_complete() and not self.inflight and not self.finished.is_set():
+        # ``inflight`` first: right after a send (the common call) it decides alone.
+        if not self.inflight and self.is_complete() and not self.finished.is_set():
             self.finish(None)
 
     def fail_all(self, exc: BaseException) -> None:

@@ -216,6 +216,7 @@ class PoolCore:
         self.recovery.close()
         self.workers.close()
         self.readers.close()
+        self.dispatch.close()
         self.wire.close()
         self.state = PoolState.CLOSED
         self.closed_event.set()
@@ -237,6 +238,8 @@ class PoolCore:
         # otherwise keep the I/O thread in here until it ends.
         handled = False
         wire, procs, handle = self.wire, self._procs, self._handle  # read once, not per message
+        if sock is wire.data:
+            wire.data_drain_due = False  # this read covers the check a send deferred
         try:
             for _ in range(DRAIN_BUDGET):
                 if not proto.has_input(sock):
@@ -418,6 +421,7 @@ class PoolCore:
         if job.first_payload is not None and self.wire.segments is not None:  # never sent
             self.wire.segments.release([n for n in job.first_payload[1] if n is not None])
             job.first_payload = None
+        self.dispatch.job_finished(job)
         self.jobs.pop(job.id, None)
 
     # --- introspection ----------------------------------------------------------------

@@ -24,6 +24,7 @@ from ._exceptions import CircuitOpenError, SerializationError
 from ._jobs import Chunk, Job, next_job_id
 from ._procs import WorkerProc
 from ._serialize import describe_unpicklable_argument, dumps
+from ._shared import Placements, function_frames
 from ._state import PoolState, TaskState
 
 if TYPE_CHECKING:
@@ -61,6 +62,9 @@ class Dispatcher:
         self.ready_jobs: collections.deque[Job] = collections.deque()  # may have work
         self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
+        # Per job: its large buffers, written once into pinned segments (see _shared).
+        self.placements: dict[int, Placements] = {}
+        self.placed_bytes = 0  # written into pinned segments by jobs that ended
 
     def assign_setups(self, w: WorkerProc) -> None:
         """``w`` is ready: the setup calls go first on it."""
@@ -93,7 +97,8 @@ class Dispatcher:
                     break
             if w.retire:
                 continue
-            while self._has_room(w):
+            # No job has work waiting (after a result, most often): nothing to scan for.
+            while self.ready_jobs and self._has_room(w):
                 budget = self._task_budget(w)
                 if budget == 0:
                     break  # its last tasks are out: it retires when they are done
@@ -211,9 +216,10 @@ class Dispatcher:
             if chunk.payload is not None:  # pickled by the caller; a re-send pickles afresh
                 (frames, names), chunk.payload = chunk.payload, None
             else:
-                frames, names = proto.pickle_payload(
-                    dumps, chunk.items, wire.segments or wire.shm_dir
-                )
+                placed = self._placements(job)
+                if placed is not None:
+                    placed.begin()
+                frames, names = proto.pickle_payload(dumps, chunk.items, wire.segments or wire.shm_dir, placed)
         except Exception as exc:
             self._unpicklable_chunk(job, chunk, exc)
             return True
@@ -223,8 +229,9 @@ class Dispatcher:
             forget: list[bytes] = []
             while len(w.functions) >= FUNCTION_CACHE:
                 forget.append(w.functions.popitem(last=False)[0])
+            fn_frames, fn_names = function_frames(job.fn_payload, job.fn_buffers, self._placements(job))
             try:
-                wire.send(wire.data, w, proto.Define(job.digest, tuple(forget)), [job.fn_payload])
+                wire.send(wire.data, w, proto.Define(job.digest, tuple(forget), fn_names), fn_frames)
             except OSError as exc:
                 return self._unsendable_chunk(job, chunk, names, "function", exc)
             w.functions[job.digest] = None
@@ -248,8 +255,43 @@ class Dispatcher:
         chunk.started_at = time.monotonic()
         w.inflight.append(chunk)
         job.inflight[chunk.start] = chunk
+        placed = self.placements.get(job.id)
+        if placed is not None:  # pinned segments no chunk in flight nor recent names go
+            placed.sent(chunk.start, names)
+            placed.evict(job.inflight)
         job.transition(chunk.start, chunk.count, TaskState.RUNNING, w.id)
         return True
+
+    def _placements(self, job: Job) -> Placements | None:
+        if self.wire.shm_dir is None:
+            return None
+        placed = self.placements.get(job.id)
+        if placed is None:
+            placed = self.placements[job.id] = Placements(self.wire.shm_dir)
+        return placed
+
+    def job_finished(self, job: Job) -> None:
+        """Every task of ``job`` is final: its pinned segments go (the workers unmap them),
+        and a function of its own is forgotten (its estimate, the workers' cached copy)."""
+        placed = self.placements.pop(job.id, None)
+        if placed is None:
+            return
+        self.placed_bytes += placed.written_bytes
+        pinned = tuple(placed.names)
+        placed.close()  # every task of the job is final: no chunk will name them again
+        if job.fn_buffers:  # its digest is the job's own: never used again
+            self.fn_time.pop(job.digest, None)
+        wire = self.wire
+        for w in list(self._procs.values()):
+            if job.fn_buffers:
+                w.functions.pop(job.digest, None)
+            if pinned and w.state == "ready":  # unmap them now (and forget the function)
+                wire.send(wire.data, w, proto.Release(pinned))
+
+    def close(self) -> None:
+        for placed in self.placements.values():
+            placed.close()
+        self.placements.clear()
 
     def _drop_cancelled_calls(self, job: Job, chunk: Chunk) -> Chunk | None:
         """Calls of a batch cancelled before their chunk was sent are never sent: a Cancel on

@@ -38,7 +38,9 @@ class Wire:
         self.segments: proto.Segments | None = None
         self.mappings: proto.Mappings | None = None
         self.data_fd = -1
-        self._data_sent = False  # a drain of that socket is due after the current callback
+        # A drain of the data socket is due after the current callback (a read that starts
+        # clears it: it covers that check).
+        self.data_drain_due = False
         self._ctrl_sent = False
 
     def open(self) -> None:
@@ -128,8 +130,8 @@ class Wire:
         # Sending can leave inbound messages on the same socket unsignalled on its
         # edge-triggered FD: read them after the current callback.
         if sock is self.data:
-            if not self._data_sent:
-                self._data_sent = True
+            if not self.data_drain_due:
+                self.data_drain_due = True
                 self.loop.defer(self._after_send)  # after the current callback
         elif not self._ctrl_sent:
             self._ctrl_sent = True
@@ -137,8 +139,8 @@ class Wire:
         return True
 
     def _after_send(self) -> None:
-        if self._data_sent:
-            self._data_sent = False
+        if self.data_drain_due:
+            self.data_drain_due = False
             self._on_input(self.data)
         if self._ctrl_sent:
             self._ctrl_sent = False

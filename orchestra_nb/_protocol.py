@@ -41,7 +41,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -78,6 +78,9 @@ __all__ = [
 # travel as their own ZeroMQ frame; above, through a shared-memory file.
 INBAND_LIMIT = 64 * 1024
 SHM_THRESHOLD = 2 * 1024 * 1024
+# Segments placed once for a job (``_shared.Placements``), which readers map copy-on-write
+# and never unlink nor release: the writer deletes them when the job ends.
+PINNED_PREFIX = "buf-k-"
 
 
 # _FIELD_SHADOWS: a NamedTuple field named ``count`` or ``index`` shadows the tuple method of
@@ -88,10 +91,14 @@ SHM_THRESHOLD = 2 * 1024 * 1024
 
 
 class Define(NamedTuple):
-    """Cache a callable under ``digest`` (payload: its cloudpickle); forget older ones."""
+    """Cache a callable under ``digest`` (payload: its cloudpickle); forget older ones.
+
+    ``buffers``: its out-of-band buffers, as in :class:`Run` (large captured arrays placed
+    once for the job, see ``_shared``)."""
 
     digest: bytes
     forget: tuple[bytes, ...]
+    buffers: tuple[str | None, ...] = ()
 
 
 class Run(NamedTuple):
@@ -482,13 +489,21 @@ def recv_frames(sock: Any, flags: int = 0) -> list[Frame]:
 # --- out-of-band buffers --------------------------------------------------------------------
 
 
+class Placer(Protocol):
+    """Where a job's large buffers are placed once (``_shared.Placements``)."""
+
+    def name_for(self, buf: pickle.PickleBuffer) -> str | None: ...
+
+
 def pickle_payload(
-    dumps: Any, obj: object, shm: Segments | str | None
+    dumps: Any, obj: object, shm: Segments | str | None, placed: Placer | None = None
 ) -> tuple[list[Frame], tuple[str | None, ...]]:
     """Pickle ``obj`` with ``dumps`` (pickle or cloudpickle ``dumps``) into payload frames.
 
     Returns the frames (stream first, then one frame per out-of-band buffer) and, for each
-    buffer, the name of its shared-memory file or None when it travels as a frame.
+    buffer, the name of its shared-memory file or None when it travels as a frame. With
+    ``placed``, a large buffer goes to the segment its job placed it in (written the first
+    time only), not into a segment of this message.
     """
     oob: list[pickle.PickleBuffer] = []
 
@@ -508,7 +523,10 @@ def pickle_payload(
         name = None
         if shm is not None and raw.nbytes >= SHM_THRESHOLD:
             try:
-                name = shm.write(raw) if isinstance(shm, Segments) else _write_shm(shm, raw)
+                if placed is not None:
+                    name = placed.name_for(buf)
+                if name is None:
+                    name = shm.write(raw) if isinstance(shm, Segments) else _write_shm(shm, raw)
             except OSError:  # /dev/shm full (ENOSPC), a file size limit...: send it inline
                 name = None
         if name is not None:
@@ -532,7 +550,10 @@ def read_buffers(
     ``shm`` is the reader's :class:`Mappings` or the shared-memory directory. With
     ``on_release``, a shared-memory segment stays on disk for its writer to reuse, and
     ``on_release(name)`` is called once the last array using it is gone; without, it is
-    unlinked at once.
+    unlinked at once. A pinned segment (:data:`PINNED_PREFIX`, placed once for a whole
+    job and read by every task of it) is neither unlinked nor released, and each message
+    gets a copy-on-write mapping of its own: its pages are shared until a task writes
+    one, and what a task writes stays in that message's arrays, as with a copy.
     """
     out: list[Any] = []
     for frame, name in zip(payload[1:], names, strict=True):
@@ -540,6 +561,9 @@ def read_buffers(
             out.append(bytearray(memoryview(frame)))
         elif shm is None:
             raise BadSignature("shared-memory buffer without a shared-memory directory")
+        elif name.startswith(PINNED_PREFIX):
+            directory = shm.directory if isinstance(shm, Mappings) else shm
+            out.append(_map_private(os.path.join(directory, _safe_name(name))))
         elif isinstance(shm, Mappings):
             assert on_release is not None, "a kept mapping is released by its reader"
             out.append(shm.view(name, on_release))
@@ -591,6 +615,16 @@ def _map_shm(shm_dir: str, name: str, on_release: Callable[[str], object] | None
     return mm
 
 
+def _map_private(path: str) -> mmap.mmap:
+    """A copy-on-write mapping of ``path`` (MAP_PRIVATE): writable, and writes are the
+    mapping's own. Mapping costs a system call; only the pages read are faulted in."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+
+
 def _map_file(path: str) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR)
     try:
@@ -620,6 +654,7 @@ class Segments:
         self._free_bytes = 0
         self._busy: dict[str, tuple[int, mmap.mmap]] = {}
         self._lock = threading.Lock()
+        self.written_bytes = 0  # copied into segments so far
 
     def write(self, raw: memoryview) -> str:
         size = raw.nbytes
@@ -645,6 +680,7 @@ class Segments:
         mm[:] = raw.cast("B")
         with self._lock:
             self._busy[name] = (size, mm)
+            self.written_bytes += size
         return name
 
     def release(self, names: Sequence[str]) -> None:

@@ -18,6 +18,7 @@ import linecache
 import marshal
 import os
 import pickle
+import secrets
 import sys
 import traceback
 import types
@@ -28,6 +29,7 @@ from typing import Any, NamedTuple
 import cloudpickle
 
 from ._exceptions import RemoteError, RemoteTraceback, ResultTooLargeError, SerializationError
+from ._protocol import SHM_THRESHOLD
 
 __all__ = [
     "ErrorRecord",
@@ -38,6 +40,7 @@ __all__ = [
     "describe_unpicklable_argument",
     "dumps",
     "dumps_callable",
+    "dumps_callable_shared",
     "dumps_result",
     "dumps_with_source",
     "rebuild_exception",
@@ -218,24 +221,52 @@ def dumps_callable(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
     Raises :class:`SerializationError` naming the unpicklable part, or explaining why a
     ``__main__`` callable pickled *by reference* could not be loaded by a worker.
     """
+    payload, digest, _ = _dumps_callable(fn, False)
+    return payload, digest
+
+
+def dumps_callable_shared(fn: Callable[..., Any]) -> tuple[bytes, bytes, tuple[pickle.PickleBuffer, ...]]:
+    """:func:`dumps_callable`, leaving the large buffers ``fn`` captures (numpy arrays of
+    at least ``SHM_THRESHOLD`` bytes) out of the stream, uncopied: ``(payload, digest,
+    buffers)``, for a backend that places them once per job (``_shared``). A payload with
+    such buffers gets a digest of its own (the stream plus a random token): the stream
+    alone does not say what the buffers held, and hashing them would cost more than
+    placing them."""
+    return _dumps_callable(fn, True)
+
+
+def _dumps_callable(
+    fn: Callable[..., Any], out_of_band: bool
+) -> tuple[bytes, bytes, tuple[pickle.PickleBuffer, ...]]:
     key = _cache_key(fn)
     if key is not None:
         hit = _callable_cache.get(key)
         if hit is not None and hit[0]() is fn:
-            return hit[1], hit[2]
+            return hit[1], hit[2], ()
     if not callable(fn):
         raise TypeError(f"expected a callable, got {type(fn).__name__}: {fn!r}")
     _reject_by_reference(fn)
+    large: list[pickle.PickleBuffer] = []
+
+    def keep_large_out_of_band(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes < SHM_THRESHOLD:
+            return True
+        large.append(buf)
+        return False
+
     try:
-        payload = dumps_with_source(fn)
+        payload = dumps_with_source(fn, keep_large_out_of_band if out_of_band else None)
     except Exception as exc:
         raise SerializationError(_explain_callable_failure(fn, exc)) from exc
+    if large:
+        digest = hashlib.blake2b(payload + secrets.token_bytes(16), digest_size=16).digest()
+        return payload, digest, tuple(large)  # (not cached: such captures are never frozen)
     digest = hashlib.blake2b(payload, digest_size=16).digest()
     if key is not None:
         if len(_callable_cache) >= 256:
             _callable_cache.pop(next(iter(_callable_cache)))
         _callable_cache[key] = (weakref.ref(fn), payload, digest)
-    return payload, digest
+    return payload, digest, ()
 
 
 # --- source lines travel with the code ----------------------------------------------------
@@ -283,10 +314,10 @@ def _rebuild_code(data: bytes, lines: list[str] | None) -> types.CodeType:
     return code
 
 
-def dumps_with_source(obj: object) -> bytes:
+def dumps_with_source(obj: object, buffer_callback: Any = None) -> bytes:
     """cloudpickle, with every shipped code object keeping its file name and source lines."""
     with io.BytesIO() as file:
-        _SourcePickler(file, protocol=5).dump(obj)
+        _SourcePickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
         return file.getvalue()
 
 

@@ -78,6 +78,30 @@ class _Segmented(Generic[S]):
             yield self._segs[number], offset, end
             start += end - offset
 
+    def _get(self, key: SupportsIndex | slice) -> Any:
+        """One item, or a contiguous slice as the column's own type (bytearray or list)."""
+        if isinstance(key, slice):
+            start, stop = self._range(key)
+            out = self._empty()
+            for segment, a, b in self._pieces(start, stop):
+                out += segment[a:b]
+            return out
+        index = self._index(key)
+        return self._segs[index >> SHIFT][index & MASK]
+
+    def _set(self, key: SupportsIndex | slice, value: Any) -> None:
+        if isinstance(key, slice):
+            start, stop = self._range(key)
+            if len(value) != stop - start:
+                raise ValueError("a task table slice keeps its length")
+            done = 0
+            for segment, a, b in self._pieces(start, stop):
+                segment[a:b] = value[done : done + b - a]
+                done += b - a
+            return
+        index = self._index(key)
+        self._segs[index >> SHIFT][index & MASK] = value
+
     def extend(self, values: Sequence[Any]) -> None:
         taken = 0
         while taken < len(values):
@@ -122,31 +146,14 @@ class SegmentedStates(_Segmented[bytearray]):
     @overload
     def __getitem__(self, key: slice) -> bytearray: ...
     def __getitem__(self, key: SupportsIndex | slice) -> int | bytearray:
-        if isinstance(key, slice):
-            start, stop = self._range(key)
-            out = bytearray()
-            for segment, a, b in self._pieces(start, stop):
-                out += segment[a:b]
-            return out
-        index = self._index(key)
-        return self._segs[index >> SHIFT][index & MASK]
+        return self._get(key)  # type: ignore[no-any-return]
 
     @overload
     def __setitem__(self, key: SupportsIndex, value: SupportsIndex) -> None: ...
     @overload
     def __setitem__(self, key: slice, value: bytes | bytearray) -> None: ...
     def __setitem__(self, key: SupportsIndex | slice, value: Any) -> None:
-        if isinstance(key, slice):
-            start, stop = self._range(key)
-            if len(value) != stop - start:
-                raise ValueError("a task table slice keeps its length")
-            done = 0
-            for segment, a, b in self._pieces(start, stop):
-                segment[a:b] = value[done : done + b - a]
-                done += b - a
-            return
-        index = self._index(key)
-        self._segs[index >> SHIFT][index & MASK] = value
+        self._set(key, value)
 
     def count(self, value: SupportsIndex | bytes, start: int = 0, end: int | None = None) -> int:
         stop = self._len if end is None else min(end, self._len)
@@ -184,27 +191,10 @@ class SegmentedList(_Segmented[list[Any]]):
     @overload
     def __getitem__(self, key: slice) -> list[Any]: ...
     def __getitem__(self, key: SupportsIndex | slice) -> Any:
-        if isinstance(key, slice):
-            start, stop = self._range(key)
-            out: list[Any] = []
-            for segment, a, b in self._pieces(start, stop):
-                out += segment[a:b]
-            return out
-        index = self._index(key)
-        return self._segs[index >> SHIFT][index & MASK]
+        return self._get(key)
 
     def __setitem__(self, key: SupportsIndex | slice, value: Any) -> None:
-        if isinstance(key, slice):
-            start, stop = self._range(key)
-            if len(value) != stop - start:
-                raise ValueError("a task table slice keeps its length")
-            done = 0
-            for segment, a, b in self._pieces(start, stop):
-                segment[a:b] = value[done : done + b - a]
-                done += b - a
-            return
-        index = self._index(key)
-        self._segs[index >> SHIFT][index & MASK] = value
+        self._set(key, value)
 
     def __iter__(self) -> Iterator[Any]:
         for segment, a, b in self._pieces(self.released, self._len):

@@ -184,6 +184,8 @@ class Worker:
         self.ctrl.setsockopt(zmq.MAXMSGSIZE, limit)
         self.ctrl.connect(config["ctrl_addr"])
         self.functions: dict[bytes, Callable[..., Any] | ErrorRecord] = {}
+        # Functions whose captured arrays live in pinned segments of their job (_shared).
+        self.function_segments: dict[bytes, tuple[str, ...]] = {}
         # Notebook functions using names of the %%orchestra namespace (see _namespace).
         self.namespace_links: dict[bytes, NamespaceLink] = {}
         self.state = _State()
@@ -212,7 +214,7 @@ class Worker:
         while self.running:
             # The next task often follows at once: catch it awake.
             if not poll.wait(has_input) and mappings is not None:
-                mappings.sweep()  # about to sleep: unmap segments the pool deleted
+                self._sweep_shared()  # about to sleep: unmap segments the pool deleted
             frames = proto.recv_frames(data)
             try:
                 msg, payload = proto.decode_message(self.key, frames, self.run_dir)
@@ -225,6 +227,8 @@ class Worker:
             elif isinstance(msg, proto.Release):
                 if self.segments is not None:
                     self.segments.release(msg.names)
+                if any(n.startswith(proto.PINNED_PREFIX) for n in msg.names):
+                    self._sweep_shared()  # a job ended: its pinned segments are deleted
             elif isinstance(msg, proto.Define):
                 self._define(msg, payload)
             elif isinstance(msg, proto.SysPath):
@@ -241,10 +245,15 @@ class Worker:
 
     def _define(self, msg: proto.Define, payload: list[Any]) -> None:
         for digest in msg.forget:
-            self.functions.pop(digest, None)
-            self.namespace_links.pop(digest, None)
+            self._forget_function(digest)
         try:
-            fn = pickle.loads(payload[0])
+            buffers = None
+            if msg.buffers:
+                buffers = proto.read_buffers(payload, msg.buffers, self.mappings, self.released.append)
+                pinned = tuple(n for n in msg.buffers if n is not None and n.startswith(proto.PINNED_PREFIX))
+                if pinned:
+                    self.function_segments[msg.digest] = pinned
+            fn = pickle.loads(payload[0], buffers=buffers)
         except BaseException as exc:  # a crash here is the function's, not the worker's
             if isinstance(exc, ModuleNotFoundError):
                 missing = SerializationError(
@@ -265,6 +274,23 @@ class Worker:
         if _is_coroutine_function(fn):
             fn = self._sync_wrapper(fn)
         self.functions[msg.digest] = fn
+
+    def _forget_function(self, digest: bytes) -> None:
+        self.functions.pop(digest, None)
+        self.namespace_links.pop(digest, None)
+        self.function_segments.pop(digest, None)
+
+    def _sweep_shared(self) -> None:
+        """Forget the functions whose pinned segments the pool deleted (their job ended;
+        the digest is that job's own), then unmap what is gone: before sleeping, and when
+        the pool says a job's segments went."""
+        if self.function_segments:
+            directory = self.shm_dir or ""
+            for digest, names in list(self.function_segments.items()):
+                if not all(os.path.exists(os.path.join(directory, n)) for n in names):
+                    self._forget_function(digest)
+        if self.mappings is not None:
+            self.mappings.sweep()
 
     def _sync_wrapper(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run_coroutine(*args: Any, **kwargs: Any) -> Any:

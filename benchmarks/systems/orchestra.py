@@ -79,7 +79,10 @@ class Orchestra(System):
     async def asubmit_many(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
         return list(await asyncio.gather(*[self.pool.run(fn, x) for x in items]))
 
-    broadcast_how = "its default map (adaptive chunks); captured: the function travels once per worker"
+    broadcast_how = (
+        "its default map (adaptive chunks): a large argument or captured array is written once per map "
+        "into a shared-memory segment every worker maps"
+    )
 
     def broadcast(self, fn: Callable[..., float], big: Any, parts: int, captured: bool) -> list[float]:
         async def run() -> list[float]:

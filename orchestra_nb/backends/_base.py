@@ -110,6 +110,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    #: Whether a map's function may leave its large captured buffers out of its payload
+    #: (``Job.fn_buffers``): the backend then sends them itself, once per job.
+    places_buffers: ClassVar[bool] = False
 
     def __init__(self, events: EventBus) -> None:
         self.events = events

@@ -103,6 +103,7 @@ def _total_memory() -> int:
 
 class LocalBackend(Backend):
     name = "local"
+    places_buffers = True  # a job's large buffers go to pinned segments (_shared)
     capabilities = Capabilities(
         interrupt_running=True, run_on_all=True, shared_memory=True, in_process=False,
         resize=True, pinning=True, pause=True,

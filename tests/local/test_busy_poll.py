@@ -73,7 +73,8 @@ async def test_without_busy_poll_an_awaited_call_waits_in_the_loop(tmp_path: Pat
         gate = tmp_path / "gate"
         handle = pool.run(gated_inc, 1, str(gate))
         steps = handle.__await__()
-        assert steps.send(None) is handle  # yielded: the Task would wait on the handle
+        waited = steps.send(None)  # yielded: the Task would wait on the handle's future
+        assert asyncio.isfuture(waited) and not waited.done()
         steps.close()
         gate.touch()
         assert await asyncio.wait_for(asyncio.shield(handle), HANG_GUARD) == 2
@@ -109,7 +110,7 @@ async def test_an_awaiting_loop_polls_briefly_and_keeps_running_its_other_tasks(
         assert await pool.run(inc, 0) == 1
         handle = pool.run(nap, 0.5)
         steps = handle.__await__()
-        assert steps.send(None) is handle  # yielded to the loop long before the result
+        assert asyncio.isfuture(steps.send(None))  # yielded to the loop long before the result
         steps.close()
         ticks = 0
 

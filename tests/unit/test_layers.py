@@ -26,7 +26,7 @@ import orchestra_nb
 PACKAGE = Path(orchestra_nb.__file__).resolve().parent
 
 LAYERS = {
-    "_exceptions": 0, "_state": 0, "_events": 0, "_protocol": 0, "_serialize": 0,
+    "_exceptions": 0, "_state": 0, "_events": 0, "_protocol": 0, "_serialize": 0, "_shared": 0,
     "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0, "_fingerprint": 0, "_indexed": 0,
     "_outcomes": 0,
     "_worker": 1, "_namespace": 1,
