@@ -86,6 +86,9 @@ __all__ = ["PoolCore", "PoolOptions", "PoolState"]
 TARGET_CHUNK_SECONDS = 0.02  # adaptive chunks aim at tens of ms: cheap dispatch, live progress
 MAX_CHUNK = 16_384
 SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hide latency
+# A chunk with less work than this is not split further to balance a map's end: its
+# dispatch (a message each way, a wake-up) would cost more than the balance gains.
+MIN_CHUNK_SECONDS = 0.001
 PREFETCH = 4
 DRAIN_BUDGET = 64  # messages handled per I/O callback before other callbacks get a turn
 FUNCTION_CACHE = 64  # callables cached per worker
@@ -135,6 +138,7 @@ class PoolCore:
         self._worker_ids = 0
         self.ready_jobs: collections.deque[Job] = collections.deque()  # may have work
         self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
+        self.fn_time_items: dict[bytes, int] = {}  # largest chunk that set fn_time
         self.caller_poll = BusyPoll(options.busy_poll)  # shared by callers, under the engine
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
@@ -593,7 +597,15 @@ class PoolCore:
         if msg.count and msg.elapsed >= 0:
             per_item = msg.elapsed / msg.count
             old = self.fn_time.get(job.digest)
-            self.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
+            measured = self.fn_time_items.get(job.digest, 0)
+            # A chunk's fixed cost (unpickling, the result message) inflates a small chunk's
+            # per-item time: a chunk twice as large as any before measures better, and
+            # replaces the estimate instead of halving the error once per round trip.
+            if old is None or msg.count >= 2 * measured:
+                self.fn_time[job.digest] = per_item
+                self.fn_time_items[job.digest] = max(measured, msg.count)
+            else:
+                self.fn_time[job.digest] = 0.5 * old + 0.5 * per_item
         start, count = chunk.start, chunk.count
         if job.circuit is not None:
             self._circuit_outcome(job, errors, count)
@@ -1007,11 +1019,15 @@ class PoolCore:
         est = self.fn_time.get(job.digest)
         if est is None:
             return 1
-        size = int(TARGET_CHUNK_SECONDS / max(est, 1e-7))
+        est = max(est, 1e-7)
+        size = int(TARGET_CHUNK_SECONDS / est)
         remaining = job.remaining()
         if remaining is not None:
-            # Several chunks per worker to the end, so the last ones balance the load.
-            size = min(size, math.ceil(remaining / (2 * max(1, len(self.workers)))))
+            # Several chunks per worker to the end, so the last ones balance the load; but
+            # never below MIN_CHUNK_SECONDS of work (without that floor, the chunks shrank
+            # geometrically: 12 chunks for a 50-item map of tiny tasks, 30 for 20,000).
+            balanced = math.ceil(remaining / (2 * max(1, len(self.workers))))
+            size = min(size, max(balanced, int(MIN_CHUNK_SECONDS / est)))
         return max(1, min(size, MAX_CHUNK))
 
     def _send_chunk(self, w: WorkerProc, chunk: Chunk) -> bool:
