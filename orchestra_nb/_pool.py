@@ -138,7 +138,6 @@ class PoolCore:
         self._worker_ids = 0
         self.ready_jobs: collections.deque[Job] = collections.deque()  # may have work
         self.fn_time: dict[bytes, float] = {}  # EMA of seconds per item, per callable
-        self.fn_time_items: dict[bytes, int] = {}  # largest chunk that set fn_time
         self.caller_poll = BusyPoll(options.busy_poll)  # shared by callers, under the engine
         self.setups: list[tuple[str, bytes, bytes, Any]] = []  # (name, digest, payload, item)
         self.bad_messages = 0
@@ -597,13 +596,13 @@ class PoolCore:
         if msg.count and msg.elapsed >= 0:
             per_item = msg.elapsed / msg.count
             old = self.fn_time.get(job.digest)
-            measured = self.fn_time_items.get(job.digest, 0)
-            # A chunk's fixed cost (unpickling, the result message) inflates a small chunk's
-            # per-item time: a chunk twice as large as any before measures better, and
-            # replaces the estimate instead of halving the error once per round trip.
-            if old is None or msg.count >= 2 * measured:
+            # Noise only ever inflates a measure (a small chunk's fixed cost, a worker
+            # preempted on a loaded machine): a lower one replaces the estimate at once, a
+            # higher one moves it half-way. (Halving the error once per result, the chunks
+            # of tiny tasks took several round trips to grow, and shrank again after each
+            # preemption.)
+            if old is None or per_item < old:
                 self.fn_time[job.digest] = per_item
-                self.fn_time_items[job.digest] = max(measured, msg.count)
             else:
                 self.fn_time[job.digest] = 0.5 * old + 0.5 * per_item
         start, count = chunk.start, chunk.count

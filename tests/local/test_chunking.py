@@ -77,3 +77,25 @@ def test_a_map_of_slower_tasks_is_still_split_across_the_workers(pool: orchestra
     assert {e.worker_id for e in events if e.job_id == job_id and e.state == TaskState.RUNNING} == set(
         local_core(pool).workers
     )
+
+
+def test_a_lower_measure_replaces_an_inflated_estimate_at_once(pool: orchestra.Pool) -> None:
+    core = local_core(pool)
+    assert pool.map(inc, range(50)).result(HANG_GUARD) == [x + 1 for x in range(50)]  # measured
+    # Then inflated, as by a chunk whose worker was preempted on a loaded machine: 10 ms an
+    # item, so the next map's first chunks have two items each.
+    digest = dumps_callable(inc)[1]
+    core.fn_time[digest] = 0.01
+    events, sub = _journal(pool)
+    try:
+        handle = pool.map(inc, range(50))
+        assert handle.result(HANG_GUARD) == [x + 1 for x in range(50)]
+        job_id = handle.job_id
+        wait_for(lambda: sum(_chunks(events, job_id)) >= 50, timeout=HANG_GUARD, what="RUNNING events")
+    finally:
+        sub.close()
+    sizes = _chunks(events, job_id)
+    # The first result (tens of us an item: mostly the chunk's fixed cost) sets the
+    # estimate, and the next chunks are sized to balance the end (ceil(46 / 4) = 12 items
+    # or more). Halving the error once per result went 2, 2, 3, 7, 9, 7...
+    assert sizes[:2] == [2, 2] and sizes[2] >= 12, sizes
