@@ -30,7 +30,7 @@ LAYERS = {
     "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0, "_fingerprint": 0, "_indexed": 0,
     "_outcomes": 0,
     "_worker": 1, "_namespace": 1,
-    "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_pool": 2,
+    "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_prespawn": 2, "_pool": 2,
     "_feed": 2, "_table": 2, "backends": 2, "backends._base": 2, "backends._caller": 2,
     "backends.local": 2, "backends.inline": 2, "backends.dask": 2, "backends._dask_worker": 2,
     "_api": 3, "_handles": 3, "_callbacks": 3, "_driver": 3, "_pipeline": 3, "_schedule": 3,
