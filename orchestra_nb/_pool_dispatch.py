@@ -38,6 +38,9 @@ __all__ = ["FINAL_BYTES", "MAX_CHUNK", "NOT_RUN", "Dispatcher"]
 TARGET_CHUNK_SECONDS = 0.02  # adaptive chunks aim at tens of ms: cheap dispatch, live progress
 MAX_CHUNK = 16_384
 SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hide latency
+# A chunk with less work than this is not split further to balance a map's end: its
+# dispatch (a message each way, a wake-up) would cost more than the balance gains.
+MIN_CHUNK_SECONDS = 0.001
 PREFETCH = 4
 FUNCTION_CACHE = 64  # callables cached per worker
 
@@ -164,11 +167,15 @@ class Dispatcher:
         est = self.fn_time.get(job.digest)
         if est is None:
             return 1
-        size = int(TARGET_CHUNK_SECONDS / max(est, 1e-7))
+        est = max(est, 1e-7)
+        size = int(TARGET_CHUNK_SECONDS / est)
         remaining = job.remaining()
         if remaining is not None:
-            # Several chunks per worker to the end, so the last ones balance the load.
-            size = min(size, math.ceil(remaining / (2 * max(1, len(self._procs)))))
+            # Several chunks per worker to the end, so the last ones balance the load; but
+            # never below MIN_CHUNK_SECONDS of work (without that floor, the chunks shrank
+            # geometrically: 12 chunks for a 50-item map of tiny tasks, 30 for 20,000).
+            balanced = math.ceil(remaining / (2 * max(1, len(self._procs))))
+            size = min(size, max(balanced, int(MIN_CHUNK_SECONDS / est)))
         return max(1, min(size, MAX_CHUNK))
 
     def requeue(self, job: Job, chunk: Chunk, front: bool = False) -> None:

@@ -88,7 +88,15 @@ class ResultPath:
         if msg.count and msg.elapsed >= 0:
             per_item = msg.elapsed / msg.count
             old = self.fn_time.get(job.digest)
-            self.fn_time[job.digest] = per_item if old is None else 0.5 * old + 0.5 * per_item
+            # Noise only ever inflates a measure (a small chunk's fixed cost, a worker
+            # preempted on a loaded machine): a lower one replaces the estimate at once, a
+            # higher one moves it half-way. (Halving the error once per result, the chunks
+            # of tiny tasks took several round trips to grow, and shrank again after each
+            # preemption.)
+            if old is None or per_item < old:
+                self.fn_time[job.digest] = per_item
+            else:
+                self.fn_time[job.digest] = 0.5 * old + 0.5 * per_item
         start, count = chunk.start, chunk.count
         if job.circuit is not None:
             self._circuit_outcome(job, errors, count)

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import _protocol as proto
 from ._jobs import Chunk
+from ._prespawn import claim, popen_worker, worker_environ
 from ._state import WorkerState
 
 __all__ = [
@@ -104,9 +105,6 @@ class WorkerProc:
                 self.proc.stdin.close()
 
 
-KEEP_FREED_BYTES = 256 * 2**20
-
-
 START_DESCRIPTORS = 32  # free descriptors a pool needs to start (context, sockets, first workers)
 WORKER_DESCRIPTORS = 12  # ... and to start one more worker (pipes, pidfd, its connections)
 
@@ -169,31 +167,15 @@ def spawn_worker(
         "max_result_bytes": max_result_bytes,
         "busy_poll": busy_poll,
     }
-    environ = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environ["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, environ.get("PYTHONPATH", "")) if p)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        environ.setdefault(var, str(threads))  # N workers x N BLAS threads would oversubscribe
-    # glibc maps every allocation above its mmap threshold afresh and unmaps it on free, so
-    # a task that builds a 64 MB array page-faults all of it, every time (about half the
-    # cost of returning one). Workers keep up to KEEP_FREED_BYTES of freed memory in their
-    # heap for the next task instead. Pool(env={...}) overrides either setting; what the
-    # parent inherited does not (importing distributed sets MALLOC_TRIM_THRESHOLD_ for its
-    # own workers in os.environ).
-    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        environ[var] = str(KEEP_FREED_BYTES)
-    environ.update(env)
+    environ = worker_environ(env, threads)
     log_path = os.path.join(run_dir, f"worker-{worker_id}.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [python, "-m", "orchestra_nb._worker"],
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # the kernel's SIGINT to its process group skips us
-            close_fds=True,
-            env=environ,
-        )
+    proc = claim(python, environ)  # started ahead of the pool (see _prespawn)
+    if proc is not None:
+        config["log_path"] = log_path  # it sends its output there from now on
+        open(log_path, "wb").close()  # (created here, as for the others)
+    else:
+        with open(log_path, "wb") as log:
+            proc = popen_worker(python, environ, log)
     assert proc.stdin is not None
     # The key travels on stdin, never in argv or the environment. stdin stays open:
     # its EOF tells the worker that the pool is gone.

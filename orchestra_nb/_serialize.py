@@ -26,8 +26,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-import cloudpickle
-
 from ._exceptions import RemoteError, RemoteTraceback, ResultTooLargeError, SerializationError
 from ._protocol import SHM_THRESHOLD
 
@@ -52,7 +50,7 @@ def dumps(obj: object, protocol: int = 5, buffer_callback: Any = None) -> bytes:
         # [((1, 2.0, "x"), {})]: atoms cannot reference __main__, so plain pickle is exact,
         # and it skips cloudpickle's Pickler set-up (most of the cost for small calls).
         return pickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
-    data: bytes = cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+    data: bytes = _cloudpickle().dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
     return data
 
 
@@ -83,7 +81,7 @@ def dumps_result(
     """
     if limit is not None:
         return _dump_limited(obj, protocol, buffer_callback, limit)
-    if not _by_value_modules:
+    if not _pickled_by_value():
         found: list[pickle.PickleBuffer] = []
         try:
             data = pickle.dumps(
@@ -96,7 +94,7 @@ def dumps_result(
                 if found:
                     return pickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
                 return data
-    out: bytes = cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+    out: bytes = _cloudpickle().dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
     return out
 
 
@@ -157,7 +155,7 @@ class _LimitedFile:
 
 def _dump_limited(obj: object, protocol: int, buffer_callback: Any, limit: int, keep: bool = True) -> bytes:
     """:func:`dumps_result` (same choice of pickler) into a :class:`_LimitedFile`."""
-    if not _by_value_modules:
+    if not _pickled_by_value():
         found: list[pickle.PickleBuffer] = []
         file = _LimitedFile(limit, keep)
         try:
@@ -177,7 +175,7 @@ def _dump_limited(obj: object, protocol: int, buffer_callback: Any, limit: int, 
                 return file.getvalue()
     file = _LimitedFile(limit, keep)
     callback = file.counting(buffer_callback) if buffer_callback else None
-    cloudpickle.Pickler(file, protocol=protocol, buffer_callback=callback).dump(obj)
+    _cloudpickle().Pickler(file, protocol=protocol, buffer_callback=callback).dump(obj)
     return file.getvalue()
 
 
@@ -185,11 +183,26 @@ def _out_of_band(buf: pickle.PickleBuffer) -> bool:
     return False  # a buffer_callback that keeps every buffer out of the stream (uncopied)
 
 
-# Modules whose objects cloudpickle pickles by value (cloudpickle.register_pickle_by_value);
-# a private set of cloudpickle's, hence the fallback that sends everything to cloudpickle.
-_by_value_modules: set[str] = getattr(
-    cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", {"(unknown: always use cloudpickle)"}
-)
+def _cloudpickle() -> Any:
+    """cloudpickle, imported on first use: a worker needs it only for what plain pickle
+    cannot do (loading a function pickled by value imports it by itself), and it is a good
+    part of a worker's start-up imports."""
+    import cloudpickle
+
+    return cloudpickle
+
+
+_UNKNOWN_REGISTRY = frozenset({"(unknown: always use cloudpickle)"})
+
+
+def _pickled_by_value() -> Any:
+    """The modules whose objects cloudpickle pickles by value (its private registry, filled
+    by ``cloudpickle.register_pickle_by_value``; if cloudpickle renames it, everything goes
+    through cloudpickle). Empty while cloudpickle is not imported: nothing registered."""
+    module = sys.modules.get("cloudpickle.cloudpickle")
+    if module is None:
+        return ()
+    return getattr(module, "_PICKLE_BY_VALUE_MODULES", _UNKNOWN_REGISTRY)
 
 _ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
 
@@ -282,11 +295,17 @@ def _dumps_callable(
 # does with code objects, since it never sees them.
 
 
-class _SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
-    def reducer_override(self, obj: object) -> Any:
-        if type(obj) is types.CodeType:
-            return _rebuild_code, (marshal.dumps(obj), _source_to_ship(obj.co_filename))
-        return super().reducer_override(obj)
+@functools.cache
+def _source_pickler() -> Any:
+    """cloudpickle's Pickler, with code objects marshalled and their source attached."""
+
+    class SourcePickler(_cloudpickle().Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: object) -> Any:
+            if type(obj) is types.CodeType:
+                return _rebuild_code, (marshal.dumps(obj), _source_to_ship(obj.co_filename))
+            return super().reducer_override(obj)
+
+    return SourcePickler
 
 
 def _source_to_ship(filename: str) -> list[str] | None:
@@ -317,7 +336,7 @@ def _rebuild_code(data: bytes, lines: list[str] | None) -> types.CodeType:
 def dumps_with_source(obj: object, buffer_callback: Any = None) -> bytes:
     """cloudpickle, with every shipped code object keeping its file name and source lines."""
     with io.BytesIO() as file:
-        _SourcePickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        _source_pickler()(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
         return file.getvalue()
 
 
@@ -397,7 +416,7 @@ def _explain_callable_failure(fn: Callable[..., Any], exc: Exception) -> str:
     fallback = None
     for kind, var, value in _captured_values(fn):
         try:
-            cloudpickle.dumps(value, protocol=5)
+            _cloudpickle().dumps(value, protocol=5)
         except Exception as inner:
             message = (
                 f"cannot pickle {kind} {var!r} referenced by {name} "
@@ -469,7 +488,7 @@ def describe_unpicklable_argument(items: list[Any], start: int, exc: Exception) 
     culprits: dict[int, str] = {}
     for offset, item in enumerate(items):
         try:
-            cloudpickle.dumps(item, protocol=5)
+            _cloudpickle().dumps(item, protocol=5)
         except Exception as inner:
             culprits[start + offset] = (
                 f"cannot pickle the argument of task {start + offset} "
@@ -512,7 +531,7 @@ def capture_exception(exc: BaseException, kind: str = "error", skip_frames: int 
         evalue = f"<unprintable {ename}>"
     pickled: bytes | None
     try:
-        pickled = cloudpickle.dumps(exc, protocol=5)
+        pickled = _cloudpickle().dumps(exc, protocol=5)
         pickle.loads(pickled)  # the round trip must work here, or the parent gets tier 2
     except Exception:
         pickled = None

@@ -651,6 +651,11 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
+    if config.get("log_path"):  # started ahead of its pool (_prespawn): output to its log now
+        log = os.open(config["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
     _die_with_parent(config["parent_pid"])
     sys.path[:] = config["sys_path"]
     with contextlib.suppress(OSError):

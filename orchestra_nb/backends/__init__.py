@@ -26,9 +26,20 @@ NAMES = ("local", "inline", "dask")
 def create(spec: Any, events: EventBus, workers: int | None, **options: Any) -> Backend:
     """A backend for ``spec`` (a name, or a ``distributed.Client``), with ``options``."""
     if spec == "local":
-        from .local import create_local_backend
+        # The workers of a plain pool start first: their start-up overlaps the engine's
+        # import and start here (see _prespawn).
+        from .. import _prespawn
 
-        return create_local_backend(events, workers, **options)
+        if not options.keys() & {"env", "python", "threads_per_worker"} and (
+            workers is None or (isinstance(workers, int) and 0 < workers <= available_cpus())
+        ):
+            _prespawn.prespawn(available_cpus() if workers is None else workers)
+        try:
+            from .local import create_local_backend
+
+            return create_local_backend(events, workers, **options)
+        finally:
+            _prespawn.discard()
     if spec == "inline":
         from .inline import InlineBackend
 

@@ -328,6 +328,31 @@ class Snapshot:
         )
 
 
+_shared_lock = threading.Lock()
+_shared: dict[str, Any] = {}
+
+
+def _shared_models() -> dict[str, Any]:
+    """The layouts and styles every job's row uses, made once per kernel. Each is a widget
+    model of its own (a comm_open, its state serialised): made per job they were five of
+    the row's eight models, most of what showing a job cost the cell that awaits it. They
+    are never changed after creation, so all rows can share them."""
+    import ipywidgets as W
+    from ipywidgets.widgets.widget_string import HTMLStyle
+
+    with _shared_lock:
+        if not _shared or any(getattr(m, "comm", None) is None for m in _shared.values()):
+            _shared.clear()
+            _shared.update(
+                html_layout=W.Layout(flex="1 1 auto", min_width="0", width="auto"),
+                html_style=HTMLStyle(),
+                button_layout=W.Layout(flex="0 0 auto", width="auto", min_width="7em"),
+                button_style=W.ButtonStyle(),
+                row_layout=W.Layout(align_items="center", width="100%", overflow="hidden"),
+            )
+        return dict(_shared)
+
+
 class JobView:
     """The live view of one job: a split progress bar with its numbers, a Cancel button;
     the job's task output goes to the launching cell as stream output.
@@ -356,7 +381,9 @@ class JobView:
             int(_setting("output_max_line_length", 2000)),
             mark=mark,
         )
-        self.due = 0.0
+        # The first refresh after one interval: the widget is built with the state of now,
+        # and a refresh at once would compete with the job's start for the interpreter.
+        self.due = time.monotonic() + self.interval
         self.finished_at: float | None = None
         self.final_sent = False
         self.closed = False
@@ -379,30 +406,24 @@ class JobView:
     def _build(self) -> None:
         import ipywidgets as W
 
+        shared = _shared_models()
         snap = Snapshot(self.handle)
-        self.view = W.HTML(
-            value=snap.html(False), layout=W.Layout(flex="1 1 auto", min_width="0", width="auto")
-        )
+        self.view = W.HTML(value=snap.html(False), layout=shared["html_layout"], style=shared["html_style"])
         self.button = W.Button(
             description="Cancel",
             icon="stop",
             button_style="",
             tooltip="Cancel this job: queued items are dropped, running ones interrupted",
-            layout=W.Layout(flex="0 0 auto", width="auto", min_width="7em"),
+            layout=shared["button_layout"],
+            style=shared["button_style"],
         )
         self.button.on_click(self._on_click)
-        self.widget = W.HBox(
-            [self.view, self.button],
-            layout=W.Layout(align_items="center", width="100%", overflow="hidden"),
-        )
+        self.widget = W.HBox([self.view, self.button], layout=shared["row_layout"])
         self.widget.add_class("orchestra-row")  # the stale veil covers the row
 
     def show(self) -> None:
         """Display the widget in the current cell (with a display id, for the final text)."""
-        from IPython.display import display
-
-        bundle = self._bundle(Snapshot(self.handle).line(False))
-        self.display = display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
+        self.display = _display_at_once(self._bundle(Snapshot(self.handle).line(False)))
 
     def _bundle(self, text: str) -> dict[str, Any]:
         return {
@@ -600,6 +621,59 @@ class JobView:
         if handle is None:
             return ""
         return Snapshot(handle, self.finished_seen.is_set()).line(handle.cancelled())
+
+
+def _display_at_once(bundle: dict[str, Any]) -> Any:
+    """``display(bundle, raw=True, display_id=True)`` without waiting for the kernel's
+    output thread. IPython's display first flushes stdout and stderr, and a flush from the
+    kernel's main thread waits for a round trip through that thread: a millisecond or more
+    of the cell's time per job, on a loaded machine. The same order is kept without the
+    wait: the streams' flushes and then the display's send are one step on that thread,
+    which sends in the order things were queued. Anywhere but a plain ipykernel (another
+    shell, display hooks that keep a history), IPython's display does it."""
+    from IPython import get_ipython
+    from IPython.display import DisplayHandle, display
+
+    try:
+        from ipykernel.iostream import OutStream
+        from ipykernel.zmqshell import ZMQDisplayPublisher
+    except ImportError:
+        return display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
+    shell = get_ipython()
+    pub: Any = getattr(shell, "display_pub", None)
+    streams: tuple[Any, ...] = (sys.stdout, sys.stderr)
+    plain = (
+        type(pub) is ZMQDisplayPublisher
+        and not pub.store_display_history
+        and all(
+            isinstance(stream, OutStream)
+            and stream.pub_thread is not None
+            and stream.pub_thread.thread is not None
+            and stream.pub_thread.thread.is_alive()
+            and stream.pub_thread.thread is not threading.current_thread()
+            and stream.pub_thread is streams[0].pub_thread
+            for stream in streams
+        )
+    )
+    if not plain:
+        return display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
+    handle = DisplayHandle()  # type: ignore[no-untyped-call]
+    content = {"data": bundle, "metadata": {}, "transient": {"display_id": handle.display_id}}
+    msg = pub.session.msg("display_data", content, parent=pub.parent_header)  # (this cell's)
+    for hook in pub._hooks:  # (this thread's) e.g. an Output widget capturing this display
+        msg = hook(msg)
+        if msg is None:
+            return handle
+
+    def send_in_order() -> None:
+        # On the output thread: a stream's flush queues its send there, so the display's
+        # send, queued after them, goes out after what the cell printed before.
+        for stream in streams:
+            stream._flush()
+        pub.session.send(pub.pub_socket, msg, ident=pub.topic)
+
+    streams[0].pub_thread.schedule(send_in_order)
+    return handle
 
 
 def _show_late_output() -> Any:

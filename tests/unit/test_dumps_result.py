@@ -112,7 +112,7 @@ def test_modules_registered_by_value_go_through_cloudpickle(monkeypatch: pytest.
     monkeypatch.setattr(cloudpickle, "dumps", spy)
     dumps_result([1, 2])
     assert calls == []
-    monkeypatch.setattr(_serialize, "_by_value_modules", {"some_module"})
+    monkeypatch.setattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", {"some_module"})
     dumps_result([1, 2])
     assert calls == [[1, 2]]
 
@@ -121,7 +121,7 @@ def test_cloudpickle_keeps_the_private_registry() -> None:
     """dumps_result reads cloudpickle's registry of by-value modules; if cloudpickle renames
     it, every result silently goes through cloudpickle: this test says so instead."""
     assert isinstance(cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES, set)
-    assert _serialize._by_value_modules is cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES
+    assert _serialize._pickled_by_value() is cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES
 
 
 def test_unpicklable_result_raises_cloudpickles_error() -> None:
