@@ -12,11 +12,13 @@ import concurrent.futures
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,6 +252,47 @@ def test_shutdown_without_wait_returns_while_work_finishes(pool: orchestra.Pool,
     release(tmp_path)
     assert future.result(HANG_GUARD) == "x"
     ex.shutdown(wait=True)
+
+
+def in_function(thread: threading.Thread, name: str) -> bool:
+    """``thread`` is now inside a function called ``name`` (somewhere up its stack)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_pool_shutdown_waits_for_the_callbacks_of_an_executor_never_shut_down(
+    make_pool: Any, tmp_path: Path
+) -> None:
+    """The executor is dropped without shutdown: its pool's shutdown() returns only once
+    that pool's futures have run their callbacks and the callback thread has ended."""
+    p = make_pool()
+    ex = Executor(pool=p)
+    in_callback, gate, callback_done = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_callback(_: concurrent.futures.Future[object]) -> None:
+        in_callback.set()
+        gate.wait(HANG_GUARD)
+        callback_done.set()
+
+    future = ex.submit(wait_release, str(tmp_path), "x")
+    future.add_done_callback(slow_callback)  # (before the task can end: not run here)
+    del ex, future
+    release(tmp_path)
+    assert in_callback.wait(HANG_GUARD)
+    closer = threading.Thread(target=p.shutdown, name="closer")
+    closer.start()
+    # The callback goes on once shutdown() waits for it, or once shutdown() returned.
+    wait_for(lambda: not closer.is_alive() or in_function(closer, "_settle_all_of"), timeout=HANG_GUARD)
+    returned_first = not closer.is_alive()
+    gate.set()
+    closer.join(HANG_GUARD)
+    assert not returned_first, "pool.shutdown() returned while a callback of its work was running"
+    assert callback_done.is_set()
+    assert not callback_threads()
 
 
 # --- cancel ---------------------------------------------------------------------------------
