@@ -333,10 +333,16 @@ def test_interrupt_stops_running_work_and_the_pool_stays_warm(
 def test_keyboard_interrupt_while_waiting_stops_the_task(executor: Executor, tmp_path: Path) -> None:
     future = executor.submit(wait_release, str(tmp_path), "kbd")
     wait_for(lambda: started(tmp_path, "kbd"), timeout=HANG_GUARD)
-    main = threading.main_thread().ident
-    assert main == threading.get_ident()
-    # The notebook's "interrupt kernel": SIGINT to the thread blocked in result().
-    sender = threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGINT))
+    main = threading.main_thread()
+    assert main is threading.current_thread()
+
+    def interrupt_once_blocked() -> None:
+        # The notebook's "interrupt kernel": SIGINT to the thread blocked in result() (once
+        # it is: a SIGINT that arrives before would not be the one this test is about).
+        wait_for(lambda: in_function(main, "result") and in_function(main, "wait"), timeout=HANG_GUARD)
+        signal.pthread_kill(main.ident or 0, signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt_once_blocked, name="interrupter")
     sender.start()
     try:
         with pytest.raises(KeyboardInterrupt):
