@@ -1,5 +1,5 @@
-"""The bounded randomised fault run (issue 4); CI also runs
-``python -m orchestra_nb.testing.fault_run --seconds 60 --seed N``."""
+"""The bounded randomised fault run (issue 4), 30 s; CI runs it here, in the README's test
+command. By hand: ``python -m orchestra_nb.testing.fault_run --seconds 60 --seed N``."""
 
 from __future__ import annotations
 
