@@ -133,6 +133,10 @@ class Pool:
         self._batch_lock = threading.Lock()
         self._open_batches: dict[bytes, _CallBatch] = {}
         self._circuits: dict[str, CircuitBreaker] = {}
+        # What settles this pool's handles outside the backend (an Executor's callback
+        # thread): the shutdown path waits for it, so none of it outlives a closed pool.
+        self._shutdown_waits_lock = threading.Lock()
+        self._shutdown_waits: set[Callable[[], None]] = set()
         self.id: int = next(_pool_ids)
         self.name: str = name if name is not None else f"pool-{self.id}"
         _forget_closed()  # pools that broke and were never shut down
@@ -599,6 +603,7 @@ class Pool:
         mode = CloseMode.CANCEL if cancel_pending else CloseMode.GRACEFUL
         await asyncio.wrap_future(self._backend.close(mode))
         self._backend.join()
+        self._run_shutdown_waits()
         _forget_closed()
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
@@ -608,13 +613,33 @@ class Pool:
         if wait:
             fut.result()
             self._backend.join()
+            self._run_shutdown_waits()
             _forget_closed()
 
     def kill(self) -> None:
         """SIGKILL every worker now; unfinished work fails with ``PoolClosedError``."""
         self._backend.close(CloseMode.KILL).result()
         self._backend.join()
+        self._run_shutdown_waits()
         _forget_closed()
+
+    def _wait_at_shutdown(self, wait: Callable[[], None]) -> None:
+        """The shutdown path calls ``wait()`` once every handle of this pool is done, to
+        let what settles them outside the backend finish (an Executor's callback thread,
+        joined there): nothing working for this pool outlives its ``shutdown()``. Withdrawn
+        with :meth:`_forget_wait_at_shutdown` when that work ends first."""
+        with self._shutdown_waits_lock:
+            self._shutdown_waits.add(wait)
+
+    def _forget_wait_at_shutdown(self, wait: Callable[[], None]) -> None:
+        with self._shutdown_waits_lock:
+            self._shutdown_waits.discard(wait)
+
+    def _run_shutdown_waits(self) -> None:
+        with self._shutdown_waits_lock:
+            waits = list(self._shutdown_waits)
+        for wait in waits:
+            wait()
 
     async def __aenter__(self) -> Pool:
         return self

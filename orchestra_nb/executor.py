@@ -15,13 +15,16 @@ How a result travels (the pool's public API only)::
 The I/O thread only puts the finished future into a queue. The executor's callback thread
 (``orchestra-executor-callbacks``) settles the future, which runs its callbacks; it runs while
 the executor has unsettled futures and ends with the last one (or at ``shutdown``), so an
-executor that is simply dropped leaves no thread behind.
+executor that is simply dropped leaves no thread behind. The shutdown of each pool it has
+futures on waits for those to settle (and joins the thread if they were its last work):
+their callbacks never run after the pool's ``shutdown()`` returned.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import queue
 import threading
@@ -73,9 +76,10 @@ class _Future(concurrent.futures.Future[Any]):
     ``running()`` asks the task's handle instead.
     """
 
-    def __init__(self, handle: TaskHandle[Any], settled: queue.SimpleQueue[_Future]) -> None:
+    def __init__(self, handle: TaskHandle[Any], settled: queue.SimpleQueue[_Future], pool: _api.Pool) -> None:
         super().__init__()
         self._handle = handle
+        self._pool = pool
         self._settled = settled
         self._cancel_lock = threading.RLock()  # reentrant: cancel() runs callbacks inside it
         self._cancel_notified = False
@@ -221,6 +225,9 @@ class Executor(concurrent.futures.Executor):
         self._unsettled: set[_Future] = set()
         self._settled: queue.SimpleQueue[_Future] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Per pool the current thread has futures on: what that pool's shutdown calls.
+        self._shutdown_waits: dict[_api.Pool, Callable[[], None]] = {}
+        self._waiting_at_shutdown = 0  # pool shutdowns in _settle_all_of
         self._last_thread: threading.Thread | None = None
         self._shutdown = False
 
@@ -240,7 +247,7 @@ class Executor(concurrent.futures.Executor):
             handle = pool.run(fn, *args, **kwargs)
         except PoolClosedError as exc:
             raise RuntimeError(f"cannot schedule new futures: {exc}") from exc
-        future = _Future(handle, self._settled)
+        future = _Future(handle, self._settled, pool)
         with self._lock:
             self._unsettled.add(future)
             if self._thread is None:
@@ -248,6 +255,13 @@ class Executor(concurrent.futures.Executor):
                 # daemon: at interpreter exit the pool cancels its work; nobody awaits these
                 # futures any more, and a non-daemon thread would hold up the exit.
                 self._thread.start()
+            if pool not in self._shutdown_waits:
+                # The pool's shutdown waits for this pool's futures to settle (and joins the
+                # thread if they were its last work), so that the thread does not outlive
+                # the pool, running callbacks after its shutdown() returned, when nobody
+                # shuts this executor down.
+                self._shutdown_waits[pool] = wait = functools.partial(self._settle_all_of, pool)
+                pool._wait_at_shutdown(wait)
         handle.on_done(future._on_handle_done)
         return future
 
@@ -260,11 +274,33 @@ class Executor(concurrent.futures.Executor):
             future._settle()
             with self._lock:
                 self._unsettled.discard(future)
+                if self._waiting_at_shutdown:
+                    self._idle.notify_all()
                 if not self._unsettled:
                     self._thread = None
                     self._last_thread = threading.current_thread()
+                    for pool, wait in self._shutdown_waits.items():
+                        pool._forget_wait_at_shutdown(wait)
+                    self._shutdown_waits.clear()
                     self._idle.notify_all()
                     return
+
+    def _settle_all_of(self, pool: _api.Pool) -> None:
+        """On ``pool``'s shutdown path, once all its handles are done (their futures are
+        queued): wait until they are settled, and for the thread's end if that was its last
+        work."""
+        if getattr(_local, "dispatching", False):
+            return  # a callback shutting the pool down: this thread settles the rest after it
+        with self._lock:
+            self._waiting_at_shutdown += 1
+            try:
+                while any(future._pool is pool for future in self._unsettled):
+                    self._idle.wait()
+            finally:
+                self._waiting_at_shutdown -= 1
+            thread = self._last_thread if self._thread is None else None
+        if thread is not None:
+            thread.join()
 
     def map(
         self,

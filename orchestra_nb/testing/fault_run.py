@@ -181,8 +181,10 @@ def _fail_respawn(pool: Any, pid: int, report: FaultRunReport, lock: threading.L
 
 def run(
     seconds: float = 60.0, seed: int = 0, workers: int = 3, verbose: bool = True,
-    raising_inputs: bool = True,
+    raising_inputs: bool = True, min_maps: int = 0,
 ) -> FaultRunReport:
+    """Run maps with injected faults for ``seconds``, and on until ``min_maps`` maps have
+    run (a loaded machine runs fewer in the same time; the caller bounds the wait)."""
     import psutil
 
     from .. import (
@@ -213,7 +215,7 @@ def run(
         pool.wait_started(timeout=60)
         killer.start()
         m = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or m < min_maps:
             m += 1
             timed = rng.random() < 0.3
             n = rng.randint(5, 40) if timed else rng.randint(50, 2000)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,12 @@ def square(x: int) -> int:
 def test_workers_dying_at_start_break_the_pool_with_their_stderr(tmp_path: Path) -> None:
     python = _script(tmp_path, 'echo "ImportError: libfoo.so: cannot open shared object" >&2\n'
                                "exit 3\n")
-    t0 = time.monotonic()
     pool = orchestra.Pool(workers=2, python=python)
     try:
         with EventRecorder(pool) as rec:
             handle = pool.map(square, range(10))
             with pytest.raises(BrokenPoolError) as info:
                 pool.wait_started(timeout=30)
-            elapsed = time.monotonic() - t0
-            assert elapsed < 5.0
             message = str(info.value)
             assert "libfoo.so: cannot open shared object" in message
             assert "3 workers in a row died" in message
@@ -64,12 +60,11 @@ def test_workers_dying_at_start_break_the_pool_with_their_stderr(tmp_path: Path)
 
 
 def test_workers_hanging_at_start_break_the_pool_after_start_timeout(tmp_path: Path) -> None:
-    python = _script(tmp_path, 'echo "stuck before the handshake" >&2\nexec sleep 60\n')
-    t0 = time.monotonic()
+    # It would hang for 10 min: only start_timeout can break the pool within the guard.
+    python = _script(tmp_path, 'echo "stuck before the handshake" >&2\nexec sleep 600\n')
     pool = orchestra.Pool(workers=1, python=python, start_timeout=0.3)
     try:
         with pytest.raises(BrokenPoolError, match="stuck before the handshake"):
             pool.wait_started(timeout=30)
-        assert time.monotonic() - t0 < 5.0  # 3 x start_timeout, plus spawning
     finally:
         pool.shutdown()

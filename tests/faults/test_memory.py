@@ -41,10 +41,9 @@ def test_hard_limit_kills_the_worker_and_fails_the_task(make_pool) -> None:
     pool = make_pool(workers=2, memory_limit="250MB")
     before = set(pool.worker_pids())
     with EventRecorder(pool) as rec:
-        t0 = time.monotonic()
+        # It would hold its memory for 10 min: only the pool's kill ends it within the guard.
         with pytest.raises(MemoryLimitError) as info:
-            pool.run(allocate_and_wait, 400, 30).result(timeout=30)
-        assert time.monotonic() - t0 < 10  # killed by the pool, not waited out
+            pool.run(allocate_and_wait, 400, 600).result(timeout=60)
         err = info.value
         assert isinstance(err, WorkerCrashedError)
         assert "SIGKILL(-9)" in str(err)

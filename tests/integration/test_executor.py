@@ -12,11 +12,13 @@ import concurrent.futures
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,6 +254,47 @@ def test_shutdown_without_wait_returns_while_work_finishes(pool: orchestra.Pool,
     ex.shutdown(wait=True)
 
 
+def in_function(thread: threading.Thread, name: str) -> bool:
+    """``thread`` is now inside a function called ``name`` (somewhere up its stack)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_pool_shutdown_waits_for_the_callbacks_of_an_executor_never_shut_down(
+    make_pool: Any, tmp_path: Path
+) -> None:
+    """The executor is dropped without shutdown: its pool's shutdown() returns only once
+    that pool's futures have run their callbacks and the callback thread has ended."""
+    p = make_pool()
+    ex = Executor(pool=p)
+    in_callback, gate, callback_done = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_callback(_: concurrent.futures.Future[object]) -> None:
+        in_callback.set()
+        gate.wait(HANG_GUARD)
+        callback_done.set()
+
+    future = ex.submit(wait_release, str(tmp_path), "x")
+    future.add_done_callback(slow_callback)  # (before the task can end: not run here)
+    del ex, future
+    release(tmp_path)
+    assert in_callback.wait(HANG_GUARD)
+    closer = threading.Thread(target=p.shutdown, name="closer")
+    closer.start()
+    # The callback goes on once shutdown() waits for it, or once shutdown() returned.
+    wait_for(lambda: not closer.is_alive() or in_function(closer, "_settle_all_of"), timeout=HANG_GUARD)
+    returned_first = not closer.is_alive()
+    gate.set()
+    closer.join(HANG_GUARD)
+    assert not returned_first, "pool.shutdown() returned while a callback of its work was running"
+    assert callback_done.is_set()
+    assert not callback_threads()
+
+
 # --- cancel ---------------------------------------------------------------------------------
 
 
@@ -290,10 +333,16 @@ def test_interrupt_stops_running_work_and_the_pool_stays_warm(
 def test_keyboard_interrupt_while_waiting_stops_the_task(executor: Executor, tmp_path: Path) -> None:
     future = executor.submit(wait_release, str(tmp_path), "kbd")
     wait_for(lambda: started(tmp_path, "kbd"), timeout=HANG_GUARD)
-    main = threading.main_thread().ident
-    assert main == threading.get_ident()
-    # The notebook's "interrupt kernel": SIGINT to the thread blocked in result().
-    sender = threading.Timer(0.05, signal.pthread_kill, (main, signal.SIGINT))
+    main = threading.main_thread()
+    assert main is threading.current_thread()
+
+    def interrupt_once_blocked() -> None:
+        # The notebook's "interrupt kernel": SIGINT to the thread blocked in result() (once
+        # it is: a SIGINT that arrives before would not be the one this test is about).
+        wait_for(lambda: in_function(main, "result") and in_function(main, "wait"), timeout=HANG_GUARD)
+        signal.pthread_kill(main.ident or 0, signal.SIGINT)
+
+    sender = threading.Thread(target=interrupt_once_blocked, name="interrupter")
     sender.start()
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -299,6 +299,7 @@ out = {
 """
 
 
+@pytest.mark.timeout(300)  # (a hang guard: loky in a subprocess, 54 s on a loaded machine)
 def test_scikit_learn_gives_the_same_results_as_loky(on_pool: orchestra.Pool) -> None:
     pytest.importorskip("sklearn")
     # loky's figures from a child interpreter: its workers and resource tracker end with it.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from localkit import local_core
@@ -158,16 +160,29 @@ def test_an_attached_thread_reads_its_results_itself(pool: orchestra.Pool) -> No
     assert pool.run(inc, 9).result(HANG_GUARD) == 10  # the I/O thread reads again
 
 
+def inc_once_released(x: int, d: str) -> int:
+    Path(d, "started").touch()
+    deadline = time.monotonic() + 120
+    while not Path(d, "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return x + 1
+
+
 @sleeping
 def test_a_result_left_unread_by_a_busy_attached_thread_is_read_by_the_io_thread(
-    pool: orchestra.Pool,
+    pool: orchestra.Pool, tmp_path: Path
 ) -> None:
     assert pool.run(inc, 0).result(HANG_GUARD) == 1  # warm
     drain = pool._attach_thread()
     assert drain is not None
     try:
-        handle = pool.run(inc, 41)
+        handle = pool.run(inc_once_released, 41, str(tmp_path))
         pool._flush()
+        # The engine reads the socket once after each send on it (edge-triggered FD): on a
+        # loaded machine that read could meet the result. So the task answers only after it.
+        core = local_core(pool)
+        wait_for(lambda: (tmp_path / "started").exists() and not core._data_sent, timeout=HANG_GUARD)
+        (tmp_path / "release").touch()
         # This thread is busy elsewhere: the I/O thread takes the socket back.
         wait_for(handle.done, timeout=HANG_GUARD, what="the result read while the thread was busy")
         assert handle.result() == 42 and local_core(pool).readers.take_backs >= 1
