@@ -181,7 +181,7 @@ def test_a_result_left_unread_by_a_busy_attached_thread_is_read_by_the_io_thread
         # The engine reads the socket once after each send on it (edge-triggered FD): on a
         # loaded machine that read could meet the result. So the task answers only after it.
         core = local_core(pool)
-        wait_for(lambda: (tmp_path / "started").exists() and not core._data_sent, timeout=HANG_GUARD)
+        wait_for(lambda: (tmp_path / "started").exists() and not core.wire.data_drain_due, timeout=HANG_GUARD)
         (tmp_path / "release").touch()
         # This thread is busy elsewhere: the I/O thread takes the socket back.
         wait_for(handle.done, timeout=HANG_GUARD, what="the result read while the thread was busy")
