@@ -36,7 +36,8 @@ set's "a worker exited" is ``PoolCore._worker_exited``::
       ├──> ResultPath (_pool_results): a Result back into its job; segment releases
       │        │  both ──> Dispatcher: requeue / fail_item (retry policy)
       │        ▼
-      ├──> Dispatcher (_pool_dispatch): ready jobs, chunk sizing, pump, sending; requeue, retries
+      ├──> Dispatcher (_pool_dispatch): ready jobs, chunk sizing, pump, sending; requeue, retries;
+      │        │   a job's pinned segments (placements)
       │        │
       │        ▼
       ├──> WorkerSet (_pool_workers): the processes: spawn + backoff, ready, stop, resize, reap

@@ -1,8 +1,10 @@
 """Dispatch in the local pool (layer 2): the ready jobs, chunk sizing, sending chunks.
 
 :class:`Dispatcher` owns the queue of jobs that may have work (``ready_jobs``, round robin),
-the per-callable time estimates that size adaptive chunks (``fn_time``), and the setup calls
-every new worker replays first. :meth:`Dispatcher.pump` hands chunks to ready workers while
+the per-callable time estimates that size adaptive chunks (``fn_time``), the setup calls
+every new worker replays first, and each job's large buffers, written once into pinned
+segments as its chunks go out (``placements``, see ``_shared``; dropped when the job ends,
+:meth:`Dispatcher.job_finished`). :meth:`Dispatcher.pump` hands chunks to ready workers while
 they have room: a worker's assigned chunks first, then one chunk at a time from the ready
 jobs (a suspect item alone on an idle worker). :meth:`Dispatcher.requeue` is the one way a
 chunk goes back (after a crash, a retry's backoff...), and :meth:`Dispatcher.fail_item` the
