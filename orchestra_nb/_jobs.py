@@ -15,6 +15,7 @@ import array
 import collections
 import concurrent.futures
 import itertools
+import math
 import pickle
 import reprlib
 import threading
@@ -33,14 +34,44 @@ if TYPE_CHECKING:
     from ._bus import EventBus
 
 __all__ = [
-    "DEFAULT_RETRY", "STREAM_WINDOW", "Chunk", "IllegalTransition", "Job", "JobFuture", "LazyEvent",
-    "describe_input", "next_job_id",
+    "DEFAULT_RETRY", "MAX_CHUNK", "STREAM_WINDOW", "Chunk", "IllegalTransition", "Job", "JobFuture",
+    "LazyEvent", "adaptive_chunk_size", "describe_input", "next_job_id",
 ]
 
 DEFAULT_RETRY = RetryPolicy()
 
 # A job being iterated runs at most this many items ahead of its consumer (backpressure).
 STREAM_WINDOW = 32_768
+# Items in one chunk at most, on every backend: a chunk then spans at most two segments of a
+# streamed job's table.
+MAX_CHUNK = SEGMENT
+
+
+def adaptive_chunk_size(
+    job: Job, estimate: float | None, *, target_seconds: float, balance_slots: int,
+    floor_seconds: float = 0.0,
+) -> int:
+    """The size of ``job``'s next chunk, the one rule every backend follows.
+
+    One item for calls with a timeout or a circuit breaker (each is judged alone) and for a
+    function not timed yet (``estimate`` None: the probe whose timing sizes what follows); the
+    user's ``chunksize`` if given; otherwise ``target_seconds`` of estimated work, but to a
+    known end no more than the remaining items spread over ``balance_slots`` chunks, so that
+    the last ones balance, and never below ``floor_seconds`` of work (a chunk's dispatch then
+    costs more than the balance it buys)."""
+    if job.timeout is not None or job.circuit is not None:
+        return 1
+    if job.chunksize is not None:
+        return job.chunksize
+    if estimate is None:
+        return 1
+    estimate = max(estimate, 1e-7)
+    size = math.ceil(target_seconds / estimate)
+    remaining = job.remaining()
+    if remaining is not None:
+        balanced = math.ceil(remaining / max(1, balance_slots))
+        size = min(size, max(balanced, int(floor_seconds / estimate)))
+    return max(1, min(size, MAX_CHUNK))
 
 _NOT_DONE: Any = object()  # placeholder in ``results`` for items without an outcome yet
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol as proto
 from ._exceptions import CircuitOpenError, SerializationError
-from ._jobs import Chunk, Job, next_job_id
+from ._jobs import Chunk, Job, adaptive_chunk_size, next_job_id
 from ._procs import WorkerProc
 from ._serialize import describe_unpicklable_argument, dumps
 from ._shared import Placements, function_frames
@@ -35,10 +34,9 @@ if TYPE_CHECKING:
     from ._pool_wire import Wire
     from ._pool_workers import PoolStatus, WorkerSet
 
-__all__ = ["FINAL_BYTES", "MAX_CHUNK", "NOT_RUN", "Dispatcher"]
+__all__ = ["FINAL_BYTES", "NOT_RUN", "Dispatcher"]
 
 TARGET_CHUNK_SECONDS = 0.02  # adaptive chunks aim at tens of ms: cheap dispatch, live progress
-MAX_CHUNK = 16_384
 SHORT_CHUNK_SECONDS = 0.005  # below this, queue several chunks per worker to hide latency
 # A chunk with less work than this is not split further to balance a map's end: its
 # dispatch (a message each way, a wake-up) would cost more than the balance gains.
@@ -162,23 +160,12 @@ class Dispatcher:
         return None
 
     def _chunk_size(self, job: Job) -> int:
-        if job.timeout is not None or job.circuit is not None:
-            return 1
-        if job.chunksize is not None:
-            return job.chunksize
-        est = self.fn_time.get(job.digest)
-        if est is None:
-            return 1
-        est = max(est, 1e-7)
-        size = int(TARGET_CHUNK_SECONDS / est)
-        remaining = job.remaining()
-        if remaining is not None:
-            # Several chunks per worker to the end, so the last ones balance the load; but
-            # never below MIN_CHUNK_SECONDS of work (without that floor, the chunks shrank
-            # geometrically: 12 chunks for a 50-item map of tiny tasks, 30 for 20,000).
-            balanced = math.ceil(remaining / (2 * max(1, len(self._procs))))
-            size = min(size, max(balanced, int(MIN_CHUNK_SECONDS / est)))
-        return max(1, min(size, MAX_CHUNK))
+        # Two chunks per worker to the end; never below MIN_CHUNK_SECONDS of work (without
+        # that floor the chunks shrank geometrically: 12 for a 50-item map of tiny tasks).
+        return adaptive_chunk_size(
+            job, self.fn_time.get(job.digest), target_seconds=TARGET_CHUNK_SECONDS,
+            balance_slots=2 * len(self._procs), floor_seconds=MIN_CHUNK_SECONDS,
+        )
 
     def requeue(self, job: Job, chunk: Chunk, front: bool = False) -> None:
         """Put a chunk back in its job's queue (after a crash, a retry backoff...)."""

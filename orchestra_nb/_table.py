@@ -26,7 +26,7 @@ from typing import Any, Generic, SupportsIndex, TypeVar, overload
 __all__ = ["SEGMENT", "ReleasedItemError", "SegmentedList", "SegmentedStates"]
 
 SHIFT = 14
-SEGMENT = 1 << SHIFT  # items per segment (MAX_CHUNK of the pool: a chunk spans at most two)
+SEGMENT = 1 << SHIFT  # items per segment (_jobs.MAX_CHUNK: a chunk spans at most two)
 MASK = SEGMENT - 1
 
 S = TypeVar("S", bytearray, list[Any])

@@ -75,7 +75,7 @@ from .._exceptions import (
     TaskTimeoutError,
     WorkerCrashedError,
 )
-from .._jobs import Chunk, Job, describe_input
+from .._jobs import Chunk, Job, adaptive_chunk_size, describe_input
 from .._serialize import ErrorRecord, describe_unpicklable_argument, dumps, rebuild_exception
 from .._state import CloseMode, PoolState, TaskState, WorkerState
 from .._stats import PoolStatistics, WorkerStatistics
@@ -89,7 +89,6 @@ if TYPE_CHECKING:
 __all__ = ["DaskBackend", "DaskVersionError", "create_dask_backend"]
 
 TARGET_CHUNK_SECONDS = 0.1  # dask's per-task overhead is ~1 ms plus a 10-20 ms round trip
-MAX_CHUNK = 16_384
 # Chunks submitted per worker thread. The scheduler hands a worker a task only when it has a
 # free thread (its queuing), so chunks waiting there cost no balance; four keep the workers
 # busy through a client that is slow to submit the next ones (a busy notebook machine).
@@ -517,19 +516,10 @@ class DaskBackend(Backend):
         return job.take(self._chunk_size(job))
 
     def _chunk_size(self, job: Job) -> int:
-        if job.timeout is not None or job.circuit is not None:
-            return 1
-        if job.chunksize is not None:
-            return job.chunksize
-        est = self._fn_time.get(job.digest)
-        if est is None:
-            return 1  # a probe: its timing sizes the chunks after it
-        size = math.ceil(TARGET_CHUNK_SECONDS / max(est, 1e-7))  # at least the target
-        remaining = job.remaining()
-        if remaining is not None:
-            # Several chunks per worker thread to the end, so that the last ones balance.
-            size = min(size, math.ceil(remaining / (BALANCE_CHUNKS_PER_THREAD * self._threads())))
-        return max(1, min(size, MAX_CHUNK))
+        return adaptive_chunk_size(
+            job, self._fn_time.get(job.digest), target_seconds=TARGET_CHUNK_SECONDS,
+            balance_slots=BALANCE_CHUNKS_PER_THREAD * self._threads(),
+        )
 
     def _send(self, job: Job, chunk: Chunk, worker: str | None = None) -> None:
         if job.cancelled_items:  # calls of a batch cancelled before they were read

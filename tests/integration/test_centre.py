@@ -17,13 +17,10 @@ import pytest
 import orchestra_nb as orchestra
 from orchestra_nb import JobFinished, JobProgress, TaskState, TaskStateChanged, WorkerCrashedError
 from orchestra_nb._events import replay_counts
-from orchestra_nb._jobs import STREAM_WINDOW
+from orchestra_nb._jobs import MAX_CHUNK, STREAM_WINDOW
 from orchestra_nb._state import LEGAL
 
 HANG_GUARD = 30.0
-# The local pool's largest chunk (``_pool_dispatch.MAX_CHUNK``; only tests/local may import
-# the engine): the feeder may read that far ahead twice.
-LARGEST_CHUNK = 16_384
 
 
 def square(x: int) -> int:
@@ -172,7 +169,7 @@ def test_an_endless_input_is_read_only_a_little_ahead(pool: orchestra.Pool) -> N
     assert first == [i * i for i in range(1, 11)]
     # A streamed map runs at most STREAM_WINDOW items ahead of its consumer (plus the
     # feeder's read-ahead), not the millions an unbounded reader would pull.
-    assert read <= STREAM_WINDOW + 2 * LARGEST_CHUNK + 10
+    assert read <= STREAM_WINDOW + 2 * MAX_CHUNK + 10
 
 
 # --- threads ---------------------------------------------------------------------------------
