@@ -624,56 +624,14 @@ class JobView:
 
 
 def _display_at_once(bundle: dict[str, Any]) -> Any:
-    """``display(bundle, raw=True, display_id=True)`` without waiting for the kernel's
-    output thread. IPython's display first flushes stdout and stderr, and a flush from the
-    kernel's main thread waits for a round trip through that thread: a millisecond or more
-    of the cell's time per job, on a loaded machine. The same order is kept without the
-    wait: the streams' flushes and then the display's send are one step on that thread,
-    which sends in the order things were queued. Anywhere but a plain ipykernel (another
-    shell, display hooks that keep a history), IPython's display does it."""
-    from IPython import get_ipython
-    from IPython.display import DisplayHandle, display
+    """``display(bundle, raw=True, display_id=True)``, with IPython's own flush of stdout and
+    stderr first. That flush waits for a round trip through the kernel's output thread (about
+    a millisecond per job), but it is what keeps the widget between what the cell printed
+    before it and after it: a display sent from the output thread without it went out after
+    a print that followed it in the cell (tests/notebook/test_widget_cost.py)."""
+    from IPython.display import display
 
-    try:
-        from ipykernel.iostream import OutStream
-        from ipykernel.zmqshell import ZMQDisplayPublisher
-    except ImportError:
-        return display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
-    shell = get_ipython()
-    pub: Any = getattr(shell, "display_pub", None)
-    streams: tuple[Any, ...] = (sys.stdout, sys.stderr)
-    plain = (
-        type(pub) is ZMQDisplayPublisher
-        and not pub.store_display_history
-        and all(
-            isinstance(stream, OutStream)
-            and stream.pub_thread is not None
-            and stream.pub_thread.thread is not None
-            and stream.pub_thread.thread.is_alive()
-            and stream.pub_thread.thread is not threading.current_thread()
-            and stream.pub_thread is streams[0].pub_thread
-            for stream in streams
-        )
-    )
-    if not plain:
-        return display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
-    handle = DisplayHandle()  # type: ignore[no-untyped-call]
-    content = {"data": bundle, "metadata": {}, "transient": {"display_id": handle.display_id}}
-    msg = pub.session.msg("display_data", content, parent=pub.parent_header)  # (this cell's)
-    for hook in pub._hooks:  # (this thread's) e.g. an Output widget capturing this display
-        msg = hook(msg)
-        if msg is None:
-            return handle
-
-    def send_in_order() -> None:
-        # On the output thread: a stream's flush queues its send there, so the display's
-        # send, queued after them, goes out after what the cell printed before.
-        for stream in streams:
-            stream._flush()
-        pub.session.send(pub.pub_socket, msg, ident=pub.topic)
-
-    streams[0].pub_thread.schedule(send_in_order)
-    return handle
+    return display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
 
 
 def _show_late_output() -> Any:
