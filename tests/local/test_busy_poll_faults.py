@@ -174,7 +174,7 @@ async def test_a_task_error_reaches_an_awaiting_coroutine_through_its_poll_as_it
 def test_a_result_timeout_ends_the_poll_long_before_the_window(make_pool, tmp_path: Path) -> None:
     pool = make_pool(workers=1, busy_poll=HANG_GUARD, cancel_grace=HANG_GUARD)
     [pid] = pool.worker_pids()
-    handle = pool.run(announce_then_sleep, str(tmp_path / "started"), 5.0)
+    handle = pool.run(announce_then_sleep, str(tmp_path / "started"), HANG_GUARD)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError) as info:
         handle.result(timeout=0.2)
