@@ -29,6 +29,7 @@ from ._policy import RetryPolicy
 from ._state import FINAL_STATES, LEGAL, TaskState, done_count
 from ._stats import JobStatistics
 from ._table import SEGMENT, SegmentedList, SegmentedStates
+from ._waiting import wait_interruptibly
 
 if TYPE_CHECKING:
     from ._bus import EventBus
@@ -123,7 +124,7 @@ class LazyEvent:
             event = self._event
         # set() stores the flag before it reads _event: either it sees our event, or we see
         # the flag here.
-        return self._flag or event.wait(timeout)
+        return self._flag or wait_interruptibly(event.wait, timeout)
 
 
 
@@ -232,7 +233,7 @@ class JobFuture:
             if self._event is None:
                 self._event = threading.Event()
             event = self._event
-        return event.wait(timeout)
+        return wait_interruptibly(event.wait, timeout)
 
     def result(self, timeout: float | None = None) -> Any:
         if not self.wait(timeout):

@@ -37,6 +37,7 @@ from . import _api
 from ._exceptions import PoolClosedError, WorkerCrashedError
 from ._handles import TaskHandle
 from ._state import PoolState, TaskState
+from ._waiting import wait_interruptibly
 
 __all__ = ["BrokenWorkerError", "Executor"]
 
@@ -151,11 +152,25 @@ class _Future(concurrent.futures.Future[Any]):
             if self._handle.done():
                 self._settle()
 
+    def _wait_settled(self, timeout: float | None) -> float | None:
+        """Wait until settled (in slices on the main thread, see ``_waiting``); the
+        timeout left for the standard library's wait, which then returns at once."""
+        if self.done() or threading.current_thread() is not threading.main_thread():
+            return timeout
+
+        def settled(slice_timeout: float | None) -> bool:
+            with self._condition:  # the standard library Future's own
+                if not self.done():
+                    self._condition.wait(slice_timeout)
+            return self.done()
+
+        return None if wait_interruptibly(settled, timeout) else 0.0
+
     def result(self, timeout: float | None = None) -> Any:
         if getattr(_local, "dispatching", False) and not self.done():
             self._wait_inline(timeout)
         try:
-            return super().result(timeout)
+            return super().result(self._wait_settled(timeout))
         except KeyboardInterrupt:
             self._interrupt()
             raise
@@ -164,7 +179,7 @@ class _Future(concurrent.futures.Future[Any]):
         if getattr(_local, "dispatching", False) and not self.done():
             self._wait_inline(timeout)
         try:
-            return super().exception(timeout)
+            return super().exception(self._wait_settled(timeout))
         except KeyboardInterrupt:
             self._interrupt()
             raise

@@ -7,8 +7,10 @@ order of events is set by the test, never by timing; ``HANG_GUARD`` only bounds 
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import pickle
 import signal
@@ -330,12 +332,6 @@ def test_interrupt_stops_running_work_and_the_pool_stays_warm(
     assert sorted(pool.worker_pids()) == pids
 
 
-@pytest.mark.xfail(
-    reason="known, unexplained: in some full-suite sessions (3.11 and 3.13) the SIGINT sent to the "
-    "main thread blocked in result() never raises KeyboardInterrupt; passes alone and in every "
-    "partial run tried (issue #15)",
-    strict=False,
-)
 def test_keyboard_interrupt_while_waiting_stops_the_task(executor: Executor, tmp_path: Path) -> None:
     future = executor.submit(wait_release, str(tmp_path), "kbd")
     wait_for(lambda: started(tmp_path, "kbd"), timeout=HANG_GUARD)
@@ -357,6 +353,41 @@ def test_keyboard_interrupt_while_waiting_stops_the_task(executor: Executor, tmp
         sender.join()
     assert future.cancelled()
     wait_for(lambda: Path(tmp_path, "interrupted-kbd").exists(), timeout=HANG_GUARD)
+
+
+@pytest.mark.parametrize("waiter", ["executor future", "pool handle"])
+def test_an_interrupt_due_before_the_wait_blocks_is_not_held_back(
+    pool: orchestra.Pool, executor: Executor, tmp_path: Path, waiter: str
+) -> None:
+    # A SIGINT that lands after the interpreter's last check but before the main thread
+    # blocks (between the GIL's release and sem_timedwait: just when the thread woken by that
+    # release sends it) wakes nothing; _thread.interrupt_main() makes exactly that state on
+    # purpose: SIGINT's handler due, no signal to break the blocked call. The wait must
+    # still raise long before its timeout, not when it ends.
+    if waiter == "executor future":
+        wait = executor.submit(wait_release, str(tmp_path), "due").result
+    else:
+        wait = pool.run(wait_release, str(tmp_path), "due").result
+    wait_for(lambda: started(tmp_path, "due"), timeout=HANG_GUARD)
+    main = threading.main_thread()
+    left_the_wait = threading.Event()
+
+    def interrupt_once_blocked() -> None:
+        wait_for(lambda: in_function(main, "result") and in_function(main, "wait"), timeout=HANG_GUARD)
+        _thread.interrupt_main()
+        with contextlib.suppress(TimeoutError):  # a generous hang guard, not a latency check
+            wait_for(lambda: not in_function(main, "result"), timeout=HANG_GUARD)
+            left_the_wait.set()
+
+    sender = threading.Thread(target=interrupt_once_blocked, name="interrupter")
+    sender.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wait(HANG_GUARD * 1.5)  # longer than the sender's guard
+    finally:
+        sender.join()
+    assert left_the_wait.is_set(), "the due interrupt was raised only when the wait timed out"
+    wait_for(lambda: Path(tmp_path, "interrupted-due").exists(), timeout=HANG_GUARD)
 
 
 # --- errors and crashes ---------------------------------------------------------------------

@@ -28,7 +28,7 @@ PACKAGE = Path(orchestra_nb.__file__).resolve().parent
 LAYERS = {
     "_exceptions": 0, "_state": 0, "_events": 0, "_protocol": 0, "_serialize": 0, "_shared": 0,
     "_policy": 0, "_circuit": 0, "_spin": 0, "_stats": 0, "_fingerprint": 0, "_indexed": 0,
-    "_outcomes": 0,
+    "_outcomes": 0, "_waiting": 0,
     "_worker": 1, "_namespace": 1,
     "_ioloop": 2, "_bus": 2, "_jobs": 2, "_procs": 2, "_prespawn": 2, "_pool": 2, "_pool_wire": 2,
     "_pool_workers": 2, "_pool_dispatch": 2, "_pool_results": 2, "_pool_recovery": 2,
